@@ -1,0 +1,202 @@
+"""Noise schedules and the Gaussian diffusion maths of Ho et al. (2020).
+
+Coefficients are computed in float64 on the host once and cast where they are used; the
+per-step sampling coefficients are packed into rows of five numbers so that every backend
+(PyTorch, Triton, C++/CUDA) runs one update formula:
+
+    x0  = c1 * x_t - c2 * eps          (optionally clamped to [-1, 1])
+    out = m1 * x0 + m2 * x_t + sigma * z
+
+Ancestral DDPM (Ho et al. eq. 11, either variance) and DDIM (any eta) are both of this form.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+SCHEDULES = ("linear", "cosine", "continuous")
+VARIANCES = ("beta", "posterior")
+COEF_NAMES = ("c1", "c2", "m1", "m2", "sigma")
+
+
+def linear_betas(timesteps: int) -> torch.Tensor:
+    """Ho et al.'s 1e-4..0.02 for T=1000, scaled by 1000/T for other T (Nichol & Dhariwal)."""
+    scale = 1000.0 / timesteps
+    return torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64)
+
+
+def cosine_alphas_cumprod(timesteps: int, s: float = 0.008) -> torch.Tensor:
+    """Nichol & Dhariwal's cosine schedule, with betas capped at 0.999."""
+    steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
+    f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+    betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
+    return torch.cumprod(1 - betas, 0)
+
+
+def continuous_alphas_cumprod(timesteps: int) -> torch.Tensor:
+    """The sampling grid of the continuous schedule: alpha-bar = 1 - (i + 1) / (T + 1).
+
+    Training draws alpha-bar uniformly from [0, 1] and gives the model t = T * (1 - alpha-bar);
+    this grid stays strictly inside (0, 1) so every sampling coefficient is finite.
+    """
+    i = torch.arange(timesteps, dtype=torch.float64)
+    return 1 - (i + 1) / (timesteps + 1)
+
+
+class GaussianDiffusion:
+    """Forward process, eps-prediction loss and the reverse-step coefficients."""
+
+    def __init__(self, schedule: str = "linear", timesteps: int = 1000):
+        if schedule not in SCHEDULES:
+            raise ValueError(f"--schedule must be one of {SCHEDULES}, got {schedule!r}")
+        if timesteps < 2:
+            raise ValueError(f"--timesteps must be at least 2, got {timesteps}")
+        self.schedule = schedule
+        self.timesteps = T = int(timesteps)
+        if schedule == "linear":
+            betas = linear_betas(T)
+            abar = torch.cumprod(1 - betas, 0)
+        else:
+            abar = cosine_alphas_cumprod(T) if schedule == "cosine" else continuous_alphas_cumprod(T)
+            betas = 1 - abar / torch.cat([abar.new_ones(1), abar[:-1]])
+        abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
+        self.betas = betas
+        self.alphas = 1 - betas
+        self.alphas_cumprod = abar
+        self.alphas_cumprod_prev = abar_prev
+        self.posterior_variance = betas * (1 - abar_prev) / (1 - abar)
+        self._device_cache: dict = {}
+
+    # -- helpers -------------------------------------------------------------------------
+    def _on(self, name: str, device: torch.device) -> torch.Tensor:
+        """A float32 copy of a schedule tensor on `device`, made once (no per-step copies)."""
+        key = (name, str(device))
+        if key not in self._device_cache:
+            self._device_cache[key] = getattr(self, name).to(device=device, dtype=torch.float32)
+        return self._device_cache[key]
+
+    def model_time(self, t: torch.Tensor) -> torch.Tensor:
+        """What the model is given for integer step indices `t`: the index itself, or for the
+        continuous schedule the real time T * (1 - alpha-bar_t)."""
+        if self.schedule != "continuous":
+            return t
+        return self.timesteps * (1 - self._on("alphas_cumprod", t.device)[t])
+
+    # -- training ------------------------------------------------------------------------
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise, for integer t of shape (B,)."""
+        abar = self._on("alphas_cumprod", x0.device)[t].view(-1, 1, 1, 1)
+        return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+
+    def training_inputs(self, x0: torch.Tensor, generator: torch.Generator | None = None):
+        """Draw (t for the model, noise) and return (x_t, t_model, noise).
+
+        Discrete schedules draw t uniformly from {0..T-1}; the continuous one draws alpha-bar
+        uniformly from [0, 1] (see DECISIONS.md 3)."""
+        B = x0.shape[0]
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        if self.schedule == "continuous":
+            abar = torch.rand(B, generator=generator, device=x0.device).view(-1, 1, 1, 1)
+            x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+            return x_t, self.timesteps * (1 - abar.view(-1)), noise
+        t = torch.randint(0, self.timesteps, (B,), generator=generator, device=x0.device)
+        return self.q_sample(x0, t, noise), t, noise
+
+    def loss(self, model, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The simple eps-prediction MSE of Ho et al. with t drawn uniformly."""
+        x_t, t, noise = self.training_inputs(x0, generator)
+        return F.mse_loss(model(x_t, t).float(), noise.float())
+
+    # -- sampling coefficients -------------------------------------------------------------
+    def ddpm_coefficients(self, variance: str = "beta") -> torch.Tensor:
+        """(T, 5) float64 rows [c1, c2, m1, m2, sigma] of the ancestral step t -> t-1.
+
+        sigma^2 is beta_t ("beta") or beta-tilde_t ("posterior"); no noise at t = 0."""
+        if variance not in VARIANCES:
+            raise ValueError(f"--variance must be one of {VARIANCES}, got {variance!r}")
+        abar, abar_prev, betas = self.alphas_cumprod, self.alphas_cumprod_prev, self.betas
+        c1 = (1 / abar).sqrt()
+        c2 = (1 / abar - 1).sqrt()
+        m1 = betas * abar_prev.sqrt() / (1 - abar)
+        m2 = (1 - abar_prev) * self.alphas.sqrt() / (1 - abar)
+        sigma = (betas if variance == "beta" else self.posterior_variance).sqrt().clone()
+        sigma[0] = 0.0
+        return torch.stack([c1, c2, m1, m2, sigma], 1)
+
+    def ddim_coefficients(self, t: int, t_prev: int, eta: float = 0.0) -> torch.Tensor:
+        """(5,) float64 row of the DDIM step t -> t_prev (t_prev = -1: alpha-bar = 1)."""
+        abar_t = self.alphas_cumprod[t]
+        abar_p = self.alphas_cumprod[t_prev] if t_prev >= 0 else abar_t.new_tensor(1.0)
+        sigma = eta * ((1 - abar_p) / (1 - abar_t) * (1 - abar_t / abar_p)).clamp(min=0).sqrt()
+        m2 = (1 - abar_p - sigma**2).clamp(min=0).sqrt() / (1 - abar_t).sqrt()
+        m1 = abar_p.sqrt() - m2 * abar_t.sqrt()
+        return torch.stack([(1 / abar_t).sqrt(), (1 / abar_t - 1).sqrt(), m1, m2, sigma])
+
+    def ddim_timesteps(self, steps: int) -> list[int]:
+        """`steps` evenly spaced step indices from T-1 down to 0 (always ending at 0)."""
+        if not 1 <= steps <= self.timesteps:
+            raise ValueError(f"--steps must be in 1..{self.timesteps}, got {steps}")
+        ts = torch.linspace(0, self.timesteps - 1, steps, dtype=torch.float64).round().long()
+        return sorted(set(ts.tolist()), reverse=True)
+
+    def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        abar = self._on("alphas_cumprod", x_t.device)[t].view(-1, 1, 1, 1)
+        return (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()
+
+    # -- variational bound (Ho et al. sec. 3.3, bits per dimension) -----------------------------
+    def posterior_mean_variance(self, x0, x_t, t):
+        dev = x_t.device
+        abar, abar_prev = self._on("alphas_cumprod", dev)[t], self._on("alphas_cumprod_prev", dev)[t]
+        beta = self._on("betas", dev)[t]
+        shape = (-1, 1, 1, 1)
+        m1 = (beta * abar_prev.sqrt() / (1 - abar)).view(shape)
+        m2 = ((1 - abar_prev) * (1 - beta).sqrt() / (1 - abar)).view(shape)
+        return m1 * x0 + m2 * x_t, self._on("posterior_variance", dev)[t].view(shape)
+
+    def vb_terms_bpd(self, model, x0: torch.Tensor, t: torch.Tensor, variance: str = "posterior",
+                     noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-image L_{t} term (t > 0: KL; t == 0: discretised decoder NLL) in bits/dim."""
+        noise = torch.randn_like(x0) if noise is None else noise
+        x_t = self.q_sample(x0, t, noise)
+        eps = model(x_t, self.model_time(t)).float()
+        x0_pred = self.predict_x0(x_t, t, eps).clamp(-1, 1)
+        mean_p, _ = self.posterior_mean_variance(x0_pred, x_t, t)
+        mean_q, var_q = self.posterior_mean_variance(x0, x_t, t)
+        dev = x0.device
+        if variance == "beta":
+            var_p = self._on("betas", dev)[t].view(-1, 1, 1, 1)
+        else:  # beta-tilde_0 is 0: use beta-tilde_1 there, as Ho et al.'s code does
+            pv = self._on("posterior_variance", dev)
+            var_p = torch.where(t == 0, pv[1], pv[t]).view(-1, 1, 1, 1)
+        var_q = var_q.clamp(min=1e-20)
+        kl = 0.5 * (var_q / var_p - 1 + (mean_q - mean_p) ** 2 / var_p + var_p.log() - var_q.log())
+        kl = kl.flatten(1).mean(1) / math.log(2.0)
+        nll = -discretized_gaussian_log_likelihood(x0, mean_p, var_p.expand_as(x0))
+        nll = nll.flatten(1).mean(1) / math.log(2.0)
+        return torch.where(t == 0, nll, kl)
+
+    def prior_bpd(self, x0: torch.Tensor) -> torch.Tensor:
+        """KL(q(x_T | x0) || N(0, I)) per image, in bits/dim."""
+        abar = self.alphas_cumprod[-1].item()
+        mean, var = math.sqrt(abar) * x0, 1 - abar
+        kl = 0.5 * (var - 1 - math.log(var) + mean**2)
+        return kl.flatten(1).mean(1) / math.log(2.0)
+
+
+def _approx_std_normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """log p(x) of 8-bit data in [-1, 1] under N(mean, var) discretised into 256 bins."""
+    centered = x - mean
+    inv_std = var.rsqrt()
+    cdf_plus = _approx_std_normal_cdf(inv_std * (centered + 1 / 255))
+    cdf_min = _approx_std_normal_cdf(inv_std * (centered - 1 / 255))
+    log_cdf_plus = cdf_plus.clamp(min=1e-12).log()
+    log_one_minus_cdf_min = (1 - cdf_min).clamp(min=1e-12).log()
+    cdf_delta = cdf_plus - cdf_min
+    return torch.where(x < -0.999, log_cdf_plus,
+                       torch.where(x > 0.999, log_one_minus_cdf_min, cdf_delta.clamp(min=1e-12).log()))

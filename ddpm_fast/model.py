@@ -1,0 +1,173 @@
+"""The DDPM UNet (Ho et al. 2020): sinusoidal time embedding, residual blocks with GroupNorm,
+self-attention at chosen resolutions, stride-2 conv down, nearest-upsample + conv up, skip
+concatenation. Norm+activation pairs and attention go through ddpm_fast.ops, so a backend switch
+(`model.set_backend`) swaps in the fused kernels without changing the parameters."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import ops
+from .presets import preset_config
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly real-valued) timesteps, as in Ho et al.'s code."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / (half - 1))
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([args.sin(), args.cos()], dim=1)
+
+
+class GroupNormAct(nn.GroupNorm):
+    """GroupNorm -> activation (optionally adding a per-channel bias first), one fused op.
+    Same parameters as nn.GroupNorm, so checkpoints load across backends."""
+
+    def __init__(self, num_groups: int, channels: int, act: str, backend: str = "auto"):
+        super().__init__(num_groups, channels)
+        self.act, self.backend = act, backend
+
+    def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        return ops.group_norm_act(x, self.num_groups, self.weight, self.bias, self.eps, add, self.act, self.backend)
+
+
+def _act(name: str) -> nn.Module:
+    return {"silu": nn.SiLU(), "hardswish": nn.Hardswish()}[name]
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, temb_dim: int, dropout: float, act: str, groups: int):
+        super().__init__()
+        self.norm1 = GroupNormAct(min(groups, cin), cin, act)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.temb_act = _act(act)
+        self.temb_proj = nn.Linear(temb_dim, cout)
+        # The time embedding is added just before the second norm: fused into that op.
+        self.norm2 = GroupNormAct(min(groups, cout), cout, act)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(self.norm1(x))
+        h = self.norm2(h, add=self.temb_proj(self.temb_act(temb)))
+        h = self.conv2(self.dropout(h))
+        return self.skip(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the H*W positions (head dim = channels)."""
+
+    def __init__(self, ch: int, groups: int):
+        super().__init__()
+        self.norm = GroupNormAct(min(groups, ch), ch, "none")
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = nn.Conv2d(ch, ch, 1)
+        self.backend = "auto"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, 1, C, H * W).transpose(-1, -2).unbind(1)
+        h = ops.attention(q, k, v, backend=self.backend)  # (B, 1, HW, C)
+        h = h.transpose(-1, -2).reshape(B, C, H, W)
+        return x + self.proj(h)
+
+
+class Downsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class UNet(nn.Module):
+    """model(x, t) -> predicted noise; x (B, 3, S, S) in [-1, 1], t (B,) int64 step indices
+    (or float times, for the continuous schedule)."""
+
+    def __init__(self, image_size: int = 64, ch: int = 64, ch_mult=(1, 2, 4, 4), attn_res=(16,),
+                 num_res_blocks: int = 2, dropout: float = 0.1, act: str = "silu", num_groups: int = 32,
+                 in_ch: int = 3):
+        super().__init__()
+        if act not in ("silu", "hardswish"):
+            raise ValueError(f"--act must be silu or hardswish, got {act!r}")
+        if image_size % 2 ** (len(ch_mult) - 1):
+            raise ValueError(f"--image-size {image_size} is not divisible by 2^{len(ch_mult) - 1} "
+                             f"(the number of downsamplings of --ch-mult {tuple(ch_mult)})")
+        self.config = dict(image_size=image_size, ch=ch, ch_mult=tuple(ch_mult), attn_res=tuple(attn_res),
+                           num_res_blocks=num_res_blocks, dropout=dropout, act=act, num_groups=num_groups)
+        self.ch, temb_dim = ch, 4 * ch
+        self.temb = nn.Sequential(nn.Linear(ch, temb_dim), _act(act), nn.Linear(temb_dim, temb_dim))
+        self.conv_in = nn.Conv2d(in_ch, ch, 3, padding=1)
+
+        block = lambda cin, cout: ResBlock(cin, cout, temb_dim, dropout, act, num_groups)  # noqa: E731
+        self.down = nn.ModuleList()
+        widths, cur, res = [ch], ch, image_size
+        for i, mult in enumerate(ch_mult):
+            for _ in range(num_res_blocks):
+                self.down.append(block(cur, ch * mult))
+                cur = ch * mult
+                if res in attn_res:
+                    self.down.append(AttnBlock(cur, num_groups))
+                widths.append(cur)
+            if i != len(ch_mult) - 1:
+                self.down.append(Downsample(cur))
+                widths.append(cur)
+                res //= 2
+        self.mid = nn.ModuleList([block(cur, cur), AttnBlock(cur, num_groups), block(cur, cur)])
+        self.up = nn.ModuleList()
+        for i, mult in reversed(list(enumerate(ch_mult))):
+            for _ in range(num_res_blocks + 1):
+                self.up.append(block(cur + widths.pop(), ch * mult))
+                cur = ch * mult
+                if res in attn_res:
+                    self.up.append(AttnBlock(cur, num_groups))
+            if i != 0:
+                self.up.append(Upsample(cur))
+                res *= 2
+        self.norm_out = GroupNormAct(min(num_groups, cur), cur, act)
+        self.conv_out = nn.Conv2d(cur, in_ch, 3, padding=1)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "UNet":
+        return cls(**preset_config(name, **overrides))
+
+    def set_backend(self, backend: str) -> "UNet":
+        """Route every norm and attention through `backend` (torch|triton|cpp|auto)."""
+        for m in self.modules():
+            if isinstance(m, (GroupNormAct, AttnBlock)):
+                m.backend = backend
+        return self
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        temb = self.temb(timestep_embedding(t, self.ch))
+        hs = [self.conv_in(x)]
+        for m in self.down:
+            if isinstance(m, ResBlock):
+                hs.append(m(hs[-1], temb))
+            elif isinstance(m, AttnBlock):
+                hs[-1] = m(hs[-1])
+            else:
+                hs.append(m(hs[-1]))
+        h = hs[-1]
+        for m in self.mid:
+            h = m(h, temb) if isinstance(m, ResBlock) else m(h)
+        for m in self.up:
+            if isinstance(m, ResBlock):
+                h = m(torch.cat([h, hs.pop()], dim=1), temb)
+            else:
+                h = m(h)
+        return self.conv_out(self.norm_out(h))

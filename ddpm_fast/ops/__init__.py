@@ -1,0 +1,88 @@
+"""The fused ops, one public function each, with backend dispatch.
+
+backend: "torch" (the plain PyTorch reference), "triton" (ddpm_fast.kernels), "cpp" (the
+compiled extension, CPU and CUDA kernels), or "auto" (see auto.py: the reference unless a shipped
+measurement says another backend is faster for this device, dtype and shape)."""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from . import reference
+from .auto import resolve
+from .reference import ACTIVATIONS
+
+__all__ = ["group_norm_silu", "group_norm_act", "attention", "ddpm_step", "ddim_step", "sampling_update",
+           "ACTIVATIONS"]
+
+
+def _backend_module(name: str):
+    if name == "torch":
+        return reference
+    return importlib.import_module(f"ddpm_fast.ops.{name}")
+
+
+def group_norm_act(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                   eps: float = 1e-5, add: torch.Tensor | None = None, act: str = "silu",
+                   backend: str = "auto") -> torch.Tensor:
+    """act(group_norm(x + add[:, :, None, None]) * weight + bias), act in none|silu|hardswish."""
+    if act not in ACTIVATIONS:
+        raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+    mod = _backend_module(resolve("group_norm_act", backend, x))
+    return mod.group_norm_act(x, num_groups, weight, bias, eps, add, act)
+
+
+def group_norm_silu(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                    eps: float = 1e-5, add: torch.Tensor | None = None, silu: bool = True,
+                    backend: str = "auto") -> torch.Tensor:
+    """silu(group_norm(x + add[:, :, None, None]) * weight + bias); SiLU off with silu=False."""
+    return group_norm_act(x, num_groups, weight, bias, eps, add, "silu" if silu else "none", backend)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v on (B, heads, L, d)."""
+    return _backend_module(resolve("attention", backend, q)).attention(q, k, v)
+
+
+def sampling_update(x_t: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor, clip_x0: bool = False,
+                    noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                    backend: str = "auto") -> torch.Tensor:
+    """One reverse step from a coefficient row [c1, c2, m1, m2, sigma] (a float32 tensor on
+    x_t's device, so CUDA graphs can replay it with another row). With noise=None the noise is
+    drawn from `generator`: by the reference with torch.randn, by the kernels in-kernel from a
+    Philox seed that is itself drawn from `generator` on the device (graph-safe)."""
+    name = resolve("sampling_update", backend, x_t)
+    coef = coef.to(device=x_t.device, dtype=torch.float32)
+    if name == "torch":
+        if noise is None:
+            noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=torch.float32)
+        return reference.sampling_update(x_t, eps, coef, clip_x0, noise)
+    seed = None
+    if noise is None:
+        seed = torch.randint(0, 2**31 - 1, (1,), generator=generator, device=x_t.device, dtype=torch.int64)
+    return _backend_module(name).sampling_update(x_t, eps, coef, clip_x0, noise, seed)
+
+
+def _row(diffusion, table: torch.Tensor, t, device: torch.device) -> torch.Tensor:
+    if isinstance(t, torch.Tensor):
+        t = t.reshape(-1)[0] if t.numel() > 1 else t.reshape(())
+        return table.to(device)[t.to(device)]
+    return table[int(t)].to(device)
+
+
+def ddpm_step(x_t: torch.Tensor, eps: torch.Tensor, t, diffusion, variance: str = "beta", clip_x0: bool = False,
+              noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
+              backend: str = "auto") -> torch.Tensor:
+    """Ancestral DDPM step t -> t-1 (Ho et al. eq. 11 without clipping); no noise at t = 0.
+    `t` is an int or a device tensor (one step for the whole batch)."""
+    table = diffusion.ddpm_coefficients(variance).float()
+    return sampling_update(x_t, eps, _row(diffusion, table, t, x_t.device), clip_x0, noise, generator, backend)
+
+
+def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, t: int, t_prev: int, diffusion, eta: float = 0.0,
+              clip_x0: bool = False, noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
+              backend: str = "auto") -> torch.Tensor:
+    """DDIM step t -> t_prev (t_prev = -1: the final step to alpha-bar = 1)."""
+    coef = diffusion.ddim_coefficients(int(t), int(t_prev), eta).float().to(x_t.device)
+    return sampling_update(x_t, eps, coef, clip_x0, noise, generator, backend)
