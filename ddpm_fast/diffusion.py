@@ -22,9 +22,10 @@ COEF_NAMES = ("c1", "c2", "m1", "m2", "sigma")
 
 
 def linear_betas(timesteps: int) -> torch.Tensor:
-    """Ho et al.'s 1e-4..0.02 for T=1000, scaled by 1000/T for other T (Nichol & Dhariwal)."""
+    """Ho et al.'s 1e-4..0.02 for T=1000, scaled by 1000/T for other T (Nichol & Dhariwal), capped
+    at 0.999 like the cosine schedule (for T < 50 the scaled end would reach 1: alpha-bar = 0)."""
     scale = 1000.0 / timesteps
-    return torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64)
+    return torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64).clamp(max=0.999)
 
 
 def cosine_alphas_cumprod(timesteps: int, s: float = 0.008) -> torch.Tensor:

@@ -34,6 +34,12 @@ class GroupNormAct(nn.GroupNorm):
         return ops.group_norm_act(x, self.num_groups, self.weight, self.bias, self.eps, add, self.act, self.backend)
 
 
+def _groups(num_groups: int, channels: int) -> int:
+    """GroupNorm(32) where the width allows; narrower or odd widths (overrides) use the largest
+    group count dividing both."""
+    return math.gcd(num_groups, channels)
+
+
 def _act(name: str) -> nn.Module:
     return {"silu": nn.SiLU(), "hardswish": nn.Hardswish()}[name]
 
@@ -41,12 +47,12 @@ def _act(name: str) -> nn.Module:
 class ResBlock(nn.Module):
     def __init__(self, cin: int, cout: int, temb_dim: int, dropout: float, act: str, groups: int):
         super().__init__()
-        self.norm1 = GroupNormAct(min(groups, cin), cin, act)
+        self.norm1 = GroupNormAct(_groups(groups, cin), cin, act)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
         self.temb_act = _act(act)
         self.temb_proj = nn.Linear(temb_dim, cout)
         # The time embedding is added just before the second norm: fused into that op.
-        self.norm2 = GroupNormAct(min(groups, cout), cout, act)
+        self.norm2 = GroupNormAct(_groups(groups, cout), cout, act)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
@@ -63,7 +69,7 @@ class AttnBlock(nn.Module):
 
     def __init__(self, ch: int, groups: int):
         super().__init__()
-        self.norm = GroupNormAct(min(groups, ch), ch, "none")
+        self.norm = GroupNormAct(_groups(groups, ch), ch, "none")
         self.qkv = nn.Conv2d(ch, 3 * ch, 1)
         self.proj = nn.Conv2d(ch, ch, 1)
         self.backend = "auto"
@@ -138,7 +144,7 @@ class UNet(nn.Module):
             if i != 0:
                 self.up.append(Upsample(cur))
                 res *= 2
-        self.norm_out = GroupNormAct(min(num_groups, cur), cur, act)
+        self.norm_out = GroupNormAct(_groups(num_groups, cur), cur, act)
         self.conv_out = nn.Conv2d(cur, in_ch, 3, padding=1)
 
     @classmethod

@@ -1,0 +1,221 @@
+"""Data-loading throughput: images per second of each loader backend for one 64x64 epoch.
+
+    python -m benchmarks.data_loading [--data DIR] [--n 57208] [--quick]
+
+Without --data it writes (once, reused) a folder of 96x96 JPEG sources drawn procedurally,
+sized so that its 90% train split holds --n images (57,208 of 63,565, as the anime-face set;
+DECISIONS 2). Each backend runs a warm-up (worker start, cache build, first batches), then one
+full train epoch is timed; the cache build is reported apart, as a one-time cost. A plain
+PIL + DataLoader loader with 8 and 16 workers, decoding and normalising in the workers as
+a straightforward training script does, is the baseline. Prints a table and writes JSON to
+$OUT (when set) or benchmarks/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from ddpm_fast.data import build_loader, embedded_images, list_images, split_files
+from ddpm_fast.data.listing import validate_images
+
+SOURCE_SIZE = 96
+BASE_IMAGES = 4096  # distinct drawings; more files reuse them shifted by a few pixels
+
+
+def folder_size_for_epoch(n_train: int) -> int:
+    """Smallest folder whose 90% train split holds at least n_train images."""
+    total = math.ceil(n_train / 0.9)
+    while int(total * 0.9) < n_train:
+        total += 1
+    return total
+
+
+def _write_jpeg(job: tuple[int, str]) -> None:
+    i, path = job
+    base = _BASE[i % len(_BASE)]
+    shift = i // len(_BASE)
+    Image.fromarray(np.roll(base, shift, axis=1)).save(path, format="JPEG", quality=90)
+
+
+_BASE: np.ndarray = np.empty(0)
+
+
+def make_sources(folder: Path, total: int) -> Path:
+    """Write `total` 96x96 JPEGs into folder (kept between runs when complete)."""
+    global _BASE
+    marker = folder / "COMPLETE"
+    if marker.exists() and marker.read_text() == str(total):
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    _BASE = embedded_images(min(total, BASE_IMAGES), SOURCE_SIZE, seed=123).numpy()
+    jobs = [(i, str(folder / f"{i // 1000:03d}" / f"{i:06d}.jpg")) for i in range(total)]
+    for d in {Path(p).parent for _, p in jobs}:
+        d.mkdir(exist_ok=True)
+    with mp.get_context("fork").Pool(os.cpu_count()) as pool:
+        for _ in pool.imap_unordered(_write_jpeg, jobs, chunksize=256):
+            pass
+    marker.write_text(str(total))
+    return folder
+
+
+class _PlainDataset(Dataset):
+    """The baseline: decode, resize, crop, flip and normalise to float in the worker."""
+
+    def __init__(self, files: list[Path], size: int) -> None:
+        self.files, self.size = [str(f) for f in files], size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        img = Image.open(self.files[i]).convert("RGB")
+        w, h = img.size
+        s = self.size / min(w, h)
+        img = img.resize((max(self.size, round(w * s)), max(self.size, round(h * s))),
+                         Image.Resampling.BILINEAR)
+        left, top = (img.width - self.size) // 2, (img.height - self.size) // 2
+        img = img.crop((left, top, left + self.size, top + self.size))
+        if torch.rand(()) < 0.5:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        x = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1)
+        return x / 127.5 - 1.0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_epoch(batches, device: torch.device, warmup_batches: int) -> tuple[int, float]:
+    """Images and seconds of one pass after `warmup_batches` untimed batches."""
+    it = iter(batches)
+    for _ in range(warmup_batches):
+        next(it)
+    _sync(device)
+    start, images = time.perf_counter(), 0
+    for x in it:
+        images += x.shape[0]
+    _sync(device)
+    return images, time.perf_counter() - start
+
+
+def bench_backend(name: str, root: Path, args, device: torch.device) -> dict:
+    start = time.perf_counter()
+    loader = build_loader(root, args.image_size, args.batch_size, backend=name, device=device,
+                          num_workers=args.workers)
+    setup = time.perf_counter() - start
+    # Warm-up: a few batches of epoch 0 (workers start, pipeline builds); time all of epoch 1.
+    n_warm = min(10, len(loader) - 1)
+    for i, _ in enumerate(loader):
+        if i + 1 >= n_warm:
+            break
+    loader.set_epoch(1)
+    images, seconds = time_epoch(loader, device, 0)
+    return {"name": name, "backend": loader.backend, "images": images, "epoch_s": seconds,
+            "img_per_s": images / seconds, "setup_s": setup,
+            "cache_build_s": loader.build_seconds}
+
+
+def bench_baseline(workers: int, files: list[Path], args, device: torch.device) -> dict:
+    ds = _PlainDataset(files, args.image_size)
+    dl = DataLoader(ds, batch_size=args.batch_size, shuffle=True, drop_last=True,
+                    num_workers=workers, pin_memory=device.type == "cuda",
+                    persistent_workers=True)
+    n_warm = min(10, len(dl) - 1)
+    for i, _ in enumerate(dl):  # epoch 0: worker start-up and page cache
+        if i + 1 >= n_warm:
+            break
+
+    def on_device():
+        for x in dl:
+            yield x.to(device, non_blocking=True)
+    images, seconds = time_epoch(on_device(), device, 0)
+    return {"name": f"baseline-pil-{workers}w", "backend": "baseline", "images": images,
+            "epoch_s": seconds, "img_per_s": images / seconds, "setup_s": 0.0,
+            "cache_build_s": 0.0}
+
+
+def _dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.data_loading", description=__doc__)
+    p.add_argument("--data", type=Path, help="image folder (default: generated 96x96 JPEGs)")
+    p.add_argument("--n", type=int, default=57208, help="train-split images (one epoch)")
+    p.add_argument("--quick", action="store_true", help="small smoke run: --n 512, few workers")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--workers", type=int, default=None, help="workers of our torch/dali/cache "
+                   "loaders (default: their own)")
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="where generated sources go (default: $TMPDIR/ddpm_fast_bench)")
+    args = p.parse_args(argv)
+    if args.quick and args.n == 57208:
+        args.n = 512
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    if args.data is None:
+        total = folder_size_for_epoch(args.n)
+        base = args.workdir or Path(os.environ.get("TMPDIR", "/tmp")) / "ddpm_fast_bench"
+        t = time.perf_counter()
+        root = make_sources(base / f"jpeg{SOURCE_SIZE}-{total}", total)
+        print(f"sources: {total} JPEGs of {SOURCE_SIZE}x{SOURCE_SIZE} in {root} "
+              f"({time.perf_counter() - t:.1f} s)")
+    else:
+        root = args.data
+    t = time.perf_counter()
+    files = split_files(validate_images(root).files, "train")
+    print(f"validated listing: {len(list_images(root))} files, train split {len(files)} "
+          f"({time.perf_counter() - t:.1f} s)")
+
+    backends = ["torch", "cache"] + (["dali"] if _dali_available() else [])
+    baseline_workers = [min(2, os.cpu_count() or 1)] if args.quick else [8, 16]
+    results = []
+    for name in backends:
+        print(f"... {name}", flush=True)
+        results.append(bench_backend(name, root, args, device))
+    for w in baseline_workers:
+        print(f"... baseline with {w} workers", flush=True)
+        results.append(bench_baseline(w, files, args, device))
+
+    name_w = max(len(r["name"]) for r in results)
+    print(f"\n{'loader':<{name_w}}  {'img/s':>9}  {'epoch s':>8}  {'one-time s':>10}")
+    for r in results:
+        print(f"{r['name']:<{name_w}}  {r['img_per_s']:>9.0f}  {r['epoch_s']:>8.2f}  "
+              f"{r['cache_build_s'] + r['setup_s']:>10.1f}")
+    report = {
+        "benchmark": "data_loading", "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+        "torch": torch.__version__, "python": platform.python_version(),
+        "image_size": args.image_size, "batch_size": args.batch_size, "source_size":
+        SOURCE_SIZE if args.data is None else None, "train_images": len(files),
+        "data": str(root), "results": results,
+    }
+    out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else (
+        Path(__file__).resolve().parent / "results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tag = "quick" if args.quick else ("cuda" if device.type == "cuda" else "cpu")
+    out = out_dir / f"data_loading-{tag}.json"
+    out.write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,156 @@
+"""`build_loader` and `load_images`: the data API the trainer and evaluator call.
+
+Backends: "torch" (DataLoader + PIL), "cache" (decoded once to a memory-mapped file, then held
+in device memory when it fits), "dali" (NVIDIA DALI), "auto" (cache when the split fits in
+device memory, on a CPU in RAM; else DALI when installed and on a GPU; else torch). `root=None`
+is the embedded procedural data set, held in memory.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .cache import build_cache
+from .embedded import EMBEDDED_SIZE, embedded_images, embedded_split_indices
+from .listing import validate_images
+from .order import EpochLoader
+from .split import SPLITS, split_files
+from .tensor_loader import TensorLoader
+from .torch_loader import TorchFileLoader
+from .transforms import load_uint8, resolve_device
+
+log = logging.getLogger("ddpm_fast.data")
+
+BACKENDS = ("auto", "torch", "cache", "dali")
+# Share of free device memory (RAM on a CPU) the cached split may take; the rest is for the
+# model, activations and the optimiser.
+CACHE_MEMORY_FRACTION = 0.5
+
+
+def _free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def cache_fits(num_images: int, image_size: int, device: torch.device) -> bool:
+    """Whether `num_images` uint8 images fit in the device's memory budget for the cache."""
+    need = num_images * image_size * image_size * 3
+    return need <= CACHE_MEMORY_FRACTION * _free_bytes(device)
+
+
+def _dali_usable(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _split_of(files: list[Path], split: str, seed: int) -> list[Path]:
+    chosen = split_files(files, split, seed)
+    if not chosen:
+        raise ValueError(f"the {split} split of {len(files)} images is empty; add images")
+    return chosen
+
+
+def build_loader(root: str | os.PathLike | None, image_size: int, batch_size: int,
+                 split: str = "train", backend: str = "auto",
+                 device: str | torch.device | None = None, seed: int = 0,
+                 drop_last: bool = True, rank: int = 0, world_size: int = 1,
+                 num_workers: int | None = None, split_seed: int = 0) -> EpochLoader:
+    """A loader of float (B, 3, S, S) batches in [-1, 1] on `device` (channels_last on CUDA).
+
+    The train split is shuffled and randomly flipped; other splits come in a fixed order
+    without flips. The order of an epoch is a pure function of (seed, epoch, rank,
+    world_size); `loader.set_epoch(e, start_batch)` resumes at an exact batch. Each rank gets
+    a disjoint shard of the split and `batch_size` images per batch. `split_seed` fixes the
+    90/5/5 split independently of the training `seed`. `root=None` (the embedded set) is
+    always held in memory, whatever `backend` says.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown data loader backend {backend!r} (--loader); "
+                         f"expected one of {', '.join(BACKENDS)}")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    if image_size < 4:
+        raise ValueError(f"image size must be >= 4, got {image_size} (--image-size)")
+    device = resolve_device(device)
+    common = dict(seed=seed, shuffle=split == "train", flip=split == "train",
+                  drop_last=drop_last, rank=rank, world_size=world_size)
+
+    if root is None:
+        idx = torch.tensor(embedded_split_indices(split, EMBEDDED_SIZE, split_seed))
+        images = embedded_images(EMBEDDED_SIZE, image_size).index_select(0, idx).to(device)
+        return TensorLoader(images, batch_size, device=device, backend="memory", **common)
+
+    listing = validate_images(root)
+    files = _split_of(listing.files, split, split_seed)
+    if backend == "auto":
+        if cache_fits(len(files), image_size, device):
+            backend = "cache"
+        elif _dali_usable(device):
+            backend = "dali"
+        else:
+            backend = "torch"
+        log.info("data loader backend: %s (auto)", backend)
+
+    if backend == "torch":
+        return TorchFileLoader(files, image_size, batch_size, device=device,
+                               num_workers=num_workers, **common)
+    if backend == "dali":
+        from .dali_loader import DaliLoader
+        return DaliLoader(files, image_size, batch_size, device=device,
+                          num_workers=num_workers, **common)
+
+    cache = build_cache(listing, image_size, workers=num_workers)
+    position = {f: i for i, f in enumerate(listing.files)}
+    rows = torch.tensor([position[f] for f in files], dtype=torch.long)
+    host = torch.from_numpy(cache.images)
+    if cache_fits(len(files), image_size, device):
+        images = host.index_select(0, rows).to(device)
+        rows_on_host = None
+    else:
+        log.warning("the %s split (%d images at %d px) does not fit in %s memory; the cache "
+                    "backend reads batches from the memory-mapped file %s", split, len(files),
+                    image_size, device, cache.path)
+        images, rows_on_host = host, rows
+    loader = TensorLoader(images, batch_size, device=device, backend="cache",
+                          rows=rows_on_host, **common)
+    loader.build_seconds = cache.build_seconds
+    return loader
+
+
+def load_images(root: str | os.PathLike | None, image_size: int, split: str = "test",
+                limit: int | None = None, split_seed: int = 0) -> torch.Tensor:
+    """The images of `split` as float (N, 3, S, S) in [-1, 1] on the CPU, unflipped, in a
+    fixed order (sorted paths; embedded index order), at most `limit` of them."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    if root is None:
+        idx = embedded_split_indices(split, EMBEDDED_SIZE, split_seed)[:limit]
+        nhwc = embedded_images(EMBEDDED_SIZE, image_size).index_select(0, torch.tensor(idx))
+    else:
+        files = _split_of(validate_images(root).files, split, split_seed)[:limit]
+        workers = min(8, os.cpu_count() or 1)
+        with ThreadPoolExecutor(workers) as pool:
+            arrays = list(pool.map(lambda f: load_uint8(f, image_size), files))
+        nhwc = torch.from_numpy(np.stack(arrays))
+    return nhwc.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0).contiguous()

@@ -1,0 +1,120 @@
+"""The `cache` backend: decode and preprocess once into a memory-mapped uint8 NHWC file.
+
+File layout: a 4096-byte header (magic line, then JSON: format version, image size, count and
+the fingerprint of the source listing), then count x S x S x 3 bytes in the order of the
+validated file list. A cache whose header does not match the current listing (a file added,
+removed or touched) is rebuilt. Building is a one-time cost, timed and reported apart from
+epoch time (DECISIONS 8); it decodes in parallel threads and is written under a temporary
+name and renamed, so concurrent builders (one per rank) never see a half-written file.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .listing import ValidatedListing, state_dir
+from .transforms import load_uint8
+
+log = logging.getLogger("ddpm_fast.data")
+
+MAGIC = b"DDPM-FAST-CACHE\n"
+HEADER_BYTES = 4096
+VERSION = 1
+
+
+@dataclass
+class ImageCache:
+    """An opened cache: `images` is a copy-on-write memory map (N, S, S, 3) uint8."""
+
+    path: Path
+    images: np.ndarray
+    image_size: int
+    fingerprint: str
+    build_seconds: float  # 0.0 when an existing cache was reused
+
+
+def cache_path(listing: ValidatedListing, image_size: int, out_dir: Path | None = None) -> Path:
+    return Path(out_dir or state_dir(listing.root)) / f"cache-{image_size}.ddpmcache"
+
+
+def _read_header(path: Path) -> dict | None:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(HEADER_BYTES)
+    except OSError:
+        return None
+    if len(head) < HEADER_BYTES or not head.startswith(MAGIC):
+        return None
+    try:
+        return json.loads(head[len(MAGIC):].rstrip(b" \0").decode())
+    except ValueError:
+        return None
+
+
+def _open(path: Path, header: dict, build_seconds: float) -> ImageCache:
+    n, s = header["count"], header["image_size"]
+    expected = HEADER_BYTES + n * s * s * 3
+    if path.stat().st_size != expected:
+        raise ValueError(f"cache file {path} has {path.stat().st_size} bytes, header says "
+                         f"{expected}; delete it to rebuild")
+    images = np.memmap(path, dtype=np.uint8, mode="c", offset=HEADER_BYTES, shape=(n, s, s, 3))
+    return ImageCache(path, images, s, header["fingerprint"], build_seconds)
+
+
+def _decode(args: tuple[str, int]) -> np.ndarray:
+    return load_uint8(*args)
+
+
+def build_cache(listing: ValidatedListing, image_size: int, out_dir: Path | None = None,
+                workers: int | None = None) -> ImageCache:
+    """Open the cache of `listing` at `image_size`, building it first when missing or stale."""
+    path = cache_path(listing, image_size, out_dir)
+    header = _read_header(path)
+    if (header and header.get("version") == VERSION and header.get("image_size") == image_size
+            and header.get("fingerprint") == listing.fingerprint
+            and header.get("count") == len(listing.files)):
+        return _open(path, header, 0.0)
+
+    start = time.perf_counter()
+    n = len(listing.files)
+    header = {"version": VERSION, "image_size": image_size, "count": n,
+              "fingerprint": listing.fingerprint}
+    raw = MAGIC + json.dumps(header).encode()
+    if len(raw) > HEADER_BYTES:
+        raise ValueError("cache header too long")  # cannot happen with the fields above
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(raw.ljust(HEADER_BYTES, b" "))
+        f.truncate(HEADER_BYTES + n * image_size * image_size * 3)
+    out = np.memmap(tmp, dtype=np.uint8, mode="r+", offset=HEADER_BYTES,
+                    shape=(n, image_size, image_size, 3))
+    jobs = [(str(f), image_size) for f in listing.files]
+    workers = workers or min(16, os.cpu_count() or 1)
+    try:
+        if workers <= 1 or n <= workers:
+            for i, job in enumerate(jobs):
+                out[i] = _decode(job)
+        else:
+            # PIL releases the GIL in decode and resize, so threads scale without forking a
+            # process that holds torch (and maybe CUDA) state.
+            with ThreadPoolExecutor(workers) as pool:
+                for i, arr in enumerate(pool.map(_decode, jobs)):
+                    out[i] = arr
+        out.flush()
+        del out
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    seconds = time.perf_counter() - start
+    log.info("built image cache %s: %d images at %dx%d in %.1f s (one-time cost)",
+             path, n, image_size, image_size, seconds)
+    return _open(path, header, seconds)

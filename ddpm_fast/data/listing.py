@@ -1,0 +1,183 @@
+"""Recursive image listing, its fingerprint, and one-time validation of every file.
+
+Every backend trains on the same validated list: a file that cannot be decoded is found here,
+before an epoch starts, so no loader meets it mid-epoch. Validation decodes each file once; the
+result is stored keyed by a fingerprint of the listing (paths, sizes, mtimes), so later runs over
+an unchanged folder skip it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
+# Larger images are skipped: decoding one would take seconds and gigabytes (PIL's own
+# decompression-bomb limit is about 179M pixels; anything near it is not a training image).
+MAX_PIXELS = 8192 * 8192
+STATE_DIRNAME = ".ddpm_fast"
+
+
+class EmptyDatasetError(ValueError):
+    """A data folder holds no usable image."""
+
+
+def _require_dir(root: Path) -> Path:
+    if not root.exists():
+        raise FileNotFoundError(f"data folder not found: {root} (check --data)")
+    if not root.is_dir():
+        raise NotADirectoryError(f"--data must be a folder of images, got a file: {root}")
+    return root
+
+
+def list_images(root: str | os.PathLike) -> list[Path]:
+    """All image files under `root` (recursive, extension case-insensitive), sorted.
+
+    The state folder `.ddpm_fast` (caches, logs) is not listed.
+    """
+    root = _require_dir(Path(root))
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d != STATE_DIRNAME)
+        for name in filenames:
+            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                files.append(Path(dirpath) / name)
+    files.sort()
+    if not files:
+        raise EmptyDatasetError(
+            f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under --data {root}"
+        )
+    return files
+
+
+def fingerprint(root: Path, files: list[Path]) -> str:
+    """Hash of the listing: relative paths, sizes and mtimes. Changes when a file is added,
+    removed, replaced or touched, which is what invalidates validation results and caches."""
+    h = hashlib.sha256()
+    for f in files:
+        try:
+            st = f.stat()
+            size, mtime = st.st_size, st.st_mtime_ns
+        except OSError:
+            size, mtime = -1, -1
+        h.update(f"{f.relative_to(root).as_posix()}\0{size}\0{mtime}\n".encode())
+    return h.hexdigest()
+
+
+def state_dir(root: Path) -> Path:
+    """Where caches and logs for `root` live: `<root>/.ddpm_fast`, or, when the data folder is
+    read-only, a per-folder directory under $DDPM_FAST_CACHE (default ~/.cache/ddpm_fast)."""
+    preferred = Path(root) / STATE_DIRNAME
+    try:
+        preferred.mkdir(exist_ok=True)
+        if os.access(preferred, os.W_OK):
+            return preferred
+    except OSError:
+        pass
+    base = Path(os.environ.get("DDPM_FAST_CACHE", Path.home() / ".cache" / "ddpm_fast"))
+    key = hashlib.sha1(str(Path(root).resolve()).encode()).hexdigest()[:16]
+    fallback = base / key
+    fallback.mkdir(parents=True, exist_ok=True)
+    return fallback
+
+
+def check_image(path: Path, max_pixels: int = MAX_PIXELS) -> str | None:
+    """None when `path` decodes fully as an image, else why it does not."""
+    try:
+        if path.stat().st_size == 0:
+            return "zero-byte file"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > max_pixels:
+                    return f"too large ({w}x{h} pixels, limit {max_pixels})"
+                if w == 0 or h == 0:
+                    return f"empty image ({w}x{h})"
+                im.load()
+    except PermissionError as e:
+        return f"unreadable: {e.strerror or e}"
+    except Image.DecompressionBombError:
+        return "too large (PIL decompression-bomb limit)"
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
+        return f"cannot decode: {type(e).__name__}: {e}"
+    return None
+
+
+@dataclass
+class ValidatedListing:
+    """The usable files of a data folder and the ones skipped, with why."""
+
+    root: Path
+    files: list[Path]
+    fingerprint: str
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    log_path: Path | None = None
+
+
+def _check_all(files: list[Path], max_pixels: int) -> list[str | None]:
+    workers = min(8, os.cpu_count() or 1)
+    if workers == 1 or len(files) <= workers:
+        return [check_image(f, max_pixels) for f in files]
+    # PIL releases the GIL while decoding, so threads scale without pickling.
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(lambda f: check_image(f, max_pixels), files))
+
+
+def validate_images(
+    root: str | os.PathLike, max_pixels: int = MAX_PIXELS, strict: bool = False
+) -> ValidatedListing:
+    """List `root` and keep the files that decode. Bad files are skipped with a warning and
+    written to `<state dir>/skipped.txt`; with `strict=True` the first one raises a ValueError
+    naming it instead. The result is cached under the state dir, keyed by the listing's
+    fingerprint."""
+    root = Path(root)
+    files = list_images(root)
+    fp = fingerprint(root, files)
+    sdir = state_dir(root)
+    record = sdir / f"validated-{max_pixels}.json"
+    skipped: list[tuple[Path, str]] | None = None
+    try:
+        saved = json.loads(record.read_text())
+        if saved.get("fingerprint") == fp:
+            bad = {rel: why for rel, why in saved["skipped"]}
+            skipped = [(f, bad[f.relative_to(root).as_posix()]) for f in files
+                       if f.relative_to(root).as_posix() in bad]
+    except (OSError, ValueError, KeyError):
+        skipped = None
+    if skipped is None:
+        reasons = _check_all(files, max_pixels)
+        skipped = [(f, why) for f, why in zip(files, reasons) if why is not None]
+        payload = {"fingerprint": fp,
+                   "skipped": [[f.relative_to(root).as_posix(), why] for f, why in skipped]}
+        _atomic_write(record, json.dumps(payload))
+    log_path = sdir / "skipped.txt"
+    _atomic_write(log_path, "".join(f"{f}\t{why}\n" for f, why in skipped))
+    if skipped:
+        if strict:
+            f, why = skipped[0]
+            raise ValueError(f"bad image file {f}: {why} ({len(skipped)} bad files in --data)")
+        shown = "; ".join(f"{f.name}: {why}" for f, why in skipped[:3])
+        warnings.warn(
+            f"skipped {len(skipped)} of {len(files)} files under {root} that are not usable "
+            f"images ({shown}{'; ...' if len(skipped) > 3 else ''}); full list in {log_path}",
+            stacklevel=2,
+        )
+    bad_set = {f for f, _ in skipped}
+    good = [f for f in files if f not in bad_set]
+    if not good:
+        raise EmptyDatasetError(f"none of the {len(files)} image files under --data {root} "
+                                f"could be decoded; see {log_path}")
+    return ValidatedListing(root, good, fp, skipped, log_path)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

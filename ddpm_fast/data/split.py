@@ -1,0 +1,51 @@
+"""The seeded 90/5/5 train/val/test split.
+
+Each item is ranked by a hash of (split seed, its name) and the ranking is cut at 90% and 95%.
+The counts are exact (train = floor(0.9 n), val = floor(0.05 n), test = the rest), the split does
+not depend on the training seed or on where the folder lives, and adding a file moves at most
+the items at the cut points rather than reshuffling everything.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Sequence, TypeVar
+
+SPLITS = ("train", "val", "test", "all")
+TRAIN_FRACTION = 0.9
+VAL_FRACTION = 0.05
+
+T = TypeVar("T")
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+
+
+def split_keys(keys: Sequence[str], split: str, seed: int = 0) -> list[int]:
+    """Indices of `keys` in `split`, in the original order of `keys`."""
+    _check_split(split)
+    n = len(keys)
+    if split == "all":
+        return list(range(n))
+    rank = sorted(range(n), key=lambda i: (hashlib.sha1(f"{seed}\0{keys[i]}".encode()).digest(),
+                                           keys[i], i))
+    n_train = int(n * TRAIN_FRACTION)
+    n_val = int(n * VAL_FRACTION)
+    bounds = {"train": (0, n_train), "val": (n_train, n_train + n_val),
+              "test": (n_train + n_val, n)}[split]
+    return sorted(rank[bounds[0]:bounds[1]])
+
+
+def split_files(files: Sequence[Path], split: str, seed: int = 0) -> list[Path]:
+    """The files of `split` ("train", "val", "test" or "all"), in their given (sorted) order.
+
+    Files are keyed by their path relative to the folder that holds them all, without the
+    extension: a copy of the data set elsewhere, or one converted to another format by
+    `python -m ddpm_fast.prepare`, splits the same way."""
+    paths = [Path(f) for f in files]
+    base = Path(os.path.commonpath([str(p.parent) for p in paths])) if paths else Path()
+    keys = [p.relative_to(base).with_suffix("").as_posix() for p in paths]
+    return [files[i] for i in split_keys(keys, split, seed)]

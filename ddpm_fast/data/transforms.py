@@ -1,0 +1,84 @@
+"""Preprocessing shared by every backend: RGB, shorter side to S, centre crop, [-1, 1].
+
+Sizes and the crop offset round half up (the longer side `floor(L * S / l + 1/2)`, the offset
+`(W - S + 1) // 2`), as DALI's resize_shorter and centre crop do, so the PIL and DALI paths
+resize to the same size and cut the same window.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB. 16/32-bit greyscale is scaled (PIL's own convert clips it to
+    255, turning most 16-bit images white); alpha is dropped, as DALI's decoder does."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        arr = np.asarray(img, dtype=np.uint16) >> 8
+        return Image.fromarray(arr.astype(np.uint8), "L").convert("RGB")
+    if img.mode == "I":
+        arr = np.asarray(img, dtype=np.int64)
+        scale = 257 if arr.max(initial=0) > 255 else 1  # 16-bit data stored as 32-bit
+        return Image.fromarray((arr // scale).clip(0, 255).astype(np.uint8), "L").convert("RGB")
+    if img.mode == "F":
+        arr = np.asarray(img, dtype=np.float32)
+        if arr.max(initial=0.0) <= 1.0:
+            arr = arr * 255.0
+        return Image.fromarray(arr.clip(0, 255).round().astype(np.uint8), "L").convert("RGB")
+    if img.mode != "RGB":
+        return img.convert("RGB")
+    return img
+
+
+def resize_crop(img: Image.Image, size: int) -> Image.Image:
+    """Shorter side to `size` (bilinear, antialiased; small images are upscaled), then the
+    centre `size` x `size` window."""
+    w, h = img.size
+    # The longer side rounds half up, in integers, as DALI's resize_shorter does.
+    if w <= h:
+        new_w, new_h = size, max(size, (2 * h * size + w) // (2 * w))
+    else:
+        new_w, new_h = max(size, (2 * w * size + h) // (2 * h)), size
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    left, top = (new_w - size + 1) // 2, (new_h - size + 1) // 2
+    if (new_w, new_h) != (size, size):
+        img = img.crop((left, top, left + size, top + size))
+    return img
+
+
+def load_uint8(path: str | os.PathLike, size: int) -> np.ndarray:
+    """Decode and preprocess one file: uint8 (size, size, 3). Errors name the file."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            out = resize_crop(to_rgb(img), size)
+            return np.asarray(out, dtype=np.uint8).copy()
+    except Exception as e:
+        raise RuntimeError(f"cannot load image {path}: {type(e).__name__}: {e} "
+                           "(was it changed after validation?)") from e
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """A concrete device: None is the CPU, and "cuda" gets the current index, so that tensors'
+    devices compare equal to it ("cuda" != "cuda:0")."""
+    device = torch.device(device if device is not None else "cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def to_model_range(batch_nhwc: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 (B, S, S, 3) -> float (B, 3, S, S) in [-1, 1] on `device`.
+
+    Moves uint8 (a quarter of the float bytes) and normalises on the device. The permuted view
+    of an NHWC tensor already has channels_last strides, which is what the GPU model wants;
+    on the CPU the batch is made plainly contiguous."""
+    x = batch_nhwc.to(device, non_blocking=True).permute(0, 3, 1, 2)
+    x = x.float().div_(127.5).sub_(1.0)
+    if x.device.type == "cpu":
+        return x.contiguous()
+    return x.contiguous(memory_format=torch.channels_last)

@@ -1,0 +1,97 @@
+"""Held-out evaluation of a trained model: eps-MSE averaged over t, and the variational bound in
+bits/dim (Ho et al.'s L_0 discretised decoder + KL terms + prior). FID/KID are in metrics.py."""
+from __future__ import annotations
+
+import torch
+
+from .diffusion import GaussianDiffusion
+
+
+@torch.no_grad()
+def heldout_mse(model, diffusion: GaussianDiffusion, images: torch.Tensor, batch_size: int = 64,
+                draws: int = 4, seed: int = 0) -> float:
+    """Mean eps-MSE over `draws` (t, noise) pairs per image, with a fixed generator."""
+    model.eval()
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    total, n = 0.0, 0
+    for _ in range(draws):
+        for x0 in images.split(batch_size):
+            x0 = x0.to(device)
+            total += diffusion.loss(model, x0, gen).item() * x0.shape[0]
+            n += x0.shape[0]
+    return total / max(n, 1)
+
+
+@torch.no_grad()
+def bits_per_dim(model, diffusion: GaussianDiffusion, images: torch.Tensor, batch_size: int = 64,
+                 t_samples: int | None = None, variance: str = "posterior", seed: int = 0) -> dict:
+    """Negative ELBO in bits/dim: L_0 (exact) + sum_{t>=1} L_t + L_T (prior).
+
+    With t_samples < T-1 the sum over t >= 1 is estimated from that many evenly spaced t, scaled
+    by (T-1)/t_samples (the full sum costs T model calls per image)."""
+    if diffusion.schedule == "continuous":
+        raise ValueError("bits/dim needs a discrete schedule (linear or cosine)")
+    model.eval()
+    device = next(model.parameters()).device
+    T = diffusion.timesteps
+    k = T - 1 if t_samples is None else max(1, min(t_samples, T - 1))
+    ts = torch.linspace(1, T - 1, k).round().long().tolist()
+    scale = (T - 1) / len(ts)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    sums = {"decoder": 0.0, "kl": 0.0, "prior": 0.0}
+    n = 0
+    for x0 in images.split(batch_size):
+        x0 = x0.to(device)
+        B = x0.shape[0]
+        noise = lambda: torch.randn(x0.shape, generator=gen, device=device)  # noqa: E731
+        zero = torch.zeros(B, dtype=torch.long, device=device)
+        sums["decoder"] += diffusion.vb_terms_bpd(model, x0, zero, variance, noise()).sum().item()
+        for t in ts:
+            tb = torch.full((B,), t, dtype=torch.long, device=device)
+            sums["kl"] += scale * diffusion.vb_terms_bpd(model, x0, tb, variance, noise()).sum().item()
+        sums["prior"] += diffusion.prior_bpd(x0).sum().item()
+        n += B
+    out = {k: v / max(n, 1) for k, v in sums.items()}
+    out["total"] = out["decoder"] + out["kl"] + out["prior"]
+    out["t_samples"] = len(ts)
+    return out
+
+
+FID_MIN_SAMPLES = 2048  # below the feature dimension the covariance is singular: FID is not meaningful
+
+
+@torch.no_grad()
+def generate(model, diffusion: GaussianDiffusion, n: int, image_size: int, method: str = "ddpm",
+             steps: int | None = None, seed: int = 0, batch_size: int = 256) -> torch.Tensor:
+    """n samples in [-1, 1] (on the CPU), drawn in batches from one seeded generator."""
+    from .sampling import FastSampler
+
+    device = next(model.parameters()).device
+    sampler = FastSampler(model, diffusion, method=method, steps=steps if method == "ddim" else None)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    chunks = [sampler.sample(min(batch_size, n - i), image_size, generator=gen).cpu()
+              for i in range(0, n, batch_size)]
+    return torch.cat(chunks)
+
+
+def sample_quality(model, diffusion: GaussianDiffusion, data, image_size: int, fid_n: int = 0, kid_n: int = 0,
+                   method: str = "ddpm", steps: int | None = None, seed: int = 0, device=None,
+                   splits: tuple[str, ...] = ("test",), ref_limit: int | None = 10000) -> dict:
+    """FID (on fid_n samples) and KID (on kid_n) of the model's samples against each split's
+    cached reference statistics (at most ref_limit images of a split). Needs the [eval] extra."""
+    from . import metrics
+    from .data import load_images
+
+    samples = generate(model, diffusion, max(fid_n, kid_n), image_size, method, steps, seed)
+    feats = metrics.inception_features(samples, device=device)
+    out: dict = {"samples": len(samples), "method": method, "steps": steps}
+    for split in splits:
+        ref = metrics.reference_stats(data, image_size, split, load_images, limit=ref_limit, device=device)
+        if fid_n:
+            out[f"fid_{split}"] = metrics.fid_from_stats(ref.mu, ref.sigma, *metrics.mean_cov(feats[:fid_n]))
+        if kid_n:
+            size = min(1000, kid_n, len(ref.features))
+            mean, std = metrics.kid(ref.features, feats[:kid_n], subsets=100, subset_size=size, seed=seed)
+            out[f"kid_{split}"], out[f"kid_{split}_std"] = mean, std
+    return out

@@ -1,0 +1,137 @@
+"""What a run writes besides checkpoints: metrics.csv, the loss-curve PNG, sample grids, and a
+progress line with img/s and ETA."""
+from __future__ import annotations
+
+import csv
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+METRIC_FIELDS = ("step", "epoch", "loss", "train_loss", "val_loss", "lr", "img_per_s", "kid", "fid")
+
+
+class MetricsCSV:
+    """Append-only metrics.csv; on resume, rows past the checkpoint's step are dropped so the
+    file matches the state the run continues from."""
+
+    def __init__(self, path: Path, resume_step: int | None = None):
+        self.path = path
+        rows = []
+        if resume_step is not None and path.exists():
+            with path.open() as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+        with path.open("w", newline="") as f:
+            w = csv.DictWriter(f, METRIC_FIELDS)
+            w.writeheader()
+            w.writerows(rows)
+
+    def write(self, **row) -> None:
+        with self.path.open("a", newline="") as f:
+            csv.DictWriter(f, METRIC_FIELDS).writerow({k: _fmt(row.get(k)) for k in METRIC_FIELDS})
+
+    def read(self) -> list[dict]:
+        with self.path.open() as f:
+            return list(csv.DictReader(f))
+
+
+def _fmt(v):
+    if v is None:
+        return ""
+    return f"{v:.6g}" if isinstance(v, float) else v
+
+
+def plot_losses(csv_path: Path, png_path: Path) -> None:
+    """Step loss (raw and smoothed), epoch train/val loss and, when present, KID against step."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(csv.DictReader(csv_path.open()))
+    col = lambda name: [(int(r["step"]), float(r[name])) for r in rows if r.get(name)]  # noqa: E731
+    step_loss, train, val, kid = col("loss"), col("train_loss"), col("val_loss"), col("kid")
+    n_plots = 2 if kid else 1
+    fig, axes = plt.subplots(1, n_plots, figsize=(6 * n_plots, 4), squeeze=False)
+    ax = axes[0][0]
+    if step_loss:
+        s, v = zip(*step_loss)
+        ax.plot(s, v, alpha=0.3, label="step loss")
+        ax.plot(s, smooth(list(v)), label="smoothed")
+    for series, label in ((train, "epoch train"), (val, "epoch val")):
+        if series:
+            ax.plot(*zip(*series), "o-", label=label)
+    ax.set_xlabel("step"), ax.set_ylabel("eps MSE"), ax.set_yscale("log"), ax.legend(), ax.grid(alpha=0.3)
+    if kid:
+        axes[0][1].plot(*zip(*kid), "o-", color="C3")
+        axes[0][1].set_xlabel("step"), axes[0][1].set_ylabel("KID (EMA model)"), axes[0][1].grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+def smooth(values: list[float], alpha: float = 0.05) -> list[float]:
+    """Exponential moving average with bias correction (as TensorBoard's smoothing)."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, 1):
+        avg = (1 - alpha) * avg + alpha * v
+        out.append(avg / (1 - (1 - alpha) ** i))
+    return out
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, 3, H, W) in [-1, 1] -> (N, H, W, 3) uint8."""
+    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> Image.Image:
+    """Tile (N, 3, H, W) images in [-1, 1] into one PIL image, nrow images per row."""
+    arr = to_uint8(images)
+    n, h, w, _ = arr.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / nrow)
+    canvas = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, 3), 255, np.uint8)
+    for i in range(n):
+        r, c = divmod(i, nrow)
+        canvas[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = arr[i]
+    return Image.fromarray(canvas)
+
+
+class Progress:
+    """One status line: a carriage-return bar on a terminal, a line every `every` s otherwise."""
+
+    def __init__(self, total: int, start: int = 0, every: float = 10.0, stream=sys.stderr):
+        self.total, self.start, self.every, self.stream = total, start, every, stream
+        self.tty = stream.isatty()
+        self.t0 = self.last = time.time()
+
+    def update(self, step: int, msg: str) -> None:
+        now = time.time()
+        if now - self.last < (0.2 if self.tty else self.every) and step < self.total:
+            return
+        self.last = now
+        done = step - self.start
+        rate = done / max(now - self.t0, 1e-9)
+        eta = (self.total - step) / rate if rate > 0 else float("inf")
+        line = f"step {step}/{self.total} | {msg} | ETA {_hms(eta)}"
+        if self.tty:
+            self.stream.write("\r" + line.ljust(100))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+
+
+def _hms(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"

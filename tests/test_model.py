@@ -1,0 +1,44 @@
+import pytest
+import torch
+
+from ddpm_fast import PRESETS, UNet
+
+
+def n_params(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+def test_preset_parameter_counts():
+    assert 25.3e6 <= n_params(UNet.from_preset("anime64")) <= 25.4e6  # the anime-face script's 25.4M
+    assert n_params(UNet.from_preset("cifar32")) == pytest.approx(35.7e6, rel=2e-3)  # Ho et al.'s 35.7M
+    assert n_params(UNet.from_preset("tiny")) < 2e6
+    assert {"anime64", "cifar32", "dogs64", "butterflies128", "butterflies256", "tiny"} <= set(PRESETS)
+
+
+@pytest.mark.parametrize("act", ["silu", "hardswish"])
+def test_forward_shape_and_channels_last(act):
+    m = UNet.from_preset("tiny", image_size=16, act=act).eval()
+    x, t = torch.randn(3, 3, 16, 16), torch.tensor([0, 10, 999])
+    y = m(x, t)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    m_cl = m.to(memory_format=torch.channels_last)
+    y_cl = m_cl(x.to(memory_format=torch.channels_last), t)
+    torch.testing.assert_close(y_cl, y, rtol=1e-4, atol=1e-5)
+    assert m(x, t.float()).shape == x.shape  # float times (continuous schedule)
+
+
+def test_overrides_and_errors():
+    m = UNet.from_preset("tiny", ch=16, ch_mult=[1, 2], attn_res=[])
+    assert m.config["ch"] == 16 and m.config["ch_mult"] == (1, 2)
+    with pytest.raises(ValueError, match="unknown --preset"):
+        UNet.from_preset("nope")
+    with pytest.raises(ValueError, match="--image-size"):
+        UNet.from_preset("tiny", image_size=30)
+    with pytest.raises(ValueError, match="unknown model field"):
+        UNet.from_preset("tiny", widht=3)
+
+
+def test_time_embedding_matters():
+    m = UNet.from_preset("tiny", image_size=16).eval()
+    x = torch.randn(1, 3, 16, 16)
+    assert (m(x, torch.tensor([5])) - m(x, torch.tensor([900]))).abs().max() > 1e-4
