@@ -1,0 +1,84 @@
+"""The fast train step against the reference step, on CPU (the CUDA-graph path is GPU-only)."""
+import pytest
+import torch
+
+from conftest import requires_cuda
+from ddpm_fast import GaussianDiffusion, UNet
+from ddpm_fast.training.config import TrainConfig
+from ddpm_fast.training.ema import EMA
+from ddpm_fast.training.fast_step import FastStep, make_optimizer
+from ddpm_fast.training.step import make_reference_step
+
+
+def build(seed=0, device="cpu"):
+    torch.manual_seed(seed)
+    # num_groups=8: with one channel per group (tiny's default at width 32) GroupNorm cancels the
+    # conv biases before it exactly, and Adam would turn their zero-mean rounding noise into
+    # +-lr steps that differ between memory formats.
+    model = UNet.from_preset("tiny", image_size=8, ch_mult=(1, 2), attn_res=(4,), num_groups=8).to(device)
+    cfg = TrainConfig(warmup=2, lr=1e-3)
+    return model, GaussianDiffusion("linear", 100), cfg
+
+
+def run(kind, steps, data, dtype=torch.float32):
+    model, diffusion, cfg = build()
+    ema = EMA(model, 0.999)
+    gen = torch.Generator().manual_seed(1)
+    if kind == "reference":
+        opt = make_optimizer(model, cfg, fast=False)
+        step_fn = make_reference_step(model, diffusion, opt, ema, cfg, gen, steps)
+    else:
+        opt = make_optimizer(model, cfg, fast=True)
+        fast = FastStep(model, diffusion, opt, ema, cfg, steps, dtype=dtype)
+        step_fn = lambda s, x: fast(s, x, gen)  # noqa: E731
+    losses = [step_fn(s, data[s % len(data)]).item() for s in range(steps)]
+    return model, ema, losses
+
+
+def test_fp32_fast_step_follows_reference():
+    """Same maths as the reference step; only channels_last convolution reduction order differs."""
+    data = torch.rand(4, 6, 3, 8, 8) * 2 - 1
+    m_ref, ema_ref, l_ref = run("reference", 6, data)
+    m_fast, ema_fast, l_fast = run("fast", 6, data)
+    assert l_fast == pytest.approx(l_ref, rel=1e-5)
+    # Per tensor, relative to its norm: Adam's early steps are ~lr * sign(grad), so an element
+    # whose gradient is ~0 can move by +-lr in either run; the tensors as a whole must agree.
+    pairs = list(zip(m_ref.parameters(), m_fast.parameters())) + list(
+        zip(ema_ref.model.parameters(), ema_fast.model.parameters()))
+    for a, b in pairs:
+        assert ((a - b).norm() / a.norm().clamp(min=1e-6)).item() < 1e-3
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in m_fast.parameters() if p.dim() == 4)
+
+
+def test_bf16_fast_step_learns_like_reference():
+    data = torch.rand(8, 16, 3, 8, 8) * 2 - 1
+    _, _, l_ref = run("reference", 40, data)
+    _, _, l_bf16 = run("fast", 40, data, dtype=torch.bfloat16)
+    mean = lambda v: sum(v) / len(v)  # noqa: E731
+    assert mean(l_bf16[-10:]) < 0.7 * mean(l_bf16[:5])  # it learns
+    assert mean(l_bf16[-10:]) == pytest.approx(mean(l_ref[-10:]), rel=0.1)
+
+
+def test_cuda_graph_needs_cuda():
+    model, diffusion, cfg = build()
+    with pytest.raises(ValueError, match="CUDA"):
+        FastStep(model, diffusion, make_optimizer(model, cfg, True), EMA(model, 0.99), cfg, 10, cuda_graph=True)
+
+
+@requires_cuda
+def test_graphed_step_matches_eager_step_on_gpu():
+    """The captured step computes what the eager fast step computes, given the same RNG."""
+    data = torch.rand(6, 16, 3, 8, 8, device="cuda") * 2 - 1
+    results = []
+    for graph in (False, True):
+        model, diffusion, cfg = build(device="cuda")
+        torch.cuda.manual_seed(3)
+        ema = EMA(model, 0.999)
+        fast = FastStep(model, diffusion, make_optimizer(model, cfg, True), ema, cfg, 6, cuda_graph=graph,
+                        dtype=torch.float32)
+        losses = [fast(s, data[s]).item() for s in range(6)]
+        results.append((losses, [p.detach().clone() for p in model.parameters()]))
+    (l0, p0), (l1, p1) = results
+    assert l1 == pytest.approx(l0, rel=1e-3)
+    for a, b in zip(p0, p1):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
