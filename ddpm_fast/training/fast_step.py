@@ -47,7 +47,8 @@ class FastStep:
         model.to(memory_format=torch.channels_last)
         ema.model.to(memory_format=torch.channels_last)
         # `compile_mode` is torch.compile's mode; we capture our own graph, so not the cudagraph modes.
-        self.forward = torch.compile(model, mode=compile_mode) if compile_mode else model
+        # dynamic=False: training shapes are fixed (drop_last), and symbolic shapes only add guards.
+        self.forward = torch.compile(model, mode=compile_mode, dynamic=False) if compile_mode else model
         self.lr = torch.full((), cfg.lr, device=self.device)
         self.ema_weight = torch.zeros((), device=self.device)  # 1 - decay of this step
         self.ema_params = list(ema.model.parameters())

@@ -1,0 +1,148 @@
+"""python -m benchmarks.epoch: one training epoch end to end (loader + step), reference path
+and fast path in the same run.
+
+(a) reference: what the original script does: fp32 (TF32 matmuls on a GPU), eager, a PIL
+    DataLoader (`--loader torch`), Adam, EMA;
+(b) fast: bf16 autocast with fp32 master weights, channels_last, torch.compile, the whole step
+    in one CUDA graph (training/fast_step.py), the GPU-resident uint8 cache (`--loader auto`).
+
+Each path runs `--warmup` steps (compile, graph capture, cuDNN plans: reported apart as
+warm-up seconds), then `--steps` timed steps (default: the rest of one epoch), synchronised,
+and the epoch time is extrapolated to `--epoch-images` (57,208: the anime-face train split).
+Prints the GPU, epoch seconds, img/s, peak memory, warm-up seconds and the speedups against
+(a) and against the original script's 210 s on an RTX 3090 (both as epoch-time ratio and as
+img/s ratio with the seed's epoch taken as all 63,565 images: 303 img/s, DECISIONS.md 2).
+JSON to $OUT/epoch.json when OUT is set, else benchmarks/results/epoch.json."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from ddpm_fast import GaussianDiffusion, UNet
+from ddpm_fast.data import build_loader
+from ddpm_fast.training.config import TrainConfig
+from ddpm_fast.training.ema import EMA
+from ddpm_fast.training.fast_step import FastStep, make_optimizer
+from ddpm_fast.training.step import make_reference_step
+
+from .data_loading import folder_size_for_epoch, make_sources
+
+SEED_EPOCH_S = 210.0          # the original script on an RTX 3090
+SEED_IMG_PER_S = 63565 / 210  # its epoch taken as all 63,565 images (the conservative ratio)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_path(path: str, data: Path, args, device: torch.device) -> dict:
+    torch.manual_seed(0)
+    cfg = TrainConfig(preset=args.preset, batch_size=args.batch_size, lr=2e-4, warmup=0,
+                      kernels=args.kernels if path == "fast" else "torch",
+                      model_overrides={"image_size": args.image_size})
+    model = UNet(**cfg.model).to(device).set_backend(cfg.kernels)
+    diffusion = GaussianDiffusion("linear", 1000)
+    ema = EMA(model, 0.9999)
+    fast = path == "fast"
+    opt = make_optimizer(model, cfg, fast=fast)
+    total = args.warmup + args.steps
+    if fast:
+        step_fn = FastStep(model, diffusion, opt, ema, cfg, total,
+                           compile_mode=None if args.compile == "none" else args.compile)
+    else:
+        step_fn = make_reference_step(model, diffusion, opt, ema, cfg, None, total)
+    loader = build_loader(str(data), args.image_size, args.batch_size, split="train",
+                          backend=args.fast_loader if fast else "torch", device=device, seed=0,
+                          num_workers=args.workers)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    batches = iter(_forever(loader))
+    t0 = time.perf_counter()
+    for s in range(args.warmup):
+        step_fn(s, next(batches))
+    sync(device)
+    warm_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    losses = []
+    for s in range(args.warmup, total):
+        losses.append(step_fn(s, next(batches)))
+    sync(device)
+    timed_s = time.perf_counter() - t0
+    img_s = args.steps * args.batch_size / timed_s
+    return {
+        "path": path, "loader": loader.backend, "cache_build_s": round(loader.build_seconds, 2),
+        "warmup_steps": args.warmup, "warmup_s": round(warm_s, 2), "timed_steps": args.steps,
+        "timed_s": round(timed_s, 3), "img_per_s": round(img_s, 1),
+        "epoch_s": round(args.epoch_images / img_s, 2),
+        "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
+        "final_loss": float(torch.stack(losses).mean()),
+    }
+
+
+def _forever(loader):
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.epoch", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, help="JPEG folder (default: generated 96x96 sources)")
+    p.add_argument("--preset", default="anime64")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--epoch-images", type=int, default=57208)
+    p.add_argument("--steps", type=int, help="timed steps (default: one epoch)")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--paths", default="reference,fast")
+    p.add_argument("--compile", default="default", help="torch.compile mode of the fast path, or none")
+    p.add_argument("--kernels", default="auto", choices=("auto", "torch", "triton", "cpp"))
+    p.add_argument("--fast-loader", default="auto")
+    p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
+    p.add_argument("--quick", action="store_true", help="reduced run: 40 timed steps, a 4,096-image folder")
+    p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "ddpm_fast_bench")
+    args = p.parse_args(argv)
+    if args.steps is None:
+        args.steps = 40 if args.quick else args.epoch_images // args.batch_size
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # the seed-style reference runs TF32 matmuls
+        torch.backends.cudnn.allow_tf32 = True
+    n_files = 4096 if args.quick else folder_size_for_epoch(args.epoch_images)
+    data = args.data or make_sources(args.workdir / f"jpeg96-{n_files}", n_files)
+
+    results = [run_path(path, data, args, device) for path in args.paths.split(",")]
+    ref = next((r for r in results if r["path"] == "reference"), None)
+    for r in results:
+        r["speedup_vs_reference"] = round(ref["epoch_s"] / r["epoch_s"], 2) if ref else None
+        r["speedup_vs_3090_epoch"] = round(SEED_EPOCH_S / r["epoch_s"], 1)
+        r["speedup_vs_3090_img_per_s"] = round(r["img_per_s"] / SEED_IMG_PER_S, 1)
+    env = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+           "torch": torch.__version__, "preset": args.preset, "batch_size": args.batch_size,
+           "image_size": args.image_size, "epoch_images": args.epoch_images, "quick": args.quick}
+    out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path(__file__).parent / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "epoch.json").write_text(json.dumps({"env": env, "epoch": results}, indent=1))
+    print(f"device: {env['device']}  preset {args.preset}  batch {args.batch_size}  "
+          f"{args.steps} timed steps extrapolated to {args.epoch_images} images")
+    print(f"{'path':10} {'loader':7} {'epoch s':>8} {'img/s':>9} {'peak GiB':>8} {'warm-up s':>9} "
+          f"{'x ref':>6} {'x 3090 (epoch)':>14} {'x 3090 (img/s)':>14}")
+    for r in results:
+        print(f"{r['path']:10} {r['loader']:7} {r['epoch_s']:8.2f} {r['img_per_s']:9.1f} "
+              f"{r['peak_mem_gib'] if r['peak_mem_gib'] is not None else '-':>8} {r['warmup_s']:9.2f} "
+              f"{r['speedup_vs_reference'] or '-':>6} {r['speedup_vs_3090_epoch']:>14} {r['speedup_vs_3090_img_per_s']:>14}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
