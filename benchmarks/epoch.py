@@ -28,8 +28,7 @@ from ddpm_fast import GaussianDiffusion, UNet
 from ddpm_fast.data import build_loader
 from ddpm_fast.training.config import TrainConfig
 from ddpm_fast.training.ema import EMA
-from ddpm_fast.training.fast_step import FastStep, make_optimizer
-from ddpm_fast.training.step import make_reference_step
+from ddpm_fast.training.fast_step import make_step
 
 from .data_loading import folder_size_for_epoch, make_sources
 
@@ -51,13 +50,9 @@ def run_path(path: str, data: Path, args, device: torch.device) -> dict:
     diffusion = GaussianDiffusion("linear", 1000)
     ema = EMA(model, 0.9999)
     fast = path == "fast"
-    opt = make_optimizer(model, cfg, fast=fast)
     total = args.warmup + args.steps
-    if fast:
-        step_fn = FastStep(model, diffusion, opt, ema, cfg, total,
+    _, step_fn = make_step(path, model, diffusion, ema, cfg, total,
                            compile_mode=None if args.compile == "none" else args.compile)
-    else:
-        step_fn = make_reference_step(model, diffusion, opt, ema, cfg, None, total)
     loader = build_loader(str(data), args.image_size, args.batch_size, split="train",
                           backend=args.fast_loader if fast else "torch", device=device, seed=0,
                           num_workers=args.workers)

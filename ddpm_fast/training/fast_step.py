@@ -20,7 +20,7 @@ import torch
 from ..diffusion import GaussianDiffusion
 from .config import TrainConfig
 from .ema import EMA
-from .step import lr_factor
+from .step import lr_factor, make_reference_step
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, fast: bool) -> torch.optim.Optimizer:
@@ -122,5 +122,14 @@ class FastStep:
             self._capturing = False
 
 
-def make_fast_step(model, diffusion, opt, ema, cfg, total, **kwargs) -> Callable[[int, torch.Tensor], torch.Tensor]:
-    return FastStep(model, diffusion, opt, ema, cfg, total, **kwargs)
+def make_step(path: str, model: torch.nn.Module, diffusion: GaussianDiffusion, ema: EMA, cfg: TrainConfig,
+              total: int, generator: torch.Generator | None = None, compile_mode: str | None = "default",
+              ) -> tuple[torch.optim.Optimizer, Callable[[int, torch.Tensor], torch.Tensor]]:
+    """(optimizer, step_fn) of the "reference" or the "fast" path."""
+    if path not in ("reference", "fast"):
+        raise ValueError(f"path must be reference or fast, got {path!r}")
+    opt = make_optimizer(model, cfg, fast=path == "fast")
+    if path == "reference":
+        return opt, make_reference_step(model, diffusion, opt, ema, cfg, generator, total)
+    fast = FastStep(model, diffusion, opt, ema, cfg, total, compile_mode=compile_mode)
+    return opt, (lambda step, x0: fast(step, x0, None if fast.cuda_graph else generator))
