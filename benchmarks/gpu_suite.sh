@@ -1,0 +1,163 @@
+#!/usr/bin/env bash
+# GPU evidence for ddpm-fast in one call of under 9 minutes on an H100 (DECISIONS.md 14).
+#
+#   bash benchmarks/gpu_suite.sh [--quick] [--dali] [--fidelity] [--dry-run]
+#
+# Default: versions; ceilings (copy GB/s, bf16 matmul TFLOP/s); build the CUDA extension
+# (sm_90a); tests/ with the GPU tests on; the kernel micro-benchmarks at the anime64 shapes; the
+# epoch and sampling benchmarks on reduced step counts where those modules exist.
+# --quick     a ~2-minute subset: versions, ceilings, a few micro-benchmark cases, no torch.compile;
+#             no build and no tests (the extension is measured only if it is already built)
+# --dali      a separate call: the DALI loader benchmark (benchmarks.data_loading) if DALI imports
+# --fidelity  a separate call: python -m benchmarks.fidelity (the "learning unchanged" comparison)
+# --dry-run   print every step of the plan and exit 0 (no GPU needed)
+#
+# Every step runs under `timeout`; a failing or timed-out step is recorded and the suite goes on.
+# The benchmark modules of other issues (data_loading, epoch, sample, fidelity) follow the
+# project's convention: JSON written to $OUT when set, `--quick` for the reduced run; each gets its
+# own OUT folder here and its JSON is joined into the suite's.
+# Output: one JSON and the full log ($OUT/gpu_suite.json and .log when OUT is set, else in
+# benchmarks/results/) and the summary table, printed last. Turn the JSON into RESULTS.md and the
+# backend table with `python -m benchmarks.report gpu_suite.json` on the development machine.
+set -u
+
+MODE=full DRY=0
+for arg in "$@"; do
+  case "$arg" in
+    --quick) MODE=quick ;;
+    --dali) MODE=dali ;;
+    --fidelity) MODE=fidelity ;;
+    --dry-run) DRY=1 ;;
+    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
+    *) echo "unknown option: $arg" >&2; exit 2 ;;
+  esac
+done
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT" || exit 2
+PY=${PYTHON:-python3}
+RESULTS=${OUT:-$ROOT/benchmarks/results}
+BUDGET=${SUITE_BUDGET_S:-520}   # the whole call, leaving room under the 9-minute target
+START=$(date +%s)
+WORK="<work dir>"
+if [ "$DRY" = 0 ]; then
+  WORK=$(mktemp -d "${TMPDIR:-/tmp}/ddpm_gpu_suite.XXXXXX")
+  trap 'rm -rf "$WORK"' EXIT  # everything worth keeping is joined into the JSON at the end
+  mkdir -p "$RESULTS"
+  exec > >(tee "$RESULTS/gpu_suite.log") 2>&1  # the whole log beside the JSON: the reply keeps only a tail
+fi
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
+# one inductor cache for every torch.compile of the run, so repeated shapes compile once
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$WORK/inductor}
+
+# step NAME CAP_SECONDS CMD...: run CMD under timeout, log to $WORK/NAME.log, record a row in
+# $WORK/steps.tsv. The cap shrinks to what is left of the budget; with too little left the step is
+# recorded as skipped rather than run, so the summary still comes back.
+step() {
+  local name=$1 cap=$2
+  shift 2
+  if [ "$DRY" = 1 ]; then
+    printf '[plan] %-22s cap %4ss: %s\n' "$name" "$cap" "$*"
+    return 0
+  fi
+  local left=$((BUDGET - ($(date +%s) - START) - 20))
+  if [ "$left" -lt 15 ]; then
+    echo "=== $name: skipped, suite time budget spent"
+    printf '%s\t0\t0\t%s\tskipped\t%s\n' "$name" "$cap" "$*" >>"$WORK/steps.tsv"
+    return 0
+  fi
+  [ "$cap" -gt "$left" ] && cap=$left
+  echo "=== $name (cap ${cap}s): $*"
+  local t0 rc status
+  t0=$(date +%s.%N)
+  timeout --kill-after=10 "$cap" "$@" 2>&1 | tee "$WORK/$name.log"
+  rc=${PIPESTATUS[0]}
+  case $rc in
+    0) status=ok ;;
+    124|137) status=timeout ;;
+    *) status=failed ;;
+  esac
+  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$rc" "$(awk "BEGIN { print $(date +%s.%N) - $t0 }")" "$cap" "$status" "$*" \
+    >>"$WORK/steps.tsv"
+  echo "=== $name: $status (rc $rc)"
+}
+
+# note NAME MESSAGE: a step that is not run, with the reason (recorded like a step)
+note() {
+  if [ "$DRY" = 1 ]; then
+    printf '[plan] %-22s %s\n' "$1" "$2"
+  else
+    echo "=== $1: $2"
+    echo "$2" >"$WORK/$1.log"
+    printf '%s\t0\t0\t0\tskipped\t%s\n' "$1" "$2" >>"$WORK/steps.tsv"
+  fi
+}
+
+micro() {  # micro NAME CAP FILE [pytest args...]: one micro-benchmark file, its rows in micro_NAME.json
+  local name=$1 cap=$2 file=$3
+  shift 3
+  step "micro_$name" "$cap" env DDPM_BENCH_JSON="$WORK/micro_$name.json" \
+    "$PY" -m pytest "benchmarks/$file" -q -p no:cacheprovider --benchmark-disable "$@"
+}
+
+step env 60 bash -c "nvidia-smi; nvcc --version | tail -2; $PY -c 'import sys, torch, triton; \
+print(\"python\", sys.version.split()[0], \"torch\", torch.__version__, \"cuda\", torch.version.cuda, \
+\"triton\", triton.__version__); print(\"gpu\", torch.cuda.get_device_name(), torch.cuda.get_device_capability())'"
+
+BUILD=("$PY" -m pip install --no-build-isolation --no-deps --no-index -e .)
+CHECK_EXT="import torch, ddpm_fast._C; print('extension ops:', sorted(n for n in dir(torch.ops.ddpm_fast) if not n.startswith('_')))"
+
+case $MODE in
+  dali)
+    step build 360 "${BUILD[@]}"
+    if [ "$DRY" = 1 ] || "$PY" -c "import nvidia.dali" 2>/dev/null; then
+      if [ -f benchmarks/data_loading.py ]; then
+        step dali 480 env OUT="$WORK/dali" "$PY" -m benchmarks.data_loading
+      else
+        note dali "benchmarks/data_loading.py: not built yet"
+      fi
+    else
+      note dali "DALI is not installed on this machine (carry its wheels: TOOLCHAIN.md, NVIDIA DALI)"
+    fi
+    ;;
+  fidelity)
+    step build 360 "${BUILD[@]}"
+    if [ -f benchmarks/fidelity.py ]; then
+      step fidelity 480 env OUT="$WORK/fidelity" "$PY" -m benchmarks.fidelity
+    else
+      note fidelity "benchmarks/fidelity.py: not built yet"
+    fi
+    ;;
+  quick)
+    step ceilings 60 "$PY" -m benchmarks.ceilings --json "$WORK/ceilings.json"
+    micro sampling 45 test_bench_sampling_update.py
+    micro attention 60 test_bench_attention.py -k "128x4x1024x64"
+    micro group_norm 60 test_bench_group_norm.py -k "not compile and (C64_64x64 or C256_8x8)"
+    ;;
+  full)
+    step ceilings 90 "$PY" -m benchmarks.ceilings --json "$WORK/ceilings.json"
+    step build 300 "${BUILD[@]}"
+    step extension 30 "$PY" -c "$CHECK_EXT"
+    step tests 120 "$PY" -m pytest tests -x -q -p no:cacheprovider
+    micro sampling 60 test_bench_sampling_update.py
+    micro attention 120 test_bench_attention.py
+    micro group_norm 200 test_bench_group_norm.py
+    if [ -f benchmarks/epoch.py ]; then
+      step epoch 90 env OUT="$WORK/epoch" "$PY" -m benchmarks.epoch --quick
+    else
+      note epoch "benchmarks/epoch.py: not built yet"
+    fi
+    if [ -f benchmarks/sample.py ]; then
+      step sample 90 env OUT="$WORK/sample" "$PY" -m benchmarks.sample --quick
+    else
+      note sample "benchmarks/sample.py: not built yet"
+    fi
+    ;;
+esac
+
+if [ "$DRY" = 1 ]; then
+  printf '[plan] %-22s %s\n' summary "$PY -m benchmarks.report --assemble $WORK --out $RESULTS/gpu_suite.json"
+  exit 0
+fi
+"$PY" -m benchmarks.report --assemble "$WORK" --out "$RESULTS/gpu_suite.json"
+echo "suite: $(($(date +%s) - START)) s, mode $MODE"

@@ -1,0 +1,170 @@
+"""benchmarks.report turns a run's JSON into RESULTS.md and the backend table; auto reads that table
+and falls back to the reference wherever it has no faster measurement (DECISIONS.md 5)."""
+import json
+
+import pytest
+import torch
+
+from benchmarks import report
+from ddpm_fast.ops import auto
+
+
+def row(op, direction, key, backend, ms, dtype="bfloat16", status="ok", shape=(128, 64, 64, 64), **kw):
+    return {"op": op, "direction": direction, "shape": list(shape), "shape_key": key, "dtype": dtype,
+            "backend": backend, "status": status, "error": None if status == "ok" else "boom",
+            "ms": ms, "bytes": None, "GBps": None, "flops": None, "TFLOPs": None, **kw}
+
+
+def gn(direction, key, **ms):
+    return [row("group_norm_act", direction, key, b, t) for b, t in ms.items()]
+
+
+def h100_run():
+    micro = (
+        # triton beats eager and compile in both passes: picked, speedup = the smaller ratio
+        gn("fwd", "C64xHW4096", torch=1.0, compile=0.8, triton=0.5, cpp=0.9)
+        + gn("fwd+bwd", "C64xHW4096", torch=3.0, compile=2.0, triton=1.5, cpp=2.5)
+        # triton beats eager but not torch.compile: not picked; cpp slower: reference
+        + gn("fwd", "C256xHW64", torch=1.0, compile=0.4, triton=0.5, cpp=1.2)
+        # triton faster forward but its backward failed: unmeasured in a pass, not picked
+        + gn("fwd", "C128xHW1024", torch=1.0, triton=0.5)
+        + [row("group_norm_act", "fwd+bwd", "C128xHW1024", "torch", 3.0),
+           row("group_norm_act", "fwd+bwd", "C128xHW1024", "triton", None, status="error")]
+        # attention: slower at one shape, faster at the other
+        + [row("attention", d, "L256xd256", b, t, shape=(128, 1, 256, 256))
+           for d in ("fwd", "fwd+bwd") for b, t in (("torch", 1.0), ("triton", 1.3))]
+        + [row("attention", d, "L1024xd64", b, t, shape=(128, 4, 1024, 64), TFLOPs=400.0 if b == "triton" else 200.0)
+           for d in ("fwd", "fwd+bwd") for b, t in (("torch", 2.0), ("triton", 1.0))]
+        # a wrong kernel is never picked however fast; cpp is right and faster
+        + [row("sampling_update", "fwd", "any", "torch", 0.2, dtype="float32", shape=(256, 3, 64, 64), GBps=600.0),
+           row("sampling_update", "fwd", "any", "triton", 0.01, dtype="float32", status="mismatch",
+               shape=(256, 3, 64, 64)),
+           row("sampling_update", "fwd", "any", "cpp", 0.05, dtype="float32", shape=(256, 3, 64, 64), GBps=2400.0)]
+    )
+    env = {"device_class": "H100", "gpu": "NVIDIA H100 80GB HBM3", "torch": "2.11.0+cu130", "triton": "3.6.0",
+           "cuda": "13.0", "driver": "580.159.04", "date": "2026-11-24T07:00:00+00:00"}
+    return {"env": env, "ceilings": {"copy_GBps": 3000.0, "bf16_matmul_TFLOPs": 800.0}, "micro": micro}
+
+
+@pytest.fixture
+def paths(tmp_path):
+    run = tmp_path / "gpu_suite.json"
+    run.write_text(json.dumps(h100_run()))
+    table = tmp_path / "backend_table.json"
+    table.write_text(json.dumps({"format": 2, "devices": {"cpu": {"date": "2026-11-01"}, "H100": {"date": "old"}},
+                                 "entries": [
+                                     {"op": "attention", "device_class": "cpu", "dtype": "float32", "shape": "L64xd32",
+                                      "backend": "cpp", "speedup": 1.5},
+                                     {"op": "attention", "device_class": "H100", "dtype": "bfloat16",
+                                      "shape": "L256xd256", "backend": "triton", "speedup": 9.0}]}))
+    md = tmp_path / "RESULTS.md"
+    md.write_text("# Results\n\nIntro kept.\n")
+    return run, table, md
+
+
+def test_report_picks_only_measured_faster_backends(paths):
+    run, table, md = paths
+    assert report.main([str(run), "--table", str(table), "--results-md", str(md)]) == 0
+    t = json.loads(table.read_text())
+    picks = {(e["device_class"], e["op"], e["dtype"], e["shape"]): (e["backend"], e["speedup"]) for e in t["entries"]}
+    assert picks == {
+        ("H100", "group_norm_act", "bfloat16", "C64xHW4096"): ("triton", 2.0),
+        ("H100", "attention", "bfloat16", "L1024xd64"): ("triton", 2.0),
+        ("H100", "sampling_update", "float32", "any"): ("cpp", 4.0),
+        ("cpu", "attention", "float32", "L64xd32"): ("cpp", 1.5),  # another device class: kept
+    }  # the old H100 attention pick at L256xd256 is gone: this run measured triton slower there
+    gn = next(e for e in t["entries"] if e["shape"] == "C64xHW4096")
+    assert gn["vs_compile"] == pytest.approx(4 / 3, abs=1e-3) and gn["directions"] == ["fwd", "fwd+bwd"]
+    h100 = t["devices"]["H100"]
+    assert (h100["gpu"], h100["torch"], h100["triton"], h100["date"]) == (
+        "NVIDIA H100 80GB HBM3", "2.11.0+cu130", "3.6.0", "2026-11-24")
+    assert t["devices"]["cpu"] == {"date": "2026-11-01"}
+
+
+def test_report_writes_results_table_between_markers(paths):
+    run, table, md = paths
+    report.main([str(run), "--table", str(table), "--results-md", str(md)])
+    report.main([str(run), "--table", str(table), "--results-md", str(md)])  # replaces, never duplicates
+    text = md.read_text()
+    assert text.startswith("# Results\n\nIntro kept.\n")
+    assert text.count("<!-- results:H100:begin -->") == 1 and text.count("<!-- results:H100:end -->") == 1
+    lines = text.splitlines()
+    assert "| op | pass | dtype | shape | torch ms | compile ms | triton ms | cpp ms | auto picks | rate |" in lines
+    assert ("| group_norm_act | fwd | bfloat16 | 128x64x64x64 | 1.000 | 0.800 | 0.500 | 0.900 | triton x2.00 |  |"
+            in lines)
+    assert "| group_norm_act | fwd | bfloat16 | 128x64x64x64 | 1.000 | 0.400 | 0.500 | 1.200 | torch |  |" in lines
+    assert "| group_norm_act | fwd+bwd | bfloat16 | 128x64x64x64 | 3.000 | - | error | - | torch |  |" in lines
+    assert ("| attention | fwd | bfloat16 | 128x4x1024x64 | 2.000 | - | 1.000 | - | triton x2.00 | "
+            "400 TFLOP/s (50% of matmul) |") in lines
+    assert ("| sampling_update | fwd | float32 | 256x3x64x64 | 0.200 | - | WRONG | 0.050 | cpp x4.00 | "
+            "2400 GB/s (80% of copy) |") in lines
+    assert "NVIDIA H100 80GB HBM3" in text and "copy 3000 GB/s" in text
+
+
+def test_report_accepts_cpu_run_and_never_picks_triton_there(tmp_path):
+    run = {"env": {"device_class": "cpu", "gpu": None, "cpu": "x86_64", "threads": 2, "torch": "2.13.0+cpu",
+                   "triton": "3.6.0", "cuda": None, "date": "2026-11-24T07:00:00+00:00"},
+           "micro": gn("fwd", "C64xHW4096", torch=10.0, triton=1.0, cpp=5.0)}
+    p = tmp_path / "cpu.json"
+    p.write_text(json.dumps(run))
+    table = tmp_path / "t.json"
+    report.main([str(p), "--table", str(table), "--results-md", str(tmp_path / "R.md")])
+    t = json.loads(table.read_text())
+    assert [(e["device_class"], e["backend"], e["speedup"]) for e in t["entries"]] == [("cpu", "cpp", 2.0)]
+    assert t["devices"]["cpu"]["threads"] == 2
+    assert "<!-- results:cpu:begin -->" in (tmp_path / "R.md").read_text()
+
+
+def test_auto_uses_table_and_falls_back_to_reference(paths, monkeypatch):
+    run, table, md = paths
+    report.main([str(run), "--table", str(table), "--results-md", str(md)])
+    t = json.loads(table.read_text())
+    x = torch.zeros(2, 64, 64, 64, dtype=torch.bfloat16)
+    monkeypatch.setattr(auto, "device_class", lambda device: "H100")
+    assert auto.lookup("group_norm_act", x, t) == "triton"
+    assert auto.lookup("group_norm_act", x.float(), t) == "torch"  # dtype not measured
+    assert auto.lookup("group_norm_act", torch.zeros(2, 64, 32, 32, dtype=torch.bfloat16), t) == "torch"  # shape
+    assert auto.lookup("group_norm_act", torch.zeros(2, 256, 8, 8, dtype=torch.bfloat16), t) == "torch"  # slower
+    assert auto.lookup("attention", torch.zeros(2, 1, 256, 256, dtype=torch.bfloat16), t) == "torch"
+    assert auto.lookup("sampling_update", torch.zeros(4, 3, 64, 64), t) == "cpp"
+    monkeypatch.setattr(auto, "device_class", lambda device: "A100")  # a device class never measured
+    assert auto.lookup("group_norm_act", x, t) == "torch"
+    monkeypatch.undo()
+    # the real CPU: its own entries only, and never Triton whatever a table says
+    cpu_only = {"entries": [{"op": "group_norm_act", "device_class": "cpu", "dtype": "bfloat16",
+                             "shape": "C64xHW4096", "backend": "triton", "speedup": 3.0}]}
+    assert auto.lookup("group_norm_act", x, cpu_only) == "torch"
+    assert auto.lookup("group_norm_act", x, t) == "torch"
+    assert auto.lookup("attention", torch.zeros(1, 1, 64, 32), t) == "cpp"
+
+
+def test_shipped_table_is_well_formed():
+    t = json.loads(auto.TABLE_PATH.read_text())
+    assert t["format"] == 2 and isinstance(t["devices"], dict)
+    for e in t["entries"]:
+        assert e["backend"] in ("triton", "cpp") and e["speedup"] > 1.0
+        assert e["device_class"] in t["devices"], "every pick names the measurement it came from"
+        assert not (e["device_class"] == "cpu" and e["backend"] == "triton")
+
+
+def test_cpu_micro_benchmark_json_feeds_report(tmp_path):
+    """End to end on the CPU: a micro-benchmark file writes its rows, the report reads them."""
+    import os
+    import subprocess
+    import sys
+    root = auto.TABLE_PATH.parents[2]
+    out = tmp_path / "cpu.json"
+    env = {**os.environ, "DDPM_BENCH_CPU": "1", "DDPM_BENCH_BATCH": "2", "DDPM_BENCH_JSON": str(out)}
+    r = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/test_bench_sampling_update.py", "-q",
+                        "-p", "no:cacheprovider", "--benchmark-disable"], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:]
+    run = json.loads(out.read_text())
+    assert run["env"]["device_class"] == "cpu"
+    ref = [x for x in run["micro"] if x["backend"] == "torch"]
+    assert {x["dtype"] for x in ref} == {"float32", "bfloat16"}
+    assert all(x["status"] == "ok" and x["ms"] > 0 and x["GBps"] > 0 and x["shape"] == [2, 3, 64, 64] for x in ref)
+    assert not any(x["backend"] == "triton" for x in run["micro"])  # Triton is never measured on the CPU
+    table = tmp_path / "t.json"
+    assert report.main([str(out), "--table", str(table), "--results-md", str(tmp_path / "R.md")]) == 0
+    assert "| sampling_update | fwd | float32 | 2x3x64x64 |" in (tmp_path / "R.md").read_text()
