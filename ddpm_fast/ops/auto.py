@@ -16,6 +16,7 @@ Overrides: DDPM_FAST_BACKEND=<backend> for every op, DDPM_FAST_BACKEND_<OP>=<bac
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -59,8 +60,13 @@ def shape_key(op: str, shape: tuple[int, ...]) -> str:
 
 
 def lookup(op: str, x: torch.Tensor, table: dict | None = None) -> str:
+    return lookup_key(op, x.device, x.dtype, tuple(x.shape), table)
+
+
+def lookup_key(op: str, device: torch.device, dtype: torch.dtype, shape: tuple[int, ...],
+               table: dict | None = None) -> str:
     table = load_table() if table is None else table
-    key = (op, device_class(x.device), str(x.dtype).removeprefix("torch."), shape_key(op, tuple(x.shape)))
+    key = (op, device_class(device), str(dtype).removeprefix("torch."), shape_key(op, shape))
     for e in table.get("entries", []):
         if (e["op"], e["device_class"], e["dtype"], e["shape"]) == key and e.get("speedup", 0) > 1.0:
             # Triton never runs on the CPU outside tests (DECISIONS.md 5), whatever a table says
@@ -70,10 +76,33 @@ def lookup(op: str, x: torch.Tensor, table: dict | None = None) -> str:
 
 
 def resolve(op: str, backend: str, x: torch.Tensor) -> str:
+    return choose(op, backend, str(x.device), x.dtype, tuple(x.shape))
+
+
+_CHOICES: dict[tuple, str] = {}
+
+
+@torch.compiler.assume_constant_result
+def choose(op: str, backend: str, device: str, dtype: torch.dtype, shape: tuple[int, ...]) -> str:
+    """The backend for one call site. A pure function of its (hashable) arguments, cached, and a
+    constant to torch.compile: the table lookup (file reads, environment) runs once per site
+    instead of breaking the compiled graph at every norm and attention. (A dict, not lru_cache:
+    dynamo traces into lru_cache wrappers.)"""
+    key = (op, backend, device, dtype, shape)
+    if key not in _CHOICES:
+        _CHOICES[key] = _choose(op, backend, device, dtype, shape)
+    return _CHOICES[key]
+
+
+def _choose(op: str, backend: str, device: str, dtype: torch.dtype, shape: tuple[int, ...]) -> str:
     if backend == "auto":
         backend = os.environ.get(f"DDPM_FAST_BACKEND_{op.upper()}") or os.environ.get("DDPM_FAST_BACKEND") or "auto"
     if backend == "auto":
-        return lookup(op, x)
+        picked = lookup_key(op, torch.device(device), dtype, shape)
+        # A table entry for a backend this install lacks (extension not built) runs the reference.
+        if picked == "cpp" and importlib.util.find_spec("ddpm_fast._C") is None:
+            return "torch"
+        return picked
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS + ('auto',)}, got {backend!r}")
     return backend

@@ -1,0 +1,18 @@
+// Every schema of the ddpm_fast operator library, in one place. The kernels register
+// themselves per device: group_norm_act.cpp / sampling_update.cpp (CPU) and the .cu files (CUDA).
+// Fake (meta) kernels and autograd are registered from Python, in ddpm_fast/ops/cpp.py.
+#include <torch/library.h>
+
+TORCH_LIBRARY(ddpm_fast, m) {
+  // act: "none" | "silu" | "hardswish". Returns (y, mean, rstd); mean and rstd are (B, G) float32.
+  m.def(
+      "group_norm_act_forward(Tensor x, int num_groups, Tensor? weight, Tensor? bias, float eps, Tensor? add, "
+      "str act) -> (Tensor, Tensor, Tensor)");
+  // Returns (grad_x, grad_weight, grad_bias, grad_add); the last three in float32.
+  m.def(
+      "group_norm_act_backward(Tensor grad_y, Tensor x, Tensor mean, Tensor rstd, int num_groups, Tensor? weight, "
+      "Tensor? bias, Tensor? add, str act) -> (Tensor, Tensor, Tensor, Tensor)");
+  // coef: float32 (5,) [c1, c2, m1, m2, sigma]; seed: int64 (1,), used when noise is None. Both are
+  // read inside the kernel, so a captured CUDA graph replays with whatever they hold.
+  m.def("sampling_update(Tensor x_t, Tensor eps, Tensor coef, bool clip_x0, Tensor? noise, Tensor? seed) -> Tensor");
+}
