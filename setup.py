@@ -35,6 +35,7 @@ setup(
     packages=find_packages(include=["ddpm_fast", "ddpm_fast.*"]) + ["ddpm_fast.kernels"],
     package_dir={"ddpm_fast.kernels": "kernels"},
     package_data={"ddpm_fast.ops": ["backend_table.json"]},
-    ext_modules=[_extension()],
+    # DDPM_FAST_NO_EXTENSION=1: a pure-Python install (the reference and Triton backends only).
+    ext_modules=[] if os.environ.get("DDPM_FAST_NO_EXTENSION") == "1" else [_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

@@ -24,8 +24,8 @@ def plan(*args):
 
 def test_dry_run_lists_every_step():
     steps = plan()
-    assert list(steps) == ["env", "ceilings", "build", "extension", "tests", "micro_sampling", "micro_attention",
-                           "micro_group_norm", "epoch", "sample", "summary"]
+    assert list(steps) == ["env", "ceilings", "build", "extension", "epoch", "sample", "tests", "micro_sampling",
+                           "micro_attention", "micro_group_norm", "summary"]
     assert "nvidia-smi" in steps["env"] and "torch.__version__" in steps["env"] and "triton.__version__" in steps["env"]
     assert "benchmarks.ceilings" in steps["ceilings"]
     assert "pip install --no-build-isolation --no-deps --no-index -e ." in steps["build"]
