@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--kernels", default="auto", choices=("auto", "torch", "triton", "cpp"))
+    p.add_argument("--fast", action="store_true",
+                   help="bf16 and channels_last, each step a CUDA-graph replay (on a GPU; plain sampling on CPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (with --fast)")
     p.add_argument("--out", default="samples.png", help="output PNG/GIF, or a folder with --individual")
     p.add_argument("--individual", action="store_true", help="one PNG per image into the folder --out")
     p.add_argument("--process", type=positive_int, metavar="K", help="K chains x --snapshots snapshots")
@@ -75,10 +78,18 @@ def _sample(args) -> None:
     model, diffusion, cfg = load_model(args.ckpt, ema=args.ema, device=device)
     model.set_backend(args.kernels)
     size = cfg["model"]["image_size"]
-    gen = torch.Generator(device=device).manual_seed(args.seed)
+    fast_gpu = args.fast and device.type == "cuda"
+    if fast_gpu:
+        # CUDA-graph replays draw noise from the device's default generator: seed that one.
+        torch.manual_seed(args.seed)
+        model = model.to(memory_format=torch.channels_last)
+        gen = None
+    else:
+        gen = torch.Generator(device=device).manual_seed(args.seed)
     make = lambda variance=args.variance: FastSampler(  # noqa: E731
         model, diffusion, method=args.method, steps=args.steps, eta=args.eta, variance=variance,
-        clip_x0=args.clip_x0)
+        clip_x0=args.clip_x0, dtype=torch.bfloat16 if fast_gpu else None, compile=args.fast and args.compile,
+        cuda_graph="auto" if args.fast else False)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 

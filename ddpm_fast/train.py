@@ -3,6 +3,13 @@
     python -m ddpm_fast.train                                   # tiny model, embedded data, CPU-friendly
     python -m ddpm_fast.train --data ~/anime --preset anime64 --epochs 100 --out runs/anime
     python -m ddpm_fast.train --resume runs/anime                # continue exactly where it stopped
+
+Several GPUs (data-parallel, one process per GPU; --batch-size is the global batch):
+    torchrun --nproc_per_node 8 -m ddpm_fast.train --data ~/anime --preset anime64 --batch-size 1024
+    torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --master_addr HOST --master_port 29500 \
+        -m ddpm_fast.train ...                                   # node_rank 1 on the other machine
+A run resumes with any number of processes. Every rank reads the checkpoint when resuming, so
+across machines --out must be on a shared file system (rank 0 alone writes it).
 """
 from __future__ import annotations
 
@@ -28,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--loader", default="auto", choices=("auto", "torch", "cache", "dali"))
     g.add_argument("--workers", type=int, default=4, help="DataLoader workers (torch loader)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=positive_int)
+    g.add_argument("--batch-size", type=positive_int,
+                   help="global batch; under torchrun each of the N processes takes batch / N")
     g.add_argument("--epochs", type=positive_int)
     g.add_argument("--steps", type=positive_int, help="total optimizer steps (overrides --epochs)")
     g.add_argument("--lr", type=float)
@@ -41,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--schedule", default="linear", choices=("linear", "cosine", "continuous"))
     g.add_argument("--timesteps", type=positive_int, default=1000)
     g = p.add_argument_group("run")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    g.add_argument("--device", default="auto",
+                   help="auto, cpu, cuda, cuda:1, ... (under torchrun: auto, cuda or cpu; rank i of a node "
+                        "uses cuda:LOCAL_RANK)")
     g.add_argument("--kernels", default="auto", choices=("auto", "torch", "triton", "cpp"),
                    help="backend of the fused ops (auto: the reference unless measured faster)")
     g.add_argument("--out", default="runs/default", help="run folder")

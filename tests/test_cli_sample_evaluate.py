@@ -74,3 +74,14 @@ def test_package_sample_still_callable_after_cli_import():
     model = ddpm_fast.UNet.from_preset("tiny", image_size=8, ch_mult=(1, 2), attn_res=())
     x = ddpm_fast.sample(model, ddpm_fast.GaussianDiffusion("linear", 5), 1, 8)
     assert x.shape == (1, 3, 8, 8) and torch.isfinite(x).all()
+
+
+def test_fast_flag_on_cpu_is_plain_sampling(run, tmp_path):
+    """--fast changes how a GPU samples, not what: on CPU it must give the same images."""
+    import numpy as np
+
+    for name, extra in (("plain.png", []), ("fast.png", ["--fast"])):
+        assert sample_cli.main(["--ckpt", str(run), "--n", "2", "--method", "ddim", "--steps", "4",
+                                "--out", str(tmp_path / name)] + extra) == 0
+    a, b = (np.asarray(Image.open(tmp_path / n)) for n in ("plain.png", "fast.png"))
+    assert (a == b).all()

@@ -10,7 +10,7 @@ import torch
 
 import ddpm_fast
 from ddpm_fast.training import checkpoint as ckpt_mod
-from ddpm_fast.training import loop
+from ddpm_fast.training import step as step_mod
 
 train_cli = importlib.import_module("ddpm_fast.train")
 
@@ -123,10 +123,10 @@ def test_lr_schedule_warmup_and_cosine():
     from ddpm_fast.training.config import TrainConfig
 
     cfg = TrainConfig(lr_schedule="cosine", warmup=10, lr=1e-3)
-    assert loop.lr_factor(0, cfg, 110) == pytest.approx(0.1)
-    assert loop.lr_factor(10, cfg, 110) == pytest.approx(1.0)
-    assert loop.lr_factor(60, cfg, 110) == pytest.approx(0.5)
-    assert loop.lr_factor(110, cfg, 110) == pytest.approx(0.0, abs=1e-12)
+    assert step_mod.lr_factor(0, cfg, 110) == pytest.approx(0.1)
+    assert step_mod.lr_factor(10, cfg, 110) == pytest.approx(1.0)
+    assert step_mod.lr_factor(60, cfg, 110) == pytest.approx(0.5)
+    assert step_mod.lr_factor(110, cfg, 110) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_cli_help_runs_as_module():

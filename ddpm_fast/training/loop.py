@@ -3,16 +3,22 @@
 train(cfg) builds the data, model, diffusion, optimizer and EMA; resumes from a checkpoint if
 asked (model, EMA, optimizer, step, position in the epoch, RNG states: a resumed run continues
 exactly); then steps, logging to metrics.csv, saving checkpoints atomically, writing sample
-grids, evaluating each epoch on the val split; Ctrl-C saves a checkpoint before exiting."""
+grids, evaluating each epoch on the val split; Ctrl-C saves a checkpoint before exiting.
+
+Under torchrun the same loop runs data-parallel (see distributed.py): --batch-size is the global
+batch, split evenly over the ranks; each rank reads its own shard of every epoch and draws its
+own noise (seed + rank); DDP averages the gradients, so weights and EMA stay identical on every
+rank. Rank 0 alone writes checkpoints, samples, metrics and progress; logged losses are means
+over the ranks, reduced only when logged."""
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import signal
 import threading
 import time
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 
@@ -22,8 +28,11 @@ from ..model import UNet
 from ..sampling import FastSampler
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, resolve_checkpoint, save_atomic
 from .config import TrainConfig
+from .distributed import (DistContext, StopVote, all_sum, derived_seed, distributed_session,
+                          gather_to_main, per_rank_batch, wrap_model)
 from .ema import EMA
 from .logging import MetricsCSV, Progress, image_grid, plot_losses
+from .step import make_reference_step
 
 
 def resolve_device(name: str) -> torch.device:
@@ -35,29 +44,25 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def lr_factor(step: int, cfg: TrainConfig, total: int) -> float:
-    """Linear warm-up, then constant or cosine decay to zero."""
-    if step < cfg.warmup:
-        return (step + 1) / cfg.warmup
-    if cfg.lr_schedule == "cosine":
-        progress = (step - cfg.warmup) / max(1, total - cfg.warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    return 1.0
-
-
 @torch.no_grad()
-def eval_loss(model, diffusion: GaussianDiffusion, loader, seed: int = 1234) -> float:
-    """Mean eps-MSE over a loader with a fixed generator, so epochs compare like with like."""
+def eval_loss(model: torch.nn.Module, diffusion: GaussianDiffusion, loader, ctx: DistContext,
+              seed: int = 1234) -> float | None:
+    """Mean eps-MSE over a loader with a fixed generator (seed + rank), so epochs compare like
+    with like; under torchrun each rank takes its shard and the sums are added over the ranks.
+    `model` is the unwrapped module: no DDP collectives, whose count would follow the shards."""
     was_training = model.training
     model.eval()
-    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed + ctx.rank)
     loader.set_epoch(0)
-    total, n = 0.0, 0
+    # (sum of loss x images, images), in float64 as the host arithmetic it replaces.
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
     for x0 in loader:
-        total += diffusion.loss(model, x0, gen).item() * x0.shape[0]
-        n += x0.shape[0]
+        sums[0] += diffusion.loss(model, x0, gen).double() * x0.shape[0]
+        sums[1] += x0.shape[0]
     model.train(was_training)
-    return total / max(n, 1)
+    total, n = all_sum(sums, ctx).tolist()
+    return total / n if n else None
 
 
 def save_grid(ema_model, diffusion, cfg: TrainConfig, path: Path, device: torch.device) -> None:
@@ -68,25 +73,55 @@ def save_grid(ema_model, diffusion, cfg: TrainConfig, path: Path, device: torch.
 
 
 @contextlib.contextmanager
-def stop_at_step_boundary():
-    """The first Ctrl-C sets a flag the loop checks after each optimizer step (so the checkpoint
-    it then writes is consistent); a second Ctrl-C interrupts at once."""
+def stop_at_step_boundary(ctx: DistContext) -> Iterator[Callable[[], bool]]:
+    """Yields `should_stop()`, which the loop asks after each optimizer step (so the checkpoint
+    it then writes is consistent). The first Ctrl-C makes it true; a second interrupts at once.
+    Under torchrun, Ctrl-C reaches the agent, which forwards SIGINT to every worker: the ranks
+    agree through a StopVote, so all stop after the same step and rank 0's checkpoint is one
+    every rank can resume from (torchrun waits 30 s before it kills them)."""
     flag = {"stop": False}
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
+    vote = StopVote(ctx)
 
     def handler(signum, frame):
         if flag["stop"]:
             raise KeyboardInterrupt
         flag["stop"] = True
-        print("\nCtrl-C: stopping after this step (press again to abort without saving)", flush=True)
+        if ctx.is_main:
+            print("\nCtrl-C: stopping after this step (press again to abort without saving)", flush=True)
 
-    previous = signal.signal(signal.SIGINT, handler)
+    # Python installs signal handlers only from the main thread; elsewhere Ctrl-C stays default.
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, handler) if in_main_thread else None
     try:
-        yield flag
+        yield lambda: vote(flag["stop"])
+        vote.settle()  # not on an exception: the other ranks may never answer it
     finally:
-        signal.signal(signal.SIGINT, previous)
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous)
+
+
+def rng_state(gen: torch.Generator, device: torch.device) -> dict:
+    """This rank's random streams: the loss's noise and t, and the global ones (dropout)."""
+    return {"loss": gen.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def restore_rng(ckpt: dict, cfg: TrainConfig, ctx: DistContext, gen: torch.Generator) -> None:
+    """Each rank continues its own saved streams (loss noise, dropout), so a resume with the same
+    number of processes is exact. A rank the checkpoint has no state for (resuming with more
+    processes than saved) starts fresh streams from (seed, rank, step). Generator states are
+    CPU byte tensors whatever the device, hence the .cpu() after a map_location load."""
+    states = ckpt.get("rng_per_rank", [ckpt["rng"]])
+    if ctx.rank >= len(states):
+        seed = derived_seed(cfg.seed, ctx.rank, ckpt["step"])
+        gen.manual_seed(seed)
+        torch.manual_seed(seed)
+        return
+    state = states[ctx.rank]
+    gen.set_state(state["loss"].cpu())
+    torch.set_rng_state(state["torch"].cpu())
+    if ctx.device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), ctx.device)
 
 
 def evaluate_samples(ema_model, diffusion, cfg: TrainConfig, device: torch.device) -> dict:
@@ -102,7 +137,13 @@ def evaluate_samples(ema_model, diffusion, cfg: TrainConfig, device: torch.devic
 
 
 def train(cfg: TrainConfig) -> Path:
-    device = resolve_device(cfg.device)
+    """Train as `cfg` says; data-parallel when started by torchrun (distributed.py)."""
+    with distributed_session(resolve_device(cfg.device)) as ctx:
+        return _train(cfg, ctx)
+
+
+def _train(cfg: TrainConfig, ctx: DistContext) -> Path:
+    device, main = ctx.device, ctx.is_main
     out = Path(cfg.out)
     ckpt = None
     if cfg.resume:
@@ -111,104 +152,121 @@ def train(cfg: TrainConfig) -> Path:
         cfg.model, cfg.schedule, cfg.timesteps = saved["model"], saved["schedule"], saved["timesteps"]
     elif (out / CHECKPOINT_NAME).exists():
         raise FileExistsError(f"--out {out} already holds a run: pass --resume to continue it, or another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "samples").mkdir(exist_ok=True)
-    torch.manual_seed(cfg.seed)
+    batch = per_rank_batch(cfg.batch_size, ctx.world_size)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "samples").mkdir(exist_ok=True)
+    # Each rank its own dropout draws (rank 0's are a single-process run's). The ranks' initial
+    # weights differ too, until wrapping in DDP replaces them with rank 0's.
+    torch.manual_seed(cfg.seed + ctx.rank)
 
-    # Data, model, diffusion, optimizer, EMA.
+    # Data (this rank's shard of every epoch), model, diffusion, optimizer, EMA.
     image_size = cfg.model["image_size"]
-    loader = build_loader(cfg.data, image_size, cfg.batch_size, split="train", backend=cfg.loader,
-                          device=device, seed=cfg.seed, drop_last=True, num_workers=cfg.workers)
-    val_loader = build_loader(cfg.data, image_size, cfg.batch_size, split="val", backend=cfg.loader,
-                              device=device, seed=cfg.seed, drop_last=False, num_workers=cfg.workers)
+    shard = dict(backend=cfg.loader, device=device, seed=cfg.seed, num_workers=cfg.workers,
+                 rank=ctx.rank, world_size=ctx.world_size)
+    loader = build_loader(cfg.data, image_size, batch, split="train", drop_last=True, **shard)
+    val_loader = build_loader(cfg.data, image_size, batch, split="val", drop_last=False, **shard)
     if len(loader) == 0:
         raise ValueError(f"--batch-size {cfg.batch_size} is larger than the {loader.num_images} training images")
-    model = UNet(**cfg.model).to(device).set_backend(cfg.kernels)
+    net = UNet(**cfg.model).to(device).set_backend(cfg.kernels)
+    model = wrap_model(net, ctx)  # what the step calls; `net` is what checkpoints and evaluation see
     diffusion = GaussianDiffusion(cfg.schedule, cfg.timesteps)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    ema = EMA(model, cfg.ema_decay)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)  # noise and t of the training loss
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    ema = EMA(net, cfg.ema_decay)
+    # Noise and t of the training loss; per rank, so the ranks' draws differ.
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + ctx.rank)
     total = cfg.steps or cfg.epochs * len(loader)
+    # batch_in_epoch counts global batches: batch k of every rank together is the k-th
+    # global batch of the epoch's order whatever the world size, so a resume with another
+    # number of processes skips exactly the images already seen.
     step, epoch, batch_in_epoch = 0, 0, 0
 
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
+        net.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
         step, epoch, batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
-        gen.set_state(ckpt["rng"]["loss"].cpu() if device.type == "cpu" else ckpt["rng"]["loss"])
-        torch.set_rng_state(ckpt["rng"]["torch"].cpu())
-        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
-    metrics = MetricsCSV(out / "metrics.csv", resume_step=step if ckpt is not None else None)
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        restore_rng(ckpt, cfg, ctx, gen)
+    if main:
+        metrics = MetricsCSV(out / "metrics.csv", resume_step=step if ckpt is not None else None)
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
     def checkpoint() -> None:
+        """Collective (the ranks' RNG states are gathered); rank 0 writes."""
+        states = gather_to_main(rng_state(gen, device), ctx)
+        if not main:
+            return
         save_atomic({
-            "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+            "model": net.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
             "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "config": cfg.to_dict(),
-            "rng": {"loss": gen.get_state(), "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None},
+            "world_size": ctx.world_size, "rng": states[0],
+            **({"rng_per_rank": states} if ctx.enabled else {}),
         }, out / CHECKPOINT_NAME)
 
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"ddpm-fast: preset {cfg.preset} ({n_params / 1e6:.2f}M parameters), {loader.num_images} training "
-          f"images of {image_size}x{image_size}, batch {cfg.batch_size}, lr {cfg.lr}, {total} steps "
-          f"({len(loader)} per epoch) on {device}; run folder {out}" + (f", resuming at step {step}" if step else ""))
+    n_params = sum(p.numel() for p in net.parameters())
+    batch_text = (f"global batch {cfg.batch_size} ({batch} per rank x {ctx.world_size} processes; "
+                  f"lr not rescaled)" if ctx.enabled else f"batch {cfg.batch_size}")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    where = f"{ctx.world_size} processes ({backend}; rank 0 on {device})" if ctx.enabled else str(device)
+    if main:
+        print(f"ddpm-fast: preset {cfg.preset} ({n_params / 1e6:.2f}M parameters), {loader.num_images} training "
+              f"images of {image_size}x{image_size}, {batch_text}, lr {cfg.lr}, {total} steps "
+              f"({len(loader)} per epoch) on {where}; run folder {out}"
+              + (f", resuming at step {step}" if step else ""), flush=True)
 
+    step_fn = make_reference_step(model, diffusion, opt, ema, cfg, gen, total)
     progress = Progress(total, start=step)
-    window_loss, window_n, window_t0 = 0.0, 0, time.time()
-    epoch_loss, epoch_n = 0.0, 0
+    # Losses are summed on the device and read back (and reduced over the ranks) only when
+    # logged: no per-step host sync or collective.
+    zero = torch.zeros((), device=device)
+    window_loss, window_n, window_t0 = zero.clone(), 0, time.time()
+    epoch_loss, epoch_n = zero.clone(), 0
     model.train()
-    with stop_at_step_boundary() as interrupt:
+    with stop_at_step_boundary(ctx) as should_stop:
         while step < total:
             loader.set_epoch(epoch, start_batch=batch_in_epoch)
             for x0 in loader:
-                for g in opt.param_groups:
-                    g["lr"] = cfg.lr * lr_factor(step, cfg, total)
-                loss = diffusion.loss(model, x0, gen)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                opt.step()
-                ema.update(model, step)
+                loss = step_fn(step, x0)
                 step += 1
                 batch_in_epoch += 1
-
-                value = loss.item()
-                window_loss += value
+                window_loss += loss
                 window_n += 1
-                epoch_loss += value * x0.shape[0]
+                epoch_loss += loss * x0.shape[0]
                 epoch_n += x0.shape[0]
                 if step % cfg.log_every == 0 or step == total:
-                    elapsed = time.time() - window_t0
-                    rate = window_n * x0.shape[0] / max(elapsed, 1e-9)
-                    metrics.write(step=step, epoch=epoch, loss=window_loss / window_n,
-                                  lr=opt.param_groups[0]["lr"], img_per_s=rate)
-                    progress.update(step, f"epoch {epoch} | loss {window_loss / window_n:.4f} | {rate:.0f} img/s")
-                    window_loss, window_n, window_t0 = 0.0, 0, time.time()
+                    mean = all_sum(window_loss, ctx).item() / (window_n * ctx.world_size)
+                    rate = window_n * cfg.batch_size / max(time.time() - window_t0, 1e-9)
+                    if main:
+                        metrics.write(step=step, epoch=epoch, loss=mean, lr=opt.param_groups[0]["lr"], img_per_s=rate)
+                        progress.update(step, f"epoch {epoch} | loss {mean:.4f} | {rate:.0f} img/s")
+                    window_loss, window_n, window_t0 = zero.clone(), 0, time.time()
                 if step % cfg.save_every == 0:
                     checkpoint()
-                if step % cfg.sample_every == 0:
+                if main and step % cfg.sample_every == 0:
                     save_grid(ema.model, diffusion, cfg, out / "samples" / f"step_{step:07d}.png", device)
-                if cfg.eval_every and step % cfg.eval_every == 0:
+                if main and cfg.eval_every and step % cfg.eval_every == 0:
                     metrics.write(step=step, epoch=epoch, **evaluate_samples(ema.model, diffusion, cfg, device))
-                if interrupt["stop"]:
-                    progress.close()
+                if should_stop():
+                    if main:
+                        progress.close()
                     checkpoint()
-                    print(f"interrupted at step {step}: checkpoint saved; continue with --resume {out}")
+                    if main:
+                        print(f"interrupted at step {step}: checkpoint saved; continue with --resume {out}")
                     raise KeyboardInterrupt
                 if step >= total:
                     break
             else:  # the epoch ran to its end
-                val = eval_loss(model, diffusion, val_loader) if len(val_loader) else None
-                metrics.write(step=step, epoch=epoch, train_loss=epoch_loss / max(epoch_n, 1), val_loss=val)
-                epoch, batch_in_epoch, epoch_loss, epoch_n = epoch + 1, 0, 0.0, 0
-    progress.close()
+                val = eval_loss(net, diffusion, val_loader, ctx)
+                train_loss = all_sum(epoch_loss, ctx).item() / max(epoch_n * ctx.world_size, 1)
+                if main:
+                    metrics.write(step=step, epoch=epoch, train_loss=train_loss, val_loss=val)
+                epoch, batch_in_epoch, epoch_loss, epoch_n = epoch + 1, 0, zero.clone(), 0
+    if main:
+        progress.close()
     checkpoint()
-    save_grid(ema.model, diffusion, cfg, out / "samples" / "final.png", device)
-    plot_losses(out / "metrics.csv", out / "loss.png")
-    print(f"done: {step} steps; checkpoint {out / CHECKPOINT_NAME}, samples {out / 'samples'}, "
-          f"metrics {out / 'metrics.csv'}, loss curve {out / 'loss.png'}")
+    if main:
+        save_grid(ema.model, diffusion, cfg, out / "samples" / "final.png", device)
+        plot_losses(out / "metrics.csv", out / "loss.png")
+        print(f"done: {step} steps; checkpoint {out / CHECKPOINT_NAME}, samples {out / 'samples'}, "
+              f"metrics {out / 'metrics.csv'}, loss curve {out / 'loss.png'}")
     return out
