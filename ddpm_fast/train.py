@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "uses cuda:LOCAL_RANK)")
     g.add_argument("--kernels", default="auto", choices=("auto", "torch", "triton", "cpp"),
                    help="backend of the fused ops (auto: the reference unless measured faster)")
+    g.add_argument("--fast", action="store_true",
+                   help="the fast path: bf16 autocast (fp32 master weights), channels_last, torch.compile and, "
+                        "on a GPU, the whole step in one CUDA graph")
+    g.add_argument("--compile", default="default", metavar="MODE",
+                   help="torch.compile mode of --fast (default, max-autotune-no-cudagraphs, ...) or none")
     g.add_argument("--out", default="runs/default", help="run folder")
     g.add_argument("--resume", nargs="?", const="", metavar="RUN",
                    help="continue the run in RUN (a run folder or checkpoint; default: --out)")

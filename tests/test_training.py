@@ -134,3 +134,25 @@ def test_cli_help_runs_as_module():
         r = subprocess.run([sys.executable, "-m", f"ddpm_fast.{mod}", "--help"], capture_output=True, text=True)
         assert r.returncode == 0 and "usage" in r.stdout
     assert callable(ddpm_fast.sample)  # DECISIONS 1: the CLI module never hides the function
+
+
+def test_fast_path_trains_and_resumes(tmp_path):
+    """--fast on CPU: bf16 autocast and channels_last (no compile here: it is slow on 2 cores)."""
+    out = tmp_path / "fast"
+    assert train_cli.main(SMALL + ["--steps", "30", "--lr", "2e-3", "--fast", "--compile", "none",
+                                   "--out", str(out)]) == 0
+    ls = [v for _, v in losses(out)]
+    assert sum(ls[-5:]) / 5 < 0.8 * sum(ls[:5]) / 5
+    assert train_cli.main(SMALL + ["--steps", "32", "--fast", "--compile", "none", "--out", str(out),
+                                   "--resume"]) == 0
+    assert ckpt_mod.load_checkpoint(out)["step"] == 32
+    assert ckpt_mod.load_checkpoint(out)["config"]["fast"] is True
+
+
+def test_checkpoint_moves_between_reference_and_fast_paths(tmp_path):
+    out = tmp_path / "run"
+    assert train_cli.main(SMALL + ["--steps", "2", "--out", str(out)]) == 0
+    assert train_cli.main(SMALL + ["--steps", "4", "--fast", "--compile", "none", "--out", str(out),
+                                   "--resume"]) == 0
+    assert train_cli.main(SMALL + ["--steps", "6", "--out", str(out), "--resume"]) == 0
+    assert isinstance(ckpt_mod.load_checkpoint(out)["optimizer"]["param_groups"][0]["lr"], float)

@@ -41,6 +41,8 @@ class TrainConfig:
     loader: str = "auto"
     workers: int = 4
     kernels: str = "auto"
+    fast: bool = False                   # bf16 autocast, channels_last, compile, whole-step CUDA graph
+    compile: str = "default"             # torch.compile mode of the fast path, or "none"
     eval_every: int = 0                  # steps between KID/FID evaluations (0: off)
     eval_samples: int = 256
     resume: str | None = None

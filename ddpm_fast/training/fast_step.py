@@ -33,6 +33,17 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, fast: bool) -> torc
     return torch.optim.Adam(model.parameters(), lr=cfg.lr)
 
 
+def match_lr_type(opt: torch.optim.Optimizer, fast: bool) -> None:
+    """After opt.load_state_dict: a checkpoint from the other path brings its lr type along. A
+    float lr inside a captured graph would freeze the schedule; a tensor lr breaks foreach Adam."""
+    device = next(p.device for g in opt.param_groups for p in g["params"])
+    for g in opt.param_groups:
+        if fast and device.type == "cuda" and not isinstance(g["lr"], torch.Tensor):
+            g["lr"] = torch.tensor(float(g["lr"]), device=device)
+        elif not (fast and device.type == "cuda") and isinstance(g["lr"], torch.Tensor):
+            g["lr"] = float(g["lr"])
+
+
 class FastStep:
     def __init__(self, model: torch.nn.Module, diffusion: GaussianDiffusion, opt: torch.optim.Optimizer,
                  ema: EMA, cfg: TrainConfig, total: int, *, dtype: torch.dtype = torch.bfloat16,

@@ -32,6 +32,7 @@ from .distributed import (DistContext, StopVote, all_sum, derived_seed, distribu
                           gather_to_main, per_rank_batch, wrap_model)
 from .ema import EMA
 from .logging import MetricsCSV, Progress, image_grid, plot_losses
+from .fast_step import FastStep, make_optimizer, match_lr_type
 from .step import make_reference_step
 
 
@@ -169,9 +170,11 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> Path:
     if len(loader) == 0:
         raise ValueError(f"--batch-size {cfg.batch_size} is larger than the {loader.num_images} training images")
     net = UNet(**cfg.model).to(device).set_backend(cfg.kernels)
+    if cfg.fast:  # before DDP wraps it: converting afterwards would mismatch its gradient buckets
+        net.to(memory_format=torch.channels_last)
     model = wrap_model(net, ctx)  # what the step calls; `net` is what checkpoints and evaluation see
     diffusion = GaussianDiffusion(cfg.schedule, cfg.timesteps)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    opt = make_optimizer(net, cfg, fast=cfg.fast)
     ema = EMA(net, cfg.ema_decay)
     # Noise and t of the training loss; per rank, so the ranks' draws differ.
     gen = torch.Generator(device=device).manual_seed(cfg.seed + ctx.rank)
@@ -185,6 +188,7 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> Path:
         net.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
+        match_lr_type(opt, cfg.fast)
         step, epoch, batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
         restore_rng(ckpt, cfg, ctx, gen)
     if main:
@@ -214,7 +218,14 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> Path:
               f"({len(loader)} per epoch) on {where}; run folder {out}"
               + (f", resuming at step {step}" if step else ""), flush=True)
 
-    step_fn = make_reference_step(model, diffusion, opt, ema, cfg, gen, total)
+    if cfg.fast:
+        # DDP needs 11 eager iterations before a whole-step CUDA graph may capture it.
+        fast = FastStep(model, diffusion, opt, ema, cfg, total, warmup=11 if ctx.enabled else 3,
+                        compile_mode=None if cfg.compile == "none" else cfg.compile)
+        # In a CUDA graph the noise comes from the default CUDA generator (seeded per rank above).
+        step_fn = lambda s, x0: fast(s, x0, None if fast.cuda_graph else gen)  # noqa: E731
+    else:
+        step_fn = make_reference_step(model, diffusion, opt, ema, cfg, gen, total)
     progress = Progress(total, start=step)
     # Losses are summed on the device and read back (and reduced over the ranks) only when
     # logged: no per-step host sync or collective.
