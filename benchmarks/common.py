@@ -264,3 +264,13 @@ def write_rows(path: str | os.PathLike, rows: list[dict]) -> None:
     """The micro-benchmark part of the suite's JSON: {"env": ..., "micro": [rows]}."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps({"env": environment(), "micro": rows}, indent=1))
+
+
+def write_result(name: str, payload: dict) -> Path:
+    """Write a benchmark module's JSON to $OUT/<name>.json when OUT is set (the GPU suite and the
+    device machine), else benchmarks/results/<name>.json."""
+    out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path(__file__).parent / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=1))
+    return path

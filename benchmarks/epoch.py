@@ -16,7 +16,6 @@ JSON to $OUT/epoch.json when OUT is set, else benchmarks/results/epoch.json."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -30,6 +29,7 @@ from ddpm_fast.training.config import TrainConfig
 from ddpm_fast.training.ema import EMA
 from ddpm_fast.training.fast_step import make_step
 
+from .common import write_result
 from .data_loading import folder_size_for_epoch, make_sources
 
 SEED_EPOCH_S = 210.0          # the original script on an RTX 3090
@@ -125,9 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     env = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
            "torch": torch.__version__, "preset": args.preset, "batch_size": args.batch_size,
            "image_size": args.image_size, "epoch_images": args.epoch_images, "quick": args.quick}
-    out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path(__file__).parent / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "epoch.json").write_text(json.dumps({"env": env, "epoch": results}, indent=1))
+    write_result("epoch", {"env": env, "epoch": results})
     print(f"device: {env['device']}  preset {args.preset}  batch {args.batch_size}  "
           f"{args.steps} timed steps extrapolated to {args.epoch_images} images")
     print(f"{'path':10} {'loader':7} {'epoch s':>8} {'img/s':>9} {'peak GiB':>8} {'warm-up s':>9} "

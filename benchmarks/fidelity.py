@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
-import os
 import time
-from pathlib import Path
 
 import torch
 
@@ -28,6 +25,8 @@ from ddpm_fast.training.config import TrainConfig
 from ddpm_fast.training.ema import EMA
 from ddpm_fast.training.fast_step import make_step
 from ddpm_fast.training.logging import smooth
+
+from .common import write_result
 
 
 def train_run(path: str, seed: int, args, device: torch.device) -> dict:
@@ -118,12 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     report["within_seed_spread"] = fv["heldout_mse_rel"] <= max(sp["heldout_mse_rel"], 0.01)
     env = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
            **{k: v for k, v in vars(args).items()}}
-    out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path(__file__).parent / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
     runs = [{k: v for k, v in r.items() if k != "losses"} for r in (ref, fast, other)]
-    (out_dir / "fidelity.json").write_text(json.dumps({"env": env, "runs": runs, "report": report,
-                                                       "losses": {f"{r['path']}_seed{r['seed']}": r["losses"]
-                                                                  for r in (ref, fast, other)}}, indent=1))
+    write_result("fidelity", {"env": env, "runs": runs, "report": report,
+                              "losses": {f"{r['path']}_seed{r['seed']}": r["losses"] for r in (ref, fast, other)}})
     print(f"device: {env['device']}  preset {args.preset}  {args.steps} steps, batch {args.batch_size}")
     print(f"{'run':18} {'final loss':>10} {'held-out MSE':>12} {'KID':>10} {'train s':>8}")
     for r in (ref, fast, other):

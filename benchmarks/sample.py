@@ -10,14 +10,13 @@ benchmarks/results/sample.json."""
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
-from pathlib import Path
 
 import torch
 
 from ddpm_fast import FastSampler, GaussianDiffusion, UNet
+
+from .common import write_result
 
 
 def timed(fn, device: torch.device) -> float:
@@ -75,9 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         r["speedup_vs_reference"] = round(ref["s"] / r["s"], 2) if ref else None
     env = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
            "preset": args.preset, "n": args.n, "image_size": args.image_size, "quick": args.quick}
-    out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path(__file__).parent / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "sample.json").write_text(json.dumps({"env": env, "sample": results}, indent=1))
+    write_result("sample", {"env": env, "sample": results})
     print(f"device: {env['device']}  {args.n} images of {args.image_size}x{args.image_size}, preset {args.preset}")
     print(f"{'path':10} {'method':6} {'steps':>6} {'seconds':>9} {'ms/step':>9} {'warm-up s':>9} {'x ref':>6}")
     for r in results:
