@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--splits", default="test", help="comma-separated splits to compare samples with")
     p.add_argument("--method", default="ddpm", choices=("ddpm", "ddim"))
     p.add_argument("--steps", type=positive_int)
+    p.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=True,
+                   help="clamp the predicted x0 while sampling for FID/KID")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", help="also write the results here")
@@ -65,7 +67,7 @@ def _evaluate(args) -> dict:
         result.update(sample_quality(model, diffusion, data, size, fid_n=args.fid, kid_n=args.kid,
                                      method=args.method, steps=args.steps, seed=args.seed, device=device,
                                      splits=tuple(s for s in args.splits.split(",") if s),
-                                     ref_limit=args.ref_images))
+                                     ref_limit=args.ref_images, clip_x0=args.clip_x0))
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:

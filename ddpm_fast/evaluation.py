@@ -63,12 +63,12 @@ FID_MIN_SAMPLES = 2048  # below the feature dimension the covariance is singular
 
 @torch.no_grad()
 def generate(model, diffusion: GaussianDiffusion, n: int, image_size: int, method: str = "ddpm",
-             steps: int | None = None, seed: int = 0, batch_size: int = 256) -> torch.Tensor:
+             steps: int | None = None, seed: int = 0, batch_size: int = 256, clip_x0: bool = True) -> torch.Tensor:
     """n samples in [-1, 1] (on the CPU), drawn in batches from one seeded generator."""
     from .sampling import FastSampler
 
     device = next(model.parameters()).device
-    sampler = FastSampler(model, diffusion, method=method, steps=steps if method == "ddim" else None)
+    sampler = FastSampler(model, diffusion, method=method, steps=steps if method == "ddim" else None, clip_x0=clip_x0)
     gen = torch.Generator(device=device).manual_seed(seed)
     chunks = [sampler.sample(min(batch_size, n - i), image_size, generator=gen).cpu()
               for i in range(0, n, batch_size)]
@@ -77,13 +77,13 @@ def generate(model, diffusion: GaussianDiffusion, n: int, image_size: int, metho
 
 def sample_quality(model, diffusion: GaussianDiffusion, data, image_size: int, fid_n: int = 0, kid_n: int = 0,
                    method: str = "ddpm", steps: int | None = None, seed: int = 0, device=None,
-                   splits: tuple[str, ...] = ("test",), ref_limit: int | None = 10000) -> dict:
+                   splits: tuple[str, ...] = ("test",), ref_limit: int | None = 10000, clip_x0: bool = True) -> dict:
     """FID (on fid_n samples) and KID (on kid_n) of the model's samples against each split's
     cached reference statistics (at most ref_limit images of a split). Needs the [eval] extra."""
     from . import metrics
     from .data import load_images
 
-    samples = generate(model, diffusion, max(fid_n, kid_n), image_size, method, steps, seed)
+    samples = generate(model, diffusion, max(fid_n, kid_n), image_size, method, steps, seed, clip_x0=clip_x0)
     feats = metrics.inception_features(samples, device=device)
     out: dict = {"samples": len(samples), "method": method, "steps": steps}
     for split in splits:

@@ -43,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
     p.add_argument("--variance", default="beta", choices=("beta", "posterior"),
                    help="DDPM reverse variance: beta_t or beta-tilde_t")
-    p.add_argument("--clip-x0", action="store_true", help="clamp the predicted x0 to [-1, 1] each step")
+    p.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=True,
+                   help="clamp the predicted x0 to [-1, 1] each step, as Ho et al.'s sampler and diffusers do "
+                        "(--no-clip-x0: the plain eq. 11 update)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--kernels", default="auto", choices=("auto", "torch", "triton", "cpp"))

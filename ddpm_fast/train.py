@@ -66,8 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sample-every", type=positive_int, default=500, help="steps between sample grids")
     g.add_argument("--log-every", type=positive_int, default=10, help="steps between metrics.csv rows")
     g.add_argument("--sample-n", type=positive_int, default=16)
-    g.add_argument("--sample-method", default="ddim", choices=("ddpm", "ddim"))
+    g.add_argument("--sample-method", default="ddpm", choices=("ddpm", "ddim"), help="sampler of the grids")
     g.add_argument("--sample-steps", type=positive_int, default=50, help="DDIM steps of the interval grids")
+    g.add_argument("--sample-clip-x0", action=argparse.BooleanOptionalAction, default=True,
+                   help="clamp the predicted x0 to [-1, 1] in the grids (as Ho et al.'s sampler does)")
     g.add_argument("--eval-every", type=int, default=0, help="steps between KID/FID evaluations (0: off)")
     g.add_argument("--eval-samples", type=positive_int, default=256)
     return p

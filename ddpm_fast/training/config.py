@@ -36,8 +36,9 @@ class TrainConfig:
     sample_every: int = 500
     log_every: int = 10
     sample_n: int = 16
-    sample_method: str = "ddim"          # the interval grids; the sample CLI defaults to ddpm
-    sample_steps: int = 50
+    sample_method: str = "ddpm"          # the interval grids
+    sample_steps: int = 50               # DDIM steps, when sample_method is ddim
+    sample_clip_x0: bool = True          # clamp predicted x0 in the grids (Ho et al.'s sampler does)
     loader: str = "auto"
     workers: int = 4
     kernels: str = "auto"

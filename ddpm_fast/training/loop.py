@@ -68,7 +68,7 @@ def eval_loss(model: torch.nn.Module, diffusion: GaussianDiffusion, loader, ctx:
 
 def save_grid(ema_model, diffusion, cfg: TrainConfig, path: Path, device: torch.device) -> None:
     sampler = FastSampler(ema_model, diffusion, method=cfg.sample_method,
-                          steps=cfg.sample_steps if cfg.sample_method == "ddim" else None)
+                          steps=cfg.sample_steps if cfg.sample_method == "ddim" else None, clip_x0=cfg.sample_clip_x0)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     image_grid(sampler.sample(cfg.sample_n, cfg.model["image_size"], generator=gen)).save(path)
 
@@ -133,7 +133,8 @@ def evaluate_samples(ema_model, diffusion, cfg: TrainConfig, device: torch.devic
     n = cfg.eval_samples
     r = sample_quality(ema_model, diffusion, cfg.data, cfg.model["image_size"], kid_n=n,
                        fid_n=n if n >= FID_MIN_SAMPLES else 0, method=cfg.sample_method,
-                       steps=cfg.sample_steps, seed=cfg.seed, device=device, splits=("val",))
+                       steps=cfg.sample_steps, seed=cfg.seed, device=device, splits=("val",),
+                       clip_x0=cfg.sample_clip_x0)
     return {"kid": r["kid_val"], "fid": r.get("fid_val")}
 
 
