@@ -137,7 +137,8 @@ def section(run: dict, source: str) -> str:
     if c.get("copy_GBps"):
         head.append(f"Ceilings: device-to-device copy {c['copy_GBps']:.0f} GB/s (read+write), "
                     f"bf16 matmul {c['bf16_matmul_TFLOPs']:.0f} TFLOP/s.")
-    head.append("Median ms per call (CUDA events, L2 flushed); n/a: backend not built; WRONG: failed the "
+    timing = "CUDA events, L2 flushed" if env.get("gpu") else f"host clock, batch {env.get('batch', 8)}"
+    head.append(f"Median ms per call ({timing}); n/a: backend not built; WRONG: failed the "
                 "correctness gate, never picked.")
     return "\n\n".join([" ".join(head), results_table(run)])
 
