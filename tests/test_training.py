@@ -89,6 +89,24 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, monkeypatch
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0)
 
 
+def test_sigterm_checkpoints_at_a_step_boundary(tmp_path, monkeypatch):
+    """A scheduler's preemption (SIGTERM) stops like Ctrl-C: finish the step, save, exit 130."""
+    out = tmp_path / "run"
+    real_update = ddpm_fast.training.ema.EMA.update
+    calls = {"n": 0}
+
+    def terminating_update(self, model, step=None):
+        real_update(self, model, step)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(ddpm_fast.training.ema.EMA, "update", terminating_update)
+    assert train_cli.main(SMALL + ["--steps", "10", "--out", str(out)]) == 130
+    assert ckpt_mod.load_checkpoint(out)["step"] == 3
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handler restored
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--preset", "nope"], "--preset"),
     (["--batch-size", "0"], "--batch-size"),

@@ -76,7 +76,8 @@ def save_grid(ema_model, diffusion, cfg: TrainConfig, path: Path, device: torch.
 @contextlib.contextmanager
 def stop_at_step_boundary(ctx: DistContext) -> Iterator[Callable[[], bool]]:
     """Yields `should_stop()`, which the loop asks after each optimizer step (so the checkpoint
-    it then writes is consistent). The first Ctrl-C makes it true; a second interrupts at once.
+    it then writes is consistent). The first Ctrl-C (or SIGTERM, a scheduler's preemption) makes
+    it true; a second interrupts at once.
     Under torchrun, Ctrl-C reaches the agent, which forwards SIGINT to every worker: the ranks
     agree through a StopVote, so all stop after the same step and rank 0's checkpoint is one
     every rank can resume from (torchrun waits 30 s before it kills them)."""
@@ -88,17 +89,19 @@ def stop_at_step_boundary(ctx: DistContext) -> Iterator[Callable[[], bool]]:
             raise KeyboardInterrupt
         flag["stop"] = True
         if ctx.is_main:
-            print("\nCtrl-C: stopping after this step (press again to abort without saving)", flush=True)
+            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            print(f"\n{name}: stopping after this step (Ctrl-C again to abort without saving)", flush=True)
 
-    # Python installs signal handlers only from the main thread; elsewhere Ctrl-C stays default.
+    # Python installs signal handlers only from the main thread; elsewhere the defaults stay.
     in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, handler) if in_main_thread else None
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, handler) for s in signals} if in_main_thread else {}
     try:
         yield lambda: vote(flag["stop"])
         vote.settle()  # not on an exception: the other ranks may never answer it
     finally:
-        if in_main_thread:
-            signal.signal(signal.SIGINT, previous)
+        for sig, prev in previous.items():
+            signal.signal(sig, prev)
 
 
 def rng_state(gen: torch.Generator, device: torch.device) -> dict:
