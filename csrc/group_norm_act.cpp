@@ -264,23 +264,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_act_backwa
     const at::Tensor& grad_y, const at::Tensor& x_in, const at::Tensor& mean, const at::Tensor& rstd,
     int64_t num_groups, const std::optional<at::Tensor>& weight_in, const std::optional<at::Tensor>& bias_in,
     const std::optional<at::Tensor>& add_in, std::string_view act) {
-  const GroupNormProblem p = gn_problem(x_in, num_groups, act);
-  const at::MemoryFormat fmt = memory_format_of(x_in);
-  const at::Tensor x = x_in.contiguous(fmt);
-  TORCH_CHECK(grad_y.sizes() == x.sizes(), "group_norm_act_backward: grad_y has shape ", grad_y.sizes(),
-              ", x has ", x.sizes());
-  const at::Tensor dy = grad_y.to(x.scalar_type()).contiguous(fmt);
-  const at::Tensor mean_c = mean.to(at::kFloat).contiguous(), rstd_c = rstd.to(at::kFloat).contiguous();
-  TORCH_CHECK(mean_c.numel() == p.batch * p.groups && rstd_c.numel() == p.batch * p.groups,
-              "group_norm_act_backward: mean and rstd must hold B * G values");
-  const at::Tensor weight = gn_float_param(weight_in, {p.channels}, "weight", x);
-  const at::Tensor bias = gn_float_param(bias_in, {p.channels}, "bias", x);
-  const at::Tensor add = gn_float_param(add_in, {p.batch, p.channels}, "add", x);
-  at::Tensor dx = at::empty_like(x, x.options(), fmt);
-  const auto f32 = x.options().dtype(at::kFloat);
-  at::Tensor db = at::empty({p.batch, p.channels}, f32);
-  at::Tensor dsx = at::empty({p.batch, p.channels}, f32);
-  at::Tensor dadd = at::empty({p.batch, p.channels}, f32);
+  GroupNormBackward b = gn_backward(grad_y, x_in, mean, rstd, num_groups, weight_in, bias_in, add_in, act);
+  const GroupNormProblem& p = b.p;
+  const at::Tensor &x = b.x, &dy = b.dy, &mean_c = b.mean, &rstd_c = b.rstd;
+  const at::Tensor &weight = b.weight, &bias = b.bias, &add = b.add;
+  at::Tensor &dx = b.dx, &db = b.db, &dsx = b.dsx, &dadd = b.dadd;
   DDPM_DISPATCH_NORM_TYPES(x.scalar_type(), "group_norm_act_backward_cpu", [&] {
     dispatch_act_layout(p, [&](auto a, auto cl) {
       backward_kernel<scalar_t, decltype(a)::value, decltype(cl)::value>(

@@ -55,4 +55,40 @@ inline at::Tensor gn_float_param(const std::optional<at::Tensor>& t, at::IntArra
   return t->to(at::kFloat).contiguous();
 }
 
+// The checked, laid-out inputs and the allocated outputs of one backward call: the same for the
+// CPU and the CUDA kernel (the caller sets the CUDA device first, so outputs land on it).
+struct GroupNormBackward {
+  GroupNormProblem p;
+  at::Tensor x, dy, mean, rstd;  // x's dtype and memory format; statistics float32
+  at::Tensor weight, bias, add;  // float32, undefined when absent
+  at::Tensor dx;                 // x's dtype and memory format
+  at::Tensor db, dsx, dadd;      // float32 (B, C) per-sample partial sums, reduced over B by the caller
+};
+
+inline GroupNormBackward gn_backward(const at::Tensor& grad_y, const at::Tensor& x_in, const at::Tensor& mean,
+                                     const at::Tensor& rstd, int64_t num_groups,
+                                     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                                     const std::optional<at::Tensor>& add, std::string_view act) {
+  GroupNormBackward b;
+  b.p = gn_problem(x_in, num_groups, act);
+  const at::MemoryFormat fmt = memory_format_of(x_in);
+  b.x = x_in.contiguous(fmt);
+  TORCH_CHECK(grad_y.sizes() == b.x.sizes(), "group_norm_act_backward: grad_y has shape ", grad_y.sizes(),
+              ", x has ", b.x.sizes());
+  b.dy = grad_y.to(b.x.scalar_type()).contiguous(fmt);
+  b.mean = mean.to(at::kFloat).contiguous();
+  b.rstd = rstd.to(at::kFloat).contiguous();
+  TORCH_CHECK(b.mean.numel() == b.p.batch * b.p.groups && b.rstd.numel() == b.p.batch * b.p.groups,
+              "group_norm_act_backward: mean and rstd must hold B * G values");
+  b.weight = gn_float_param(weight, {b.p.channels}, "weight", b.x);
+  b.bias = gn_float_param(bias, {b.p.channels}, "bias", b.x);
+  b.add = gn_float_param(add, {b.p.batch, b.p.channels}, "add", b.x);
+  b.dx = at::empty_like(b.x, b.x.options(), fmt);
+  const auto f32 = b.x.options().dtype(at::kFloat);
+  b.db = at::empty({b.p.batch, b.p.channels}, f32);
+  b.dsx = at::empty({b.p.batch, b.p.channels}, f32);
+  b.dadd = at::empty({b.p.batch, b.p.channels}, f32);
+  return b;
+}
+
 }  // namespace ddpm_fast
