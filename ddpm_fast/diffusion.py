@@ -126,6 +126,13 @@ class GaussianDiffusion:
         sigma[0] = 0.0
         return torch.stack([c1, c2, m1, m2, sigma], 1)
 
+    def ddpm_table(self, variance: str, device: torch.device) -> torch.Tensor:
+        """ddpm_coefficients as float32 on `device`, made once (a step indexes it on the device)."""
+        key = ("ddpm", variance, str(device))
+        if key not in self._device_cache:
+            self._device_cache[key] = self.ddpm_coefficients(variance).float().to(device)
+        return self._device_cache[key]
+
     def ddim_coefficients(self, t: int, t_prev: int, eta: float = 0.0) -> torch.Tensor:
         """(5,) float64 row of the DDIM step t -> t_prev (t_prev = -1: alpha-bar = 1)."""
         abar_t = self.alphas_cumprod[t]

@@ -64,20 +64,14 @@ def sampling_update(x_t: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor, cl
     return _backend_module(name).sampling_update(x_t, eps, coef, clip_x0, noise, seed)
 
 
-def _row(diffusion, table: torch.Tensor, t, device: torch.device) -> torch.Tensor:
-    if isinstance(t, torch.Tensor):
-        t = t.reshape(-1)[0] if t.numel() > 1 else t.reshape(())
-        return table.to(device)[t.to(device)]
-    return table[int(t)].to(device)
-
-
 def ddpm_step(x_t: torch.Tensor, eps: torch.Tensor, t, diffusion, variance: str = "beta", clip_x0: bool = False,
               noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
               backend: str = "auto") -> torch.Tensor:
     """Ancestral DDPM step t -> t-1 (Ho et al. eq. 11 without clipping); no noise at t = 0.
     `t` is an int or a device tensor (one step for the whole batch)."""
-    table = diffusion.ddpm_coefficients(variance).float()
-    return sampling_update(x_t, eps, _row(diffusion, table, t, x_t.device), clip_x0, noise, generator, backend)
+    table = diffusion.ddpm_table(variance, x_t.device)
+    row = table[t.reshape(-1)[0].to(x_t.device)] if isinstance(t, torch.Tensor) else table[int(t)]
+    return sampling_update(x_t, eps, row, clip_x0, noise, generator, backend)
 
 
 def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, t: int, t_prev: int, diffusion, eta: float = 0.0,
