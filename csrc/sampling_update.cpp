@@ -38,15 +38,11 @@ void update_kernel(const T* x, const E* eps, const float* noise, uint64_t seed, 
 at::Tensor sampling_update_cpu(const at::Tensor& x_t_in, const at::Tensor& eps_in, const at::Tensor& coef_in,
                                bool clip_x0, const std::optional<at::Tensor>& noise_in,
                                const std::optional<at::Tensor>& seed) {
-  check_sampling_args(x_t_in, eps_in, coef_in, noise_in, seed);
-  const at::MemoryFormat fmt = memory_format_of(x_t_in);
-  const at::Tensor x_t = x_t_in.contiguous(fmt);
-  const at::Tensor eps = eps_in.contiguous(fmt);
-  const at::Tensor coef = coef_in.contiguous();
-  const bool has_noise = noise_in.has_value() && noise_in->defined();
-  const at::Tensor noise = has_noise ? noise_in->to(at::kFloat).contiguous(fmt) : at::Tensor();
-  const uint64_t s = has_noise ? 0 : static_cast<uint64_t>(seed->data_ptr<int64_t>()[0]);
-  at::Tensor out = at::empty_like(x_t, x_t.options(), fmt);
+  SamplingInputs in = sampling_inputs(x_t_in, eps_in, coef_in, noise_in, seed);
+  const at::Tensor &x_t = in.x_t, &eps = in.eps, &coef = in.coef, &noise = in.noise;
+  at::Tensor& out = in.out;
+  const bool has_noise = in.has_noise();
+  const uint64_t s = has_noise ? 0 : static_cast<uint64_t>(in.seed.data_ptr<int64_t>()[0]);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_t.scalar_type(), "sampling_update_cpu", [&] {
     using T = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, eps.scalar_type(), "sampling_update_cpu_eps", [&] {

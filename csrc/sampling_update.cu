@@ -69,16 +69,11 @@ bool aligned(const at::Tensor& t, int64_t bytes) {
 at::Tensor sampling_update_cuda(const at::Tensor& x_t_in, const at::Tensor& eps_in, const at::Tensor& coef_in,
                                 bool clip_x0, const std::optional<at::Tensor>& noise_in,
                                 const std::optional<at::Tensor>& seed_in) {
-  check_sampling_args(x_t_in, eps_in, coef_in, noise_in, seed_in);
   const c10::cuda::CUDAGuard guard(x_t_in.device());
-  const at::MemoryFormat fmt = memory_format_of(x_t_in);
-  const at::Tensor x_t = x_t_in.contiguous(fmt);
-  const at::Tensor eps = eps_in.contiguous(fmt);
-  const at::Tensor coef = coef_in.contiguous();
-  const bool has_noise = noise_in.has_value() && noise_in->defined();
-  const at::Tensor noise = has_noise ? noise_in->to(at::kFloat).contiguous(fmt) : at::Tensor();
-  const at::Tensor seed = has_noise ? at::Tensor() : seed_in->contiguous();
-  at::Tensor out = at::empty_like(x_t, x_t.options(), fmt);
+  SamplingInputs in = sampling_inputs(x_t_in, eps_in, coef_in, noise_in, seed_in);
+  const at::Tensor &x_t = in.x_t, &eps = in.eps, &coef = in.coef, &noise = in.noise, &seed = in.seed;
+  at::Tensor& out = in.out;
+  const bool has_noise = in.has_noise();
   const int64_t n = x_t.numel();
   if (n == 0) return out;
   const int64_t blocks = (n + 4 * kThreads - 1) / (4 * kThreads);

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 
 #include <optional>
@@ -36,6 +37,34 @@ inline void check_sampling_args(const at::Tensor& x_t, const at::Tensor& eps, co
     TORCH_CHECK(seed->scalar_type() == at::kLong && seed->numel() >= 1 && seed->device() == x_t.device(),
                 "sampling_update: seed must be an int64 (1,) tensor on x_t's device");
   }
+}
+
+// The checked, laid-out inputs and the allocated output of one call, the same for the CPU and the
+// CUDA kernel (the caller sets the CUDA device first, so the output lands on it).
+struct SamplingInputs {
+  at::Tensor x_t, eps, coef;  // x_t's memory format; coef float32 (5,)
+  at::Tensor noise;           // float32, or undefined: draw Philox normals from `seed`
+  at::Tensor seed;            // int64, defined exactly when noise is not
+  at::Tensor out;             // x_t's dtype and memory format
+  bool has_noise() const { return noise.defined(); }
+};
+
+inline SamplingInputs sampling_inputs(const at::Tensor& x_t, const at::Tensor& eps, const at::Tensor& coef,
+                                      const std::optional<at::Tensor>& noise,
+                                      const std::optional<at::Tensor>& seed) {
+  check_sampling_args(x_t, eps, coef, noise, seed);
+  const at::MemoryFormat fmt = memory_format_of(x_t);
+  SamplingInputs in;
+  in.x_t = x_t.contiguous(fmt);
+  in.eps = eps.contiguous(fmt);
+  in.coef = coef.contiguous();
+  if (noise.has_value() && noise->defined()) {
+    in.noise = noise->to(at::kFloat).contiguous(fmt);
+  } else {
+    in.seed = seed->contiguous();
+  }
+  in.out = at::empty_like(in.x_t, in.x_t.options(), fmt);
+  return in;
 }
 
 }  // namespace ddpm_fast
