@@ -89,6 +89,37 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, monkeypatch
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("saved_batch, done, new_batch, expect", [
+    (8, 4, 8, (4, 0)),     # same batch: the saved batch index
+    (8, 4, 16, (2, 0)),    # 32 images seen = 2 batches of 16
+    (8, 5, 16, (2, 8)),    # 40 images: resume at image 32, reading 8 again
+    (8, 4, 3, (10, 2)),
+    (8, 9, 16, (4, 0)),    # all 72 images: the epoch is done
+])
+def test_resume_position_is_counted_in_images(saved_batch, done, new_batch, expect):
+    from ddpm_fast.training.loop import resume_batch
+    ckpt = {"batch_in_epoch": done, "config": {"batch_size": saved_batch}}
+    assert resume_batch(ckpt, new_batch, batches_per_epoch=72 // new_batch) == expect  # 72-image epoch
+
+
+def test_resume_with_another_batch_size_continues_the_epoch(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    assert train_cli.main(SMALL + ["--steps", "4", "--out", str(out)]) == 0
+    started = []
+    real = ddpm_fast.data.order.EpochLoader.set_epoch
+
+    def record(self, epoch, start_batch=0):
+        started.append((self.batch_size, epoch, start_batch))
+        real(self, epoch, start_batch)
+
+    monkeypatch.setattr(ddpm_fast.data.order.EpochLoader, "set_epoch", record)
+    capsys.readouterr()
+    assert train_cli.main(SMALL + ["--batch-size", "16", "--steps", "6", "--out", str(out), "--resume"]) == 0
+    assert "epoch 0 resumes at batch 2" in capsys.readouterr().out
+    assert (16, 0, 2) in started  # 4 batches of 8 = 2 of 16
+    assert ckpt_mod.load_checkpoint(out)["batch_in_epoch"] == 4
+
+
 def test_sigterm_checkpoints_at_a_step_boundary(tmp_path, monkeypatch):
     """A scheduler's preemption (SIGTERM) stops like Ctrl-C: finish the step, save, exit 130."""
     out = tmp_path / "run"

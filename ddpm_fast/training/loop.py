@@ -128,6 +128,20 @@ def restore_rng(ckpt: dict, cfg: TrainConfig, ctx: DistContext, gen: torch.Gener
         torch.cuda.set_rng_state(state["cuda"].cpu(), ctx.device)
 
 
+def resume_batch(ckpt: dict, batch_size: int, batches_per_epoch: int) -> tuple[int, int]:
+    """(batch to resume the epoch at, images of the epoch that are read again).
+
+    The position is kept in images (batches x the saved global batch), and an epoch's order does
+    not depend on the batch size, so a resume with another --batch-size continues where the run
+    stopped. When the sizes do not divide, it rounds down: the last partial batch's worth of
+    images is read again rather than skipped."""
+    seen = ckpt["batch_in_epoch"] * ckpt["config"]["batch_size"]
+    start = seen // batch_size
+    if start >= batches_per_epoch:  # under a batch left: drop_last ends the epoch there anyway
+        return batches_per_epoch, 0
+    return start, seen - start * batch_size
+
+
 def evaluate_samples(ema_model, diffusion, cfg: TrainConfig, device: torch.device) -> dict:
     """KID (and FID when enough samples for it to mean something) of the EMA model's samples
     against the val split, for --eval-every."""
@@ -193,8 +207,13 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> Path:
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
         match_lr_type(opt, cfg.fast)
-        step, epoch, batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
+        step, epoch = ckpt["step"], ckpt["epoch"]
+        batch_in_epoch, repeated = resume_batch(ckpt, cfg.batch_size, len(loader))
         restore_rng(ckpt, cfg, ctx, gen)
+        if main and cfg.batch_size != ckpt["config"]["batch_size"]:
+            print(f"--batch-size {cfg.batch_size} (the checkpoint's was {ckpt['config']['batch_size']}): "
+                  f"epoch {epoch} resumes at batch {batch_in_epoch}"
+                  + (f", reading {repeated} images of it again" if repeated else ""), flush=True)
     if main:
         metrics = MetricsCSV(out / "metrics.csv", resume_step=step if ckpt is not None else None)
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
