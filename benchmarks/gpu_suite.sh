@@ -4,8 +4,9 @@
 #   bash benchmarks/gpu_suite.sh [--quick] [--dali] [--fidelity] [--dry-run]
 #
 # Default: versions; ceilings (copy GB/s, bf16 matmul TFLOP/s); build the CUDA extension
-# (sm_90a); tests/ with the GPU tests on; the kernel micro-benchmarks at the anime64 shapes; the
-# epoch and sampling benchmarks on reduced step counts where those modules exist.
+# (sm_90a); the epoch and sampling benchmarks on reduced step counts; tests/ with the GPU tests
+# on; the kernel micro-benchmarks at the anime64 shapes; a torch.profiler breakdown of a training
+# and a sampling step.
 # --quick     a ~2-minute subset: versions, ceilings, a few micro-benchmark cases, no torch.compile;
 #             no build and no tests (the extension is measured only if it is already built)
 # --dali      a separate call: the DALI loader benchmark (benchmarks.data_loading) if DALI imports
@@ -13,7 +14,7 @@
 # --dry-run   print every step of the plan and exit 0 (no GPU needed)
 #
 # Every step runs under `timeout`; a failing or timed-out step is recorded and the suite goes on.
-# The benchmark modules of other issues (data_loading, epoch, sample, fidelity) follow the
+# The benchmark modules (data_loading, epoch, sample, profile_step, fidelity) follow the
 # project's convention: JSON written to $OUT when set, `--quick` for the reduced run; each gets its
 # own OUT folder here and its JSON is joined into the suite's.
 # Output: one JSON and the full log ($OUT/gpu_suite.json and .log when OUT is set, else in
@@ -156,6 +157,9 @@ case $MODE in
     micro sampling 60 test_bench_sampling_update.py
     micro attention 120 test_bench_attention.py
     micro group_norm 200 test_bench_group_norm.py
+    # Where a step's time goes (torch.profiler), the evidence NOTES.md's predictions are checked
+    # against; last, as the least needed (alone: python -m benchmarks.profile_step).
+    step profile 120 env OUT="$WORK/profile" "$PY" -m benchmarks.profile_step --steps 3
     ;;
 esac
 

@@ -1,7 +1,9 @@
 """Turn a measured run into the shipped evidence.
 
-    python -m benchmarks.report RUN.json [--results-md PATH] [--table PATH]
-        updates the run's device-class section of benchmarks/RESULTS.md (between markers) and
+    python -m benchmarks.report RUN.json [--results-md PATH] [--table PATH] [--readme PATH]
+        updates the run's device-class sections of benchmarks/RESULTS.md (between markers: the
+        micro-benchmarks, and each end-to-end part the run holds: epoch, sample, profile, fidelity,
+        DALI), the README's measured-speed table (epoch and sampling, from a GPU run), and
         regenerates ddpm_fast/ops/backend_table.json, the table `backend="auto"` reads: an entry per
         (op, device class, dtype, shape key) only where a non-reference backend measured faster
         than the reference, and than torch.compile of it where that was measured, in every
@@ -20,12 +22,16 @@ import json
 import sys
 from pathlib import Path
 
+from benchmarks import report_parts
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
+README = ROOT / "README.md"
+README_BEGIN, README_END = "<!-- measured:begin -->", "<!-- measured:end -->"
 TABLE = ROOT / "ddpm_fast" / "ops" / "backend_table.json"
 REFERENCE, COMPILED = "torch", "compile"
 CANDIDATES = ("triton", "cpp")  # the backends auto may pick (auto.BACKENDS less the reference)
-PARTS = ("ceilings", "epoch", "sample", "dali", "fidelity")
+PARTS = ("ceilings", "epoch", "sample", "profile", "dali", "fidelity")
 
 
 # --- choosing backends -------------------------------------------------------------------------
@@ -143,16 +149,49 @@ def section(run: dict, source: str) -> str:
     return "\n\n".join([" ".join(head), results_table(run)])
 
 
-def update_results_md(path: Path, run: dict, source: str) -> None:
-    cls = run["env"]["device_class"]
-    begin, end = f"<!-- results:{cls}:begin -->", f"<!-- results:{cls}:end -->"
-    block = f"{begin}\n## {cls}\n\n{section(run, source)}\n{end}"
-    text = path.read_text() if path.exists() else "# Results\n"
+def replace_block(text: str, begin: str, end: str, block: str) -> str:
+    """`text` with the block between the markers replaced by `block` (markers included), or with
+    `block` appended when the markers are not there yet."""
     if begin in text and end in text:
-        text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
+        return text[:text.index(begin)] + block + text[text.index(end) + len(end):]
+    return text.rstrip("\n") + "\n\n" + block + "\n"
+
+
+def part_section(run: dict, name: str) -> str:
+    title, render = report_parts.RENDERERS[name]
+    return render(run[name], run.get(f"{name}_env") or {})
+
+
+def update_results_md(path: Path, run: dict, source: str) -> None:
+    """One block per device class and part, each replaced on its own: a --fidelity or --dali call
+    of the suite updates its part and leaves the micro-benchmarks of the full call in place."""
+    cls = run["env"]["device_class"]
+    text = path.read_text() if path.exists() else "# Results\n"
+    if run.get("micro"):
+        begin, end = f"<!-- results:{cls}:begin -->", f"<!-- results:{cls}:end -->"
+        text = replace_block(text, begin, end, f"{begin}\n## {cls}\n\n{section(run, source)}\n{end}")
+    for name, (title, _) in report_parts.RENDERERS.items():
+        if run.get(name):
+            begin, end = f"<!-- results:{cls}:{name}:begin -->", f"<!-- results:{cls}:{name}:end -->"
+            text = replace_block(text, begin, end,
+                                 f"{begin}\n## {cls}: {title}\n\n{part_section(run, name)}\n\nFrom `{source}`.\n{end}")
     path.write_text(text)
+
+
+def update_readme(path: Path, run: dict, source: str) -> bool:
+    """The README's measured-speed block from a GPU run's epoch and sampling parts; False (and the
+    README untouched) for a CPU run, a run without them, or a README without the markers."""
+    parts = [n for n in report_parts.HEADLINE if run.get(n)]
+    if run["env"]["device_class"] == "cpu" or not parts or not path.exists():
+        return False
+    text = path.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        return False
+    body = "\n\n".join(part_section(run, n) for n in parts)
+    path.write_text(replace_block(text, README_BEGIN, README_END,
+                                  f"{README_BEGIN}\n{body}\n\nFrom `{source}`; all figures in "
+                                  f"[benchmarks/RESULTS.md](benchmarks/RESULTS.md).\n{README_END}"))
+    return True
 
 
 # --- the suite's JSON --------------------------------------------------------------------------
@@ -177,6 +216,8 @@ def assemble(work: Path) -> dict:
         if found:
             data = json.loads(found[0].read_text())
             run[name] = data.get(name, data)
+            if "env" in data and name in data:  # the module's own settings (quick, preset, batch)
+                run[f"{name}_env"] = data["env"]
     if run["env"] is None:
         from benchmarks.common import environment  # no micro-benchmark ran: describe the machine here
         run["env"] = environment()
@@ -191,6 +232,11 @@ def summary(run: dict) -> str:
         lines.append(f"ceilings: copy {c['copy_GBps']:.0f} GB/s, bf16 matmul {c['bf16_matmul_TFLOPs']:.0f} TFLOP/s")
     if run.get("micro"):
         lines += ["", results_table(run)]
+    for name in (n for n in report_parts.HEADLINE if run.get(n)):
+        try:  # the summary is the suite's last output: a malformed part must not cost the rest
+            lines += ["", part_section(run, name)]
+        except (KeyError, TypeError, ValueError) as e:
+            lines += ["", f"{name}: not rendered ({type(e).__name__}: {e}); see the JSON"]
     return "\n".join(lines)
 
 
@@ -199,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run", nargs="?", help="a suite or micro-benchmark JSON")
     p.add_argument("--results-md", default=str(RESULTS_MD))
     p.add_argument("--table", default=str(TABLE))
+    p.add_argument("--readme", default=str(README), help="the README whose measured-speed block to update")
     p.add_argument("--assemble", metavar="DIR", help="join a suite folder into --out and print the summary")
     p.add_argument("--out", help="with --assemble: where the joined JSON goes")
     args = p.parse_args(argv)
@@ -213,13 +260,18 @@ def main(argv: list[str] | None = None) -> int:
         p.error("give a RUN.json (or --assemble DIR)")
     run = json.loads(Path(args.run).read_text())
     source = Path(args.run).name
+    update_results_md(Path(args.results_md), run, source)
+    print(f"wrote {args.results_md}")
+    if update_readme(Path(args.readme), run, source):
+        print(f"updated the measured-speed table in {args.readme}")
+    if not run.get("micro"):  # a --fidelity or --dali call: the backend choices stay as they are
+        return 0
     table_path = Path(args.table)
     table = json.loads(table_path.read_text()) if table_path.exists() else {}
     new = update_table(table, run, source)
     table_path.write_text(json.dumps(new, indent=2) + "\n")
-    update_results_md(Path(args.results_md), run, source)
     picked = [e for e in new["entries"] if e["device_class"] == run["env"]["device_class"]]
-    print(f"{run['env']['device_class']}: {len(picked)} backend choices; wrote {table_path} and {args.results_md}")
+    print(f"{run['env']['device_class']}: {len(picked)} backend choices; wrote {table_path}")
     for e in picked:
         print(f"  {e['op']:16} {e['dtype']:9} {e['shape']:14} -> {e['backend']} x{e['speedup']}")
     return 0

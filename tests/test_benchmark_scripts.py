@@ -1,4 +1,4 @@
-"""The epoch, sampling and fidelity benchmarks run end to end on CPU at toy scale and write the
+"""The epoch, sampling, profile and fidelity benchmarks run end to end on CPU at toy scale and write the
 JSON the GPU suite collects (their real figures need a GPU)."""
 import json
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from benchmarks import epoch, fidelity, sample
+from benchmarks import epoch, fidelity, profile_step, sample
 
 
 def test_epoch_benchmark(tmp_path, monkeypatch):
@@ -48,3 +48,34 @@ def test_fidelity_report(tmp_path, monkeypatch):
     assert len(r["losses"]["fast_seed0"]) == 6
     fv = r["report"]["fast_vs_reference"]
     assert 0 <= fv["final_loss_rel"] < 0.05  # same seed, same data: bf16 only perturbs
+
+
+def test_profile_step(tmp_path, monkeypatch):
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert profile_step.main(["--preset", "tiny", "--image-size", "8", "--batch-size", "2", "--sample-n", "2",
+                              "--compile", "none", "--warmup", "1", "--steps", "2", "--top", "5"]) == 0
+    rows = json.loads((tmp_path / "profile.json").read_text())["profile"]
+    assert [(r["workload"], r["path"]) for r in rows] == [
+        ("train", "reference"), ("train", "fast"), ("sample", "reference"), ("sample", "fast")]
+    for r in rows:
+        shares = [k["share"] for k in r["top"]]
+        assert len(shares) == 5 and shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1.001
+        assert sum(r["categories"].values()) == pytest.approx(1, abs=2e-3)
+        assert r["categories"]["matmul/conv"] > 0.1  # a UNet step is mostly convolutions, even on CPU
+        assert 0 < r["kernel_ms_per_step"] and 0 < r["busy"] <= 1.5
+    train_ops = {k["name"] for k in rows[0]["top"]}
+    assert any("convolution" in n for n in train_ops)
+
+
+@pytest.mark.parametrize("name, cat", [
+    ("triton_red_fused_native_group_norm_silu_0", "normalisation"),
+    ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc", "matmul/conv"),
+    ("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits>", "attention"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>", "optimizer/EMA"),
+    ("triton_poi_fused_add_mul_silu_3", "elementwise"),
+    ("Memcpy DtoD (Device -> Device)", "copies"),
+    ("aten::mkldnn_convolution", "matmul/conv"),
+    ("some_unknown_kernel", "other"),
+])
+def test_profile_categories(name, cat):
+    assert profile_step.category(name) == cat

@@ -25,7 +25,7 @@ def plan(*args):
 def test_dry_run_lists_every_step():
     steps = plan()
     assert list(steps) == ["env", "ceilings", "build", "extension", "epoch", "sample", "tests", "micro_sampling",
-                           "micro_attention", "micro_group_norm", "summary"]
+                           "micro_attention", "micro_group_norm", "profile", "summary"]
     assert "nvidia-smi" in steps["env"] and "torch.__version__" in steps["env"] and "triton.__version__" in steps["env"]
     assert "benchmarks.ceilings" in steps["ceilings"]
     assert "pip install --no-build-isolation --no-deps --no-index -e ." in steps["build"]
@@ -34,6 +34,7 @@ def test_dry_run_lists_every_step():
                        ("micro_attention", "test_bench_attention.py"),
                        ("micro_group_norm", "test_bench_group_norm.py")):
         assert f"benchmarks/{file}" in steps[name] and "DDPM_BENCH_JSON=" in steps[name]
+    assert "benchmarks.profile_step" in steps["profile"]
     for name in ("epoch", "sample"):  # later modules: run where present, else said so
         if (ROOT / "benchmarks" / f"{name}.py").exists():
             assert f"benchmarks.{name}" in steps[name]
@@ -97,11 +98,17 @@ def test_assemble_joins_steps_micro_rows_and_module_outputs(tmp_path):
     (tmp_path / "micro_attention.json").write_text(json.dumps({"env": env, "micro": [row]}))
     (tmp_path / "micro_sampling.json").write_text(json.dumps({"env": env, "micro": [{**row, "backend": "triton"}]}))
     (tmp_path / "epoch").mkdir()  # a module that wrote its JSON into the OUT folder it was given
-    (tmp_path / "epoch" / "epoch-quick.json").write_text(json.dumps({"img_per_s": 4000.0}))
+    epoch_row = {"path": "fast", "loader": "cache", "epoch_s": 14.3, "img_per_s": 4000.0, "peak_mem_gib": 5.0,
+                 "warmup_s": 60.0, "speedup_vs_reference": 3.6, "speedup_vs_3090_epoch": 14.7,
+                 "speedup_vs_3090_img_per_s": 13.2}
+    (tmp_path / "epoch" / "epoch.json").write_text(json.dumps({"env": {"quick": True}, "epoch": [epoch_row]}))
     run = report.assemble(tmp_path)
     assert run["env"] == env and [r["backend"] for r in run["micro"]] == ["torch", "triton"]
     assert [(s["name"], s["status"], s["rc"]) for s in run["steps"]] == [("ceilings", "ok", 0), ("tests", "timeout", 124)]
     assert run["steps"][1]["log_tail"].endswith("last words") and len(run["steps"][1]["log_tail"]) == 2000
-    assert run["ceilings"]["copy_GBps"] == 3000.0 and run["epoch"] == {"img_per_s": 4000.0}
+    assert run["ceilings"]["copy_GBps"] == 3000.0 and run["epoch"] == [epoch_row] and run["epoch_env"]["quick"]
     text = report.summary(run)
     assert "tests                        timeout" in text and "copy 3000 GB/s" in text and "| attention | fwd |" in text
+    assert "| fast | cache | 14.3 | 4000.0 |" in text and "benchmarks.epoch --quick" in text
+    run["sample"] = {"unexpected": "shape"}  # a part the summary cannot render is said, not raised
+    assert "sample: not rendered (" in report.summary(run)

@@ -168,3 +168,91 @@ def test_cpu_micro_benchmark_json_feeds_report(tmp_path):
     table = tmp_path / "t.json"
     assert report.main([str(out), "--table", str(table), "--results-md", str(tmp_path / "R.md")]) == 0
     assert "| sampling_update | fwd | float32 | 2x3x64x64 |" in (tmp_path / "R.md").read_text()
+
+
+def end_to_end_parts() -> dict:
+    """The end-to-end parts as benchmarks.epoch, .sample, .profile_step and .fidelity write them."""
+    epoch_rows = [{"path": p, "loader": l, "cache_build_s": 0.0, "warmup_s": w, "timed_steps": 40, "timed_s": 1.0,
+                   "img_per_s": ips, "epoch_s": round(57208 / ips, 2), "peak_mem_gib": mem, "final_loss": 0.1,
+                   "speedup_vs_reference": sp, "speedup_vs_3090_epoch": round(210 / (57208 / ips), 1),
+                   "speedup_vs_3090_img_per_s": round(ips / 302.7, 1)}
+                  for p, l, w, ips, mem, sp in (("reference", "torch", 3.1, 1100.0, 9.5, 1.0),
+                                                ("fast", "cache", 61.0, 7300.0, 5.1, 6.64))]
+    sample_rows = [{"path": p, "method": m, "steps_run": n, "steps": full, "warmup_s": 1.0, "s": s,
+                    "ms_per_step": round(1e3 * s / full, 3), "speedup_vs_reference": sp}
+                   for p, m, n, full, s, sp in (("reference", "ddpm", 100, 1000, 60.0, 1.0),
+                                                ("fast", "ddpm", 100, 1000, 7.5, 8.0))]
+    prof = [{"workload": "train", "path": "fast", "warmup_s": 50.0, "steps": 3, "wall_ms_per_step": 20.0,
+             "kernel_ms_per_step": 18.0, "busy": 0.9, "kernels_per_step": 900.0,
+             "top": [{"name": "sm90_xmma_fprop|gemm", "ms_per_step": 5.0, "share": 0.28, "calls_per_step": 20,
+                      "category": "matmul/conv"}],
+             "categories": {"matmul/conv": 0.7, "normalisation": 0.2, "elementwise": 0.1}}]
+    fid = {"runs": [{"path": "reference", "seed": 0, "final_loss": 0.031, "heldout_mse": 0.030, "kid": 0.01},
+                    {"path": "fast", "seed": 0, "final_loss": 0.0312, "heldout_mse": 0.0301, "kid": 0.011},
+                    {"path": "fast", "seed": 1, "final_loss": 0.032, "heldout_mse": 0.0305, "kid": 0.012}],
+           "report": {"fast_vs_reference": {"final_loss_rel": 0.006, "curve_max_rel": 0.01, "heldout_mse_rel": 0.003},
+                      "seed_spread": {"final_loss_rel": 0.03, "curve_max_rel": 0.05, "heldout_mse_rel": 0.013},
+                      "within_2pct_final_loss": True, "within_seed_spread": True}}
+    gpu = {"device": "NVIDIA H100 80GB HBM3", "preset": "anime64", "batch_size": 128, "image_size": 64}
+    return {"epoch": epoch_rows, "epoch_env": {**gpu, "epoch_images": 57208, "quick": True},
+            "sample": sample_rows, "sample_env": {**gpu, "n": 256, "quick": True},
+            "profile": prof, "profile_env": {**gpu, "sample_n": 256}, "fidelity": fid,
+            "fidelity_env": {**gpu, "steps": 2000}}
+
+
+def test_report_writes_end_to_end_parts_and_the_readme(paths):
+    run_path, table, md = paths
+    run = {**h100_run(), **end_to_end_parts()}
+    run_path.write_text(json.dumps(run))
+    readme = md.parent / "README.md"
+    readme.write_text("# p\n\n<!-- measured:begin -->\nNo GPU measurement yet.\n<!-- measured:end -->\n\nrest\n")
+    for _ in range(2):  # replaces, never duplicates
+        report.main([str(run_path), "--table", str(table), "--results-md", str(md), "--readme", str(readme)])
+    text = md.read_text()
+    for part in ("epoch", "sample", "profile", "fidelity"):
+        assert text.count(f"<!-- results:H100:{part}:begin -->") == 1, part
+    lines = text.splitlines()
+    assert "| fast | cache | 7.84 | 7300.0 | 5.1 | 61.0 | 6.64x | 26.8x | 24.1x |" in lines
+    assert "| fast | ddpm | 1000 | 100 | 7.5 | 7.5 | 1.0 | 8x |" in lines
+    assert "| train | fast | 20.0 | 18.0 | 90% | 900.0 | matmul/conv 70%, normalisation 20%, elementwise 10% |" in lines
+    assert "| 28.0% | 5.0 | 20 | matmul/conv | `sm90_xmma_fprop/gemm` |" in lines  # a | in a name is escaped
+    assert "| fast, seed 0 | 0.0312 | 0.0301 | 0.0110 |" in lines
+    assert "Within 2% final loss: yes" in text
+    assert "<!-- results:H100:begin -->" in text  # the micro-benchmarks too
+    r = readme.read_text()
+    assert "No GPU measurement yet" not in r and r.endswith("\n\nrest\n")
+    assert r.count("<!-- measured:begin -->") == 1 and "| fast | cache | 7.84 |" in r and "| fast | ddpm |" in r
+    assert "profile_step" not in r  # the README shows the headline tables only
+
+
+def test_a_fidelity_only_run_keeps_the_micro_benchmarks_and_the_table(paths):
+    run_path, table, md = paths
+    report.main([str(run_path), "--table", str(table), "--results-md", str(md)])
+    before_table = table.read_text()
+    parts = end_to_end_parts()
+    fid_run = {"env": h100_run()["env"], "fidelity": parts["fidelity"], "fidelity_env": parts["fidelity_env"]}
+    fid_path = run_path.parent / "fidelity_suite.json"
+    fid_path.write_text(json.dumps(fid_run))
+    readme = md.parent / "README.md"
+    readme.write_text("<!-- measured:begin -->\nnone\n<!-- measured:end -->\n")
+    report.main([str(fid_path), "--table", str(table), "--results-md", str(md), "--readme", str(readme)])
+    text = md.read_text()
+    assert "| group_norm_act | fwd | bfloat16 | 128x64x64x64 |" in text and "<!-- results:H100:fidelity:begin -->" in text
+    assert table.read_text() == before_table
+    assert "none" in readme.read_text()  # no epoch or sampling figures: the README is left alone
+
+
+def test_a_cpu_run_never_writes_the_readme(tmp_path):
+    run = {"env": {"device_class": "cpu", "gpu": None, "date": ""}, **end_to_end_parts()}
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- measured:begin -->\nnone\n<!-- measured:end -->\n")
+    assert not report.update_readme(readme, run, "cpu.json")
+    assert readme.read_text() == "<!-- measured:begin -->\nnone\n<!-- measured:end -->\n"
+
+
+def test_assemble_keeps_each_modules_settings(tmp_path):
+    (tmp_path / "epoch").mkdir()
+    parts = end_to_end_parts()
+    (tmp_path / "epoch" / "epoch.json").write_text(json.dumps({"env": parts["epoch_env"], "epoch": parts["epoch"]}))
+    run = report.assemble(tmp_path)
+    assert run["epoch"] == parts["epoch"] and run["epoch_env"]["quick"] is True

@@ -1,0 +1,190 @@
+"""python -m benchmarks.profile_step: where the time of a training step and of a sampling step goes.
+
+torch.profiler over `--steps` steps after `--warmup` (compile and cuDNN plans stay out), for each
+workload: the training step of the reference path (fp32 eager) and of the fast path (bf16,
+channels_last, torch.compile), and a sampling step of each (model + update, no grad). Per
+workload it records the top kernels by device time (on the CPU: ops by self CPU time) with their
+share of the total, a share per category (matmul/conv, attention, normalisation, elementwise,
+optimizer/EMA, copies, other), and how busy the device was (kernel time / wall time).
+
+The fast path is profiled without its CUDA graphs: the graphs remove launch gaps, not kernel time,
+and outside a graph every kernel is attributed to its op. The gap they close shows here as
+`busy` < 1; benchmarks.epoch and benchmarks.sample measure the graphed paths.
+
+This is the evidence benchmarks/NOTES.md asks for before and after each optimisation. JSON to
+$OUT/profile.json when OUT is set, else benchmarks/results/profile.json."""
+from __future__ import annotations
+
+import argparse
+import re
+import time
+from typing import Callable
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from ddpm_fast import FastSampler, GaussianDiffusion, UNet
+from ddpm_fast.training.config import TrainConfig
+from ddpm_fast.training.ema import EMA
+from ddpm_fast.training.fast_step import FastStep, make_optimizer
+from ddpm_fast.training.step import make_reference_step
+
+from .common import write_result
+
+# First match wins: attention before matmul (flash kernels are GEMMs too), normalisation before
+# elementwise (Inductor names fused GroupNorm kernels triton_*_native_group_norm_*).
+CATEGORIES = [
+    ("attention", r"flash|fmha|attention|attn|sdpa|softmax"),
+    ("optimizer/EMA", r"adam|multi_tensor|foreach|lerp"),
+    ("normalisation", r"group_norm|groupnorm|layer_norm|batch_norm|welford|\bgn_|norm_act"),
+    ("matmul/conv", r"gemm|conv|cutlass|xmma|cudnn|wgrad|dgrad|fprop|hmma|gmma|mm\b|addmm|bmm|matmul|winograd|mkldnn"),
+    ("copies", r"copy|memcpy|memset|cat\b|clone|contiguous|to_copy|fill"),
+    ("elementwise", r"triton_|elementwise|vectorized|unrolled|reduce|silu|add|mul|sub|div|exp|sin|cos|where|sum|mean"),
+]
+
+
+def category(name: str) -> str:
+    low = name.lower()
+    return next((c for c, pat in CATEGORIES if re.search(pat, low)), "other")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def profile_steps(fn: Callable[[], object], steps: int, device: torch.device, top: int) -> dict:
+    """Profile `steps` calls of fn: the top kernels (ops on CPU) per step, categories, busy share."""
+    on_gpu = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    sync(device)
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        sync(device)
+        wall = time.perf_counter() - t0
+    rows = []
+    for e in prof.key_averages():
+        if on_gpu:  # kernels and copies: the device-side events, less record_function ranges drawn there
+            if (e.device_type != torch.autograd.DeviceType.CUDA or e.is_user_annotation
+                    or e.self_device_time_total <= 0):
+                continue
+            us = e.self_device_time_total
+        else:  # ops' own time; a parent's total would count its children twice
+            if e.self_cpu_time_total <= 0:
+                continue
+            us = e.self_cpu_time_total
+        rows.append((e.key, us, e.count))
+    total_us = sum(us for _, us, _ in rows)
+    if total_us <= 0:
+        raise RuntimeError("the profiler recorded no kernel time")
+    rows.sort(key=lambda r: -r[1])
+    cats: dict[str, float] = {}
+    for name, us, _ in rows:
+        cats[category(name)] = cats.get(category(name), 0.0) + us / total_us
+    return {
+        "steps": steps,
+        "wall_ms_per_step": round(1e3 * wall / steps, 3),
+        "kernel_ms_per_step": round(total_us / 1e3 / steps, 3),
+        # device time / wall time: below 1 the device waited on the host (launches, syncs)
+        "busy": round(total_us / 1e6 / wall, 3),
+        "kernels_per_step": round(sum(n for _, _, n in rows) / steps, 1),
+        "top": [{"name": name[:160], "ms_per_step": round(us / 1e3 / steps, 4), "share": round(us / total_us, 4),
+                 "calls_per_step": round(n / steps, 2), "category": category(name)} for name, us, n in rows[:top]],
+        "categories": {c: round(s, 4) for c, s in sorted(cats.items(), key=lambda kv: -kv[1])},
+    }
+
+
+def train_workload(path: str, args, device: torch.device) -> Callable[[], object]:
+    """One training step of `path` on a fixed random batch (data loading is not profiled)."""
+    torch.manual_seed(0)
+    fast = path == "fast"
+    cfg = TrainConfig(preset=args.preset, batch_size=args.batch_size, lr=2e-4, warmup=0,
+                      kernels=args.kernels if fast else "torch", model_overrides={"image_size": args.image_size})
+    model = UNet(**cfg.model).to(device).set_backend(cfg.kernels)
+    diffusion = GaussianDiffusion("linear", 1000)
+    ema = EMA(model, 0.9999)
+    opt = make_optimizer(model, cfg, fast=fast)
+    total = 10**6
+    if fast:
+        step = FastStep(model, diffusion, opt, ema, cfg, total, cuda_graph=False,
+                        compile_mode=None if args.compile == "none" else args.compile)
+    else:
+        gen = torch.Generator(device=device).manual_seed(0)
+        step = make_reference_step(model, diffusion, opt, ema, cfg, gen, total)
+    x0 = torch.rand(args.batch_size, 3, args.image_size, args.image_size, device=device) * 2 - 1
+    counter = iter(range(total))
+    return lambda: step(next(counter), x0)
+
+
+def sample_workload(path: str, args, device: torch.device) -> Callable[[], object]:
+    """One DDPM sampling step of `path` (model forward + update) on a batch of `--sample-n`."""
+    torch.manual_seed(0)
+    fast = path == "fast"
+    model = UNet.from_preset(args.preset, image_size=args.image_size).to(device).eval()
+    model.set_backend(args.kernels if fast else "torch")
+    if fast:
+        model = model.to(memory_format=torch.channels_last)
+    diffusion = GaussianDiffusion("linear", 1000)
+    sampler = FastSampler(model, diffusion, dtype=torch.bfloat16 if fast and device.type == "cuda" else None,
+                          compile=fast and args.sample_compile, cuda_graph=False,
+                          backend=args.kernels if fast else "torch")
+    x = torch.randn(args.sample_n, 3, args.image_size, args.image_size, device=device)
+    return lambda: sampler.sample(args.sample_n, args.image_size, x_start=x, start_t=0)  # one step: t = 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.profile_step", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="anime64")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--sample-n", type=int, default=256)
+    p.add_argument("--paths", default="reference,fast")
+    p.add_argument("--workloads", default="train,sample")
+    p.add_argument("--compile", default="default", help="torch.compile mode of the fast training step, or none")
+    p.add_argument("--sample-compile", action="store_true",
+                   help="torch.compile the fast sampler's model (off, as in benchmarks.sample)")
+    p.add_argument("--kernels", default="auto", choices=("auto", "torch", "triton", "cpp"))
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=5, help="profiled steps per workload")
+    p.add_argument("--top", type=int, default=15)
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # as the seed-style reference runs
+        torch.backends.cudnn.allow_tf32 = True
+    env = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
+           "preset": args.preset, "batch_size": args.batch_size, "sample_n": args.sample_n,
+           "image_size": args.image_size, "compile": args.compile, "sample_compile": args.sample_compile,
+           "kernels": args.kernels}
+    makers = {"train": train_workload, "sample": sample_workload}
+    results = []
+    for workload in args.workloads.split(","):
+        if workload not in makers:
+            p.error(f"--workloads: unknown workload {workload!r} (train, sample)")
+        for path in args.paths.split(","):
+            if path not in ("reference", "fast"):
+                p.error(f"--paths: unknown path {path!r} (reference, fast)")
+            fn = makers[workload](path, args, device)
+            t0 = time.perf_counter()
+            for _ in range(args.warmup):
+                fn()
+            sync(device)
+            r = {"workload": workload, "path": path, "warmup_s": round(time.perf_counter() - t0, 2),
+                 **profile_steps(fn, args.steps, device, args.top)}
+            results.append(r)
+            write_result("profile", {"env": env, "profile": results})  # after each: a timeout keeps the rest
+            unit = "kernels" if device.type == "cuda" else "ops"
+            print(f"\n{workload} / {path}: {r['wall_ms_per_step']:.2f} ms per step, {unit} "
+                  f"{r['kernel_ms_per_step']:.2f} ms ({r['kernels_per_step']:.0f} calls), busy {r['busy']:.0%}")
+            print("  " + ", ".join(f"{c} {s:.0%}" for c, s in r["categories"].items()))
+            for k in r["top"]:
+                print(f"  {k['share']:6.1%} {k['ms_per_step']:9.3f} ms x{k['calls_per_step']:<6g} "
+                      f"{k['category']:13} {k['name'][:90]}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
