@@ -12,6 +12,14 @@ import pytest  # noqa: E402
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
+def pytest_collection_modifyitems(items):
+    """Every test that needs CUDA is a `gpu` test too, so `pytest -m gpu` (the GPU suite's tests
+    step) runs all of them and the kernel files (marked `gpu` as a whole) and nothing CPU-only."""
+    for item in items:
+        if any(m.kwargs.get("reason") == "needs CUDA" for m in item.iter_markers("skipif")):
+            item.add_marker(pytest.mark.gpu)
+
+
 def _patch_interpreter_scalar_index() -> None:
     """Triton 3.6's interpreter passes scalar kernel arguments as 1-element arrays and converts
     them with int(array), which numpy >= 2.4 rejects: any loop `range(0, n, BLOCK)` over a

@@ -13,8 +13,9 @@ from ddpm_fast.ops import cpp, reference
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
-pytestmark = pytest.mark.skipif(not cpp.available(),
-                                reason="ddpm_fast._C not built: pip install --no-build-isolation -e .")
+pytestmark = [pytest.mark.skipif(not cpp.available(),
+                                 reason="ddpm_fast._C not built: pip install --no-build-isolation -e ."),
+              pytest.mark.gpu]  # the CUDA cases, and the CPU ones beside them as the yardstick
 
 DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
 FORMATS = [torch.contiguous_format, torch.channels_last]

@@ -29,7 +29,7 @@ def test_dry_run_lists_every_step():
     assert "nvidia-smi" in steps["env"] and "torch.__version__" in steps["env"] and "triton.__version__" in steps["env"]
     assert "benchmarks.ceilings" in steps["ceilings"]
     assert "pip install --no-build-isolation --no-deps --no-index -e ." in steps["build"]
-    assert "pytest tests -x -q" in steps["tests"]
+    assert "pytest tests -m gpu -q" in steps["tests"]
     for name, file in (("micro_sampling", "test_bench_sampling_update.py"),
                        ("micro_attention", "test_bench_attention.py"),
                        ("micro_group_norm", "test_bench_group_norm.py")):

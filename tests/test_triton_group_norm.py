@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from ddpm_fast.ops import reference  # noqa: E402
 from ddpm_fast.ops.triton_group_norm import group_norm_act, group_norm_act_backward_op, group_norm_act_op  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.gpu  # on a GPU every test here runs the compiled kernels
 TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
 @pytest.fixture
@@ -185,42 +185,3 @@ def test_anime64_shapes_bf16_channels_last(channels, size):
     _check((128, channels, size, size), 32, torch.bfloat16, True, "silu", True)
 
 
-# Compiled for the H100 as benchmarks/sm90.py does, in a child process: under TRITON_INTERPRET the
-# kernels are interpreter objects that triton.compile cannot take. The heaviest configurations
-# (most registers); the full list is benchmarks/sm90.py's job.
-SM90_CHECK = """
-import re, subprocess, sys, tempfile
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.backends.nvidia.compiler import get_ptxas
-from triton.compiler import ASTSource
-from ddpm_fast.kernels import group_norm_silu
-for spec in group_norm_silu.sm90_specs():
-    if spec["name"] not in sys.argv[1:]:
-        continue
-    k = triton.compile(ASTSource(fn=spec["fn"], signature=spec["signature"], constexprs=spec["constexprs"]),
-                       target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]})
-    assert ".target sm_90a" in k.asm["ptx"] and k.metadata.shared < 227 * 1024
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
-        f.write(k.asm["ptx"])
-        f.flush()
-        out = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", f.name, "-o", "/dev/null"],
-                             capture_output=True, text=True, check=True).stderr
-    spills = [int(b) for b in re.findall(r"(\\d+) bytes spill", out)]
-    print(spec["name"], re.search(r"Used \\d+ registers", out).group(0), "spills", sum(spills))
-    assert spills and sum(spills) == 0, out
-"""
-
-
-def test_heaviest_specs_compile_for_sm90_without_spills():
-    import subprocess
-    import sys
-
-    names = ["group_norm_act_bwd_bf16_silu_add_nhwc_single_c16_s512_w8",
-             "group_norm_act_bwd_fp32_silu_add_nchw_chunked_c8_s256_w8",
-             "group_norm_act_fwd_fp32_silu_nchw_chunked_c8_s256_w8"]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", SM90_CHECK, *names], env=env, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.count("spills 0") == len(names), res.stdout

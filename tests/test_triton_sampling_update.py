@@ -18,6 +18,7 @@ from ddpm_fast.ops import reference  # noqa: E402
 from ddpm_fast.ops.triton_sampling_update import sampling_update, sampling_update_op  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.gpu  # on a GPU every test here runs the compiled kernels
 
 
 @pytest.fixture
