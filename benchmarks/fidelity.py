@@ -8,13 +8,18 @@ yardstick is the run-to-run spread: the same comparison between two seeds of one
 (`--spread-path`, the reference by default; the GPU suite uses the cheaper fast path).
 
 CPU: tiny preset on the embedded data (the default). GPU: `--preset anime64 --image-size 64
---batch-size 128 --steps 2000` (the GPU suite's --fidelity call).
-JSON to $OUT/fidelity.json when OUT is set, else benchmarks/results/fidelity.json."""
+--batch-size 128 --steps 2000`. At that scale the three runs take longer than one 9-minute device
+call, so they can be split: `--runs reference:0,fast:0` in one call (the GPU suite's --fidelity),
+`--runs fast:1` in another (--fidelity-spread), then `--combine` of the saved runs anywhere.
+Each finished run is saved as fidelity-run-PATH-seedS.json; the report, fidelity.json, holds
+whatever comparisons the runs at hand allow. Both go to $OUT when set, else benchmarks/results/."""
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -38,7 +43,10 @@ def train_run(path: str, seed: int, args, device: torch.device) -> dict:
     model = UNet(**cfg.model).to(device)
     diffusion = GaussianDiffusion("linear", args.timesteps)
     ema = EMA(model, 0.9999)
-    gen = torch.Generator(device=device).manual_seed(seed)
+    # The same t, noise and dropout draws on both paths, so the comparison sees the arithmetic
+    # alone: on a GPU the graphed fast step draws from the default CUDA generator (graph-safe
+    # Philox, whose offsets replay as eager ones do), so the reference draws from it too.
+    gen = None if device.type == "cuda" else torch.Generator(device=device).manual_seed(seed)
     _, step_fn = make_step(path, model, diffusion, ema, cfg, args.steps, generator=gen,
                            compile_mode=None if args.compile == "none" else args.compile)
     loader = build_loader(args.data, args.image_size, args.batch_size, split="train", device=device, seed=seed)
@@ -77,6 +85,44 @@ def curve_gap(a: list[float], b: list[float]) -> float:
     return max(rel(x, y) for x, y in zip(sa[start:], sb[start:]))
 
 
+def compare(a: dict, b: dict) -> dict:
+    """Relative gaps of run `a` from run `b`: final loss, smoothed curve, held-out eps-MSE."""
+    return {"final_loss_rel": rel(a["final_loss"], b["final_loss"]),
+            "curve_max_rel": curve_gap(a["losses"], b["losses"]),
+            "heldout_mse_rel": rel(a["heldout_mse"], b["heldout_mse"])}
+
+
+def build_report(runs: list[dict]) -> dict:
+    """The comparison over whichever runs there are: fast vs reference from one seed, and the
+    seed-to-seed spread of one path (a run outside that pair against the same path's other seed).
+    A missing pair gives None, so a call that trained only some of the runs reports what it can."""
+    by = {(r["path"], r["seed"]): r for r in runs}
+    seeds = sorted(s for (path, s) in by if path == "reference" and ("fast", s) in by)
+    pair = (by[("fast", seeds[0])], by[("reference", seeds[0])]) if seeds else ()
+    # the later seed against the same-seed pair's run of its path, else against its earliest seed
+    bases = [*pair, *sorted(runs, key=lambda r: r["seed"])]
+    spread = next(((r, q) for r in sorted(runs, key=lambda r: -r["seed"]) if r not in pair
+                   for q in bases if q["path"] == r["path"] and q["seed"] != r["seed"]), None)
+    report = {"fast_vs_reference": compare(*pair) if pair else None,
+              "seed_spread": compare(*spread) if spread else None}
+    if runs and all("kid" in r for r in runs):
+        report["kid"] = {f"{r['path']}_seed{r['seed']}": [r["kid"], r["kid_std"]] for r in runs}
+    fv, sp = report["fast_vs_reference"], report["seed_spread"]
+    report["within_2pct_final_loss"] = fv["final_loss_rel"] <= 0.02 if fv else None
+    report["within_seed_spread"] = fv["heldout_mse_rel"] <= max(sp["heldout_mse_rel"], 0.01) if fv and sp else None
+    return report
+
+
+def parse_runs(spec: str) -> list[tuple[str, int]]:
+    out = []
+    for item in spec.split(","):
+        path, _, seed = item.partition(":")
+        if path not in ("reference", "fast") or not seed.lstrip("-").isdigit():
+            raise ValueError(f"--runs: {item!r} is not PATH:SEED with PATH reference or fast")
+        out.append((path, int(seed)))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.fidelity", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -90,46 +136,46 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timesteps", type=int, default=1000)
     p.add_argument("--seeds", default="0,1", help="two seeds: same-seed comparison and the spread")
     p.add_argument("--spread-path", default="reference", choices=("reference", "fast"))
+    p.add_argument("--runs", help="PATH:SEED,... to train in this call (default: reference and fast from the "
+                                  "first seed, --spread-path from the second); each run is saved on its own")
+    p.add_argument("--combine", nargs="+", metavar="RUN_JSON",
+                   help="train nothing: join fidelity-run-*.json files of earlier calls into the report")
     p.add_argument("--compile", default="none", help="torch.compile mode of the fast path, or none")
     p.add_argument("--test-images", type=int, default=256)
     p.add_argument("--mse-draws", type=int, default=4)
     p.add_argument("--kid-samples", type=int, default=0, help="KID on this many samples (needs [eval])")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    s0, s1 = (int(s) for s in args.seeds.split(","))
 
-    ref = train_run("reference", s0, args, device)
-    fast = train_run("fast", s0, args, device)
-    other = train_run(args.spread_path, s1, args, device)
-    base = ref if args.spread_path == "reference" else fast
-    report = {
-        "fast_vs_reference": {"final_loss_rel": rel(fast["final_loss"], ref["final_loss"]),
-                              "curve_max_rel": curve_gap(fast["losses"], ref["losses"]),
-                              "heldout_mse_rel": rel(fast["heldout_mse"], ref["heldout_mse"])},
-        "seed_spread": {"final_loss_rel": rel(other["final_loss"], base["final_loss"]),
-                        "curve_max_rel": curve_gap(other["losses"], base["losses"]),
-                        "heldout_mse_rel": rel(other["heldout_mse"], base["heldout_mse"])},
-    }
-    if "kid" in ref:
-        report["kid"] = {r["path"] + f"_seed{r['seed']}": [r["kid"], r["kid_std"]] for r in (ref, fast, other)}
-    fv, sp = report["fast_vs_reference"], report["seed_spread"]
-    report["within_2pct_final_loss"] = fv["final_loss_rel"] <= 0.02
-    report["within_seed_spread"] = fv["heldout_mse_rel"] <= max(sp["heldout_mse_rel"], 0.01)
-    env = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
-           **{k: v for k, v in vars(args).items()}}
-    runs = [{k: v for k, v in r.items() if k != "losses"} for r in (ref, fast, other)]
-    write_result("fidelity", {"env": env, "runs": runs, "report": report,
-                              "losses": {f"{r['path']}_seed{r['seed']}": r["losses"] for r in (ref, fast, other)}})
-    print(f"device: {env['device']}  preset {args.preset}  {args.steps} steps, batch {args.batch_size}")
+    if args.combine:
+        saved = [json.loads(Path(f).read_text()) for f in args.combine]
+        runs, env = [d["run"] for d in saved], saved[0]["env"]
+    else:
+        s0, s1 = (int(s) for s in args.seeds.split(","))
+        try:
+            plan = parse_runs(args.runs) if args.runs else [("reference", s0), ("fast", s0), (args.spread_path, s1)]
+        except ValueError as e:
+            p.error(str(e))
+        env = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+               "torch": torch.__version__, **{k: v for k, v in vars(args).items() if k != "combine"}}
+        runs = []
+        for path, seed in plan:  # each saved as it finishes: a later call can --combine it
+            runs.append(train_run(path, seed, args, device))
+            write_result(f"fidelity-run-{path}-seed{seed}", {"env": env, "run": runs[-1]})
+    report = build_report(runs)
+    write_result("fidelity", {"env": env, "runs": [{k: v for k, v in r.items() if k != "losses"} for r in runs],
+                              "report": report, "losses": {f"{r['path']}_seed{r['seed']}": r["losses"] for r in runs}})
+    print(f"device: {env['device']}  preset {env['preset']}  {env['steps']} steps, batch {env['batch_size']}")
     print(f"{'run':18} {'final loss':>10} {'held-out MSE':>12} {'KID':>10} {'train s':>8}")
-    for r in (ref, fast, other):
+    for r in runs:
         kid = f"{r['kid']:.4f}" if "kid" in r else "-"
         print(f"{r['path'] + ' seed ' + str(r['seed']):18} {r['final_loss']:10.4f} {r['heldout_mse']:12.4f} "
               f"{kid:>10} {r['train_s']:8.1f}")
-    print(f"fast vs reference (same seed): final loss {100 * fv['final_loss_rel']:.2f}%, smoothed curve max "
-          f"{100 * fv['curve_max_rel']:.2f}%, held-out MSE {100 * fv['heldout_mse_rel']:.2f}%")
-    print(f"{args.spread_path} seed {s0} vs seed {s1} (spread): final loss {100 * sp['final_loss_rel']:.2f}%, "
-          f"smoothed curve max {100 * sp['curve_max_rel']:.2f}%, held-out MSE {100 * sp['heldout_mse_rel']:.2f}%")
+    for name, gaps in (("fast vs reference (same seed)", report["fast_vs_reference"]),
+                       ("seed-to-seed spread", report["seed_spread"])):
+        print(f"{name}: " + (f"final loss {100 * gaps['final_loss_rel']:.2f}%, smoothed curve max "
+                             f"{100 * gaps['curve_max_rel']:.2f}%, held-out MSE {100 * gaps['heldout_mse_rel']:.2f}%"
+                             if gaps else "not measured in this call"))
     return 0
 
 

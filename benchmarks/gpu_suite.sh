@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU evidence for ddpm-fast in one call of under 9 minutes on an H100 (DECISIONS.md 14).
 #
-#   bash benchmarks/gpu_suite.sh [--quick] [--dali] [--fidelity] [--dry-run]
+#   bash benchmarks/gpu_suite.sh [--quick] [--dali] [--fidelity] [--fidelity-spread] [--dry-run]
 #
 # Default: versions; ceilings (copy GB/s, bf16 matmul TFLOP/s); build the CUDA extension
 # (sm_90a); the epoch and sampling benchmarks on reduced step counts; the GPU tests
@@ -10,7 +10,10 @@
 # --quick     a ~2-minute subset: versions, ceilings, a few micro-benchmark cases, no torch.compile;
 #             no build and no tests (the extension is measured only if it is already built)
 # --dali      a separate call: the DALI loader benchmark (benchmarks.data_loading) if DALI imports
-# --fidelity  a separate call: python -m benchmarks.fidelity (the "learning unchanged" comparison)
+# --fidelity  a separate call: python -m benchmarks.fidelity (the "learning unchanged" comparison),
+#             reference and fast path from one seed at anime64 scale, 2,000 steps
+# --fidelity-spread  a separate call: the second seed's run (the run-to-run yardstick) and the slow
+#             GPU test; join with python -m benchmarks.fidelity --combine <both calls' fidelity-run-*.json>
 # --dry-run   print every step of the plan and exit 0 (no GPU needed)
 #
 # Every step runs under `timeout`; a failing or timed-out step is recorded and the suite goes on.
@@ -28,6 +31,7 @@ for arg in "$@"; do
     --quick) MODE=quick ;;
     --dali) MODE=dali ;;
     --fidelity) MODE=fidelity ;;
+    --fidelity-spread) MODE=fidelity-spread ;;
     --dry-run) DRY=1 ;;
     -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "unknown option: $arg" >&2; exit 2 ;;
@@ -94,6 +98,10 @@ note() {
   fi
 }
 
+keep_fidelity_runs() {  # each finished run's JSON beside the suite's, for a later --combine
+  [ "$DRY" = 1 ] || cp "$WORK"/fidelity/fidelity-run-*.json "$RESULTS"/ 2>/dev/null || true
+}
+
 micro() {  # micro NAME CAP FILE [pytest args...]: one micro-benchmark file, its rows in micro_NAME.json
   local name=$1 cap=$2 file=$3
   shift 3
@@ -106,6 +114,8 @@ print(\"python\", sys.version.split()[0], \"torch\", torch.__version__, \"cuda\"
 \"triton\", triton.__version__); print(\"gpu\", torch.cuda.get_device_name(), torch.cuda.get_device_capability())'"
 
 BUILD=("$PY" -m pip install --no-build-isolation --no-deps --no-index -e .)
+FIDELITY=(--preset anime64 --image-size 64 --batch-size 128 --steps 2000 --lr 2e-4 --warmup 100 --compile none
+          --kid-samples 1000)
 CHECK_EXT="import torch, ddpm_fast._C; print('extension ops:', sorted(n for n in dir(torch.ops.ddpm_fast) if not n.startswith('_')))"
 
 case $MODE in
@@ -124,13 +134,18 @@ case $MODE in
   fidelity)
     # The comparison runs the reference ops: no CUDA extension build, so the time goes to training.
     step build 120 env DDPM_FAST_NO_EXTENSION=1 "${BUILD[@]}"
-    if [ -f benchmarks/fidelity.py ]; then
-      # anime64 at batch 128 for 2,000 steps; the seed spread from the (cheaper) fast path.
-      step fidelity 480 env OUT="$WORK/fidelity" "$PY" -m benchmarks.fidelity --preset anime64 --image-size 64 \
-        --batch-size 128 --steps 2000 --lr 2e-4 --warmup 100 --spread-path fast --compile none --kid-samples 1000
-    else
-      note fidelity "benchmarks/fidelity.py: not built yet"
-    fi
+    # anime64 at batch 128 for 2,000 steps: reference and fast from seed 0 here (~400 s on an
+    # H100), the fast path's seed-1 run (the spread) in --fidelity-spread; join the two calls'
+    # fidelity-run-*.json with python -m benchmarks.fidelity --combine.
+    step fidelity 480 env OUT="$WORK/fidelity" "$PY" -m benchmarks.fidelity "${FIDELITY[@]}" --runs reference:0,fast:0
+    keep_fidelity_runs
+    ;;
+  fidelity-spread)
+    step build 120 env DDPM_FAST_NO_EXTENSION=1 "${BUILD[@]}"
+    step fidelity 300 env OUT="$WORK/fidelity" "$PY" -m benchmarks.fidelity "${FIDELITY[@]}" --runs fast:1
+    keep_fidelity_runs
+    # the small-scale "learning unchanged" GPU test (2,000 steps of the tiny model), too slow for the full suite
+    step tests_slow 150 "$PY" -m pytest tests -m "gpu and slow" -q -p no:cacheprovider
     ;;
   quick)
     step ceilings 60 "$PY" -m benchmarks.ceilings --json "$WORK/ceilings.json"
@@ -155,7 +170,7 @@ case $MODE in
     fi
     # The GPU tests only (-m gpu: the kernels, the graphs, the GPU paths); the CPU-only tests are CI's.
     # No -x: one failure should not hide the others in a call that cannot be repeated cheaply.
-    step tests 150 "$PY" -m pytest tests -m gpu -q -p no:cacheprovider
+    step tests 150 "$PY" -m pytest tests -m "gpu and not slow" -q -p no:cacheprovider
     micro sampling 60 test_bench_sampling_update.py
     micro attention 120 test_bench_attention.py
     micro group_norm 200 test_bench_group_norm.py

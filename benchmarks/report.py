@@ -212,7 +212,8 @@ def assemble(work: Path) -> dict:
         run["env"] = run["env"] or data["env"]
         run["micro"] += data["micro"]
     for name in PARTS:  # NAME.json, or the JSON a module wrote into the OUT folder NAME/ it was given
-        found = sorted([work / f"{name}.json"] if (work / f"{name}.json").exists() else (work / name).glob("*.json"))
+        exact = [f for f in (work / f"{name}.json", work / name / f"{name}.json") if f.exists()]
+        found = exact or sorted((work / name).glob("*.json"))
         if found:
             data = json.loads(found[0].read_text())
             run[name] = data.get(name, data)

@@ -67,14 +67,18 @@ def fidelity(part: dict, env: dict) -> str:
                   [[f"{r['path']}, seed {r['seed']}", f"{r['final_loss']:.4f}", f"{r['heldout_mse']:.4f}",
                     f"{r['kid']:.4f}" if "kid" in r else None] for r in part["runs"]])
     rep = part["report"]
-    fv, sp = rep["fast_vs_reference"], rep["seed_spread"]
 
-    def pct(d: dict) -> str:
+    def pct(d: dict | None) -> str:
+        if d is None:
+            return "not measured in this run"
         return (f"final loss {100 * d['final_loss_rel']:.2f}%, smoothed curve max {100 * d['curve_max_rel']:.2f}%, "
                 f"held-out MSE {100 * d['heldout_mse_rel']:.2f}%")
-    verdict = (f"Fast vs reference, same seed: {pct(fv)}. Seed-to-seed spread: {pct(sp)}. Within 2% final loss: "
-               f"{'yes' if rep['within_2pct_final_loss'] else 'NO'}; held-out MSE within the seed spread: "
-               f"{'yes' if rep['within_seed_spread'] else 'NO'}.")
+
+    def yes_no(ok: bool | None) -> str:
+        return {True: "yes", False: "NO", None: "not known yet"}[ok]
+    verdict = (f"Fast vs reference, same seed: {pct(rep['fast_vs_reference'])}. Seed-to-seed spread: "
+               f"{pct(rep['seed_spread'])}. Within 2% final loss: {yes_no(rep['within_2pct_final_loss'])}; "
+               f"held-out MSE within the seed spread: {yes_no(rep['within_seed_spread'])}.")
     return "\n\n".join([head, body, verdict])
 
 

@@ -79,3 +79,42 @@ def test_profile_step(tmp_path, monkeypatch):
 ])
 def test_profile_categories(name, cat):
     assert profile_step.category(name) == cat
+
+
+def test_fidelity_runs_split_over_calls_and_combined(tmp_path, monkeypatch):
+    """The GPU suite's two fidelity calls: reference and fast from seed 0 in one, the spread run in
+    another; --combine of the saved runs gives the report a single call would have given."""
+    common = ["--steps", "5", "--batch-size", "4", "--image-size", "8", "--test-images", "8", "--mse-draws", "1",
+              "--timesteps", "50"]
+    monkeypatch.setenv("OUT", str(tmp_path / "a"))
+    assert fidelity.main(common + ["--runs", "reference:0,fast:0"]) == 0
+    part = json.loads((tmp_path / "a" / "fidelity.json").read_text())["report"]
+    assert part["fast_vs_reference"] is not None and part["seed_spread"] is None
+    assert part["within_seed_spread"] is None
+    monkeypatch.setenv("OUT", str(tmp_path / "b"))
+    assert fidelity.main(common + ["--runs", "fast:1"]) == 0
+    monkeypatch.setenv("OUT", str(tmp_path / "c"))
+    files = sorted(str(f) for f in tmp_path.glob("[ab]/fidelity-run-*.json"))
+    assert [f.rsplit("/", 1)[1] for f in files] == [
+        "fidelity-run-fast-seed0.json", "fidelity-run-reference-seed0.json", "fidelity-run-fast-seed1.json"]
+    assert fidelity.main(["--combine", *files]) == 0
+    r = json.loads((tmp_path / "c" / "fidelity.json").read_text())
+    assert r["report"]["fast_vs_reference"] == part["fast_vs_reference"]
+    assert r["report"]["seed_spread"]["final_loss_rel"] > 0 and r["report"]["within_seed_spread"] is not None
+    assert sorted(r["losses"]) == ["fast_seed0", "fast_seed1", "reference_seed0"]
+    from benchmarks import report_parts
+    text = report_parts.fidelity(r, r.get("env", {}))
+    assert "fast, seed 1" in text and "not measured" not in text
+
+
+def test_fidelity_report_pairs():
+    def run(path, seed, final):
+        return {"path": path, "seed": seed, "final_loss": final, "heldout_mse": final, "losses": [final] * 20}
+    rep = fidelity.build_report([run("reference", 0, 1.0), run("fast", 0, 1.01), run("reference", 1, 1.1)])
+    assert rep["fast_vs_reference"]["final_loss_rel"] == pytest.approx(0.01)
+    assert rep["seed_spread"]["final_loss_rel"] == pytest.approx(0.1)  # reference seed 1 vs seed 0
+    assert rep["within_2pct_final_loss"] and rep["within_seed_spread"]
+    only_fast = fidelity.build_report([run("fast", 0, 1.0), run("fast", 1, 1.2)])
+    assert only_fast["fast_vs_reference"] is None and only_fast["seed_spread"]["final_loss_rel"] == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="--runs"):
+        fidelity.parse_runs("fast")

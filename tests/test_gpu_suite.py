@@ -29,7 +29,7 @@ def test_dry_run_lists_every_step():
     assert "nvidia-smi" in steps["env"] and "torch.__version__" in steps["env"] and "triton.__version__" in steps["env"]
     assert "benchmarks.ceilings" in steps["ceilings"]
     assert "pip install --no-build-isolation --no-deps --no-index -e ." in steps["build"]
-    assert "pytest tests -m gpu -q" in steps["tests"]
+    assert "pytest tests -m gpu and not slow -q" in steps["tests"]
     for name, file in (("micro_sampling", "test_bench_sampling_update.py"),
                        ("micro_attention", "test_bench_attention.py"),
                        ("micro_group_norm", "test_bench_group_norm.py")):
@@ -49,7 +49,12 @@ def test_dry_run_modes():
     assert list(quick) == ["env", "ceilings", "micro_sampling", "micro_attention", "micro_group_norm", "summary"]
     assert "not compile" in quick["micro_group_norm"]
     assert list(plan("--dali")) == ["env", "build", "dali", "summary"]
-    assert list(plan("--fidelity")) == ["env", "build", "fidelity", "summary"]
+    fid, spread = plan("--fidelity"), plan("--fidelity-spread")
+    assert list(fid) == ["env", "build", "fidelity", "summary"]
+    assert list(spread) == ["env", "build", "fidelity", "tests_slow", "summary"]
+    assert "--runs reference:0,fast:0" in fid["fidelity"] and "--runs fast:1" in spread["fidelity"]
+    assert "--steps 2000" in fid["fidelity"] and "--preset anime64" in spread["fidelity"]
+    assert "-m gpu and slow" in spread["tests_slow"]
     assert suite("--bogus").returncode == 2
 
 
