@@ -241,6 +241,24 @@ def summary(run: dict) -> str:
     return "\n".join(lines)
 
 
+def as_run(data: dict) -> dict:
+    """A suite or micro-benchmark JSON as it is; one module's JSON (epoch.json, sample.json,
+    profile.json, or fidelity.json from `benchmarks.fidelity --combine`) as a run of its device."""
+    if "device_class" in (data.get("env") or {}):
+        return data
+    from ddpm_fast.ops.auto import device_class_of_name
+    name = next((n for n in report_parts.RENDERERS if n in data), None)
+    if name is None and {"runs", "report"} <= set(data):
+        name = "fidelity"
+    if name is None:
+        raise ValueError("not a suite, micro-benchmark or benchmark-module JSON")
+    env = data.get("env") or {}
+    device = env.get("device", "cpu")
+    cls = "cpu" if device.startswith("cpu") else device_class_of_name(device)
+    return {"env": {"device_class": cls, "gpu": None if cls == "cpu" else device, "torch": env.get("torch")},
+            name: data.get(name, data), f"{name}_env": env}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run", nargs="?", help="a suite or micro-benchmark JSON")
@@ -259,7 +277,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.run:
         p.error("give a RUN.json (or --assemble DIR)")
-    run = json.loads(Path(args.run).read_text())
+    try:
+        run = as_run(json.loads(Path(args.run).read_text()))
+    except (OSError, ValueError) as e:
+        p.error(f"{args.run}: {e}")
     source = Path(args.run).name
     update_results_md(Path(args.results_md), run, source)
     print(f"wrote {args.results_md}")

@@ -256,3 +256,17 @@ def test_assemble_keeps_each_modules_settings(tmp_path):
     (tmp_path / "epoch" / "epoch.json").write_text(json.dumps({"env": parts["epoch_env"], "epoch": parts["epoch"]}))
     run = report.assemble(tmp_path)
     assert run["epoch"] == parts["epoch"] and run["epoch_env"]["quick"] is True
+
+
+def test_a_combined_fidelity_json_is_reported_as_its_gpus_run(tmp_path):
+    fid = end_to_end_parts()["fidelity"]
+    path = tmp_path / "fidelity.json"
+    path.write_text(json.dumps({"env": {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11"}, **fid}))
+    md, table = tmp_path / "R.md", tmp_path / "t.json"
+    assert report.main([str(path), "--results-md", str(md), "--table", str(table),
+                        "--readme", str(tmp_path / "none.md")]) == 0
+    assert "<!-- results:H100:fidelity:begin -->" in md.read_text() and not table.exists()
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    with pytest.raises(SystemExit):
+        report.main([str(bad), "--results-md", str(md), "--table", str(table)])
