@@ -185,13 +185,18 @@ def test_cli_help_runs_as_module():
     assert callable(ddpm_fast.sample)  # DECISIONS 1: the CLI module never hides the function
 
 
-def test_fast_path_trains_and_resumes(tmp_path):
+def test_fast_path_trains_and_resumes(tmp_path, capsys):
     """--fast on CPU: bf16 autocast and channels_last (no compile here: it is slow on 2 cores)."""
     out = tmp_path / "fast"
     assert train_cli.main(SMALL + ["--steps", "30", "--lr", "2e-3", "--fast", "--compile", "none",
                                    "--out", str(out)]) == 0
     ls = [v for _, v in losses(out)]
     assert sum(ls[-5:]) / 5 < 0.8 * sum(ls[:5]) / 5
+    # The warm-up (here the first step) is reported apart and left out of img/s.
+    assert "fast path ready: " in capsys.readouterr().out
+    with open(out / "metrics.csv") as f:
+        rates = [r["img_per_s"] for r in csv.DictReader(f) if r["loss"]]
+    assert rates[0] == "" and all(float(r) > 0 for r in rates[1:])
     assert train_cli.main(SMALL + ["--steps", "32", "--fast", "--compile", "none", "--out", str(out),
                                    "--resume"]) == 0
     assert ckpt_mod.load_checkpoint(out)["step"] == 32

@@ -98,6 +98,12 @@ class FastStep:
                 g["lr"] = lr
         self.ema_weight.fill_(1.0 - decay)
 
+    @property
+    def ready(self) -> bool:
+        """Past the one-time work (compile on the first call, then the graph's warm-up and capture):
+        from here on a step costs what it will cost for the rest of the run."""
+        return self.graph is not None if self.cuda_graph else self.calls >= 1
+
     def __call__(self, step: int, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         self._set_scalars(step)
         x0 = x0.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)

@@ -104,9 +104,10 @@ def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> I
 class Progress:
     """One status line: a carriage-return bar on a terminal, a line every `every` s otherwise."""
 
-    def __init__(self, total: int, start: int = 0, every: float = 10.0, stream=sys.stderr):
-        self.total, self.start, self.every, self.stream = total, start, every, stream
-        self.tty = stream.isatty()
+    def __init__(self, total: int, start: int = 0, every: float = 10.0, stream=None):
+        # sys.stderr looked up now, not at import: it may have been replaced since (a notebook, pytest)
+        self.total, self.start, self.every, self.stream = total, start, every, stream or sys.stderr
+        self.tty = self.stream.isatty()
         self.t0 = self.last = time.time()
 
     def update(self, step: int, msg: str) -> None:

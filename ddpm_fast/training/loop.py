@@ -255,6 +255,9 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> Path:
     zero = torch.zeros((), device=device)
     window_loss, window_n, window_t0 = zero.clone(), 0, time.time()
     epoch_loss, epoch_n = zero.clone(), 0
+    # The fast path's first steps compile and capture the CUDA graph: their time is reported
+    # once, apart, and img/s counts only the steps after them (rate_n of the window's window_n).
+    warming, warm_t0, rate_n = cfg.fast, time.time(), 0
     model.train()
     with stop_at_step_boundary(ctx) as should_stop:
         while step < total:
@@ -265,15 +268,24 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> Path:
                 batch_in_epoch += 1
                 window_loss += loss
                 window_n += 1
+                rate_n += 1
+                if warming and fast.ready:
+                    warming = False
+                    loss.item()  # wait for the device: the warm-up ends here
+                    if main:
+                        print(f"\nfast path ready: {time.time() - warm_t0:.1f} s for its first {fast.calls} steps "
+                              "(torch.compile, CUDA-graph capture), not counted in img/s", flush=True)
+                    rate_n, window_t0 = 0, time.time()
                 epoch_loss += loss * x0.shape[0]
                 epoch_n += x0.shape[0]
                 if step % cfg.log_every == 0 or step == total:
                     mean = all_sum(window_loss, ctx).item() / (window_n * ctx.world_size)
-                    rate = window_n * cfg.batch_size / max(time.time() - window_t0, 1e-9)
+                    rate = rate_n * cfg.batch_size / max(time.time() - window_t0, 1e-9) if rate_n else None
                     if main:
                         metrics.write(step=step, epoch=epoch, loss=mean, lr=opt.param_groups[0]["lr"], img_per_s=rate)
-                        progress.update(step, f"epoch {epoch} | loss {mean:.4f} | {rate:.0f} img/s")
-                    window_loss, window_n, window_t0 = zero.clone(), 0, time.time()
+                        speed = f"{rate:.0f} img/s" if rate is not None else "warming up"
+                        progress.update(step, f"epoch {epoch} | loss {mean:.4f} | {speed}")
+                    window_loss, window_n, rate_n, window_t0 = zero.clone(), 0, 0, time.time()
                 if step % cfg.save_every == 0:
                     checkpoint()
                 if main and step % cfg.sample_every == 0:
