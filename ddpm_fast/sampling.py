@@ -89,6 +89,9 @@ class FastSampler:
                 x = x_start.to(device=device, dtype=torch.float32).clone()
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
+            if self.cuda_graph is True and generator is not None:
+                raise ValueError("cuda_graph=True draws its noise from the default CUDA generator: pass "
+                                 "generator=None (seed with torch.cuda.manual_seed) or use cuda_graph='auto'")
             use_graph = self.cuda_graph is True or (self.cuda_graph == "auto" and device.type == "cuda"
                                                     and not return_trajectory and generator is None)
             if use_graph:
@@ -113,25 +116,31 @@ class FastSampler:
         """Capture one step reading its index from a device counter; replay it len(timesteps) times."""
         device = x.device
         t_table = torch.tensor(timesteps, device=device, dtype=torch.long)
-        idx = torch.zeros((), device=device, dtype=torch.long)
+        # (1,), not 0-dim: indexing with a 0-dim tensor reads it on the host (.item()), which a
+        # capture forbids and which would freeze the row; index_select reads it on the device.
+        idx = torch.zeros(1, device=device, dtype=torch.long)
         static_x = x.clone()
 
         def step():
-            tb = t_table[idx].expand(static_x.shape[0])
+            tb = t_table.index_select(0, idx).expand(static_x.shape[0])
             eps = self._eps(static_x, tb)
-            static_x.copy_(ops.sampling_update(static_x, eps, coefs[idx], self.clip_x0, generator=generator,
+            coef = coefs.index_select(0, idx).squeeze(0)
+            static_x.copy_(ops.sampling_update(static_x, eps, coef, self.clip_x0, generator=generator,
                                                backend=self.backend))
             idx.add_(1)
 
-        # Warm up on a side stream (allocator pools, cuDNN plans, compile), then reset the state.
+        # Warm up on a side stream (allocator pools, cuDNN plans, compile), then reset the state;
+        # never past the plan's last row (a 1-step plan warms up once).
         s = torch.cuda.Stream(device)
         s.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(s):
-            for _ in range(2):
+            for _ in range(min(2, len(timesteps))):
                 step()
         torch.cuda.current_stream(device).wait_stream(s)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: a DataLoader's pin-memory thread may call CUDA while we capture (sample
+        # grids are drawn mid-training); the default "global" mode would invalidate the capture.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             step()
         static_x.copy_(x)
         idx.zero_()

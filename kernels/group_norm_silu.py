@@ -94,7 +94,7 @@ def group_norm_act_fwd_kernel(
     base = bi.to(tl.int64) * C * HW  # int64: B * C * H * W may pass 2**31
     x_ptr += base
     y_ptr += base
-    n = (cpg * HW).to(tl.float32)
+    n = cpg * HW * 1.0  # fp32; not .to(): cpg and HW both 1 arrive as constexpr ints (Triton specialises 1s)
     s_loc = tl.arange(0, BLOCK_S)[:, None]
     c_loc = tl.arange(0, BLOCK_C)[None, :]
 
@@ -169,7 +169,7 @@ def group_norm_act_bwd_kernel(
     x_ptr += base
     dy_ptr += base
     dx_ptr += base
-    n = (cpg * HW).to(tl.float32)
+    n = cpg * HW * 1.0  # fp32; not .to(): cpg and HW both 1 arrive as constexpr ints (Triton specialises 1s)
     mean = tl.load(mean_ptr + pid)
     rstd = tl.load(rstd_ptr + pid)
     s_loc = tl.arange(0, BLOCK_S)[:, None]
@@ -380,4 +380,13 @@ def sm90_specs() -> list[dict]:
                 f"_w{cfg['num_warps']}")
         specs.append({"name": name, "fn": fn, "signature": signature, "constexprs": constexprs,
                       "num_warps": cfg["num_warps"], "num_stages": 1})
+    # Triton compiles an int argument equal to 1 as the constexpr 1: one channel per group on a
+    # 1x1 map (image size 8 with four levels) makes cpg and HW plain Python ints in the kernel.
+    pick = _pick(1, 1)
+    for spec in [next(s for s in specs if s["fn"] is fn and s["num_warps"] == pick["num_warps"]
+                      and all(s["constexprs"][k] == pick[k] for k in ("SINGLE_PASS", "BLOCK_C", "BLOCK_S")))
+                 for _, fn in kernels]:
+        ones = {a: 1 for a in ("cpg", "HW")}
+        specs.append({**spec, "name": spec["name"] + "_cpg1_hw1", "constexprs": {**spec["constexprs"], **ones},
+                      "signature": {**spec["signature"], **{a: "constexpr" for a in ones}}})
     return specs

@@ -82,3 +82,26 @@ def test_graphed_step_matches_eager_step_on_gpu():
     assert l1 == pytest.approx(l0, rel=1e-3)
     for a, b in zip(p0, p1):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_optimizer_from_the_other_path_is_made_this_paths():
+    """A checkpoint of the graphed path (capturable fused Adam, tensor lr, steps on the device)
+    loaded for the reference path gets plain Adam's flags, a float lr and CPU steps, and steps."""
+    from ddpm_fast.training.fast_step import match_optimizer_to_path
+    model, _, cfg = build()
+    opt = make_optimizer(model, cfg, fast=False)
+    model(torch.randn(2, 3, 8, 8), torch.tensor([1, 2])).square().mean().backward()
+    opt.step()
+    saved = opt.state_dict()
+    for g in saved["param_groups"]:  # as a GPU fast run saves it
+        g.update(fused=True, capturable=True, lr=torch.tensor(1e-3))
+    for st in saved["state"].values():
+        st["step"] = st["step"].to(torch.float64)
+    opt2 = make_optimizer(model, cfg, fast=False)
+    opt2.load_state_dict(saved)
+    match_optimizer_to_path(opt2, fast=False)
+    g = opt2.param_groups[0]
+    assert (g["fused"], g["capturable"], g["foreach"]) == (None, False, None) and isinstance(g["lr"], float)
+    assert all(st["step"].dtype == torch.float32 and st["step"].device.type == "cpu" for st in opt2.state.values())
+    opt2.step()
+    assert all(st["step"].item() == 2 for st in opt2.state.values())

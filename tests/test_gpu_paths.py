@@ -33,6 +33,15 @@ def test_graphed_ddim_matches_eager_ddim():
     torch.testing.assert_close(out[True], out[False], rtol=1e-4, atol=1e-4)
 
 
+def test_graphed_one_step_plan():
+    """A one-step plan warms up once: never past the plan's last row."""
+    model, diffusion = tiny_model(), GaussianDiffusion("linear", 100)
+    x_T = torch.randn(2, 3, 16, 16, device="cuda")
+    out = [FastSampler(model, diffusion, method="ddim", steps=1, cuda_graph=g).sample(2, 16, x_start=x_T)
+           for g in (False, True)]
+    torch.testing.assert_close(out[1], out[0], rtol=1e-4, atol=1e-4)
+
+
 def test_graphed_ddpm_draws_fresh_reproducible_noise():
     """With in-graph noise, two samples from one sampler differ (fresh noise on every replay), and
     the same CUDA seed gives the same images again."""
@@ -74,15 +83,19 @@ SMALL = ["--preset", "tiny", "--image-size", "16", "--batch-size", "8", "--warmu
          "--device", "cuda"]
 
 
-def test_fast_training_on_gpu_resumes_and_loads_on_cpu(tmp_path):
-    """--fast on a GPU: warm-up steps, then the captured whole-step graph; an interrupted run
-    resumes into a new graph; the checkpoint loads on a CPU-only reader."""
+def test_fast_training_on_gpu_resumes_across_paths_and_loads_on_cpu(tmp_path):
+    """A reference run, resumed with --fast on a GPU past the warm-up into the captured whole-step
+    graph (its optimizer made capturable), resumed again with --fast into a new graph, then on
+    the reference path; the checkpoint loads on a CPU-only reader."""
     out = tmp_path / "run"
-    assert train_cli.main(SMALL + ["--fast", "--compile", "none", "--steps", "8", "--out", str(out)]) == 0
-    assert train_cli.main(SMALL + ["--fast", "--compile", "none", "--steps", "14", "--out", str(out),
-                                   "--resume"]) == 0
+    assert train_cli.main(SMALL + ["--steps", "3", "--out", str(out)]) == 0
+    for steps, fast in ((9, True), (14, True), (16, False)):
+        argv = SMALL + ["--steps", str(steps), "--out", str(out), "--resume"]
+        assert train_cli.main(argv + (["--fast", "--compile", "none"] if fast else [])) == 0
     ck = ckpt_mod.load_checkpoint(out, map_location="cpu")
-    assert ck["step"] == 14 and all(not v.is_cuda for v in ck["model"].values())
+    assert ck["step"] == 16 and all(not v.is_cuda for v in ck["model"].values())
+    with open(out / "metrics.csv") as f:  # a float lr in the log, not a tensor's repr
+        assert "tensor" not in f.read()
     model, _, _ = ckpt_mod.load_model(out, ema=True, device="cpu")
     x = torch.randn(2, 3, 16, 16)
     assert torch.isfinite(model(x, torch.tensor([1, 90]))).all()

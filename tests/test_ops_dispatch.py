@@ -33,3 +33,26 @@ def test_unet_compiles_without_graph_breaks():
     m = UNet.from_preset("tiny", image_size=16, ch_mult=(1, 2), attn_res=(8,))
     ex = torch._dynamo.explain(m)(torch.randn(2, 3, 16, 16), torch.tensor([1, 2]))
     assert ex.graph_break_count == 0 and ex.graph_count == 1
+
+
+def test_model_wide_cpp_backend_runs_attention_on_the_reference():
+    """The extension has no attention: --kernels cpp runs the UNet's attention on the reference
+    and still its GroupNorms on the extension."""
+    from ddpm_fast.ops import cpp
+    if not cpp.available():
+        pytest.skip("ddpm_fast._C not built")
+    q, k, v = (torch.randn(2, 1, 16, 8) for _ in range(3))
+    torch.testing.assert_close(ops.attention(q, k, v, backend="cpp"), ops.attention(q, k, v, backend="torch"))
+    m = UNet.from_preset("tiny", image_size=8, ch_mult=(1, 2), attn_res=(4,)).eval()
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 50])
+    with torch.no_grad():
+        torch.testing.assert_close(m.set_backend("cpp")(x, t), m.set_backend("torch")(x, t), rtol=1e-4, atol=1e-4)
+
+
+def test_ddpm_step_takes_a_device_step_tensor():
+    from ddpm_fast import GaussianDiffusion
+    d = GaussianDiffusion("linear", 50)
+    x, eps, z = torch.randn(3, 3, 4, 4), torch.randn(3, 3, 4, 4), torch.randn(3, 3, 4, 4)
+    for t in (0, 17, 49):
+        a = ops.ddpm_step(x, eps, torch.full((3,), t), d, noise=z, backend="torch")
+        torch.testing.assert_close(a, ops.ddpm_step(x, eps, t, d, noise=z, backend="torch"))

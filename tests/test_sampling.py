@@ -87,3 +87,10 @@ def test_trajectory_and_errors(model):
         FastSampler(model, d, method="ddpm", steps=5)
     with pytest.raises(ValueError, match="--method"):
         FastSampler(model, d, method="euler")
+
+
+def test_cuda_graph_true_refuses_a_generator(model):
+    from ddpm_fast import FastSampler
+    sampler = FastSampler(model, GaussianDiffusion("linear", 10), cuda_graph=True)
+    with pytest.raises(ValueError, match="generator=None"):
+        sampler.sample(2, 8, generator=torch.Generator())

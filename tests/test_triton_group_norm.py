@@ -173,6 +173,10 @@ def test_sm90_specs_cover_every_launch_choice():
         fn = spec["fn"]
         assert set(spec["signature"]) == set(fn.arg_names)
         assert {a for a, t in spec["signature"].items() if t == "constexpr"} == set(spec["constexprs"])
+    # the launch where Triton turns cpg = HW = 1 into constexprs is compiled too, with its tile
+    ones = [s for s in specs if s["name"].endswith("_cpg1_hw1")]
+    assert len(ones) == 2 and all(s["constexprs"]["cpg"] == s["constexprs"]["HW"] == 1 for s in ones)
+    assert all(s["constexprs"]["BLOCK_S"] == kernels._pick(1, 1)["BLOCK_S"] for s in ones)
 
 
 # -- GPU: the anime64 UNet's GroupNorms at batch 128, bf16, channels_last ------------------------

@@ -41,8 +41,13 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: torch.Tensor | Non
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v on (B, heads, L, d)."""
-    return _backend_module(resolve("attention", backend, q)).attention(q, k, v)
+    """softmax(q k^T / sqrt(d)) v on (B, heads, L, d). The extension has no attention, and the
+    Triton kernels take fp32 only under the interpreter (on a GPU its configurations spill): those
+    calls run the reference, so a model-wide --kernels cpp|triton also runs fp32 evaluation."""
+    name = resolve("attention", backend, q)
+    if name == "cpp" or (name == "triton" and q.is_cuda and q.dtype == torch.float32):
+        name = "torch"
+    return _backend_module(name).attention(q, k, v)
 
 
 def sampling_update(x_t: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor, clip_x0: bool = False,
@@ -70,7 +75,10 @@ def ddpm_step(x_t: torch.Tensor, eps: torch.Tensor, t, diffusion, variance: str 
     """Ancestral DDPM step t -> t-1 (Ho et al. eq. 11 without clipping); no noise at t = 0.
     `t` is an int or a device tensor (one step for the whole batch)."""
     table = diffusion.ddpm_table(variance, x_t.device)
-    row = table[t.reshape(-1)[0].to(x_t.device)] if isinstance(t, torch.Tensor) else table[int(t)]
+    if isinstance(t, torch.Tensor):  # index_select reads t on the device: no host sync, graph-safe
+        row = table.index_select(0, t.reshape(-1)[:1].to(device=x_t.device, dtype=torch.long)).squeeze(0)
+    else:
+        row = table[int(t)]
     return sampling_update(x_t, eps, row, clip_x0, noise, generator, backend)
 
 

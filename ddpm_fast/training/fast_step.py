@@ -33,15 +33,27 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, fast: bool) -> torc
     return torch.optim.Adam(model.parameters(), lr=cfg.lr)
 
 
-def match_lr_type(opt: torch.optim.Optimizer, fast: bool) -> None:
-    """After opt.load_state_dict: a checkpoint from the other path brings its lr type along. A
-    float lr inside a captured graph would freeze the schedule; a tensor lr breaks foreach Adam."""
+def match_optimizer_to_path(opt: torch.optim.Optimizer, fast: bool) -> None:
+    """After opt.load_state_dict, which takes each param group whole from the checkpoint: a
+    checkpoint of the other path brings its lr type, Adam flags and step tensors along. Make them
+    what make_optimizer gives this path. A float lr inside a captured graph would freeze the
+    schedule, and capture refuses a non-capturable Adam; a tensor lr or a capturable Adam on
+    the CPU breaks the reference step."""
     device = next(p.device for g in opt.param_groups for p in g["params"])
+    graphed = fast and device.type == "cuda"
     for g in opt.param_groups:
-        if fast and device.type == "cuda" and not isinstance(g["lr"], torch.Tensor):
-            g["lr"] = torch.tensor(float(g["lr"]), device=device)
-        elif not (fast and device.type == "cuda") and isinstance(g["lr"], torch.Tensor):
-            g["lr"] = float(g["lr"])
+        if graphed:
+            g.update(fused=True, capturable=True, foreach=None)
+            if not isinstance(g["lr"], torch.Tensor):
+                g["lr"] = torch.tensor(float(g["lr"]), device=device)
+        else:
+            g.update(fused=None, capturable=False, foreach=None)
+            if isinstance(g["lr"], torch.Tensor):
+                g["lr"] = float(g["lr"])
+        for p in g["params"]:  # capturable and fused Adam keep `step` on the device, the others on the CPU
+            state = opt.state.get(p, {})
+            if "step" in state:
+                state["step"] = state["step"].to(device=p.device if graphed else "cpu", dtype=torch.float32)
 
 
 class FastStep:
@@ -133,7 +145,9 @@ class FastStep:
         self.graph = torch.cuda.CUDAGraph()
         self._capturing = True
         try:
-            with torch.cuda.graph(self.graph):
+            # thread_local: the DataLoader's pin-memory thread calls CUDA (host allocations,
+            # events) while we capture; in the default "global" mode that invalidates the capture.
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
                 self.static_loss = self._step_body(self.static_x0, None)
         finally:
             self._capturing = False

@@ -32,7 +32,7 @@ from .distributed import (DistContext, StopVote, all_sum, derived_seed, distribu
                           gather_to_main, per_rank_batch, wrap_model)
 from .ema import EMA
 from .logging import MetricsCSV, Progress, image_grid, plot_losses
-from .fast_step import FastStep, make_optimizer, match_lr_type
+from .fast_step import FastStep, make_optimizer, match_optimizer_to_path
 from .step import make_reference_step
 
 
@@ -206,7 +206,7 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> Path:
         net.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
-        match_lr_type(opt, cfg.fast)
+        match_optimizer_to_path(opt, cfg.fast)
         step, epoch = ckpt["step"], ckpt["epoch"]
         batch_in_epoch, repeated = resume_batch(ckpt, cfg.batch_size, len(loader))
         restore_rng(ckpt, cfg, ctx, gen)
@@ -282,7 +282,8 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> Path:
                     mean = all_sum(window_loss, ctx).item() / (window_n * ctx.world_size)
                     rate = rate_n * cfg.batch_size / max(time.time() - window_t0, 1e-9) if rate_n else None
                     if main:
-                        metrics.write(step=step, epoch=epoch, loss=mean, lr=opt.param_groups[0]["lr"], img_per_s=rate)
+                        metrics.write(step=step, epoch=epoch, loss=mean, lr=float(opt.param_groups[0]["lr"]),
+                                      img_per_s=rate)
                         speed = f"{rate:.0f} img/s" if rate is not None else "warming up"
                         progress.update(step, f"epoch {epoch} | loss {mean:.4f} | {speed}")
                     window_loss, window_n, rate_n, window_t0 = zero.clone(), 0, 0, time.time()
