@@ -116,16 +116,18 @@ def main(argv: list[str] | None = None) -> int:
     n_files = 4096 if args.quick else folder_size_for_epoch(args.epoch_images)
     data = args.data or make_sources(args.workdir / f"jpeg96-{n_files}", n_files)
 
-    results = [run_path(path, data, args, device) for path in args.paths.split(",")]
-    ref = next((r for r in results if r["path"] == "reference"), None)
-    for r in results:
-        r["speedup_vs_reference"] = round(ref["epoch_s"] / r["epoch_s"], 2) if ref else None
-        r["speedup_vs_3090_epoch"] = round(SEED_EPOCH_S / r["epoch_s"], 1)
-        r["speedup_vs_3090_img_per_s"] = round(r["img_per_s"] / SEED_IMG_PER_S, 1)
     env = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
            "torch": torch.__version__, "preset": args.preset, "batch_size": args.batch_size,
            "image_size": args.image_size, "epoch_images": args.epoch_images, "quick": args.quick}
-    write_result("epoch", {"env": env, "epoch": results})
+    results = []
+    for path in args.paths.split(","):
+        results.append(run_path(path, data, args, device))
+        ref = next((r for r in results if r["path"] == "reference"), None)
+        for r in results:
+            r["speedup_vs_reference"] = round(ref["epoch_s"] / r["epoch_s"], 2) if ref else None
+            r["speedup_vs_3090_epoch"] = round(SEED_EPOCH_S / r["epoch_s"], 1)
+            r["speedup_vs_3090_img_per_s"] = round(r["img_per_s"] / SEED_IMG_PER_S, 1)
+        write_result("epoch", {"env": env, "epoch": results})  # after each path: a timeout keeps the first
     print(f"device: {env['device']}  preset {args.preset}  batch {args.batch_size}  "
           f"{args.steps} timed steps extrapolated to {args.epoch_images} images")
     print(f"{'path':10} {'loader':7} {'epoch s':>8} {'img/s':>9} {'peak GiB':>8} {'warm-up s':>9} "

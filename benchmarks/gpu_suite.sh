@@ -8,7 +8,7 @@
 # (pytest -m gpu); the kernel micro-benchmarks at the anime64 shapes; a torch.profiler breakdown of a training
 # and a sampling step.
 # --quick     a ~2-minute subset: versions, ceilings, a few micro-benchmark cases, no torch.compile;
-#             no build and no tests (the extension is measured only if it is already built)
+#             installed without building the extension (measured only if already built), no tests
 # --dali      a separate call: the DALI loader benchmark (benchmarks.data_loading) if DALI imports
 # --fidelity  a separate call: python -m benchmarks.fidelity (the "learning unchanged" comparison),
 #             reference and fast path from one seed at anime64 scale, 2,000 steps
@@ -148,6 +148,9 @@ case $MODE in
     step tests_slow 150 "$PY" -m pytest tests -m "gpu and slow" -q -p no:cacheprovider
     ;;
   quick)
+    # ddpm_fast.kernels exists only once installed (package_dir maps kernels/ there): a quick
+    # editable install without the extension, so the Triton rows are measured
+    step build 60 env DDPM_FAST_NO_EXTENSION=1 "${BUILD[@]}"
     step ceilings 60 "$PY" -m benchmarks.ceilings --json "$WORK/ceilings.json"
     micro sampling 45 test_bench_sampling_update.py
     micro attention 60 test_bench_attention.py -k "128x4x1024x64"
@@ -159,7 +162,7 @@ case $MODE in
     step extension 30 "$PY" -c "$CHECK_EXT"
     # The headline numbers first (they run the reference ops: no dependence on the kernel tests).
     if [ -f benchmarks/epoch.py ]; then
-      step epoch 150 env OUT="$WORK/epoch" "$PY" -m benchmarks.epoch --quick
+      step epoch 200 env OUT="$WORK/epoch" "$PY" -m benchmarks.epoch --quick
     else
       note epoch "benchmarks/epoch.py: not built yet"
     fi

@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     base = UNet.from_preset(args.preset, image_size=args.image_size).to(device).eval()
 
+    env = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
+           "preset": args.preset, "n": args.n, "image_size": args.image_size, "quick": args.quick}
     results = []
     for path in args.paths.split(","):
         fast = path == "fast"
@@ -69,12 +71,10 @@ def main(argv: list[str] | None = None) -> int:
             results.append({"path": path, "method": method, "steps_run": n_steps, "steps": full_steps,
                             "warmup_s": round(warm_s, 2), "s": round(run_s * full_steps / n_steps, 2),
                             "ms_per_step": round(1e3 * run_s / n_steps, 3)})
-    for r in results:
-        ref = next((q for q in results if q["path"] == "reference" and q["method"] == r["method"]), None)
-        r["speedup_vs_reference"] = round(ref["s"] / r["s"], 2) if ref else None
-    env = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
-           "preset": args.preset, "n": args.n, "image_size": args.image_size, "quick": args.quick}
-    write_result("sample", {"env": env, "sample": results})
+            for r in results:
+                ref = next((q for q in results if q["path"] == "reference" and q["method"] == r["method"]), None)
+                r["speedup_vs_reference"] = round(ref["s"] / r["s"], 2) if ref else None
+            write_result("sample", {"env": env, "sample": results})  # after each: a timeout keeps the rest
     print(f"device: {env['device']}  {args.n} images of {args.image_size}x{args.image_size}, preset {args.preset}")
     print(f"{'path':10} {'method':6} {'steps':>6} {'seconds':>9} {'ms/step':>9} {'warm-up s':>9} {'x ref':>6}")
     for r in results:

@@ -46,7 +46,9 @@ def test_dry_run_lists_every_step():
 
 def test_dry_run_modes():
     quick = plan("--quick")
-    assert list(quick) == ["env", "ceilings", "micro_sampling", "micro_attention", "micro_group_norm", "summary"]
+    assert list(quick) == ["env", "build", "ceilings", "micro_sampling", "micro_attention", "micro_group_norm",
+                           "summary"]
+    assert "DDPM_FAST_NO_EXTENSION=1" in quick["build"]
     assert "not compile" in quick["micro_group_norm"]
     assert list(plan("--dali")) == ["env", "build", "dali", "summary"]
     fid, spread = plan("--fidelity"), plan("--fidelity-spread")
@@ -73,7 +75,7 @@ def test_failures_are_recorded_and_suite_goes_on(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     run = json.loads((out / "gpu_suite.json").read_text())
     steps = {s["name"]: s for s in run["steps"]}
-    assert list(steps) == ["env", "ceilings", "micro_sampling", "micro_attention", "micro_group_norm"]
+    assert list(steps) == ["env", "build", "ceilings", "micro_sampling", "micro_attention", "micro_group_norm"]
     assert all(s["status"] == "failed" and s["rc"] != 0 for s in steps.values())
     assert steps["ceilings"]["rc"] == 3 and "stand-in: no GPU here" in steps["ceilings"]["log_tail"]
     assert run["env"]["device_class"] == "cpu" and run["micro"] == []
@@ -87,7 +89,7 @@ def test_spent_budget_skips_steps_but_still_reports(tmp_path):
     r = suite("--quick", env={"PYTHON": _stand_in(tmp_path), "OUT": str(out), "SUITE_BUDGET_S": "10"})
     assert r.returncode == 0, r.stdout + r.stderr
     run = json.loads((out / "gpu_suite.json").read_text())
-    assert [s["status"] for s in run["steps"]] == ["skipped"] * 5
+    assert [s["status"] for s in run["steps"]] == ["skipped"] * 6
 
 
 def test_assemble_joins_steps_micro_rows_and_module_outputs(tmp_path):
