@@ -129,24 +129,37 @@ class FastSampler:
                                                backend=self.backend))
             idx.add_(1)
 
-        # Warm up on a side stream (allocator pools, cuDNN plans, compile), then reset the state;
-        # never past the plan's last row (a 1-step plan warms up once).
-        s = torch.cuda.Stream(device)
-        s.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(s):
-            for _ in range(min(2, len(timesteps))):
-                step()
-        torch.cuda.current_stream(device).wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: a DataLoader's pin-memory thread may call CUDA while we capture (sample
-        # grids are drawn mid-training); the default "global" mode would invalidate the capture.
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            step()
-        static_x.copy_(x)
-        idx.zero_()
+        def reset():
+            static_x.copy_(x)
+            idx.zero_()
+
+        # Never warm up past the plan's last row (a 1-step plan warms up once).
+        replay = capture_step(step, min(2, len(timesteps)), reset, device)
         for _ in timesteps:
-            graph.replay()
+            replay()
         return static_x.clone()
+
+
+def capture_step(step: Callable[[], object], warmup: int, reset: Callable[[], object],
+                 device: torch.device) -> Callable[[], None]:
+    """`step` run `warmup` times on a side stream (allocator pools, cuDNN plans, compile), then
+    captured in a CUDA graph; returns the graph's replay, with `reset()` run before the capture
+    and after it. `step` must not read the device from the host (no .item(), no indexing by a
+    0-dim tensor): a capture forbids it."""
+    s = torch.cuda.Stream(device)
+    s.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(s):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream(device).wait_stream(s)
+    reset()
+    graph = torch.cuda.CUDAGraph()
+    # thread_local: a DataLoader's pin-memory thread may call CUDA while we capture (sample grids
+    # are drawn mid-training); the default "global" mode would invalidate the capture.
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        step()
+    reset()
+    return graph.replay
 
 
 def sample(model: Callable, diffusion: GaussianDiffusion, n: int, image_size: int, method: str = "ddpm",

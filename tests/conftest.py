@@ -20,6 +20,27 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.gpu)
 
 
+class NoHostSync:
+    """Context manager: fail on any read of a tensor's value by the host (.item(), indexing by a
+    0-dim tensor, bool(t), ...), which a CUDA-graph capture forbids. On the CPU this checks the
+    code that CUDA graphs capture, without a GPU."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func is torch.ops.aten._local_scalar_dense.default:
+                    raise AssertionError("a host read of a tensor value (a sync) in code meant for capture")
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+        return self.mode.__enter__()
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+
 def _patch_interpreter_scalar_index() -> None:
     """Triton 3.6's interpreter passes scalar kernel arguments as 1-element arrays and converts
     them with int(array), which numpy >= 2.4 rejects: any loop `range(0, n, BLOCK)` over a

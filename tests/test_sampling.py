@@ -94,3 +94,43 @@ def test_cuda_graph_true_refuses_a_generator(model):
     sampler = FastSampler(model, GaussianDiffusion("linear", 10), cuda_graph=True)
     with pytest.raises(ValueError, match="generator=None"):
         sampler.sample(2, 8, generator=torch.Generator())
+
+
+def _capture_on_cpu(calls):
+    """A stand-in for sampling.capture_step on the CPU: warms up like it, runs the step once as
+    the capture under NoHostSync (a capture forbids host reads), and replays by calling it."""
+    from conftest import NoHostSync
+
+    def capture(step, warmup, reset, device):
+        calls.append(warmup)
+        for _ in range(warmup):
+            step()
+        reset()
+        with NoHostSync():
+            step()
+        reset()
+        return step
+    return capture
+
+
+@pytest.mark.parametrize("steps", [1, 7])
+def test_graphed_path_indexes_its_plan_on_the_device(model, monkeypatch, steps):
+    """The graph path's step reads its row from a device counter: replayed, it walks the plan as
+    the eager loop does (DDIM eta=0 is deterministic), makes no host read while captured, and
+    never warms up past the plan."""
+    from ddpm_fast import sampling
+    calls = []
+    monkeypatch.setattr(sampling, "capture_step", _capture_on_cpu(calls))
+    d = GaussianDiffusion("linear", 40)
+    x_T = torch.randn(3, 3, 8, 8)
+    eager = FastSampler(model, d, method="ddim", steps=steps, cuda_graph=False).sample(3, 8, x_start=x_T)
+    graphed = FastSampler(model, d, method="ddim", steps=steps, cuda_graph=True).sample(3, 8, x_start=x_T)
+    torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
+    assert calls == [min(2, steps)]
+
+
+def test_graphed_ddpm_step_draws_noise_without_host_reads(model, monkeypatch):
+    from ddpm_fast import sampling
+    monkeypatch.setattr(sampling, "capture_step", _capture_on_cpu([]))
+    out = FastSampler(model, GaussianDiffusion("linear", 5), cuda_graph=True, backend="torch").sample(2, 8)
+    assert out.shape == (2, 3, 8, 8) and torch.isfinite(out).all()
