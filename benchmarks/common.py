@@ -20,8 +20,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch._dynamo
 
 ON_GPU = torch.cuda.is_available()
+# Each shape compiles the reference anew (dynamic=False): past Dynamo's default of 8 recompiles
+# of one function it would silently run it eagerly and the "compile" rows would time eager code.
+torch._dynamo.config.recompile_limit = 64
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 NUM_GROUPS = 32
 

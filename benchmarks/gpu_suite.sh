@@ -4,8 +4,8 @@
 #   bash benchmarks/gpu_suite.sh [--quick] [--dali] [--fidelity] [--fidelity-spread] [--dry-run]
 #
 # Default: versions; ceilings (copy GB/s, bf16 matmul TFLOP/s); build the CUDA extension
-# (sm_90a); the epoch and sampling benchmarks on reduced step counts; the GPU tests
-# (pytest -m gpu); the kernel micro-benchmarks at the anime64 shapes; a torch.profiler breakdown of a training
+# (sm_90a); the GPU tests (pytest -m gpu); the epoch and sampling benchmarks on reduced step
+# counts; the kernel micro-benchmarks at the anime64 shapes; a torch.profiler breakdown of a training
 # and a sampling step.
 # --quick     a ~2-minute subset: versions, ceilings, a few micro-benchmark cases, no torch.compile;
 #             installed without building the extension (measured only if already built), no tests
@@ -160,7 +160,19 @@ case $MODE in
     step ceilings 90 "$PY" -m benchmarks.ceilings --json "$WORK/ceilings.json"
     step build 300 "${BUILD[@]}"
     step extension 30 "$PY" -c "$CHECK_EXT"
-    # The headline numbers first (they run the reference ops: no dependence on the kernel tests).
+    # The GPU tests first: a wrong kernel or a crashing graph path makes every number after it moot.
+    # Only -m gpu (the kernels, the graphs, the GPU paths; the CPU-only tests are CI's), over 4
+    # workers with pytest-xdist (on the GPU image: ~150 Triton compiles to spread), a hung test cut
+    # at 120 s with pytest-timeout (also there); no -x: one failure should not hide the others in a
+    # call that cannot be repeated cheaply; --durations says where the time went.
+    PYTEST_EXTRA=()
+    if [ "$DRY" = 0 ]; then
+      "$PY" -c "import xdist" 2>/dev/null && PYTEST_EXTRA+=(-n 4 --dist loadfile)
+      "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_EXTRA+=(--timeout 120)
+    fi
+    step tests 200 "$PY" -m pytest tests -m "gpu and not slow" -q -p no:cacheprovider --durations=25 \
+      "${PYTEST_EXTRA[@]}"
+    # Then the headline numbers.
     if [ -f benchmarks/epoch.py ]; then
       step epoch 200 env OUT="$WORK/epoch" "$PY" -m benchmarks.epoch --quick
     else
@@ -171,9 +183,6 @@ case $MODE in
     else
       note sample "benchmarks/sample.py: not built yet"
     fi
-    # The GPU tests only (-m gpu: the kernels, the graphs, the GPU paths); the CPU-only tests are CI's.
-    # No -x: one failure should not hide the others in a call that cannot be repeated cheaply.
-    step tests 150 "$PY" -m pytest tests -m "gpu and not slow" -q -p no:cacheprovider
     micro sampling 60 test_bench_sampling_update.py
     micro attention 120 test_bench_attention.py
     micro group_norm 200 test_bench_group_norm.py

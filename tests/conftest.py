@@ -2,7 +2,11 @@
 set before any kernel module is imported, so it is set here, first."""
 import os
 
-import torch
+# Before CUDA starts: the poisoned-memory fixtures turn deterministic algorithms on, and cuBLAS
+# then needs a fixed workspace (else a matmul raises on some torch versions).
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -66,9 +66,10 @@ def test_cuda_graph_needs_cuda():
 
 
 @requires_cuda
-def test_graphed_step_matches_eager_step_on_gpu():
+def test_graphed_step_matches_eager_step_on_gpu(monkeypatch):
     """The captured step computes what the eager fast step computes, given the same RNG."""
     data = torch.rand(6, 16, 3, 8, 8, device="cuda") * 2 - 1
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)  # the same conv algorithms in both runs
     results = []
     for graph in (False, True):
         model, diffusion, cfg = build(device="cuda")
@@ -80,8 +81,10 @@ def test_graphed_step_matches_eager_step_on_gpu():
         results.append((losses, [p.detach().clone() for p in model.parameters()]))
     (l0, p0), (l1, p1) = results
     assert l1 == pytest.approx(l0, rel=1e-3)
+    # Per tensor, as on the CPU: an element whose gradient is rounding noise (the key bias of an
+    # attention block) moves by +-lr wherever a kernel's reduction order differs.
     for a, b in zip(p0, p1):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+        assert ((a - b).norm() / a.norm().clamp(min=1e-6)).item() < 1e-3
 
 
 def test_optimizer_from_the_other_path_is_made_this_paths():

@@ -24,7 +24,7 @@ def plan(*args):
 
 def test_dry_run_lists_every_step():
     steps = plan()
-    assert list(steps) == ["env", "ceilings", "build", "extension", "epoch", "sample", "tests", "micro_sampling",
+    assert list(steps) == ["env", "ceilings", "build", "extension", "tests", "epoch", "sample", "micro_sampling",
                            "micro_attention", "micro_group_norm", "profile", "summary"]
     assert "nvidia-smi" in steps["env"] and "torch.__version__" in steps["env"] and "triton.__version__" in steps["env"]
     assert "benchmarks.ceilings" in steps["ceilings"]

@@ -120,6 +120,18 @@ def test_resume_with_another_batch_size_continues_the_epoch(tmp_path, monkeypatc
     assert ckpt_mod.load_checkpoint(out)["batch_in_epoch"] == 4
 
 
+def test_resume_from_another_device_kinds_checkpoint(tmp_path):
+    """A CUDA run's generator states (16 bytes) do not fit a CPU generator (5,056): the resume
+    starts fresh streams from (seed, rank, step) instead of failing."""
+    out = tmp_path / "run"
+    assert train_cli.main(SMALL + ["--steps", "3", "--out", str(out)]) == 0
+    ck = ckpt_mod.load_checkpoint(out)
+    ck["rng"]["loss"] = torch.zeros(16, dtype=torch.uint8)  # as a CUDA generator saves it
+    ckpt_mod.save_atomic(ck, out / "checkpoint.pt")
+    assert train_cli.main(SMALL + ["--steps", "5", "--out", str(out), "--resume"]) == 0
+    assert ckpt_mod.load_checkpoint(out)["step"] == 5
+
+
 def test_sigterm_checkpoints_at_a_step_boundary(tmp_path, monkeypatch):
     """A scheduler's preemption (SIGTERM) stops like Ctrl-C: finish the step, save, exit 130."""
     out = tmp_path / "run"

@@ -42,12 +42,18 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: torch.Tensor | Non
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v on (B, heads, L, d). The extension has no attention, and the
-    Triton kernels take fp32 only under the interpreter (on a GPU its configurations spill): those
-    calls run the reference, so a model-wide --kernels cpp|triton also runs fp32 evaluation."""
+    Triton kernels take head dims 32-256 only, and fp32 only under the interpreter (on a GPU its
+    configurations spill): those calls run the reference, so a model-wide --kernels cpp|triton
+    also runs fp32 evaluation and dogs64's d=512 middle block."""
     name = resolve("attention", backend, q)
-    if name == "cpp" or (name == "triton" and q.is_cuda and q.dtype == torch.float32):
+    if name == "cpp" or (name == "triton" and not _triton_attention_takes(q)):
         name = "torch"
     return _backend_module(name).attention(q, k, v)
+
+
+def _triton_attention_takes(q: torch.Tensor) -> bool:
+    from ddpm_fast.kernels.attention import HEAD_DIMS
+    return q.shape[-1] in HEAD_DIMS and not (q.is_cuda and q.dtype == torch.float32)
 
 
 def sampling_update(x_t: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor, clip_x0: bool = False,

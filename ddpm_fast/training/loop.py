@@ -114,9 +114,12 @@ def restore_rng(ckpt: dict, cfg: TrainConfig, ctx: DistContext, gen: torch.Gener
     """Each rank continues its own saved streams (loss noise, dropout), so a resume with the same
     number of processes is exact. A rank the checkpoint has no state for (resuming with more
     processes than saved) starts fresh streams from (seed, rank, step). Generator states are
-    CPU byte tensors whatever the device, hence the .cpu() after a map_location load."""
+    CPU byte tensors whatever the device, hence the .cpu() after a map_location load. A
+    checkpoint written on another kind of device starts fresh streams the same way."""
     states = ckpt.get("rng_per_rank", [ckpt["rng"]])
-    if ctx.rank >= len(states):
+    # A checkpoint of another device kind (CPU <-> CUDA): its generator states do not fit ours.
+    other_device = states[0]["loss"].numel() != gen.get_state().numel()
+    if ctx.rank >= len(states) or other_device:
         seed = derived_seed(cfg.seed, ctx.rank, ckpt["step"])
         gen.manual_seed(seed)
         torch.manual_seed(seed)
