@@ -1,13 +1,14 @@
 """Noise schedules and the Gaussian diffusion maths of Ho et al. (2020).
 
 Coefficients are computed in float64 on the host once and cast where they are used; the
-per-step sampling coefficients are packed into rows of five numbers so that every backend
-(PyTorch, Triton, C++/CUDA) runs one update formula:
+per-step sampling coefficients are packed into rows (ops.reference.COEF_NAMES) so that every
+backend (PyTorch, Triton, C++/CUDA) runs one update formula; for DDPM and DDIM it reads
 
     x0  = c1 * x_t - c2 * eps          (optionally clamped to [-1, 1])
-    out = m1 * x0 + m2 * x_t + sigma * z
+    out = b0 * x0 + a * x_t + sigma * z
 
-Ancestral DDPM (Ho et al. eq. 11, either variance) and DDIM (any eta) are both of this form.
+Ancestral DDPM (Ho et al. eq. 11, either variance) and DDIM (any eta) are both of this form; the
+multistep solvers (schedulers.py) add earlier x0 predictions to the same row.
 """
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .ops.reference import coef_row
+
 SCHEDULES = ("linear", "cosine", "continuous")
 VARIANCES = ("beta", "posterior")
-COEF_NAMES = ("c1", "c2", "m1", "m2", "sigma")
 
 
 def linear_betas(timesteps: int) -> torch.Tensor:
@@ -112,7 +114,7 @@ class GaussianDiffusion:
 
     # -- sampling coefficients -------------------------------------------------------------
     def ddpm_coefficients(self, variance: str = "beta") -> torch.Tensor:
-        """(T, 5) float64 rows [c1, c2, m1, m2, sigma] of the ancestral step t -> t-1.
+        """(T, 8) float64 rows (ops.reference.COEF_NAMES) of the ancestral step t -> t-1.
 
         sigma^2 is beta_t ("beta") or beta-tilde_t ("posterior"); no noise at t = 0."""
         if variance not in VARIANCES:
@@ -124,7 +126,7 @@ class GaussianDiffusion:
         m2 = (1 - abar_prev) * self.alphas.sqrt() / (1 - abar)
         sigma = (betas if variance == "beta" else self.posterior_variance).sqrt().clone()
         sigma[0] = 0.0
-        return torch.stack([c1, c2, m1, m2, sigma], 1)
+        return torch.vmap(lambda c1, c2, m1, m2, s: coef_row(c1, c2, a=m2, b=(m1,), sigma=s))(c1, c2, m1, m2, sigma)
 
     def ddpm_table(self, variance: str, device: torch.device) -> torch.Tensor:
         """ddpm_coefficients as float32 on `device`, made once (a step indexes it on the device)."""
@@ -134,13 +136,13 @@ class GaussianDiffusion:
         return self._device_cache[key]
 
     def ddim_coefficients(self, t: int, t_prev: int, eta: float = 0.0) -> torch.Tensor:
-        """(5,) float64 row of the DDIM step t -> t_prev (t_prev = -1: alpha-bar = 1)."""
+        """(8,) float64 row of the DDIM step t -> t_prev (t_prev = -1: alpha-bar = 1)."""
         abar_t = self.alphas_cumprod[t]
         abar_p = self.alphas_cumprod[t_prev] if t_prev >= 0 else abar_t.new_tensor(1.0)
         sigma = eta * ((1 - abar_p) / (1 - abar_t) * (1 - abar_t / abar_p)).clamp(min=0).sqrt()
         m2 = (1 - abar_p - sigma**2).clamp(min=0).sqrt() / (1 - abar_t).sqrt()
         m1 = abar_p.sqrt() - m2 * abar_t.sqrt()
-        return torch.stack([(1 / abar_t).sqrt(), (1 / abar_t - 1).sqrt(), m1, m2, sigma])
+        return coef_row((1 / abar_t).sqrt(), (1 / abar_t - 1).sqrt(), a=m2, b=(m1,), sigma=sigma)
 
     def ddim_timesteps(self, steps: int) -> list[int]:
         """`steps` evenly spaced step indices from T-1 down to 0 (always ending at 0)."""

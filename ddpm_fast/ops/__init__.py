@@ -11,10 +11,10 @@ import torch
 
 from . import reference
 from .auto import resolve
-from .reference import ACTIVATIONS
+from .reference import ACTIVATIONS, COEF_NAMES, MAX_HISTORY, coef_row
 
 __all__ = ["group_norm_silu", "group_norm_act", "attention", "ddpm_step", "ddim_step", "sampling_update",
-           "ACTIVATIONS"]
+           "ACTIVATIONS", "COEF_NAMES", "MAX_HISTORY", "coef_row"]
 
 
 def _backend_module(name: str):
@@ -56,23 +56,31 @@ def _triton_attention_takes(q: torch.Tensor) -> bool:
     return q.shape[-1] in HEAD_DIMS and not (q.is_cuda and q.dtype == torch.float32)
 
 
-def sampling_update(x_t: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor, clip_x0: bool = False,
+def sampling_update(x: torch.Tensor, model_out: torch.Tensor, coef: torch.Tensor, clip_x0: bool = False,
+                    history: tuple[torch.Tensor, ...] | list[torch.Tensor] = (), base: torch.Tensor | None = None,
                     noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                    backend: str = "auto") -> torch.Tensor:
-    """One reverse step from a coefficient row [c1, c2, m1, m2, sigma] (a float32 tensor on
-    x_t's device, so CUDA graphs can replay it with another row). With noise=None the noise is
-    drawn from `generator`: by the reference with torch.randn, by the kernels in-kernel from a
-    Philox seed that is itself drawn from `generator` on the device (graph-safe)."""
-    name = resolve("sampling_update", backend, x_t)
-    coef = coef.to(device=x_t.device, dtype=torch.float32)
+                    backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """One solver step in one pass: (out, x0) from the coefficient row of reference.COEF_NAMES,
+    a float32 (8,) tensor on x's device (so a CUDA graph replays it with another row):
+
+        x0  = c1 * x - c2 * model_out            (clamped to [-1, 1] if clip_x0)
+        out = a * base + b0 * x0 + b1 * history[0] + b2 * history[1] + b3 * history[2] + sigma * z
+
+    `base` defaults to x; `history` holds up to three earlier x0 predictions, each shaped and laid
+    out like x. With noise=None, z is drawn from `generator`: by the reference with torch.randn,
+    by the kernels in-kernel from a Philox seed that is itself drawn from `generator` on the device
+    (graph-safe)."""
+    name = resolve("sampling_update", backend, x)
+    coef = coef.to(device=x.device, dtype=torch.float32)
+    history = list(history)
     if name == "torch":
         if noise is None:
-            noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=torch.float32)
-        return reference.sampling_update(x_t, eps, coef, clip_x0, noise)
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+        return reference.sampling_update(x, model_out, coef, clip_x0, history, base, noise)
     seed = None
     if noise is None:
-        seed = torch.randint(0, 2**31 - 1, (1,), generator=generator, device=x_t.device, dtype=torch.int64)
-    return _backend_module(name).sampling_update(x_t, eps, coef, clip_x0, noise, seed)
+        seed = torch.randint(0, 2**31 - 1, (1,), generator=generator, device=x.device, dtype=torch.int64)
+    return _backend_module(name).sampling_update(x, model_out, coef, clip_x0, history, base, noise, seed)
 
 
 def ddpm_step(x_t: torch.Tensor, eps: torch.Tensor, t, diffusion, variance: str = "beta", clip_x0: bool = False,
@@ -85,7 +93,7 @@ def ddpm_step(x_t: torch.Tensor, eps: torch.Tensor, t, diffusion, variance: str 
         row = table.index_select(0, t.reshape(-1)[:1].to(device=x_t.device, dtype=torch.long)).squeeze(0)
     else:
         row = table[int(t)]
-    return sampling_update(x_t, eps, row, clip_x0, noise, generator, backend)
+    return sampling_update(x_t, eps, row, clip_x0, (), None, noise, generator, backend)[0]
 
 
 def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, t: int, t_prev: int, diffusion, eta: float = 0.0,
@@ -93,4 +101,4 @@ def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, t: int, t_prev: int, diffusi
               backend: str = "auto") -> torch.Tensor:
     """DDIM step t -> t_prev (t_prev = -1: the final step to alpha-bar = 1)."""
     coef = diffusion.ddim_coefficients(int(t), int(t_prev), eta).float().to(x_t.device)
-    return sampling_update(x_t, eps, coef, clip_x0, noise, generator, backend)
+    return sampling_update(x_t, eps, coef, clip_x0, (), None, noise, generator, backend)[0]

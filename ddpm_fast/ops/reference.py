@@ -43,13 +43,35 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     return F.scaled_dot_product_attention(q, k, v)
 
 
-def sampling_update(x_t: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor, clip_x0: bool,
-                    noise: torch.Tensor) -> torch.Tensor:
-    """One reverse step from a coefficient row [c1, c2, m1, m2, sigma] (see diffusion.py):
-    x0 = c1 x_t - c2 eps (clamped if clip_x0); out = m1 x0 + m2 x_t + sigma noise."""
-    c1, c2, m1, m2, sigma = coef.float().unbind(-1)
-    x = x_t.float()
-    x0 = c1 * x - c2 * eps.float()
+# The sampling update's coefficient row (float32, on the device). One row serves every solver:
+#   x0  = c1 * x - c2 * model_out                 (clamped to [-1, 1] if clip_x0)
+#   out = a * base + b0 * x0 + b1 * h[0] + b2 * h[1] + b3 * h[2] + sigma * z
+# base is x unless given; h are up to MAX_HISTORY earlier x0 predictions (multistep solvers).
+COEF_NAMES = ("c1", "c2", "a", "b0", "b1", "b2", "b3", "sigma")
+MAX_HISTORY = 3
+
+
+def coef_row(c1=0.0, c2=0.0, a=0.0, b=(0.0,), sigma=0.0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """A (8,) row from its parts; b = (b0, b1, ...) holds at most 1 + MAX_HISTORY weights. Each part
+    may be a float or a 0-dim tensor."""
+    if not 1 <= len(b) <= 1 + MAX_HISTORY:
+        raise ValueError(f"b takes 1 to {1 + MAX_HISTORY} weights, got {len(b)}")
+    b = tuple(b) + (0.0,) * (1 + MAX_HISTORY - len(b))
+    return torch.stack([torch.as_tensor(v, dtype=dtype) for v in (c1, c2, a, *b, sigma)])
+
+
+def sampling_update(x: torch.Tensor, model_out: torch.Tensor, coef: torch.Tensor, clip_x0: bool,
+                    history: tuple[torch.Tensor, ...] | list[torch.Tensor], base: torch.Tensor | None,
+                    noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, x0) of the row above, in float32 arithmetic; both in x's dtype."""
+    if len(history) > MAX_HISTORY:
+        raise ValueError(f"at most {MAX_HISTORY} history tensors, got {len(history)}")
+    c1, c2, a, b0, b1, b2, b3, sigma = coef.float().unbind(-1)
+    xf = x.float()
+    x0 = c1 * xf - c2 * model_out.float()
     if clip_x0:
         x0 = x0.clamp(-1.0, 1.0)
-    return (m1 * x0 + m2 * x + sigma * noise.float()).to(x_t.dtype)
+    out = a * (xf if base is None else base.float()) + b0 * x0 + sigma * noise.float()
+    for w, h in zip((b1, b2, b3), history):
+        out = out + w * h.float()
+    return out.to(x.dtype), x0.to(x.dtype)
