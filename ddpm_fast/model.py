@@ -151,11 +151,15 @@ class UNet(nn.Module):
     def from_preset(cls, name: str, **overrides) -> "UNet":
         return cls(**preset_config(name, **overrides))
 
-    def set_backend(self, backend: str) -> "UNet":
-        """Route every norm and attention through `backend` (torch|triton|cpp|auto)."""
+    def set_backend(self, backend: str | dict[str, str]) -> "UNet":
+        """Route every norm and attention through `backend` (torch|triton|cpp|auto), or per op from
+        a dict {"group_norm_act": ..., "attention": ...} (an ExecutionPlan's backends)."""
+        per_op = backend if isinstance(backend, dict) else {"group_norm_act": backend, "attention": backend}
         for m in self.modules():
-            if isinstance(m, (GroupNormAct, AttnBlock)):
-                m.backend = backend
+            if isinstance(m, GroupNormAct):
+                m.backend = per_op.get("group_norm_act", "auto")
+            elif isinstance(m, AttnBlock):
+                m.backend = per_op.get("attention", "auto")
         return self
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,104 @@
+"""The execution plan: how a run computes, decided once from the device and the flags, then handed
+to the model, the train step, the sampler and evaluation, none of which decides again.
+
+    plan = ExecutionPlan.resolve(device="auto", fast=True, kernels="triton")
+    plan.device, plan.autocast_dtype, plan.channels_last, plan.backends, plan.compile, plan.cuda_graphs
+
+`fast` is the fast path: bf16 autocast (fp32 master weights), channels_last, torch.compile and,
+on a GPU, CUDA graphs. `kernels` is the backend of the fused ops; a backend that lacks an op for
+this plan falls back to the reference for that op here, in one place (the extension has no
+attention; Triton's attention is fp16/bf16-only on a GPU)."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field, replace
+
+import torch
+
+OPS = ("group_norm_act", "attention", "sampling_update")
+KERNELS = ("auto", "torch", "triton", "cpp")
+
+
+def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
+    """A concrete device from a flag: "auto" is CUDA when present, else the CPU; None is the CPU;
+    "cuda" gets the current index, so tensors' devices compare equal to it ("cuda" != "cuda:0")."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name if name is not None else "cpu")
+    except RuntimeError as e:
+        raise ValueError(f"--device {name}: {e}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available on this machine")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def op_backends(kernels: str, device: torch.device, autocast_dtype: torch.dtype | None) -> dict[str, str]:
+    """The backend of each fused op for `--kernels kernels` on this device."""
+    if kernels not in KERNELS:
+        raise ValueError(f"--kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
+    if kernels == "triton" and device.type != "cuda":
+        # The interpreter runs Triton on a CPU for the tests, far too slowly to train or sample with.
+        raise ValueError("--kernels triton needs a CUDA GPU (on a CPU use --kernels cpp, torch or auto)")
+    backends = dict.fromkeys(OPS, kernels)
+    if kernels == "cpp":
+        backends["attention"] = "torch"  # the extension has no attention
+    if kernels == "triton" and autocast_dtype is None:
+        backends["attention"] = "torch"  # fp32 flash attention spills on a GPU: not shipped
+    return backends
+
+
+@dataclass(frozen=True)
+class ExecutionPlan:
+    device: torch.device = torch.device("cpu")
+    autocast_dtype: torch.dtype | None = None   # None: fp32 (TF32 matmuls on a GPU)
+    channels_last: bool = False
+    backends: dict = field(default_factory=lambda: dict.fromkeys(OPS, "auto"))
+    compile: str | None = None                  # torch.compile mode, None: eager
+    cuda_graphs: bool = False
+
+    @classmethod
+    def resolve(cls, device: str | torch.device = "auto", *, fast: bool = False, kernels: str = "auto",
+                compile: str | None = "default", cuda_graphs: bool | None = None) -> "ExecutionPlan":
+        """The plan of a run from its flags. `compile` counts only on the fast path ("none" or None:
+        eager); `cuda_graphs` defaults to fast-on-a-GPU."""
+        dev = resolve_device(device)
+        dtype = torch.bfloat16 if fast else None
+        graphs = fast and dev.type == "cuda" if cuda_graphs is None else cuda_graphs
+        if graphs and dev.type != "cuda":
+            raise ValueError("CUDA graphs need a CUDA device")
+        mode = compile if fast and compile not in (None, "none") else None
+        return cls(device=dev, autocast_dtype=dtype, channels_last=fast, backends=op_backends(kernels, dev, dtype),
+                   compile=mode, cuda_graphs=graphs)
+
+    def with_(self, **changes) -> "ExecutionPlan":
+        return replace(self, **changes)
+
+    @property
+    def fast(self) -> bool:
+        return self.autocast_dtype is not None
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model on this plan's device and memory format, its fused ops on this plan's backends."""
+        model = model.to(self.device, memory_format=self.memory_format)
+        if hasattr(model, "set_backend"):
+            model.set_backend(self.backends)
+        return model
+
+    def describe(self) -> str:
+        kernels = ", ".join(f"{op} {b}" for op, b in self.backends.items())
+        return (f"{self.device}, {'bf16 autocast' if self.fast else 'fp32'}"
+                f"{', channels_last' if self.channels_last else ''}, compile {self.compile or 'off'}, "
+                f"CUDA graphs {'on' if self.cuda_graphs else 'off'}; kernels: {kernels}")
