@@ -5,8 +5,6 @@ import os
 import sys
 from pathlib import Path
 
-import os
-
 import numpy as np
 import pytest
 import scipy.linalg
