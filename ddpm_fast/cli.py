@@ -1,8 +1,9 @@
 """What the thin CLIs share: clear one-line errors (naming the flag or path) instead of
-tracebacks for bad input, and comma-separated integer tuples."""
+tracebacks for bad input, and the argument types of their flags."""
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import Callable
 
@@ -24,6 +25,16 @@ def positive_int(text: str) -> int:
     return v
 
 
+def finite_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return v
+
+
 def run(prog: str, body: Callable[[], object]) -> int:
     """Run a CLI body; user errors become `prog: error: ...` and exit status 2."""
     try:
@@ -34,3 +45,41 @@ def run(prog: str, body: Callable[[], object]) -> int:
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+# The flags sample and evaluate share, written once: how to compute (the execution plan) and how
+# to sample.
+def add_plan_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--kernels", default="auto", choices=("auto", "torch", "triton", "cpp"),
+                   help="backend of the fused ops (auto: the reference unless measured faster)")
+    p.add_argument("--fast", action="store_true",
+                   help="the fast path: bf16 autocast and channels_last, each step a CUDA-graph replay on a GPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (with --fast)")
+
+
+def plan_from_args(args: argparse.Namespace):
+    from .plan import ExecutionPlan
+
+    return ExecutionPlan.resolve(args.device, fast=args.fast, kernels=args.kernels,
+                                 compile="default" if args.compile else None)
+
+
+def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", default="ddpm", choices=("ddpm", "ddim"), help="sampler")
+    p.add_argument("--steps", type=positive_int, help="sampler steps (default: all T)")
+    p.add_argument("--eta", type=finite_float, default=0.0, help="DDIM eta")
+    p.add_argument("--variance", default="beta", choices=("beta", "posterior"),
+                   help="DDPM reverse variance: beta_t or beta-tilde_t")
+    p.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=True,
+                   help="clamp the predicted x0 to [-1, 1] each step (--no-clip-x0: the plain update)")
+
+
+def sampler_from_args(model, diffusion, args: argparse.Namespace, plan, **overrides):
+    """The FastSampler the sampler flags describe, on `plan`."""
+    from .sampling import FastSampler
+
+    kw = dict(method=args.method, steps=args.steps, eta=args.eta, variance=args.variance, clip_x0=args.clip_x0)
+    return FastSampler(model, diffusion, **(kw | overrides), dtype=plan.autocast_dtype,
+                       compile=plan.compile is not None, cuda_graph="auto" if plan.cuda_graphs else False,
+                       backend=plan.backends["sampling_update"])

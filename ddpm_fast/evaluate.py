@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .cli import positive_int, run
+from .cli import add_plan_arguments, add_sampler_arguments, plan_from_args, positive_int, run, sampler_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,12 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ref-images", type=positive_int, default=10000,
                    help="at most this many images of a split for its FID/KID reference statistics")
     p.add_argument("--splits", default="test", help="comma-separated splits to compare samples with")
-    p.add_argument("--method", default="ddpm", choices=("ddpm", "ddim"))
-    p.add_argument("--steps", type=positive_int)
-    p.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=True,
-                   help="clamp the predicted x0 while sampling for FID/KID")
+    add_sampler_arguments(p)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    add_plan_arguments(p)
     p.add_argument("--json", help="also write the results here")
     return p
 
@@ -49,10 +46,10 @@ def _evaluate(args) -> dict:
     from .data import load_images
     from .evaluation import bits_per_dim, heldout_mse
     from .training.checkpoint import load_model
-    from .training.loop import resolve_device
 
-    device = resolve_device(args.device)
-    model, diffusion, cfg = load_model(args.ckpt, ema=args.ema, device=device)
+    plan = plan_from_args(args)
+    model, diffusion, cfg = load_model(args.ckpt, ema=args.ema, device=plan.device)
+    model = plan.prepare(model)
     data = args.data if args.data is not None else cfg.get("data")
     size = cfg["model"]["image_size"]
     images = load_images(data, size, split=args.split, limit=args.images)
@@ -64,10 +61,10 @@ def _evaluate(args) -> dict:
     if args.fid or args.kid:
         from .evaluation import sample_quality
 
-        result.update(sample_quality(model, diffusion, data, size, fid_n=args.fid, kid_n=args.kid,
-                                     method=args.method, steps=args.steps, seed=args.seed, device=device,
-                                     splits=tuple(s for s in args.splits.split(",") if s),
-                                     ref_limit=args.ref_images, clip_x0=args.clip_x0))
+        sampler = sampler_from_args(model, diffusion, args, plan)
+        result.update(sample_quality(sampler, data, size, plan.device, fid_n=args.fid, kid_n=args.kid,
+                                     seed=args.seed, splits=tuple(s for s in args.splits.split(",") if s),
+                                     ref_limit=args.ref_images))
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:

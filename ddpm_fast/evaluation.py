@@ -62,30 +62,26 @@ FID_MIN_SAMPLES = 2048  # below the feature dimension the covariance is singular
 
 
 @torch.no_grad()
-def generate(model, diffusion: GaussianDiffusion, n: int, image_size: int, method: str = "ddpm",
-             steps: int | None = None, seed: int = 0, batch_size: int = 256, clip_x0: bool = True) -> torch.Tensor:
-    """n samples in [-1, 1] (on the CPU), drawn in batches from one seeded generator."""
-    from .sampling import FastSampler
-
-    device = next(model.parameters()).device
-    sampler = FastSampler(model, diffusion, method=method, steps=steps if method == "ddim" else None, clip_x0=clip_x0)
+def generate(sampler, n: int, image_size: int, device: torch.device, seed: int = 0,
+             batch_size: int = 256) -> torch.Tensor:
+    """n samples of a FastSampler whose model is on `device`, in [-1, 1] (on the CPU), drawn in
+    batches from one seeded generator."""
     gen = torch.Generator(device=device).manual_seed(seed)
     chunks = [sampler.sample(min(batch_size, n - i), image_size, generator=gen).cpu()
               for i in range(0, n, batch_size)]
     return torch.cat(chunks)
 
 
-def sample_quality(model, diffusion: GaussianDiffusion, data, image_size: int, fid_n: int = 0, kid_n: int = 0,
-                   method: str = "ddpm", steps: int | None = None, seed: int = 0, device=None,
-                   splits: tuple[str, ...] = ("test",), ref_limit: int | None = 10000, clip_x0: bool = True) -> dict:
-    """FID (on fid_n samples) and KID (on kid_n) of the model's samples against each split's
+def sample_quality(sampler, data, image_size: int, device: torch.device, fid_n: int = 0, kid_n: int = 0, seed: int = 0,
+                   splits: tuple[str, ...] = ("test",), ref_limit: int | None = 10000) -> dict:
+    """FID (on fid_n samples) and KID (on kid_n) of a FastSampler's samples against each split's
     cached reference statistics (at most ref_limit images of a split). Needs the [eval] extra."""
     from . import metrics
     from .data import load_images
 
-    samples = generate(model, diffusion, max(fid_n, kid_n), image_size, method, steps, seed, clip_x0=clip_x0)
+    samples = generate(sampler, max(fid_n, kid_n), image_size, device, seed)
     feats = metrics.inception_features(samples, device=device)
-    out: dict = {"samples": len(samples), "method": method, "steps": steps}
+    out: dict = {"samples": len(samples), "method": sampler.method}
     for split in splits:
         ref = metrics.reference_stats(data, image_size, split, load_images, limit=ref_limit, device=device)
         if fid_n:

@@ -1,10 +1,22 @@
 """The one CUDA-graph helper: warm a step up on a side stream, capture it, hand back its replay.
-The train step (training/fast_step.py) and the sampler (sampling.py) both capture through it."""
+The train step (training/step.py) and the sampler (sampling.py) both capture through it."""
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Callable, Iterator
 
 import torch
+
+
+@contextlib.contextmanager
+def side_stream(device: torch.device) -> Iterator[None]:
+    """Run the block on a fresh stream that waits for the current one and is waited for after:
+    warm-up before a capture must not run on the default stream (PyTorch's CUDA-graph notes)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        yield
+    torch.cuda.current_stream(device).wait_stream(side)
 
 
 def capture(step: Callable[[], object], warmup: int, device: torch.device,
@@ -17,12 +29,9 @@ def capture(step: Callable[[], object], warmup: int, device: torch.device,
 
     `step` must not read the device from the host (no .item(), no indexing by a 0-dim tensor):
     a capture forbids it."""
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
+    with side_stream(device):
         for _ in range(warmup):
             step()
-    torch.cuda.current_stream(device).wait_stream(side)
     if reset is not None:
         reset()
     graph = torch.cuda.CUDAGraph()

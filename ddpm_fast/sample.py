@@ -14,7 +14,7 @@ import sys
 import types
 from pathlib import Path
 
-from .cli import positive_int, run
+from .cli import add_plan_arguments, add_sampler_arguments, plan_from_args, positive_int, run, sampler_from_args
 
 
 class _CallableModule(types.ModuleType):
@@ -38,20 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights")
     p.add_argument("--n", type=positive_int, default=16, help="number of images")
     p.add_argument("--nrow", type=positive_int, help="images per grid row")
-    p.add_argument("--method", default="ddpm", choices=("ddpm", "ddim"))
-    p.add_argument("--steps", type=positive_int, help="DDIM steps (default: all)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
-    p.add_argument("--variance", default="beta", choices=("beta", "posterior"),
-                   help="DDPM reverse variance: beta_t or beta-tilde_t")
-    p.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=True,
-                   help="clamp the predicted x0 to [-1, 1] each step, as Ho et al.'s sampler and diffusers do "
-                        "(--no-clip-x0: the plain eq. 11 update)")
+    add_sampler_arguments(p)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--kernels", default="auto", choices=("auto", "torch", "triton", "cpp"))
-    p.add_argument("--fast", action="store_true",
-                   help="bf16 and channels_last, each step a CUDA-graph replay (on a GPU; plain sampling on CPU)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (with --fast)")
+    add_plan_arguments(p)
     p.add_argument("--out", default="samples.png", help="output PNG/GIF, or a folder with --individual")
     p.add_argument("--individual", action="store_true", help="one PNG per image into the folder --out")
     p.add_argument("--process", type=positive_int, metavar="K", help="K chains x --snapshots snapshots")
@@ -71,27 +60,20 @@ def main(argv: list[str] | None = None) -> int:
 def _sample(args) -> None:
     import torch
 
-    from .sampling import FastSampler
     from .training.checkpoint import load_model
     from .training.logging import image_grid, to_uint8
-    from .training.loop import resolve_device
 
-    device = resolve_device(args.device)
-    model, diffusion, cfg = load_model(args.ckpt, ema=args.ema, device=device)
-    model.set_backend(args.kernels)
+    plan = plan_from_args(args)
+    model, diffusion, cfg = load_model(args.ckpt, ema=args.ema, device=plan.device)
+    model = plan.prepare(model)
     size = cfg["model"]["image_size"]
-    fast_gpu = args.fast and device.type == "cuda"
-    if fast_gpu:
+    if plan.cuda_graphs:
         # CUDA-graph replays draw noise from the device's default generator: seed that one.
         torch.manual_seed(args.seed)
-        model = model.to(memory_format=torch.channels_last)
         gen = None
     else:
-        gen = torch.Generator(device=device).manual_seed(args.seed)
-    make = lambda variance=args.variance: FastSampler(  # noqa: E731
-        model, diffusion, method=args.method, steps=args.steps, eta=args.eta, variance=variance,
-        clip_x0=args.clip_x0, dtype=torch.bfloat16 if fast_gpu else None, compile=args.fast and args.compile,
-        cuda_graph="auto" if args.fast else False)
+        gen = torch.Generator(device=plan.device).manual_seed(args.seed)
+    make = lambda **kw: sampler_from_args(model, diffusion, args, plan, **kw)  # noqa: E731
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
@@ -99,12 +81,13 @@ def _sample(args) -> None:
         from .data import load_images
 
         data = args.data if args.data is not None else cfg.get("data")
-        x0 = load_images(data, size, split="test", limit=args.n).to(device)
-        t = torch.full((x0.shape[0],), args.recover, device=device, dtype=torch.long)
-        noisy = diffusion.q_sample(x0, t, torch.randn(x0.shape, generator=gen, device=device))
+        x0 = load_images(data, size, split="test", limit=args.n).to(plan.device)
+        t = torch.full((x0.shape[0],), args.recover, device=plan.device, dtype=torch.long)
+        noisy = diffusion.q_sample(x0, t, torch.randn(x0.shape, generator=gen, device=plan.device))
         rows = [x0, noisy]
         for variance in ("beta", "posterior"):
-            rows.append(make(variance).sample(x0.shape[0], size, generator=gen, x_start=noisy, start_t=args.recover))
+            rows.append(make(variance=variance).sample(x0.shape[0], size, generator=gen, x_start=noisy,
+                                                       start_t=args.recover))
         # Columns: original | noisy | variance beta | variance beta-tilde, one row per image.
         image_grid(torch.stack(rows, 1).flatten(0, 1), nrow=4).save(out)
     elif args.process or args.gif:

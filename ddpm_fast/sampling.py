@@ -102,7 +102,7 @@ class FastSampler:
             for i, t in enumerate(timesteps):
                 tb = torch.full((x.shape[0],), t, device=device, dtype=torch.long)
                 eps = self._eps(x, tb)
-                x = ops.sampling_update(x, eps, coefs[i], self.clip_x0, generator=generator, backend=self.backend)
+                x = ops.sampling_update(x, eps, coefs[i], self.clip_x0, generator=generator, backend=self.backend)[0]
                 if traj is not None:
                     traj.append(x.cpu())
             out = x.clamp(-1, 1)
@@ -126,7 +126,7 @@ class FastSampler:
             eps = self._eps(static_x, tb)
             coef = coefs.index_select(0, idx).squeeze(0)
             static_x.copy_(ops.sampling_update(static_x, eps, coef, self.clip_x0, generator=generator,
-                                               backend=self.backend))
+                                               backend=self.backend)[0])
             idx.add_(1)
 
         def reset():

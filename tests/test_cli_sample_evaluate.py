@@ -76,12 +76,13 @@ def test_package_sample_still_callable_after_cli_import():
     assert x.shape == (1, 3, 8, 8) and torch.isfinite(x).all()
 
 
-def test_fast_flag_on_cpu_is_plain_sampling(run, tmp_path):
-    """--fast changes how a GPU samples, not what: on CPU it must give the same images."""
+def test_fast_flag_on_cpu_samples_the_same_images_in_bf16(run, tmp_path):
+    """--fast changes how the samples are computed (bf16 autocast, channels_last), not what: from
+    the same seed the images agree up to bf16 rounding."""
     import numpy as np
 
     for name, extra in (("plain.png", []), ("fast.png", ["--fast"])):
         assert sample_cli.main(["--ckpt", str(run), "--n", "2", "--method", "ddim", "--steps", "4",
                                 "--out", str(tmp_path / name)] + extra) == 0
-    a, b = (np.asarray(Image.open(tmp_path / n)) for n in ("plain.png", "fast.png"))
-    assert (a == b).all()
+    a, b = (np.asarray(Image.open(tmp_path / n)).astype(float) for n in ("plain.png", "fast.png"))
+    assert a.shape == b.shape and np.abs(a - b).mean() < 3.0 and np.abs(a - b).max() > 0

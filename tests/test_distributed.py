@@ -24,8 +24,8 @@ train_cli = importlib.import_module("ddpm_fast.train")
 SMALL = ["--preset", "tiny", "--image-size", "16", "--workers", "0", "--warmup", "0", "--log-every", "1",
          "--sample-every", "100000", "--sample-n", "4", "--sample-steps", "5", "--timesteps", "100",
          "--dropout", "0.1"]
-# Runs the training CLI unchanged, but keeps the model and EMA the loop hands to the train step
-# (the DDP-wrapped model under torchrun) and saves them per rank when main() returns, so the test
+# Runs the training CLI unchanged, but keeps the run the loop builds (its model is
+# the DDP-wrapped one under torchrun) and saves its model and EMA per rank when main() returns, so the test
 # can compare what each rank ended with, not only what rank 0 wrote.
 WORKER = """
 import importlib, os, sys
@@ -33,17 +33,17 @@ import torch
 from ddpm_fast.training import loop
 
 seen = {}
-real_step = loop.make_reference_step
+real_build = loop.build_run
 
-def capture(model, diffusion, opt, ema, *args):
-    seen["model"], seen["ema"] = model, ema
-    return real_step(model, diffusion, opt, ema, *args)
+def capture(*args, **kwargs):
+    seen["run"] = real_build(*args, **kwargs)
+    return seen["run"]
 
-loop.make_reference_step = capture
+loop.build_run = capture
 code = importlib.import_module("ddpm_fast.train").main(sys.argv[2:])
-net = seen["model"]
+net = seen["run"].model
 torch.save({"wrapper": type(net).__name__, "model": getattr(net, "module", net).state_dict(),
-            "ema": seen["ema"].state_dict()}, os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.pt"))
+            "ema": seen["run"].ema.state_dict()}, os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.pt"))
 sys.exit(code)
 """
 TIMEOUT = 240

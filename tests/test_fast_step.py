@@ -4,10 +4,9 @@ import torch
 
 from conftest import requires_cuda
 from ddpm_fast import GaussianDiffusion, UNet
-from ddpm_fast.training.config import TrainConfig
+from ddpm_fast.plan import ExecutionPlan
 from ddpm_fast.training.ema import EMA
-from ddpm_fast.training.fast_step import FastStep, make_optimizer
-from ddpm_fast.training.step import make_reference_step
+from ddpm_fast.training.step import TrainStep, make_lr_scheduler, make_optimizer, match_optimizer_to_path
 
 
 def build(seed=0, device="cpu"):
@@ -15,24 +14,24 @@ def build(seed=0, device="cpu"):
     # num_groups=8: with one channel per group (tiny's default at width 32) GroupNorm cancels the
     # conv biases before it exactly, and Adam would turn their zero-mean rounding noise into
     # +-lr steps that differ between memory formats.
-    model = UNet.from_preset("tiny", image_size=8, ch_mult=(1, 2), attn_res=(4,), num_groups=8).to(device)
-    cfg = TrainConfig(warmup=2, lr=1e-3)
-    return model, GaussianDiffusion("linear", 100), cfg
+    model = UNet.from_preset("tiny", image_size=8, ch_mult=(1, 2), attn_res=(4,), num_groups=8)
+    return model, GaussianDiffusion("linear", 100)
 
 
-def run(kind, steps, data, dtype=torch.float32):
-    model, diffusion, cfg = build()
+def make_step(model, diffusion, plan, steps, gen=None):
+    """The step build_run makes for `plan` (warm-up 2, lr 1e-3, clipping at 1)."""
+    model = plan.prepare(model)
     ema = EMA(model, 0.999)
-    gen = torch.Generator().manual_seed(1)
-    if kind == "reference":
-        opt = make_optimizer(model, cfg, fast=False)
-        step_fn = make_reference_step(model, diffusion, opt, ema, cfg, gen, steps)
-    else:
-        opt = make_optimizer(model, cfg, fast=True)
-        fast = FastStep(model, diffusion, opt, ema, cfg, steps, dtype=dtype)
-        step_fn = lambda s, x: fast(s, x, gen)  # noqa: E731
-    losses = [step_fn(s, data[s % len(data)]).item() for s in range(steps)]
-    return model, ema, losses
+    opt = make_optimizer(model, 1e-3, plan)
+    return TrainStep(model, diffusion, opt, make_lr_scheduler(opt, 1e-3, 2, "constant", steps), ema, plan, 1.0, gen)
+
+
+def run(kind, steps, data, dtype=None):
+    model, diffusion = build()
+    plan = ExecutionPlan() if kind == "reference" else ExecutionPlan(autocast_dtype=dtype, channels_last=True)
+    step = make_step(model, diffusion, plan, steps, torch.Generator().manual_seed(1))
+    losses = [step(s, data[s % len(data)]).item() for s in range(steps)]
+    return step.model, step.ema, losses
 
 
 def test_fp32_fast_step_follows_reference():
@@ -60,9 +59,8 @@ def test_bf16_fast_step_learns_like_reference():
 
 
 def test_cuda_graph_needs_cuda():
-    model, diffusion, cfg = build()
     with pytest.raises(ValueError, match="CUDA"):
-        FastStep(model, diffusion, make_optimizer(model, cfg, True), EMA(model, 0.99), cfg, 10, cuda_graph=True)
+        ExecutionPlan.resolve("cpu", fast=True, cuda_graphs=True)
 
 
 @requires_cuda
@@ -72,13 +70,13 @@ def test_graphed_step_matches_eager_step_on_gpu(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)  # the same conv algorithms in both runs
     results = []
     for graph in (False, True):
-        model, diffusion, cfg = build(device="cuda")
+        model, diffusion = build()
         torch.cuda.manual_seed(3)
-        ema = EMA(model, 0.999)
-        fast = FastStep(model, diffusion, make_optimizer(model, cfg, True), ema, cfg, 6, cuda_graph=graph,
-                        dtype=torch.float32)
+        plan = ExecutionPlan(device=torch.device("cuda", torch.cuda.current_device()), channels_last=True,
+                             cuda_graphs=graph)
+        fast = make_step(model, diffusion, plan, 6)
         losses = [fast(s, data[s]).item() for s in range(6)]
-        results.append((losses, [p.detach().clone() for p in model.parameters()]))
+        results.append((losses, [p.detach().clone() for p in fast.model.parameters()]))
     (l0, p0), (l1, p1) = results
     assert l1 == pytest.approx(l0, rel=1e-3)
     # Per tensor, as on the CPU: an element whose gradient is rounding noise (the key bias of an
@@ -90,9 +88,8 @@ def test_graphed_step_matches_eager_step_on_gpu(monkeypatch):
 def test_optimizer_from_the_other_path_is_made_this_paths():
     """A checkpoint of the graphed path (capturable fused Adam, tensor lr, steps on the device)
     loaded for the reference path gets plain Adam's flags, a float lr and CPU steps, and steps."""
-    from ddpm_fast.training.fast_step import match_optimizer_to_path
-    model, _, cfg = build()
-    opt = make_optimizer(model, cfg, fast=False)
+    model, _ = build()
+    opt = make_optimizer(model, 1e-3, ExecutionPlan())
     model(torch.randn(2, 3, 8, 8), torch.tensor([1, 2])).square().mean().backward()
     opt.step()
     saved = opt.state_dict()
@@ -100,9 +97,9 @@ def test_optimizer_from_the_other_path_is_made_this_paths():
         g.update(fused=True, capturable=True, lr=torch.tensor(1e-3))
     for st in saved["state"].values():
         st["step"] = st["step"].to(torch.float64)
-    opt2 = make_optimizer(model, cfg, fast=False)
+    opt2 = make_optimizer(model, 1e-3, ExecutionPlan())
     opt2.load_state_dict(saved)
-    match_optimizer_to_path(opt2, fast=False)
+    match_optimizer_to_path(opt2, graphed=False)
     g = opt2.param_groups[0]
     assert (g["fused"], g["capturable"], g["foreach"]) == (None, False, None) and isinstance(g["lr"], float)
     assert all(st["step"].dtype == torch.float32 and st["step"].device.type == "cpu" for st in opt2.state.values())
@@ -115,12 +112,15 @@ def test_captured_step_body_makes_no_host_read():
     clipping, fused Adam with a tensor lr, EMA from a device decay) reads nothing back to the
     host: checked on the CPU with fused Adam, the kind the GPU path captures."""
     from conftest import NoHostSync
-    model, diffusion, cfg = build()
-    opt = torch.optim.Adam(model.parameters(), lr=torch.tensor(1e-3), fused=True)
-    fast = FastStep(model, diffusion, opt, EMA(model, 0.99), cfg, 10, cuda_graph=False)
+    model, diffusion = build()
+    plan = ExecutionPlan(channels_last=True)
+    step = make_step(model, diffusion, plan, 10)
+    step.opt = torch.optim.Adam(step.model.parameters(), lr=torch.tensor(1e-3), fused=True)
+    step.sched = make_lr_scheduler(step.opt, 1e-3, 2, "constant", 10)
     x = torch.rand(2, 3, 8, 8)
-    fast(0, x)  # optimizer state created, as the eager warm-up steps do before capture
-    fast._set_scalars(1)
-    with NoHostSync():
-        loss = fast._step_body(x.contiguous(memory_format=torch.channels_last), None)
+    step(0, x)  # optimizer state created, as the eager warm-up steps do before capture
+    with NoHostSync():  # the host's work between replays (EMA decay, lr schedule) reads nothing back either
+        step.ema.set_step(1)
+        loss = step._body(x.contiguous(memory_format=torch.channels_last))
+        step.sched.step()
     assert torch.isfinite(loss)

@@ -11,6 +11,7 @@ import torch
 import ddpm_fast
 from ddpm_fast.training import checkpoint as ckpt_mod
 from ddpm_fast.training import step as step_mod
+from ddpm_fast.training.ema import EMA
 
 train_cli = importlib.import_module("ddpm_fast.train")
 
@@ -51,14 +52,14 @@ def test_checkpoint_round_trip(tmp_path):
 
 def test_atomic_save_keeps_old_file_on_failure(tmp_path):
     path = tmp_path / "c.pt"
-    ckpt_mod.save_atomic({"a": torch.ones(2)}, path)
+    ckpt_mod.save_checkpoint({"a": torch.ones(2)}, path)
 
     class Boom:
         def __reduce__(self):
             raise RuntimeError("boom")
 
     with pytest.raises(Exception):
-        ckpt_mod.save_atomic({"a": Boom()}, path)
+        ckpt_mod.save_checkpoint({"a": Boom()}, path)
     assert torch.load(path, weights_only=True)["a"].sum() == 2
     assert list(tmp_path.iterdir()) == [path]  # no temp files left behind
 
@@ -69,18 +70,18 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, monkeypatch
     assert train_cli.main(SMALL + ["--steps", "14", "--out", str(full), "--dropout", "0.1"]) == 0
 
     # Ctrl-C (SIGINT) during step 6 of the second run: it finishes the step, saves, exits 130.
-    real_update = ddpm_fast.training.ema.EMA.update
+    real_update = EMA.update
     calls = {"n": 0}
 
-    def interrupting_update(self, model, step=None):
-        real_update(self, model, step)
+    def interrupting_update(self, model):
+        real_update(self, model)
         calls["n"] += 1
         if calls["n"] == 6:
             signal.raise_signal(signal.SIGINT)
 
-    monkeypatch.setattr(ddpm_fast.training.ema.EMA, "update", interrupting_update)
+    monkeypatch.setattr(EMA, "update", interrupting_update)
     assert train_cli.main(SMALL + ["--steps", "14", "--out", str(part), "--dropout", "0.1"]) == 130
-    monkeypatch.setattr(ddpm_fast.training.ema.EMA, "update", real_update)
+    monkeypatch.setattr(EMA, "update", real_update)
     assert ckpt_mod.load_checkpoint(part)["step"] == 6
     assert train_cli.main(SMALL + ["--steps", "14", "--out", str(part), "--dropout", "0.1", "--resume"]) == 0
     assert losses(part) == losses(full)
@@ -97,7 +98,7 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, monkeypatch
     (8, 9, 16, (4, 0)),    # all 72 images: the epoch is done
 ])
 def test_resume_position_is_counted_in_images(saved_batch, done, new_batch, expect):
-    from ddpm_fast.training.loop import resume_batch
+    from ddpm_fast.training.run import resume_batch
     ckpt = {"batch_in_epoch": done, "config": {"batch_size": saved_batch}}
     assert resume_batch(ckpt, new_batch, batches_per_epoch=72 // new_batch) == expect  # 72-image epoch
 
@@ -127,7 +128,7 @@ def test_resume_from_another_device_kinds_checkpoint(tmp_path):
     assert train_cli.main(SMALL + ["--steps", "3", "--out", str(out)]) == 0
     ck = ckpt_mod.load_checkpoint(out)
     ck["rng"]["loss"] = torch.zeros(16, dtype=torch.uint8)  # as a CUDA generator saves it
-    ckpt_mod.save_atomic(ck, out / "checkpoint.pt")
+    ckpt_mod.save_checkpoint(ck, out / "checkpoint.pt")
     assert train_cli.main(SMALL + ["--steps", "5", "--out", str(out), "--resume"]) == 0
     assert ckpt_mod.load_checkpoint(out)["step"] == 5
 
@@ -135,16 +136,16 @@ def test_resume_from_another_device_kinds_checkpoint(tmp_path):
 def test_sigterm_checkpoints_at_a_step_boundary(tmp_path, monkeypatch):
     """A scheduler's preemption (SIGTERM) stops like Ctrl-C: finish the step, save, exit 130."""
     out = tmp_path / "run"
-    real_update = ddpm_fast.training.ema.EMA.update
+    real_update = EMA.update
     calls = {"n": 0}
 
-    def terminating_update(self, model, step=None):
-        real_update(self, model, step)
+    def terminating_update(self, model):
+        real_update(self, model)
         calls["n"] += 1
         if calls["n"] == 3:
             signal.raise_signal(signal.SIGTERM)
 
-    monkeypatch.setattr(ddpm_fast.training.ema.EMA, "update", terminating_update)
+    monkeypatch.setattr(EMA, "update", terminating_update)
     assert train_cli.main(SMALL + ["--steps", "10", "--out", str(out)]) == 130
     assert ckpt_mod.load_checkpoint(out)["step"] == 3
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handler restored
@@ -181,20 +182,40 @@ def test_existing_run_needs_resume(tmp_path, capsys):
 
 
 def test_lr_schedule_warmup_and_cosine():
-    from ddpm_fast.training.config import TrainConfig
+    assert step_mod.lr_factor(0, 10, "cosine", 110) == pytest.approx(0.1)
+    assert step_mod.lr_factor(10, 10, "cosine", 110) == pytest.approx(1.0)
+    assert step_mod.lr_factor(60, 10, "cosine", 110) == pytest.approx(0.5)
+    assert step_mod.lr_factor(110, 10, "cosine", 110) == pytest.approx(0.0, abs=1e-12)
 
-    cfg = TrainConfig(lr_schedule="cosine", warmup=10, lr=1e-3)
-    assert step_mod.lr_factor(0, cfg, 110) == pytest.approx(0.1)
-    assert step_mod.lr_factor(10, cfg, 110) == pytest.approx(1.0)
-    assert step_mod.lr_factor(60, cfg, 110) == pytest.approx(0.5)
-    assert step_mod.lr_factor(110, cfg, 110) == pytest.approx(0.0, abs=1e-12)
+
+@pytest.mark.parametrize("tensor_lr", [False, True])
+def test_lr_scheduler_sets_the_lr_of_each_step_and_resumes(tensor_lr):
+    """torch.optim.lr_scheduler drives the lr: step s trains at lr * lr_factor(s); a tensor lr
+    (capturable Adam's, read by a CUDA graph) is filled in place, never replaced; a scheduler
+    built at step s on resume continues the same sequence."""
+    p = torch.nn.Parameter(torch.zeros(2))
+    lr = torch.tensor(1e-3) if tensor_lr else 1e-3
+    opt = torch.optim.Adam([p], lr=lr)
+    lr_tensor = opt.param_groups[0]["lr"]
+    sched = step_mod.make_lr_scheduler(opt, 1e-3, 4, "cosine", 20)
+    seen = []
+    for _ in range(20):
+        seen.append(float(opt.param_groups[0]["lr"]))
+        opt.step()
+        sched.step()
+    assert seen == pytest.approx([1e-3 * step_mod.lr_factor(s, 4, "cosine", 20) for s in range(20)])
+    assert (opt.param_groups[0]["lr"] is lr_tensor) == tensor_lr
+    resumed = step_mod.make_lr_scheduler(opt, 1e-3, 4, "cosine", 20, step=7)
+    assert float(opt.param_groups[0]["lr"]) == pytest.approx(seen[7])
+    resumed.step()
+    assert float(opt.param_groups[0]["lr"]) == pytest.approx(seen[8])
 
 
 def test_cli_help_runs_as_module():
     for mod in ("train", "sample", "evaluate"):
         r = subprocess.run([sys.executable, "-m", f"ddpm_fast.{mod}", "--help"], capture_output=True, text=True)
         assert r.returncode == 0 and "usage" in r.stdout
-    assert callable(ddpm_fast.sample)  # DECISIONS 1: the CLI module never hides the function
+    assert callable(ddpm_fast.sample)  # the CLI module never hides the function (docs/DESIGN.md)
 
 
 def test_fast_path_trains_and_resumes(tmp_path, capsys):

@@ -1,31 +1,20 @@
-"""Checkpoints: written atomically (temp file + fsync + rename, so a kill never leaves a torn
-file), loaded without executing pickled code (weights_only=True), and portable across the
-reference and fast paths, compiled (`_orig_mod.`) and DDP (`module.`) models, GPU and CPU."""
+"""Checkpoints: written atomically (files.atomic_path: a kill never leaves a torn file), loaded
+without executing pickled code (weights_only=True), and portable across the reference and fast paths, compiled (`_orig_mod.`) and DDP (`module.`) models, GPU and CPU."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
+
+from ..files import atomic_path
 
 CHECKPOINT_NAME = "checkpoint.pt"
 _PREFIXES = ("_orig_mod.", "module.")
 
 
-def save_atomic(obj: dict, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def save_checkpoint(obj: dict, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def clean_state_dict(state: dict) -> dict:

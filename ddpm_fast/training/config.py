@@ -1,11 +1,18 @@
-"""Everything a training run is configured by; the CLI fills it, checkpoints store it."""
+"""Everything a training run is configured by, each setting written once: its default, its help
+and its flag. The train CLI's flags are generated from this dataclass; checkpoints store it.
+
+A field whose default is None takes the preset's value: the model fields from presets.py, and
+batch size, epochs, lr and warm-up from TRAIN_DEFAULTS."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import argparse
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
-from ..presets import preset_config
+from ..cli import finite_float, int_tuple, positive_int
+from ..presets import MODEL_FIELDS, PRESETS, preset_config
 
-# Training defaults per preset (a CLI flag overrides any of them).
+# Training defaults per preset (a flag overrides any of them).
 TRAIN_DEFAULTS: dict[str, dict] = {
     "tiny": dict(batch_size=32, epochs=8, lr=1e-3, warmup=100),
     "cifar32": dict(batch_size=128, epochs=100, lr=2e-4, warmup=5000),
@@ -14,39 +21,61 @@ TRAIN_DEFAULTS: dict[str, dict] = {
 GENERIC_DEFAULTS = dict(batch_size=64, epochs=100, lr=2e-4, warmup=1000)
 
 
+def flag(default, help: str, group: str = "run", **argparse_kw):
+    """A config field and its command-line flag (argparse keywords: type, choices, metavar, ...)."""
+    return field(default=default, metadata=dict(help=help, group=group, **argparse_kw))
+
+
 @dataclass
 class TrainConfig:
-    data: str | None = None              # image folder; None: the embedded default set
-    preset: str = "tiny"
-    model_overrides: dict = field(default_factory=dict)
-    batch_size: int | None = None
-    epochs: int | None = None
-    steps: int | None = None             # total optimizer steps; overrides epochs
-    lr: float | None = None
-    lr_schedule: str = "constant"        # constant | cosine
-    warmup: int | None = None
-    schedule: str = "linear"
-    timesteps: int = 1000
-    ema_decay: float = 0.9999
-    grad_clip: float = 1.0
-    seed: int = 0
-    device: str = "auto"
-    out: str = "runs/default"
-    save_every: int = 1000
-    sample_every: int = 500
-    log_every: int = 10
-    sample_n: int = 16
-    sample_method: str = "ddpm"          # the interval grids
-    sample_steps: int = 50               # DDIM steps, when sample_method is ddim
-    sample_clip_x0: bool = True          # clamp predicted x0 in the grids (Ho et al.'s sampler does)
-    loader: str = "auto"
-    workers: int = 4
-    kernels: str = "auto"
-    fast: bool = False                   # bf16 autocast, channels_last, compile, whole-step CUDA graph
-    compile: str = "default"             # torch.compile mode of the fast path, or "none"
-    eval_every: int = 0                  # steps between KID/FID evaluations (0: off)
-    eval_samples: int = 256
-    resume: str | None = None
+    # data and model
+    data: str | None = flag(None, "image folder, searched recursively (default: the embedded set)", "data and model")
+    preset: str = flag("tiny", "model preset", "data and model", choices=sorted(PRESETS))
+    image_size: int | None = flag(None, "image size (default: the preset's)", "data and model", type=positive_int)
+    ch: int | None = flag(None, "base channel width", "data and model", type=positive_int)
+    ch_mult: tuple | None = flag(None, "width multipliers per level, e.g. 1,2,4,4", "data and model", type=int_tuple)
+    attn_res: tuple | None = flag(None, "resolutions with self-attention, e.g. 16", "data and model", type=int_tuple)
+    num_res_blocks: int | None = flag(None, "residual blocks per level", "data and model", type=positive_int)
+    dropout: float | None = flag(None, "dropout in the residual blocks", "data and model", type=finite_float)
+    act: str | None = flag(None, "activation", "data and model", choices=("silu", "hardswish"))
+    loader: str = flag("auto", "data loader backend", "data and model", choices=("auto", "torch", "cache", "dali"))
+    workers: int = flag(4, "DataLoader workers (torch loader)", "data and model", type=int)
+    # optimisation
+    batch_size: int | None = flag(None, "global batch; under torchrun each of the N processes takes batch / N",
+                                  "optimisation", type=positive_int)
+    epochs: int | None = flag(None, "epochs to train", "optimisation", type=positive_int)
+    steps: int | None = flag(None, "total optimizer steps (overrides --epochs)", "optimisation", type=positive_int)
+    lr: float | None = flag(None, "peak learning rate", "optimisation", type=finite_float)
+    lr_schedule: str = flag("constant", "after the warm-up", "optimisation", choices=("constant", "cosine"))
+    warmup: int | None = flag(None, "linear warm-up steps", "optimisation", type=int)
+    ema_decay: float = flag(0.9999, "EMA decay (warmed up as min(decay, (1+n)/(10+n)))", "optimisation",
+                            type=finite_float)
+    grad_clip: float = flag(1.0, "max gradient norm (0: off)", "optimisation", type=finite_float)
+    seed: int = flag(0, "seed of the weights, the noise and the data order", "optimisation", type=int)
+    # diffusion
+    schedule: str = flag("linear", "noise schedule", "diffusion", choices=("linear", "cosine", "continuous"))
+    timesteps: int = flag(1000, "diffusion steps T", "diffusion", type=positive_int)
+    # run
+    device: str = flag("auto", "auto, cpu, cuda, cuda:1, ... (under torchrun: auto, cuda or cpu; rank i of a "
+                               "node uses cuda:LOCAL_RANK)")
+    kernels: str = flag("auto", "backend of the fused ops, in training, grids and evaluation (auto: the "
+                                "reference unless measured faster)", choices=("auto", "torch", "triton", "cpp"))
+    fast: bool = flag(False, "the fast path: bf16 autocast (fp32 master weights), channels_last, torch.compile "
+                             "and, on a GPU, the whole step in one CUDA graph")
+    compile: str = flag("default", "torch.compile mode of --fast (default, max-autotune-no-cudagraphs, ...) "
+                                   "or none", metavar="MODE")
+    out: str = flag("runs/default", "run folder")
+    resume: str | None = flag(None, "continue the run in RUN (a run folder or checkpoint; default: --out)",
+                              nargs="?", const="", metavar="RUN")
+    save_every: int = flag(1000, "steps between checkpoints", type=positive_int)
+    sample_every: int = flag(500, "steps between sample grids", type=positive_int)
+    log_every: int = flag(10, "steps between metrics.csv rows", type=positive_int)
+    sample_n: int = flag(16, "images per sample grid", type=positive_int)
+    sample_method: str = flag("ddpm", "sampler of the grids and of --eval-every", choices=("ddpm", "ddim"))
+    sample_steps: int = flag(50, "sampler steps of the grids (DDIM)", type=positive_int)
+    sample_clip_x0: bool = flag(True, "clamp the predicted x0 to [-1, 1] in the grids and --eval-every")
+    eval_every: int = flag(0, "steps between KID/FID evaluations (0: off)", type=int)
+    eval_samples: int = flag(256, "samples of each KID/FID evaluation", type=positive_int)
 
     def __post_init__(self):
         defaults = TRAIN_DEFAULTS.get(self.preset, GENERIC_DEFAULTS)
@@ -58,11 +87,35 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.steps is not None and self.steps <= 0:
             raise ValueError(f"--steps must be positive, got {self.steps}")
-        if self.lr <= 0:
-            raise ValueError(f"--lr must be positive, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"--lr must be a positive finite number, got {self.lr}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"--lr-schedule must be constant or cosine, got {self.lr_schedule!r}")
-        self.model = preset_config(self.preset, **self.model_overrides)
+        self.model = preset_config(self.preset, **{k: getattr(self, k) for k in MODEL_FIELDS if hasattr(self, k)})
 
     def to_dict(self) -> dict:
         return asdict(self) | {"model": self.model}
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """One flag per field, --field-name, with the field's default, help and type."""
+        groups: dict[str, argparse._ArgumentGroup] = {}
+        for f in fields(cls):
+            meta = dict(f.metadata)
+            title = meta.pop("group")
+            if title not in groups:
+                groups[title] = parser.add_argument_group(title)
+            if isinstance(f.default, bool):
+                meta["action"] = argparse.BooleanOptionalAction
+            elif "type" not in meta and "choices" not in meta and "nargs" not in meta:
+                meta["type"] = str
+            if f.default is not MISSING and f.default is not None:
+                meta["help"] += " (default: %(default)s)"
+            groups[title].add_argument("--" + f.name.replace("_", "-"), default=f.default, **meta)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "TrainConfig":
+        kw = {f.name: getattr(args, f.name) for f in fields(cls)}
+        if kw["resume"] == "":
+            kw["resume"] = kw["out"]
+        return cls(**kw)

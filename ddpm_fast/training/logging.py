@@ -1,5 +1,5 @@
-"""What a run writes besides checkpoints: metrics.csv, the loss-curve PNG, sample grids, and a
-progress line with img/s and ETA."""
+"""What a run writes besides checkpoints: metrics.csv, the loss-curve PNG, sample grids, and the
+progress bar (tqdm: img/s, loss, ETA) with the loss meter behind it."""
 from __future__ import annotations
 
 import csv
@@ -11,6 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
+
+from .distributed import all_sum
 
 METRIC_FIELDS = ("step", "epoch", "loss", "train_loss", "val_loss", "lr", "img_per_s", "kid", "fid")
 
@@ -101,38 +104,64 @@ def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> I
     return Image.fromarray(canvas)
 
 
-class Progress:
-    """One status line: a carriage-return bar on a terminal, a line every `every` s otherwise."""
+class _Lines:
+    """A stream for tqdm when stderr is not a terminal (a log file, a batch job): each refresh
+    becomes one line instead of a carriage-return overwrite."""
 
-    def __init__(self, total: int, start: int = 0, every: float = 10.0, stream=None):
-        # sys.stderr looked up now, not at import: it may have been replaced since (a notebook, pytest)
-        self.total, self.start, self.every, self.stream = total, start, every, stream or sys.stderr
-        self.tty = self.stream.isatty()
-        self.t0 = self.last = time.time()
+    def __init__(self, stream):
+        self.stream = stream
 
-    def update(self, step: int, msg: str) -> None:
-        now = time.time()
-        if now - self.last < (0.2 if self.tty else self.every) and step < self.total:
-            return
-        self.last = now
-        done = step - self.start
-        rate = done / max(now - self.t0, 1e-9)
-        eta = (self.total - step) / rate if rate > 0 else float("inf")
-        line = f"step {step}/{self.total} | {msg} | ETA {_hms(eta)}"
-        if self.tty:
-            self.stream.write("\r" + line.ljust(100))
-        else:
-            self.stream.write(line + "\n")
+    def write(self, text: str) -> None:
+        text = text.replace("\r", "").rstrip()
+        if text:
+            self.stream.write(text + "\n")
+
+    def flush(self) -> None:
         self.stream.flush()
 
-    def close(self) -> None:
-        if self.tty:
-            self.stream.write("\n")
+
+def progress_bar(total: int, start: int = 0, every: float = 10.0, disable: bool = False) -> tqdm:
+    """tqdm over optimizer steps (ETA, step rate; img/s and loss go in its postfix): a live bar on
+    a terminal, a line every `every` seconds otherwise."""
+    stream = sys.stderr  # looked up now, not at import: it may have been replaced since (a notebook, pytest)
+    tty = stream.isatty()
+    return tqdm(total=total, initial=start, unit="step", disable=disable, dynamic_ncols=tty,
+                mininterval=0.2 if tty else every, file=stream if tty else _Lines(stream))
 
 
-def _hms(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+class LossMeter:
+    """Losses summed on the device and read back (reduced over the ranks) only when logged: no
+    per-step host sync or collective. The window feeds metrics.csv rows, the epoch sums the
+    train loss; img/s counts only steps after `restart_clock` (the fast path's warm-up)."""
+
+    def __init__(self, device: torch.device):
+        self.zero = torch.zeros((), device=device)
+        self.epoch_sum, self.epoch_images = self.zero.clone(), 0
+        self.restart_window()
+        self.restart_clock()
+
+    def restart_window(self) -> None:
+        self.window_sum, self.window_steps = self.zero.clone(), 0
+
+    def restart_clock(self) -> None:
+        self.timed_steps, self.t0 = 0, time.time()
+
+    def add(self, loss: torch.Tensor, images: int) -> None:
+        self.window_sum += loss
+        self.window_steps += 1
+        self.timed_steps += 1
+        self.epoch_sum += loss * images
+        self.epoch_images += images
+
+    def take_window(self, ctx, global_batch: int) -> tuple[float, float | None]:
+        """(mean step loss over all ranks, img/s or None while nothing was timed); restarts both."""
+        mean = all_sum(self.window_sum, ctx).item() / (self.window_steps * ctx.world_size)
+        rate = self.timed_steps * global_batch / max(time.time() - self.t0, 1e-9) if self.timed_steps else None
+        self.restart_window()
+        self.restart_clock()
+        return mean, rate
+
+    def take_epoch(self, ctx) -> float:
+        mean = all_sum(self.epoch_sum, ctx).item() / max(self.epoch_images * ctx.world_size, 1)
+        self.epoch_sum, self.epoch_images = self.zero.clone(), 0
+        return mean

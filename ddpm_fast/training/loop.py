@@ -1,15 +1,8 @@
-"""The reference training loop, readable top to bottom: plain PyTorch, fp32, eager.
-
-train(cfg) builds the data, model, diffusion, optimizer and EMA; resumes from a checkpoint if
-asked (model, EMA, optimizer, step, position in the epoch, RNG states: a resumed run continues
-exactly); then steps, logging to metrics.csv, saving checkpoints atomically, writing sample
-grids, evaluating each epoch on the val split; Ctrl-C saves a checkpoint before exiting.
-
-Under torchrun the same loop runs data-parallel (see distributed.py): --batch-size is the global
-batch, split evenly over the ranks; each rank reads its own shard of every epoch and draws its
-own noise (seed + rank); DDP averages the gradients, so weights and EMA stay identical on every
-rank. Rank 0 alone writes checkpoints, samples, metrics and progress; logged losses are means
-over the ranks, reduced only when logged."""
+"""The training loop, readable top to bottom. `train(cfg)` builds the run (run.py: everything a
+run is made of, resumed when asked) and steps it, logging to metrics.csv, saving checkpoints
+atomically, drawing sample grids from the EMA model and evaluating each epoch on the val split.
+Ctrl-C or SIGTERM stops at a step boundary with a checkpoint. Under torchrun it is the same loop
+on every rank (distributed.py); rank 0 alone writes."""
 from __future__ import annotations
 
 import contextlib
@@ -22,55 +15,148 @@ from typing import Callable, Iterator
 
 import torch
 
-from ..data import build_loader
-from ..diffusion import GaussianDiffusion
-from ..model import UNet
+from ..plan import resolve_device
 from ..sampling import FastSampler
-from .checkpoint import CHECKPOINT_NAME, load_checkpoint, resolve_checkpoint, save_atomic
+from .checkpoint import CHECKPOINT_NAME
 from .config import TrainConfig
-from .distributed import (DistContext, StopVote, all_sum, derived_seed, distributed_session,
-                          gather_to_main, per_rank_batch, wrap_model)
-from .ema import EMA
-from .logging import MetricsCSV, Progress, image_grid, plot_losses
-from .fast_step import FastStep, make_optimizer, match_optimizer_to_path
-from .step import make_reference_step
+from .distributed import DistContext, StopVote, all_sum, distributed_session
+from .logging import LossMeter, MetricsCSV, image_grid, plot_losses, progress_bar
+from .run import Run, build_run
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return dev
+def train(cfg: TrainConfig) -> Path:
+    """Train as `cfg` says; data-parallel when started by torchrun."""
+    with distributed_session(resolve_device(cfg.device)) as ctx:
+        return fit(build_run(cfg, ctx))
+
+
+def fit(run: Run) -> Path:
+    cfg, ctx, main = run.cfg, run.ctx, run.ctx.is_main
+    metrics = start_outputs(run) if main else None
+    bar = progress_bar(run.total, run.step, disable=not main)
+    meter = LossMeter(run.device)
+    warming, warm_t0 = cfg.fast, time.time()
+    run.model.train()
+    with stop_at_step_boundary(ctx) as should_stop:
+        while run.step < run.total:
+            run.loader.set_epoch(run.epoch, start_batch=run.batch_in_epoch)
+            for x0 in run.loader:
+                loss = run.step_fn(run.step, x0)
+                run.step += 1
+                run.batch_in_epoch += 1
+                meter.add(loss, x0.shape[0])
+                bar.update()
+                if warming and run.step_fn.ready:  # compile and graph capture: reported apart, not in img/s
+                    warming = False
+                    loss.item()  # wait for the device: the warm-up ends here
+                    if main:
+                        bar.write(f"fast path ready: {time.time() - warm_t0:.1f} s for its first "
+                                  f"{run.step_fn.calls} steps (torch.compile, CUDA-graph capture), not counted in img/s")
+                    meter.restart_clock()
+                if run.step % cfg.log_every == 0 or run.step == run.total:
+                    log_window(run, meter, metrics, bar)
+                if run.step % cfg.save_every == 0:
+                    run.save()
+                if main and run.step % cfg.sample_every == 0:
+                    save_grid(run, f"step_{run.step:07d}.png")
+                if main and cfg.eval_every and run.step % cfg.eval_every == 0:
+                    metrics.write(step=run.step, epoch=run.epoch, **evaluate_samples(run))
+                if should_stop():
+                    bar.close()
+                    run.save()
+                    if main:
+                        print(f"interrupted at step {run.step}: checkpoint saved; continue with --resume {run.out}")
+                    raise KeyboardInterrupt
+                if run.step >= run.total:
+                    break
+            else:  # the epoch ran to its end
+                val = eval_loss(run)
+                train_loss = meter.take_epoch(ctx)
+                if main:
+                    metrics.write(step=run.step, epoch=run.epoch, train_loss=train_loss, val_loss=val)
+                run.epoch, run.batch_in_epoch = run.epoch + 1, 0
+    bar.close()
+    run.save()
+    if main:
+        save_grid(run, "final.png")
+        plot_losses(run.out / "metrics.csv", run.out / "loss.png")
+        print(f"done: {run.step} steps; checkpoint {run.out / CHECKPOINT_NAME}, samples {run.out / 'samples'}, "
+              f"metrics {run.out / 'metrics.csv'}, loss curve {run.out / 'loss.png'}")
+    return run.out
+
+
+def start_outputs(run: Run) -> MetricsCSV:
+    """The run folder, its config.json and metrics.csv (trimmed to the checkpoint on resume), and
+    the run's first log line."""
+    cfg, ctx = run.cfg, run.ctx
+    (run.out / "samples").mkdir(parents=True, exist_ok=True)
+    (run.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    n_params = sum(p.numel() for p in run.net.parameters())
+    batch = (f"global batch {cfg.batch_size} ({cfg.batch_size // ctx.world_size} per rank x {ctx.world_size} "
+             f"processes; lr not rescaled)" if ctx.enabled else f"batch {cfg.batch_size}")
+    where = (f"{ctx.world_size} processes ({'nccl' if run.device.type == 'cuda' else 'gloo'}; rank 0 on "
+             f"{run.device})" if ctx.enabled else str(run.device))
+    print(f"ddpm-fast: preset {cfg.preset} ({n_params / 1e6:.2f}M parameters), {run.loader.num_images} training "
+          f"images of {cfg.model['image_size']}x{cfg.model['image_size']}, {batch}, lr {cfg.lr}, {run.total} steps "
+          f"({len(run.loader)} per epoch) on {where}; run folder {run.out}"
+          + (f", resuming at step {run.step}" if run.step else ""), flush=True)
+    print(f"plan: {run.plan.describe()}", flush=True)
+    return MetricsCSV(run.out / "metrics.csv", resume_step=run.step if run.resumed else None)
+
+
+def log_window(run: Run, meter: LossMeter, metrics: MetricsCSV | None, bar) -> None:
+    """A metrics.csv row and the progress bar's postfix (collective: the loss is reduced over the ranks)."""
+    mean, rate = meter.take_window(run.ctx, run.cfg.batch_size)
+    if metrics is not None:
+        metrics.write(step=run.step, epoch=run.epoch, loss=mean, lr=float(run.opt.param_groups[0]["lr"]),
+                      img_per_s=rate)
+        bar.set_postfix_str(f"epoch {run.epoch} | loss {mean:.4f} | "
+                            + (f"{rate:.0f} img/s" if rate is not None else "warming up"), refresh=False)
 
 
 @torch.no_grad()
-def eval_loss(model: torch.nn.Module, diffusion: GaussianDiffusion, loader, ctx: DistContext,
-              seed: int = 1234) -> float | None:
-    """Mean eps-MSE over a loader with a fixed generator (seed + rank), so epochs compare like
+def eval_loss(run: Run, seed: int = 1234) -> float | None:
+    """Mean eps-MSE over the val split with a fixed generator (seed + rank), so epochs compare like
     with like; under torchrun each rank takes its shard and the sums are added over the ranks.
-    `model` is the unwrapped module: no DDP collectives, whose count would follow the shards."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed + ctx.rank)
-    loader.set_epoch(0)
-    # (sum of loss x images, images), in float64 as the host arithmetic it replaces.
-    sums = torch.zeros(2, dtype=torch.float64, device=device)
-    for x0 in loader:
-        sums[0] += diffusion.loss(model, x0, gen).double() * x0.shape[0]
+    Evaluates `run.net`, not the DDP wrapper, whose collectives' count would follow the shards."""
+    net = run.net
+    was_training = net.training
+    net.eval()
+    gen = torch.Generator(device=run.device).manual_seed(seed + run.ctx.rank)
+    run.val_loader.set_epoch(0)
+    sums = torch.zeros(2, dtype=torch.float64, device=run.device)  # (sum of loss x images, images)
+    for x0 in run.val_loader:
+        sums[0] += run.diffusion.loss(net, x0, gen).double() * x0.shape[0]
         sums[1] += x0.shape[0]
-    model.train(was_training)
-    total, n = all_sum(sums, ctx).tolist()
+    net.train(was_training)
+    total, n = all_sum(sums, run.ctx).tolist()
     return total / n if n else None
 
 
-def save_grid(ema_model, diffusion, cfg: TrainConfig, path: Path, device: torch.device) -> None:
-    sampler = FastSampler(ema_model, diffusion, method=cfg.sample_method,
-                          steps=cfg.sample_steps if cfg.sample_method == "ddim" else None, clip_x0=cfg.sample_clip_x0)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    image_grid(sampler.sample(cfg.sample_n, cfg.model["image_size"], generator=gen)).save(path)
+def grid_sampler(run: Run) -> FastSampler:
+    """The sampler of the grids and of --eval-every: the run's sampler choice on the run's plan."""
+    cfg = run.cfg
+    return FastSampler(run.ema.model, run.diffusion, method=cfg.sample_method,
+                       steps=cfg.sample_steps if cfg.sample_method != "ddpm" else None, clip_x0=cfg.sample_clip_x0,
+                       dtype=run.plan.autocast_dtype, backend=run.plan.backends["sampling_update"],
+                       cuda_graph=False)
+
+
+def save_grid(run: Run, name: str) -> None:
+    gen = torch.Generator(device=run.device).manual_seed(run.cfg.seed)
+    images = grid_sampler(run).sample(run.cfg.sample_n, run.cfg.model["image_size"], generator=gen)
+    image_grid(images).save(run.out / "samples" / name)
+
+
+def evaluate_samples(run: Run) -> dict:
+    """KID (and FID when enough samples for it to mean something) of the EMA model's samples
+    against the val split, for --eval-every."""
+    from ..evaluation import FID_MIN_SAMPLES, sample_quality
+
+    n = run.cfg.eval_samples
+    r = sample_quality(grid_sampler(run), run.cfg.data, run.cfg.model["image_size"], run.device, kid_n=n,
+                       fid_n=n if n >= FID_MIN_SAMPLES else 0, seed=run.cfg.seed, splits=("val",))
+    return {"kid": r["kid_val"], "fid": r.get("fid_val")}
 
 
 @contextlib.contextmanager
@@ -102,221 +188,3 @@ def stop_at_step_boundary(ctx: DistContext) -> Iterator[Callable[[], bool]]:
     finally:
         for sig, prev in previous.items():
             signal.signal(sig, prev)
-
-
-def rng_state(gen: torch.Generator, device: torch.device) -> dict:
-    """This rank's random streams: the loss's noise and t, and the global ones (dropout)."""
-    return {"loss": gen.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-
-
-def restore_rng(ckpt: dict, cfg: TrainConfig, ctx: DistContext, gen: torch.Generator) -> None:
-    """Each rank continues its own saved streams (loss noise, dropout), so a resume with the same
-    number of processes is exact. A rank the checkpoint has no state for (resuming with more
-    processes than saved) starts fresh streams from (seed, rank, step). Generator states are
-    CPU byte tensors whatever the device, hence the .cpu() after a map_location load. A
-    checkpoint written on another kind of device starts fresh streams the same way."""
-    states = ckpt.get("rng_per_rank", [ckpt["rng"]])
-    # A checkpoint of another device kind (CPU <-> CUDA): its generator states do not fit ours.
-    other_device = states[0]["loss"].numel() != gen.get_state().numel()
-    if ctx.rank >= len(states) or other_device:
-        seed = derived_seed(cfg.seed, ctx.rank, ckpt["step"])
-        gen.manual_seed(seed)
-        torch.manual_seed(seed)
-        return
-    state = states[ctx.rank]
-    gen.set_state(state["loss"].cpu())
-    torch.set_rng_state(state["torch"].cpu())
-    if ctx.device.type == "cuda" and state.get("cuda") is not None:
-        torch.cuda.set_rng_state(state["cuda"].cpu(), ctx.device)
-
-
-def resume_batch(ckpt: dict, batch_size: int, batches_per_epoch: int) -> tuple[int, int]:
-    """(batch to resume the epoch at, images of the epoch that are read again).
-
-    The position is kept in images (batches x the saved global batch), and an epoch's order does
-    not depend on the batch size, so a resume with another --batch-size continues where the run
-    stopped. When the sizes do not divide, it rounds down: the last partial batch's worth of
-    images is read again rather than skipped."""
-    seen = ckpt["batch_in_epoch"] * ckpt["config"]["batch_size"]
-    start = seen // batch_size
-    if start >= batches_per_epoch:  # under a batch left: drop_last ends the epoch there anyway
-        return batches_per_epoch, 0
-    return start, seen - start * batch_size
-
-
-def evaluate_samples(ema_model, diffusion, cfg: TrainConfig, device: torch.device) -> dict:
-    """KID (and FID when enough samples for it to mean something) of the EMA model's samples
-    against the val split, for --eval-every."""
-    from ..evaluation import FID_MIN_SAMPLES, sample_quality
-
-    n = cfg.eval_samples
-    r = sample_quality(ema_model, diffusion, cfg.data, cfg.model["image_size"], kid_n=n,
-                       fid_n=n if n >= FID_MIN_SAMPLES else 0, method=cfg.sample_method,
-                       steps=cfg.sample_steps, seed=cfg.seed, device=device, splits=("val",),
-                       clip_x0=cfg.sample_clip_x0)
-    return {"kid": r["kid_val"], "fid": r.get("fid_val")}
-
-
-def train(cfg: TrainConfig) -> Path:
-    """Train as `cfg` says; data-parallel when started by torchrun (distributed.py)."""
-    with distributed_session(resolve_device(cfg.device)) as ctx:
-        return _train(cfg, ctx)
-
-
-def _train(cfg: TrainConfig, ctx: DistContext) -> Path:
-    device, main = ctx.device, ctx.is_main
-    out = Path(cfg.out)
-    ckpt = None
-    if cfg.resume:
-        ckpt = load_checkpoint(resolve_checkpoint(cfg.resume), map_location=device)
-        saved = ckpt["config"]
-        cfg.model, cfg.schedule, cfg.timesteps = saved["model"], saved["schedule"], saved["timesteps"]
-    elif (out / CHECKPOINT_NAME).exists():
-        raise FileExistsError(f"--out {out} already holds a run: pass --resume to continue it, or another --out")
-    batch = per_rank_batch(cfg.batch_size, ctx.world_size)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "samples").mkdir(exist_ok=True)
-    # Each rank its own dropout draws (rank 0's are a single-process run's). The ranks' initial
-    # weights differ too, until wrapping in DDP replaces them with rank 0's.
-    torch.manual_seed(cfg.seed + ctx.rank)
-
-    # Data (this rank's shard of every epoch), model, diffusion, optimizer, EMA.
-    image_size = cfg.model["image_size"]
-    shard = dict(backend=cfg.loader, device=device, seed=cfg.seed, num_workers=cfg.workers,
-                 rank=ctx.rank, world_size=ctx.world_size)
-    loader = build_loader(cfg.data, image_size, batch, split="train", drop_last=True, **shard)
-    val_loader = build_loader(cfg.data, image_size, batch, split="val", drop_last=False, **shard)
-    if len(loader) == 0:
-        raise ValueError(f"--batch-size {cfg.batch_size} is larger than the {loader.num_images} training images")
-    net = UNet(**cfg.model).to(device).set_backend(cfg.kernels)
-    if cfg.fast:  # before DDP wraps it: converting afterwards would mismatch its gradient buckets
-        net.to(memory_format=torch.channels_last)
-    model = wrap_model(net, ctx)  # what the step calls; `net` is what checkpoints and evaluation see
-    diffusion = GaussianDiffusion(cfg.schedule, cfg.timesteps)
-    opt = make_optimizer(net, cfg, fast=cfg.fast)
-    ema = EMA(net, cfg.ema_decay)
-    # Noise and t of the training loss; per rank, so the ranks' draws differ.
-    gen = torch.Generator(device=device).manual_seed(cfg.seed + ctx.rank)
-    total = cfg.steps or cfg.epochs * len(loader)
-    # batch_in_epoch counts global batches: batch k of every rank together is the k-th
-    # global batch of the epoch's order whatever the world size, so a resume with another
-    # number of processes skips exactly the images already seen.
-    step, epoch, batch_in_epoch = 0, 0, 0
-
-    if ckpt is not None:
-        net.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
-        match_optimizer_to_path(opt, cfg.fast)
-        step, epoch = ckpt["step"], ckpt["epoch"]
-        batch_in_epoch, repeated = resume_batch(ckpt, cfg.batch_size, len(loader))
-        restore_rng(ckpt, cfg, ctx, gen)
-        if main and cfg.batch_size != ckpt["config"]["batch_size"]:
-            print(f"--batch-size {cfg.batch_size} (the checkpoint's was {ckpt['config']['batch_size']}): "
-                  f"epoch {epoch} resumes at batch {batch_in_epoch}"
-                  + (f", reading {repeated} images of it again" if repeated else ""), flush=True)
-    if main:
-        metrics = MetricsCSV(out / "metrics.csv", resume_step=step if ckpt is not None else None)
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-
-    def checkpoint() -> None:
-        """Collective (the ranks' RNG states are gathered); rank 0 writes."""
-        states = gather_to_main(rng_state(gen, device), ctx)
-        if not main:
-            return
-        save_atomic({
-            "model": net.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-            "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "config": cfg.to_dict(),
-            "world_size": ctx.world_size, "rng": states[0],
-            **({"rng_per_rank": states} if ctx.enabled else {}),
-        }, out / CHECKPOINT_NAME)
-
-    n_params = sum(p.numel() for p in net.parameters())
-    batch_text = (f"global batch {cfg.batch_size} ({batch} per rank x {ctx.world_size} processes; "
-                  f"lr not rescaled)" if ctx.enabled else f"batch {cfg.batch_size}")
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    where = f"{ctx.world_size} processes ({backend}; rank 0 on {device})" if ctx.enabled else str(device)
-    if main:
-        print(f"ddpm-fast: preset {cfg.preset} ({n_params / 1e6:.2f}M parameters), {loader.num_images} training "
-              f"images of {image_size}x{image_size}, {batch_text}, lr {cfg.lr}, {total} steps "
-              f"({len(loader)} per epoch) on {where}; run folder {out}"
-              + (f", resuming at step {step}" if step else ""), flush=True)
-
-    if cfg.fast:
-        # DDP needs 11 eager iterations before a whole-step CUDA graph may capture it.
-        fast = FastStep(model, diffusion, opt, ema, cfg, total, warmup=11 if ctx.enabled else 3,
-                        compile_mode=None if cfg.compile == "none" else cfg.compile)
-        # In a CUDA graph the noise comes from the default CUDA generator (seeded per rank above).
-        step_fn = lambda s, x0: fast(s, x0, None if fast.cuda_graph else gen)  # noqa: E731
-    else:
-        step_fn = make_reference_step(model, diffusion, opt, ema, cfg, gen, total)
-    progress = Progress(total, start=step)
-    # Losses are summed on the device and read back (and reduced over the ranks) only when
-    # logged: no per-step host sync or collective.
-    zero = torch.zeros((), device=device)
-    window_loss, window_n, window_t0 = zero.clone(), 0, time.time()
-    epoch_loss, epoch_n = zero.clone(), 0
-    # The fast path's first steps compile and capture the CUDA graph: their time is reported
-    # once, apart, and img/s counts only the steps after them (rate_n of the window's window_n).
-    warming, warm_t0, rate_n = cfg.fast, time.time(), 0
-    model.train()
-    with stop_at_step_boundary(ctx) as should_stop:
-        while step < total:
-            loader.set_epoch(epoch, start_batch=batch_in_epoch)
-            for x0 in loader:
-                loss = step_fn(step, x0)
-                step += 1
-                batch_in_epoch += 1
-                window_loss += loss
-                window_n += 1
-                rate_n += 1
-                if warming and fast.ready:
-                    warming = False
-                    loss.item()  # wait for the device: the warm-up ends here
-                    if main:
-                        print(f"\nfast path ready: {time.time() - warm_t0:.1f} s for its first {fast.calls} steps "
-                              "(torch.compile, CUDA-graph capture), not counted in img/s", flush=True)
-                    rate_n, window_t0 = 0, time.time()
-                epoch_loss += loss * x0.shape[0]
-                epoch_n += x0.shape[0]
-                if step % cfg.log_every == 0 or step == total:
-                    mean = all_sum(window_loss, ctx).item() / (window_n * ctx.world_size)
-                    rate = rate_n * cfg.batch_size / max(time.time() - window_t0, 1e-9) if rate_n else None
-                    if main:
-                        metrics.write(step=step, epoch=epoch, loss=mean, lr=float(opt.param_groups[0]["lr"]),
-                                      img_per_s=rate)
-                        speed = f"{rate:.0f} img/s" if rate is not None else "warming up"
-                        progress.update(step, f"epoch {epoch} | loss {mean:.4f} | {speed}")
-                    window_loss, window_n, rate_n, window_t0 = zero.clone(), 0, 0, time.time()
-                if step % cfg.save_every == 0:
-                    checkpoint()
-                if main and step % cfg.sample_every == 0:
-                    save_grid(ema.model, diffusion, cfg, out / "samples" / f"step_{step:07d}.png", device)
-                if main and cfg.eval_every and step % cfg.eval_every == 0:
-                    metrics.write(step=step, epoch=epoch, **evaluate_samples(ema.model, diffusion, cfg, device))
-                if should_stop():
-                    if main:
-                        progress.close()
-                    checkpoint()
-                    if main:
-                        print(f"interrupted at step {step}: checkpoint saved; continue with --resume {out}")
-                    raise KeyboardInterrupt
-                if step >= total:
-                    break
-            else:  # the epoch ran to its end
-                val = eval_loss(net, diffusion, val_loader, ctx)
-                train_loss = all_sum(epoch_loss, ctx).item() / max(epoch_n * ctx.world_size, 1)
-                if main:
-                    metrics.write(step=step, epoch=epoch, train_loss=train_loss, val_loss=val)
-                epoch, batch_in_epoch, epoch_loss, epoch_n = epoch + 1, 0, zero.clone(), 0
-    if main:
-        progress.close()
-    checkpoint()
-    if main:
-        save_grid(ema.model, diffusion, cfg, out / "samples" / "final.png", device)
-        plot_losses(out / "metrics.csv", out / "loss.png")
-        print(f"done: {step} steps; checkpoint {out / CHECKPOINT_NAME}, samples {out / 'samples'}, "
-              f"metrics {out / 'metrics.csv'}, loss curve {out / 'loss.png'}")
-    return out

@@ -1,43 +1,128 @@
-"""The train step, behind one seam: `make_step(...)` returns `step_fn(step, x0) -> loss` (a
-detached device tensor; no host sync), so the loop is the same for the reference step here and
-for faster steps (compiled, CUDA-graphed) that plug in beside it."""
+"""The train step, one for both paths: `TrainStep(step, x0) -> loss` (a detached device tensor; no
+host sync). What it does is the execution plan's: fp32 eager for the reference path; bf16
+autocast, channels_last and torch.compile for the fast path; and with the plan's CUDA graphs the
+whole step (noise and t drawn on the GPU, forward, backward, foreach clipping, fused capturable
+Adam with its lr in a device tensor, the EMA with its decay in a device tensor) captured once and
+replayed. Per step the host writes two scalars (lr through the lr scheduler, EMA decay), copies
+the batch into the static input, and replays.
+
+With graphs, the first `warmup` steps run eagerly on a side stream (they are real training
+steps): they let torch.compile and cuDNN settle and allocate the gradients before capture."""
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
 
 from ..diffusion import GaussianDiffusion
-from .config import TrainConfig
+from ..graphs import capture, side_stream
+from ..plan import ExecutionPlan
 from .ema import EMA
 
 
-def lr_factor(step: int, cfg: TrainConfig, total: int) -> float:
+def make_optimizer(model: torch.nn.Module, lr: float, plan: ExecutionPlan) -> torch.optim.Optimizer:
+    """Adam; in a CUDA graph fused and capturable with a tensor learning rate, so the step (and
+    its lr schedule, which fills that tensor in place) can live inside the graph."""
+    if plan.cuda_graphs:
+        return torch.optim.Adam(model.parameters(), lr=torch.tensor(lr, device=plan.device), fused=True,
+                                capturable=True)
+    return torch.optim.Adam(model.parameters(), lr=lr)
+
+
+def match_optimizer_to_path(opt: torch.optim.Optimizer, graphed: bool) -> None:
+    """After opt.load_state_dict, which takes each param group whole from the checkpoint: a
+    checkpoint of the other path brings its lr type, Adam flags and step tensors along. Make them
+    what make_optimizer gives this path. A float lr inside a captured graph would freeze the
+    schedule, and capture refuses a non-capturable Adam; a tensor lr or a capturable Adam on
+    the CPU breaks the reference step."""
+    device = next(p.device for g in opt.param_groups for p in g["params"])
+    for g in opt.param_groups:
+        if graphed:
+            g.update(fused=True, capturable=True, foreach=None)
+            if not isinstance(g["lr"], torch.Tensor):
+                g["lr"] = torch.tensor(float(g["lr"]), device=device)
+        else:
+            g.update(fused=None, capturable=False, foreach=None)
+            if isinstance(g["lr"], torch.Tensor):
+                g["lr"] = float(g["lr"])
+        for p in g["params"]:  # capturable and fused Adam keep `step` on the device, the others on the CPU
+            state = opt.state.get(p, {})
+            if "step" in state:
+                state["step"] = state["step"].to(device=p.device if graphed else "cpu", dtype=torch.float32)
+
+
+def lr_factor(step: int, warmup: int, schedule: str, total: int) -> float:
     """Linear warm-up, then constant or cosine decay to zero."""
-    if step < cfg.warmup:
-        return (step + 1) / cfg.warmup
-    if cfg.lr_schedule == "cosine":
-        progress = (step - cfg.warmup) / max(1, total - cfg.warmup)
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "cosine":
+        progress = (step - warmup) / max(1, total - warmup)
         return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
     return 1.0
 
 
-def make_reference_step(model: torch.nn.Module, diffusion: GaussianDiffusion, opt: torch.optim.Optimizer,
-                        ema: EMA, cfg: TrainConfig, gen: torch.Generator,
-                        total: int) -> Callable[[int, torch.Tensor], torch.Tensor]:
-    """Plain fp32 eager step: loss, backward, clip, Adam, EMA."""
+def make_lr_scheduler(opt: torch.optim.Optimizer, lr: float, warmup: int, schedule: str, total: int,
+                      step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """The lr of optimizer step `step` onwards; LambdaLR fills a tensor lr in place (graph-safe).
+    The base lr is set here, so a resume continues the schedule from `step` at this lr."""
+    for g in opt.param_groups:
+        g["initial_lr"] = lr
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, schedule, total),
+                                             last_epoch=step - 1)
 
-    def step_fn(step: int, x0: torch.Tensor) -> torch.Tensor:
-        for g in opt.param_groups:
-            g["lr"] = cfg.lr * lr_factor(step, cfg, total)
-        loss = diffusion.loss(model, x0, gen)
-        opt.zero_grad(set_to_none=True)
+
+class TrainStep:
+    def __init__(self, model: torch.nn.Module, diffusion: GaussianDiffusion, opt: torch.optim.Optimizer,
+                 sched: torch.optim.lr_scheduler.LRScheduler, ema: EMA, plan: ExecutionPlan, grad_clip: float,
+                 generator: torch.Generator | None = None, warmup: int = 3):
+        self.model, self.diffusion, self.opt, self.sched, self.ema = model, diffusion, opt, sched, ema
+        self.plan, self.grad_clip, self.warmup = plan, grad_clip, warmup
+        # In a CUDA graph the noise comes from the default CUDA generator, which PyTorch keeps graph-safe.
+        self.generator = None if plan.cuda_graphs else generator
+        # We capture our own graph, so not torch.compile's cudagraph modes. dynamic=False: training
+        # shapes are fixed (drop_last), and symbolic shapes only add guards.
+        self.forward = torch.compile(model, mode=plan.compile, dynamic=False) if plan.compile else model
+        self.params = list(model.parameters())
+        self.replay = None
+        self.static_x0: torch.Tensor | None = None
+        self.static_loss: torch.Tensor | None = None
+        self.calls = 0
+
+    def _body(self, x0: torch.Tensor, set_to_none: bool = True) -> torch.Tensor:
+        """One step, written once: eager, or recorded into the graph (gradients kept, not freed)."""
+        with self.plan.autocast():
+            loss = self.diffusion.loss(self.forward, x0, self.generator)
+        self.opt.zero_grad(set_to_none=set_to_none)
         loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        ema.update(model, step)
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
+        self.opt.step()
+        self.ema.update(self.model)
         return loss.detach()
 
-    return step_fn
+    @property
+    def ready(self) -> bool:
+        """Past the one-time work (compile on the first call, the graph's warm-up and capture):
+        from here on a step costs what it will cost for the rest of the run."""
+        return self.replay is not None if self.plan.cuda_graphs else self.calls >= 1
+
+    def __call__(self, step: int, x0: torch.Tensor) -> torch.Tensor:
+        self.ema.set_step(step)
+        x0 = x0.to(self.plan.device, non_blocking=True).contiguous(memory_format=self.plan.memory_format)
+        self.calls += 1
+        if not self.plan.cuda_graphs:
+            loss = self._body(x0)
+        elif self.replay is None and self.calls <= self.warmup:
+            with side_stream(self.plan.device):
+                loss = self._body(x0)
+        else:
+            if self.replay is None:
+                self.static_x0 = x0.clone()
+                self.opt.zero_grad(set_to_none=True)  # the gradients are allocated in the graph's pool
+                self.replay, self.static_loss = capture(lambda: self._body(self.static_x0, set_to_none=False),
+                                                        0, self.plan.device)
+            self.static_x0.copy_(x0)
+            self.replay()
+            loss = self.static_loss.clone()
+        self.sched.step()
+        return loss

@@ -1,0 +1,159 @@
+"""`build_run(cfg) -> Run`: the one place a training run is assembled (plan, data, model, EMA,
+optimizer, lr scheduler, step function, checkpointer), for the train CLI, the benchmarks and the
+tests alike. A resumed run continues exactly: model, EMA, optimizer, step, position in the epoch
+and every rank's random streams come back from the checkpoint.
+
+Under torchrun the same run is data-parallel (distributed.py): --batch-size is the global batch,
+split evenly over the ranks; each rank reads its own shard of every epoch and draws its own noise
+(seed + rank); DDP averages the gradients, so weights and EMA stay identical on every rank. Rank
+0 alone writes."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..data import build_loader
+from ..diffusion import GaussianDiffusion
+from ..model import UNet
+from ..plan import ExecutionPlan
+from .checkpoint import CHECKPOINT_NAME, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .distributed import DistContext, derived_seed, gather_to_main, per_rank_batch, wrap_model
+from .ema import EMA
+from .step import TrainStep, make_lr_scheduler, make_optimizer, match_optimizer_to_path
+
+
+@dataclass
+class Run:
+    cfg: TrainConfig
+    plan: ExecutionPlan
+    ctx: DistContext
+    net: UNet                   # what checkpoints, grids and evaluation see
+    model: torch.nn.Module      # what the step calls: `net`, or its DDP wrapper
+    diffusion: GaussianDiffusion
+    ema: EMA
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    loader: object
+    val_loader: object
+    step_fn: TrainStep
+    gen: torch.Generator        # this rank's noise and t of the loss
+    total: int                  # optimizer steps of the whole run
+    out: Path
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0     # global batches: batch k of every rank together is the k-th of the epoch's order
+    resumed: bool = False
+
+    @property
+    def device(self) -> torch.device:
+        return self.plan.device
+
+    def save(self) -> None:
+        """Collective (the ranks' RNG states are gathered); rank 0 writes."""
+        states = gather_to_main(rng_state(self.gen, self.device), self.ctx)
+        if not self.ctx.is_main:
+            return
+        save_checkpoint({
+            "model": self.net.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
+            "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+            "config": self.cfg.to_dict(), "world_size": self.ctx.world_size, "rng": states[0],
+            **({"rng_per_rank": states} if self.ctx.enabled else {}),
+        }, self.out / CHECKPOINT_NAME)
+
+
+def build_run(cfg: TrainConfig, ctx: DistContext | None = None, plan: ExecutionPlan | None = None) -> Run:
+    """The run `cfg` describes (resumed from its checkpoint when cfg.resume), on `ctx`'s device
+    (a single-process run when None). `plan` overrides the plan resolved from cfg (benchmarks
+    profile the fast path without graphs). Nothing is written: that is the loop's."""
+    plan = plan or ExecutionPlan.resolve(ctx.device if ctx else cfg.device, fast=cfg.fast, kernels=cfg.kernels,
+                                         compile=cfg.compile)
+    ctx = ctx or DistContext(rank=0, world_size=1, device=plan.device)
+    out = Path(cfg.out)
+    ckpt = None
+    if cfg.resume:
+        ckpt = load_checkpoint(resolve_checkpoint(cfg.resume), map_location=plan.device)
+        saved = ckpt["config"]
+        cfg.model, cfg.schedule, cfg.timesteps = saved["model"], saved["schedule"], saved["timesteps"]
+    elif (out / CHECKPOINT_NAME).exists():
+        raise FileExistsError(f"--out {out} already holds a run: pass --resume to continue it, or another --out")
+    batch = per_rank_batch(cfg.batch_size, ctx.world_size)
+    # Each rank its own dropout draws (rank 0's are a single-process run's). The ranks' initial
+    # weights differ too, until wrapping in DDP replaces them with rank 0's.
+    torch.manual_seed(cfg.seed + ctx.rank)
+
+    shard = dict(backend=cfg.loader, device=plan.device, seed=cfg.seed, num_workers=cfg.workers,
+                 rank=ctx.rank, world_size=ctx.world_size)
+    loader = build_loader(cfg.data, cfg.model["image_size"], batch, split="train", drop_last=True, **shard)
+    val_loader = build_loader(cfg.data, cfg.model["image_size"], batch, split="val", drop_last=False, **shard)
+    if len(loader) == 0:
+        raise ValueError(f"--batch-size {cfg.batch_size} is larger than the {loader.num_images} training images")
+    # The memory format before DDP wraps it: converting afterwards would mismatch its gradient buckets.
+    net = plan.prepare(UNet(**cfg.model))
+    model = wrap_model(net, ctx)
+    diffusion = GaussianDiffusion(cfg.schedule, cfg.timesteps)
+    opt = make_optimizer(net, cfg.lr, plan)
+    ema = EMA(net, cfg.ema_decay)
+    gen = torch.Generator(device=plan.device).manual_seed(cfg.seed + ctx.rank)
+    total = cfg.steps or cfg.epochs * len(loader)
+    step = epoch = batch_in_epoch = 0
+    if ckpt is not None:
+        net.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"])
+        match_optimizer_to_path(opt, plan.cuda_graphs)
+        step, epoch = ckpt["step"], ckpt["epoch"]
+        batch_in_epoch, repeated = resume_batch(ckpt, cfg.batch_size, len(loader))
+        restore_rng(ckpt, cfg.seed, ctx, gen)
+        if ctx.is_main and cfg.batch_size != ckpt["config"]["batch_size"]:
+            print(f"--batch-size {cfg.batch_size} (the checkpoint's was {ckpt['config']['batch_size']}): "
+                  f"epoch {epoch} resumes at batch {batch_in_epoch}"
+                  + (f", reading {repeated} images of it again" if repeated else ""), flush=True)
+    sched = make_lr_scheduler(opt, cfg.lr, cfg.warmup, cfg.lr_schedule, total, step)
+    # DDP needs 11 eager iterations before a whole-step CUDA graph may capture it.
+    step_fn = TrainStep(model, diffusion, opt, sched, ema, plan, cfg.grad_clip, gen,
+                        warmup=11 if ctx.enabled else 3)
+    return Run(cfg, plan, ctx, net, model, diffusion, ema, opt, sched, loader, val_loader, step_fn, gen, total,
+               out, step, epoch, batch_in_epoch, resumed=ckpt is not None)
+
+
+def rng_state(gen: torch.Generator, device: torch.device) -> dict:
+    """This rank's random streams: the loss's noise and t, and the global ones (dropout)."""
+    return {"loss": gen.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def restore_rng(ckpt: dict, seed: int, ctx: DistContext, gen: torch.Generator) -> None:
+    """Each rank continues its own saved streams (loss noise, dropout), so a resume with the same
+    number of processes is exact. A rank the checkpoint has no state for (resuming with more
+    processes than saved), or a checkpoint written on another kind of device (its generator
+    states do not fit ours), starts fresh streams from (seed, rank, step). Generator states are
+    CPU byte tensors whatever the device, hence the .cpu() after a map_location load."""
+    states = ckpt.get("rng_per_rank", [ckpt["rng"]])
+    other_device = states[0]["loss"].numel() != gen.get_state().numel()
+    if ctx.rank >= len(states) or other_device:
+        fresh = derived_seed(seed, ctx.rank, ckpt["step"])
+        gen.manual_seed(fresh)
+        torch.manual_seed(fresh)
+        return
+    state = states[ctx.rank]
+    gen.set_state(state["loss"].cpu())
+    torch.set_rng_state(state["torch"].cpu())
+    if ctx.device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), ctx.device)
+
+
+def resume_batch(ckpt: dict, batch_size: int, batches_per_epoch: int) -> tuple[int, int]:
+    """(batch to resume the epoch at, images of the epoch that are read again).
+
+    The position is kept in images (batches x the saved global batch), and an epoch's order does
+    not depend on the batch size, so a resume with another --batch-size continues where the run
+    stopped. When the sizes do not divide, it rounds down: the last partial batch's worth of
+    images is read again rather than skipped."""
+    seen = ckpt["batch_in_epoch"] * ckpt["config"]["batch_size"]
+    start = seen // batch_size
+    if start >= batches_per_epoch:  # under a batch left: drop_last ends the epoch there anyway
+        return batches_per_epoch, 0
+    return start, seen - start * batch_size
