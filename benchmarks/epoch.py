@@ -4,14 +4,15 @@ and fast path in the same run.
 (a) reference: what the original script does: fp32 (TF32 matmuls on a GPU), eager, a PIL
     DataLoader (`--loader torch`), Adam, EMA;
 (b) fast: bf16 autocast with fp32 master weights, channels_last, torch.compile, the whole step
-    in one CUDA graph (training/fast_step.py), the GPU-resident uint8 cache (`--loader auto`).
+    in one CUDA graph (training/step.py), the GPU-resident uint8 cache (`--loader auto`).
+Both are the trainer's own runs (training.run.build_run), timed step by step.
 
 Each path runs `--warmup` steps (compile, graph capture, cuDNN plans: reported apart as
 warm-up seconds), then `--steps` timed steps (default: the rest of one epoch), synchronised,
 and the epoch time is extrapolated to `--epoch-images` (57,208: the anime-face train split).
 Prints the GPU, epoch seconds, img/s, peak memory, warm-up seconds and the speedups against
 (a) and against the original script's 210 s on an RTX 3090 (both as epoch-time ratio and as
-img/s ratio with the seed's epoch taken as all 63,565 images: 303 img/s, DECISIONS.md 2).
+img/s ratio with the seed's epoch taken as all 63,565 images: 303 img/s; docs/DESIGN.md).
 JSON to $OUT/epoch.json when OUT is set, else benchmarks/results/epoch.json."""
 from __future__ import annotations
 
@@ -23,11 +24,8 @@ from pathlib import Path
 
 import torch
 
-from ddpm_fast import GaussianDiffusion, UNet
-from ddpm_fast.data import build_loader
 from ddpm_fast.training.config import TrainConfig
-from ddpm_fast.training.ema import EMA
-from ddpm_fast.training.fast_step import make_step
+from ddpm_fast.training.run import build_run
 
 from .common import write_result
 from .data_loading import folder_size_for_epoch, make_sources
@@ -42,37 +40,27 @@ def sync(device: torch.device) -> None:
 
 
 def run_path(path: str, data: Path, args, device: torch.device) -> dict:
-    torch.manual_seed(0)
-    cfg = TrainConfig(preset=args.preset, batch_size=args.batch_size, lr=2e-4, warmup=0,
-                      kernels=args.kernels if path == "fast" else "torch",
-                      model_overrides={"image_size": args.image_size})
-    model = UNet(**cfg.model).to(device).set_backend(cfg.kernels)
-    diffusion = GaussianDiffusion("linear", 1000)
-    ema = EMA(model, 0.9999)
     fast = path == "fast"
-    total = args.warmup + args.steps
-    _, step_fn = make_step(path, model, diffusion, ema, cfg, total,
-                           compile_mode=None if args.compile == "none" else args.compile)
-    loader = build_loader(str(data), args.image_size, args.batch_size, split="train",
-                          backend=args.fast_loader if fast else "torch", device=device, seed=0,
-                          num_workers=args.workers)
+    cfg = TrainConfig(data=str(data), preset=args.preset, image_size=args.image_size, batch_size=args.batch_size,
+                      lr=2e-4, warmup=0, steps=args.warmup + args.steps, fast=fast, compile=args.compile,
+                      kernels=args.kernels if fast else "torch", loader=args.fast_loader if fast else "torch",
+                      workers=args.workers, device=str(device), out=str(args.workdir / f"run-{path}"))
+    run = build_run(cfg)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    batches = iter(_forever(loader))
+    batches = iter(_forever(run.loader))
     t0 = time.perf_counter()
     for s in range(args.warmup):
-        step_fn(s, next(batches))
+        run.step_fn(s, next(batches))
     sync(device)
     warm_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    losses = []
-    for s in range(args.warmup, total):
-        losses.append(step_fn(s, next(batches)))
+    losses = [run.step_fn(s, next(batches)) for s in range(args.warmup, run.total)]
     sync(device)
     timed_s = time.perf_counter() - t0
     img_s = args.steps * args.batch_size / timed_s
     return {
-        "path": path, "loader": loader.backend, "cache_build_s": round(loader.build_seconds, 2),
+        "path": path, "loader": run.loader.backend, "cache_build_s": round(run.loader.build_seconds, 2),
         "warmup_steps": args.warmup, "warmup_s": round(warm_s, 2), "timed_steps": args.steps,
         "timed_s": round(timed_s, 3), "img_per_s": round(img_s, 1),
         "epoch_s": round(args.epoch_images / img_s, 2),

