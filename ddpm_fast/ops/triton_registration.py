@@ -1,10 +1,14 @@
-"""How a Triton-backed op is registered with torch.library (TOOLCHAIN.md, "Registration").
+"""How a Triton-backed op is registered with torch.library, and where the Triton backend may run.
 
 On a GPU: `torch.library.triton_op` with kernels launched through `wrap_triton`, so
 torch.compile sees through to the kernels and CUDA graphs capture them. Under the interpreter
 (TRITON_INTERPRET=1, CPU tests): the same Python body registered with `torch.library.custom_op`
 and an explicit fake, because triton_op's fake path touches CPU storage there. Autograd is
-registered once, the same way for both."""
+registered once, the same way for both.
+
+Without CUDA the backend runs only under the interpreter, a test tool far too slow to train or
+sample with; importing it then without TRITON_INTERPRET=1 is a clear error, not Triton's
+"0 active drivers" at the first launch."""
 from __future__ import annotations
 
 import os
@@ -13,6 +17,9 @@ from typing import Callable, Iterable
 import torch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+if not INTERPRET and not torch.cuda.is_available():
+    raise ImportError("the triton backend needs a CUDA GPU (on a CPU use the torch or cpp backend; tests run "
+                      "Triton kernels on the CPU under TRITON_INTERPRET=1)")
 
 
 def launcher(kernel):

