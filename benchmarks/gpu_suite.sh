@@ -1,25 +1,25 @@
 #!/usr/bin/env bash
-# GPU evidence for ddpm-fast in one call of under 9 minutes on an H100 (DECISIONS.md 14).
+# GPU evidence for ddpm-fast. A lent session has 15 minutes of device time in all, machine start
+# (1-2 min) and transfers included (docs/DESIGN.md, "Time budgets"), so:
 #
-#   bash benchmarks/gpu_suite.sh [--quick] [--dali] [--fidelity] [--fidelity-spread] [--dry-run]
+#   bash benchmarks/gpu_suite.sh              one call of at most 7 minutes (SUITE_BUDGET_S, default 400 s)
+#   bash benchmarks/gpu_suite.sh --fidelity   a second call of at most 4 minutes (default 220 s)
+#   bash benchmarks/gpu_suite.sh --dali       only where it fits: DALI is not on the GPU image
+#   bash benchmarks/gpu_suite.sh --quick      a ~2-minute subset: versions, ceilings, a few micro-benchmarks
+#   ... --dry-run                             print the plan, each step with its budget, and exit 0
 #
 # Default: versions; ceilings (copy GB/s, bf16 matmul TFLOP/s); build the CUDA extension
 # (sm_90a); the GPU tests (pytest -m gpu); the epoch and sampling benchmarks on reduced step
-# counts; the kernel micro-benchmarks at the anime64 shapes; a torch.profiler breakdown of a training
-# and a sampling step.
-# --quick     a ~2-minute subset: versions, ceilings, a few micro-benchmark cases, no torch.compile;
-#             installed without building the extension (measured only if already built), no tests
-# --dali      a separate call: the DALI loader benchmark (benchmarks.data_loading) if DALI imports
-# --fidelity  a separate call: python -m benchmarks.fidelity (the "learning unchanged" comparison),
-#             reference and fast path from one seed at anime64 scale, 2,000 steps
-# --fidelity-spread  a separate call: the second seed's run (the run-to-run yardstick) and the slow
-#             GPU test; join with python -m benchmarks.fidelity --combine <both calls' fidelity-run-*.json>
-# --dry-run   print every step of the plan and exit 0 (no GPU needed)
+# counts; the kernel micro-benchmarks at the anime64 shapes; a torch.profiler breakdown of a
+# training and a sampling step, last, as the least needed.
+# --fidelity: python -m benchmarks.fidelity ("learning unchanged"), reference and fast path from
+#   one seed and the fast path from a second (the run-to-run yardstick), anime64 at batch 128 for
+#   400 steps each.
 #
-# Every step runs under `timeout`; a failing or timed-out step is recorded and the suite goes on.
-# The benchmark modules (data_loading, epoch, sample, profile_step, fidelity) follow the
-# project's convention: JSON written to $OUT when set, `--quick` for the reduced run; each gets its
-# own OUT folder here and its JSON is joined into the suite's.
+# Every step runs under `timeout`, its cap shrunk to what is left of the call's budget; a step
+# with too little left is recorded as skipped; a failing or timed-out step is recorded and the
+# suite goes on. The benchmark modules write their JSON to $OUT when set and take `--quick` for the
+# reduced run; each gets its own OUT folder here and its JSON is joined into the suite's.
 # Output: one JSON and the full log ($OUT/gpu_suite.json and .log when OUT is set, else in
 # benchmarks/results/) and the summary table, printed last. Turn the JSON into RESULTS.md and the
 # backend table with `python -m benchmarks.report gpu_suite.json` on the development machine.
@@ -31,7 +31,6 @@ for arg in "$@"; do
     --quick) MODE=quick ;;
     --dali) MODE=dali ;;
     --fidelity) MODE=fidelity ;;
-    --fidelity-spread) MODE=fidelity-spread ;;
     --dry-run) DRY=1 ;;
     -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "unknown option: $arg" >&2; exit 2 ;;
@@ -42,8 +41,12 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT" || exit 2
 PY=${PYTHON:-python3}
 RESULTS=${OUT:-$ROOT/benchmarks/results}
-BUDGET=${SUITE_BUDGET_S:-520}   # the whole call, leaving room under the 9-minute target
+case $MODE in  # the whole call's budget, leaving room under its device-call limit
+  fidelity) BUDGET=${SUITE_BUDGET_S:-220} ;;
+  *) BUDGET=${SUITE_BUDGET_S:-400} ;;
+esac
 START=$(date +%s)
+PLANNED=0  # --dry-run: the sum of the step caps
 WORK="<work dir>"
 if [ "$DRY" = 0 ]; then
   WORK=$(mktemp -d "${TMPDIR:-/tmp}/ddpm_gpu_suite.XXXXXX")
@@ -63,6 +66,7 @@ step() {
   shift 2
   if [ "$DRY" = 1 ]; then
     printf '[plan] %-22s cap %4ss: %s\n' "$name" "$cap" "$*"
+    PLANNED=$((PLANNED + cap))
     return 0
   fi
   local left=$((BUDGET - ($(date +%s) - START) - 20))
@@ -109,43 +113,30 @@ micro() {  # micro NAME CAP FILE [pytest args...]: one micro-benchmark file, its
     "$PY" -m pytest "benchmarks/$file" -q -p no:cacheprovider --benchmark-disable "$@"
 }
 
-step env 60 bash -c "nvidia-smi; nvcc --version | tail -2; $PY -c 'import sys, torch, triton; \
+step env 20 bash -c "nvidia-smi; nvcc --version | tail -2; $PY -c 'import sys, torch, triton; \
 print(\"python\", sys.version.split()[0], \"torch\", torch.__version__, \"cuda\", torch.version.cuda, \
 \"triton\", triton.__version__); print(\"gpu\", torch.cuda.get_device_name(), torch.cuda.get_device_capability())'"
 
 BUILD=("$PY" -m pip install --no-build-isolation --no-deps --no-index -e .)
-FIDELITY=(--preset anime64 --image-size 64 --batch-size 128 --steps 2000 --lr 2e-4 --warmup 100 --compile none
-          --kid-samples 1000)
+FIDELITY=(--preset anime64 --image-size 64 --batch-size 128 --steps 400 --lr 2e-4 --warmup 100 --compile none
+          --kid-samples 500)
 CHECK_EXT="import torch, ddpm_fast._C; print('extension ops:', sorted(n for n in dir(torch.ops.ddpm_fast) if not n.startswith('_')))"
 
 case $MODE in
   dali)
-    step build 360 "${BUILD[@]}"
+    step build 150 "${BUILD[@]}"
     if [ "$DRY" = 1 ] || "$PY" -c "import nvidia.dali" 2>/dev/null; then
-      if [ -f benchmarks/data_loading.py ]; then
-        step dali 480 env OUT="$WORK/dali" "$PY" -m benchmarks.data_loading
-      else
-        note dali "benchmarks/data_loading.py: not built yet"
-      fi
+      step dali 300 env OUT="$WORK/dali" "$PY" -m benchmarks.data_loading
     else
-      note dali "DALI is not installed on this machine (carry its wheels: TOOLCHAIN.md, NVIDIA DALI)"
+      note dali "DALI is not installed on this machine: carry its wheels in (nvidia-dali-cuda130), then rerun --dali"
     fi
     ;;
   fidelity)
     # The comparison runs the reference ops: no CUDA extension build, so the time goes to training.
-    step build 120 env DDPM_FAST_NO_EXTENSION=1 "${BUILD[@]}"
-    # anime64 at batch 128 for 2,000 steps: reference and fast from seed 0 here (~400 s on an
-    # H100), the fast path's seed-1 run (the spread) in --fidelity-spread; join the two calls'
-    # fidelity-run-*.json with python -m benchmarks.fidelity --combine.
-    step fidelity 480 env OUT="$WORK/fidelity" "$PY" -m benchmarks.fidelity "${FIDELITY[@]}" --runs reference:0,fast:0
+    step build 40 env DDPM_FAST_NO_EXTENSION=1 "${BUILD[@]}"
+    step fidelity 170 env OUT="$WORK/fidelity" "$PY" -m benchmarks.fidelity "${FIDELITY[@]}" \
+      --runs reference:0,fast:0,fast:1
     keep_fidelity_runs
-    ;;
-  fidelity-spread)
-    step build 120 env DDPM_FAST_NO_EXTENSION=1 "${BUILD[@]}"
-    step fidelity 300 env OUT="$WORK/fidelity" "$PY" -m benchmarks.fidelity "${FIDELITY[@]}" --runs fast:1
-    keep_fidelity_runs
-    # the small-scale "learning unchanged" GPU test (2,000 steps of the tiny model), too slow for the full suite
-    step tests_slow 150 "$PY" -m pytest tests -m "gpu and slow" -q -p no:cacheprovider
     ;;
   quick)
     # ddpm_fast.kernels exists only once installed (package_dir maps kernels/ there): a quick
@@ -157,43 +148,37 @@ case $MODE in
     micro group_norm 60 test_bench_group_norm.py -k "not compile and (C64_64x64 or C256_8x8)"
     ;;
   full)
-    step ceilings 90 "$PY" -m benchmarks.ceilings --json "$WORK/ceilings.json"
-    step build 300 "${BUILD[@]}"
-    step extension 30 "$PY" -c "$CHECK_EXT"
+    step ceilings 30 "$PY" -m benchmarks.ceilings --json "$WORK/ceilings.json"
+    step build 150 "${BUILD[@]}"
+    step extension 15 "$PY" -c "$CHECK_EXT"
     # The GPU tests first: a wrong kernel or a crashing graph path makes every number after it moot.
     # Only -m gpu (the kernels, the graphs, the GPU paths; the CPU-only tests are CI's), over 4
     # workers with pytest-xdist (on the GPU image: ~150 Triton compiles to spread), a hung test cut
-    # at 120 s with pytest-timeout (also there); no -x: one failure should not hide the others in a
+    # at 60 s with pytest-timeout (also there); no -x: one failure should not hide the others in a
     # call that cannot be repeated cheaply; --durations says where the time went.
     PYTEST_EXTRA=()
     if [ "$DRY" = 0 ]; then
       "$PY" -c "import xdist" 2>/dev/null && PYTEST_EXTRA+=(-n 4 --dist loadfile)
-      "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_EXTRA+=(--timeout 120)
+      "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_EXTRA+=(--timeout 60)
     fi
-    step tests 200 "$PY" -m pytest tests -m "gpu and not slow" -q -p no:cacheprovider --durations=25 \
+    step tests 100 "$PY" -m pytest tests -m "gpu and not slow" -q -p no:cacheprovider --durations=15 \
       "${PYTEST_EXTRA[@]}"
     # Then the headline numbers.
-    if [ -f benchmarks/epoch.py ]; then
-      step epoch 200 env OUT="$WORK/epoch" "$PY" -m benchmarks.epoch --quick
-    else
-      note epoch "benchmarks/epoch.py: not built yet"
-    fi
-    if [ -f benchmarks/sample.py ]; then
-      step sample 120 env OUT="$WORK/sample" "$PY" -m benchmarks.sample --quick
-    else
-      note sample "benchmarks/sample.py: not built yet"
-    fi
-    micro sampling 60 test_bench_sampling_update.py
-    micro attention 120 test_bench_attention.py
-    micro group_norm 200 test_bench_group_norm.py
+    step epoch 45 env OUT="$WORK/epoch" "$PY" -m benchmarks.epoch --quick
+    step sample 40 env OUT="$WORK/sample" "$PY" -m benchmarks.sample --quick
+    micro sampling 15 test_bench_sampling_update.py
+    micro attention 30 test_bench_attention.py
+    micro group_norm 45 test_bench_group_norm.py
     # Where a step's time goes (torch.profiler), the evidence NOTES.md's predictions are checked
     # against; last, as the least needed (alone: python -m benchmarks.profile_step).
-    step profile 120 env OUT="$WORK/profile" "$PY" -m benchmarks.profile_step --steps 3
+    step profile 30 env OUT="$WORK/profile" "$PY" -m benchmarks.profile_step --steps 3
     ;;
 esac
 
 if [ "$DRY" = 1 ]; then
   printf '[plan] %-22s %s\n' summary "$PY -m benchmarks.report --assemble $WORK --out $RESULTS/gpu_suite.json"
+  printf '[plan] %-22s %ss of step caps; the call stops starting steps at %ss (SUITE_BUDGET_S)\n' total "$PLANNED" \
+    "$BUDGET"
   exit 0
 fi
 "$PY" -m benchmarks.report --assemble "$WORK" --out "$RESULTS/gpu_suite.json"

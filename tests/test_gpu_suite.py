@@ -25,7 +25,7 @@ def plan(*args):
 def test_dry_run_lists_every_step():
     steps = plan()
     assert list(steps) == ["env", "ceilings", "build", "extension", "tests", "epoch", "sample", "micro_sampling",
-                           "micro_attention", "micro_group_norm", "profile", "summary"]
+                           "micro_attention", "micro_group_norm", "profile", "summary", "total"]
     assert "nvidia-smi" in steps["env"] and "torch.__version__" in steps["env"] and "triton.__version__" in steps["env"]
     assert "benchmarks.ceilings" in steps["ceilings"]
     assert "pip install --no-build-isolation --no-deps --no-index -e ." in steps["build"]
@@ -35,28 +35,27 @@ def test_dry_run_lists_every_step():
                        ("micro_group_norm", "test_bench_group_norm.py")):
         assert f"benchmarks/{file}" in steps[name] and "DDPM_BENCH_JSON=" in steps[name]
     assert "benchmarks.profile_step" in steps["profile"]
-    for name in ("epoch", "sample"):  # later modules: run where present, else said so
-        if (ROOT / "benchmarks" / f"{name}.py").exists():
-            assert f"benchmarks.{name}" in steps[name]
-        else:
-            assert "not built yet" in steps[name]
+    for name in ("epoch", "sample"):
+        assert f"benchmarks.{name} --quick" in steps[name]
     assert "benchmarks.report --assemble" in steps["summary"] and "gpu_suite.json" in steps["summary"]
-    assert all("cap" in steps[s] for s in steps if s not in ("epoch", "sample", "summary"))
+    assert all("cap" in steps[s] for s in steps if s not in ("summary", "total"))
+    # One call of at most 7 minutes: the budget stops the suite starting steps within it.
+    assert "stops starting steps at 400s" in steps["total"]
 
 
 def test_dry_run_modes():
     quick = plan("--quick")
     assert list(quick) == ["env", "build", "ceilings", "micro_sampling", "micro_attention", "micro_group_norm",
-                           "summary"]
+                           "summary", "total"]
     assert "DDPM_FAST_NO_EXTENSION=1" in quick["build"]
     assert "not compile" in quick["micro_group_norm"]
-    assert list(plan("--dali")) == ["env", "build", "dali", "summary"]
-    fid, spread = plan("--fidelity"), plan("--fidelity-spread")
-    assert list(fid) == ["env", "build", "fidelity", "summary"]
-    assert list(spread) == ["env", "build", "fidelity", "tests_slow", "summary"]
-    assert "--runs reference:0,fast:0" in fid["fidelity"] and "--runs fast:1" in spread["fidelity"]
-    assert "--steps 2000" in fid["fidelity"] and "--preset anime64" in spread["fidelity"]
-    assert "-m gpu and slow" in spread["tests_slow"]
+    assert list(plan("--dali")) == ["env", "build", "dali", "summary", "total"]
+    fid = plan("--fidelity")
+    assert list(fid) == ["env", "build", "fidelity", "summary", "total"]
+    assert "--runs reference:0,fast:0,fast:1" in fid["fidelity"] and "--preset anime64" in fid["fidelity"]
+    assert "stops starting steps at 220s" in fid["total"]  # the second call, at most 4 minutes
+    caps = [int(line.split("cap")[1].split("s:")[0]) for line in fid.values() if " cap " in line]
+    assert sum(caps) <= 240
     assert suite("--bogus").returncode == 2
 
 
