@@ -26,7 +26,7 @@ def _extension():
         return CppExtension("ddpm_fast._C", cpp_sources, extra_compile_args={"cxx": cxx},
                             extra_link_args=["-fopenmp"])
     nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo",
-            "-gencode=arch=compute_90a,code=sm_90a"]  # DECISIONS 6
+            "-gencode=arch=compute_90a,code=sm_90a"]  # sm_90a: docs/DESIGN.md
     return CUDAExtension("ddpm_fast._C", cpp_sources + sorted(glob.glob("csrc/*.cu")),
                          extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp"])
 

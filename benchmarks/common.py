@@ -3,7 +3,7 @@ timings through `triton.testing.do_bench` on a GPU, a host-clock median on the C
 gate (a wrong kernel is never timed, so never picked) and the rows the suite's JSON holds.
 
 On a GPU every case runs at the real shapes, batch 128. On the CPU (only with DDPM_BENCH_CPU=1,
-for the committed CPU measurement of DECISIONS.md 5) the batch is DDPM_BENCH_BATCH (default 8)
+for the committed CPU measurement `auto` reads on a CPU) the batch is DDPM_BENCH_BATCH (default 8)
 and Triton is not measured: it never runs on the CPU outside tests."""
 from __future__ import annotations
 

@@ -4,7 +4,7 @@
 
 Without --data it writes (once, reused) a folder of 96x96 JPEG sources drawn procedurally,
 sized so that its 90% train split holds --n images (57,208 of 63,565, as the anime-face set;
-DECISIONS 2). Each backend runs a warm-up (worker start, cache build, first batches), then one
+docs/DESIGN.md). Each backend runs a warm-up (worker start, cache build, first batches), then one
 full train epoch is timed; the cache build is reported apart, as a one-time cost. A plain
 PIL + DataLoader loader with 8 and 16 workers, decoding and normalising in the workers as
 a straightforward training script does, is the baseline. Prints a table and writes JSON to

@@ -8,7 +8,7 @@
         (op, device class, dtype, shape key) only where a non-reference backend measured faster
         than the reference, and than torch.compile of it where that was measured, in every
         direction measured (forward, forward+backward), in that run. Entries of other device
-        classes are kept, so the CPU and GPU measurements live side by side (DECISIONS.md 5).
+        classes are kept, so the CPU and GPU measurements live side by side.
     python -m benchmarks.report --assemble DIR --out RUN.json
         (the GPU suite's last step) joins the suite's step log and parts into one JSON and prints
         the summary table.
@@ -56,7 +56,7 @@ def choose(run: dict) -> list[dict]:
         best = None
         for cand in CANDIDATES:
             if cls == "cpu" and cand == "triton":
-                continue  # DECISIONS.md 5: Triton never runs on the CPU outside tests
+                continue  # Triton never runs on the CPU outside tests (docs/DESIGN.md)
             speedups, vs_compile = [], []
             for direction, ms in by_dir.items():
                 if REFERENCE not in ms:

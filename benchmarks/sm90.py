@@ -7,7 +7,7 @@ Triton: every spec from `sm90_specs()` of every ddpm_fast.kernels module is comp
 the PTX gives registers and spill bytes, the metadata gives shared memory, cuobjdump -sass on the
 cubin counts HGMMA/HMMA/FFMA. CUDA: every csrc/*.cu is compiled by nvcc for sm_90a with
 --resource-usage. Exits 1 on any spill, any block over 227 KiB of shared memory, or any compile
-the GPU compiler rejects (DECISIONS.md 6: every launchable configuration, not only defaults)."""
+the GPU compiler rejects (every launchable configuration, not only defaults: docs/DESIGN.md, "sm_90a")."""
 from __future__ import annotations
 
 import argparse
@@ -35,7 +35,7 @@ SMEM_LIMIT = 227 * 1024  # the most shared memory one block can have on sm_90
 # error only with --require-hgmma (the check's hard failures are the ones that break a launch).
 MMA_OPS = ("HGMMA", "HMMA", "FFMA")
 
-NVCC_FLAGS = [  # TOOLCHAIN.md: compile-checking .cu against the CPU wheel's headers
+NVCC_FLAGS = [  # compile-checking .cu against the CPU wheel's headers, as setup.py's CUDA build does
     "-gencode=arch=compute_90a,code=sm_90a", "-std=c++20", "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
     "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C", "-D_GLIBCXX_USE_CXX11_ABI=1",
     "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",

@@ -97,7 +97,7 @@ class GaussianDiffusion:
         """Draw (t for the model, noise) and return (x_t, t_model, noise).
 
         Discrete schedules draw t uniformly from {0..T-1}; the continuous one draws alpha-bar
-        uniformly from [0, 1] (see DECISIONS.md 3)."""
+        uniformly from [0, 1] (docs/DESIGN.md)."""
         B = x0.shape[0]
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         if self.schedule == "continuous":

@@ -19,7 +19,7 @@ from .cli import add_plan_arguments, add_sampler_arguments, plan_from_args, posi
 
 class _CallableModule(types.ModuleType):
     """Importing this submodule rebinds the package attribute `ddpm_fast.sample` from the
-    function to the module (DECISIONS.md 1); calling the module calls the function, so
+    function to the module (docs/DESIGN.md); calling the module calls the function, so
     `ddpm_fast.sample(model, diffusion, ...)` keeps working either way."""
 
     def __call__(self, *args, **kwargs):

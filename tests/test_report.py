@@ -1,5 +1,5 @@
 """benchmarks.report turns a run's JSON into RESULTS.md and the backend table; auto reads that table
-and falls back to the reference wherever it has no faster measurement (DECISIONS.md 5)."""
+and falls back to the reference wherever it has no faster measurement (docs/DESIGN.md)."""
 import json
 
 import pytest

@@ -1,6 +1,6 @@
 """Triton flash attention (kernels/attention.py, ddpm_fast/ops/triton_attention.py) against a
 float64 softmax(q k^T / sqrt(d)) v and its autograd. On CPU the kernels run under the Triton
-interpreter (fp32 and fp16 only: its bf16 tl.dot is wrong, TOOLCHAIN.md); the bf16 checks
+interpreter (fp32 and fp16 only: its bf16 tl.dot is wrong in Triton 3.6-3.9); the bf16 checks
 against F.scaled_dot_product_attention need CUDA. That sm90_specs() lists every configuration the
 launchers can pick is tested here; compiling them for sm_90 (spills, shared memory, HGMMA) is
 `python -m benchmarks.sm90 --require-hgmma`, run by CI."""

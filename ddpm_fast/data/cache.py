@@ -4,7 +4,7 @@ File layout: a 4096-byte header (magic line, then JSON: format version, image si
 the fingerprint of the source listing), then count x S x S x 3 bytes in the order of the
 validated file list. A cache whose header does not match the current listing (a file added,
 removed or touched) is rebuilt. Building is a one-time cost, timed and reported apart from
-epoch time (DECISIONS 8); it decodes in parallel threads and is written under a temporary
+epoch time (docs/DESIGN.md); it decodes in parallel threads and is written under a temporary
 name and renamed, so concurrent builders (one per rank) never see a half-written file.
 """
 from __future__ import annotations

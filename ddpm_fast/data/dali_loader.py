@@ -1,7 +1,7 @@
 """The `dali` backend: NVIDIA DALI decodes (nvJPEG on the GPU), resizes, crops, mirrors and
 normalises in its own threads and hands over device tensors.
 
-DALI's reader shuffles with a local buffer of its own, which cannot honour DECISIONS 8 (the
+DALI's reader shuffles with a local buffer of its own, which cannot honour the loader contract (docs/DESIGN.md: the
 order and flips of an epoch are a pure function of (seed, epoch, rank, world_size), the same
 for every backend). So each epoch gets a pipeline over this rank's files in the shared plan's
 order, from the resume batch on, with the plan's flips passed as the reader's labels; the
@@ -65,7 +65,7 @@ class DaliLoader(EpochLoader):
                                             shard_id=0, num_shards=1, name="reader")
             images = fn.decoders.image(encoded, device="mixed" if on_gpu else "cpu",
                                        output_type=types.RGB)
-            # subpixel_scale=False keeps DALI within 2/255 of PIL's bilinear resize (TOOLCHAIN).
+            # subpixel_scale=False keeps DALI within 2/255 of PIL's bilinear resize (the default is up to 14 off).
             images = fn.resize(images, resize_shorter=size, antialias=True,
                                subpixel_scale=False, interp_type=types.INTERP_LINEAR)
             return fn.crop_mirror_normalize(

@@ -1,7 +1,7 @@
 """Epoch order shared by every backend.
 
 The order of an epoch (permutation and flips) is a pure function of (seed, epoch, rank,
-world_size) (DECISIONS 8): a resumed run calls `set_epoch(e, start_batch)` and gets exactly the
+world_size) (docs/DESIGN.md): a resumed run calls `set_epoch(e, start_batch)` and gets exactly the
 batches it had not yet seen. Rank r takes every world_size-th item of the epoch's permutation,
 so the shards are disjoint and together cover the split; with drop_last every rank yields the
 same number of full batches, as DDP needs.

@@ -1,6 +1,6 @@
 """Plain PyTorch definitions of every fused op: the `torch` backend, and what every other backend
 is tested against. Statistics and arithmetic in float32; outputs in the input's dtype and memory
-format (DECISIONS.md 10)."""
+format (docs/DESIGN.md, "Dtypes under autocast")."""
 from __future__ import annotations
 
 import torch

@@ -74,7 +74,7 @@ def rank_device(device: torch.device, local_rank: int) -> torch.device:
 
 
 def per_rank_batch(global_batch: int, world_size: int) -> int:
-    """--batch-size is the global batch (DECISIONS 9): each rank takes an equal share."""
+    """--batch-size is the global batch: each rank takes an equal share."""
     if global_batch % world_size:
         lower = global_batch // world_size * world_size
         hint = f"{lower} or {lower + world_size}" if lower else str(world_size)
