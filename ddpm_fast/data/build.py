@@ -22,7 +22,8 @@ from .order import EpochLoader
 from .split import SPLITS, split_files
 from .tensor_loader import TensorLoader
 from .torch_loader import TorchFileLoader
-from .transforms import load_uint8, resolve_device
+from ..plan import resolve_device
+from .transforms import load_uint8
 
 log = logging.getLogger("ddpm_fast.data")
 

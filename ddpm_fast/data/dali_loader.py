@@ -19,7 +19,7 @@ import torch
 
 from .order import EpochLoader, EpochPlan
 from .torch_loader import default_workers
-from .transforms import resolve_device
+from ..plan import resolve_device
 
 INSTALL_HINT = ("the dali loader needs NVIDIA DALI: pip install 'ddpm-fast[dali]' "
                 "(or pip install nvidia-dali-cuda130), or pick --loader torch/cache")

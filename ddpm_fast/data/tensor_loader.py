@@ -11,7 +11,8 @@ from typing import Iterator
 import torch
 
 from .order import EpochLoader, EpochPlan
-from .transforms import resolve_device, to_model_range
+from ..plan import resolve_device
+from .transforms import to_model_range
 
 
 class TensorLoader(EpochLoader):

@@ -16,7 +16,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .order import EpochLoader, EpochPlan
-from .transforms import load_uint8, resolve_device, to_model_range
+from ..plan import resolve_device
+from .transforms import load_uint8, to_model_range
 
 
 class _FileDataset(Dataset):

@@ -62,15 +62,6 @@ def load_uint8(path: str | os.PathLike, size: int) -> np.ndarray:
                            "(was it changed after validation?)") from e
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """A concrete device: None is the CPU, and "cuda" gets the current index, so that tensors'
-    devices compare equal to it ("cuda" != "cuda:0")."""
-    device = torch.device(device if device is not None else "cpu")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
 def to_model_range(batch_nhwc: torch.Tensor, device: torch.device) -> torch.Tensor:
     """uint8 (B, S, S, 3) -> float (B, 3, S, S) in [-1, 1] on `device`.
 
