@@ -21,6 +21,22 @@ from .ops.reference import coef_row
 
 SCHEDULES = ("linear", "cosine", "continuous")
 VARIANCES = ("beta", "posterior")
+# What the model predicts, by diffusers' prediction_type names; the short names are the CLI's too.
+PREDICTIONS = ("epsilon", "v_prediction", "sample")
+PREDICTION_ALIASES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
+LOSS_WEIGHTS = ("uniform", "min_snr", "elbo")
+# Zero terminal SNR leaves alpha-bar_T exactly 0; samplers divide by its root (a sigma-space solver's
+# sigma_max, DPM-Solver's log-SNR), so alpha-bar_T is held at fp16's smallest subnormal instead, as
+# diffusers' samplers do (the betas keep the exact schedule: beta_T = 1).
+ZERO_SNR_FLOOR = 2.0**-24
+
+
+def rescale_zero_terminal_snr(abar: torch.Tensor) -> torch.Tensor:
+    """Lin et al. (2023), Algorithm 1: shift and scale sqrt(alpha-bar) so the last step has SNR 0
+    and the first keeps its value."""
+    root = abar.sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    return ((root - last) * first / (first - last)) ** 2
 
 
 def linear_betas(timesteps: int) -> torch.Tensor:
@@ -49,28 +65,71 @@ def continuous_alphas_cumprod(timesteps: int) -> torch.Tensor:
 
 
 class GaussianDiffusion:
-    """Forward process, eps-prediction loss and the reverse-step coefficients."""
+    """Forward process, the training loss of each prediction target and weighting, and the
+    reverse-step coefficients.
 
-    def __init__(self, schedule: str = "linear", timesteps: int = 1000):
+    prediction: what the model outputs (diffusers' names; eps/v/x0 accepted): the noise, the
+    velocity v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022), or x0 itself.
+    loss_weight: the weight of each t's MSE on the target. "uniform" is Ho et al.'s simple loss for
+    eps (and the plain MSE for the other targets); "min_snr" is Hang et al.'s min(SNR, gamma) on
+    the x0 error, expressed for the target; "elbo" is the variational bound's weight
+    0.5 (SNR(t-1) - SNR(t)) on the x0 error (Kingma et al. 2021), normalised to mean 1 over t.
+    offset_noise adds a per-image, per-channel constant to the noise (Guttenberg 2023);
+    zero_terminal_snr rescales the schedule so x_T carries no signal (Lin et al. 2023)."""
+
+    def __init__(self, schedule: str = "linear", timesteps: int = 1000, prediction: str = "epsilon",
+                 loss_weight: str = "uniform", snr_gamma: float = 5.0, offset_noise: float = 0.0,
+                 zero_terminal_snr: bool = False):
         if schedule not in SCHEDULES:
             raise ValueError(f"--schedule must be one of {SCHEDULES}, got {schedule!r}")
         if timesteps < 2:
             raise ValueError(f"--timesteps must be at least 2, got {timesteps}")
-        self.schedule = schedule
+        prediction = PREDICTION_ALIASES.get(prediction, prediction)
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"--prediction must be one of eps, v, x0 ({', '.join(PREDICTIONS)}), got {prediction!r}")
+        if loss_weight not in LOSS_WEIGHTS:
+            raise ValueError(f"--loss-weight must be one of {LOSS_WEIGHTS}, got {loss_weight!r}")
+        if loss_weight == "elbo" and schedule == "continuous":
+            raise ValueError("--loss-weight elbo needs a discrete schedule (linear or cosine)")
+        if zero_terminal_snr and (prediction == "epsilon" or schedule == "continuous"):
+            raise ValueError("--zero-terminal-snr needs --prediction v or x0 (eps cannot be inverted to x0 at SNR 0) "
+                             "and a discrete schedule")
+        if not snr_gamma > 0:
+            raise ValueError(f"--snr-gamma must be positive, got {snr_gamma}")
+        self.schedule, self.prediction, self.loss_weight = schedule, prediction, loss_weight
+        self.snr_gamma, self.offset_noise, self.zero_terminal_snr = float(snr_gamma), float(offset_noise), zero_terminal_snr
         self.timesteps = T = int(timesteps)
         if schedule == "linear":
             betas = linear_betas(T)
             abar = torch.cumprod(1 - betas, 0)
         else:
             abar = cosine_alphas_cumprod(T) if schedule == "cosine" else continuous_alphas_cumprod(T)
-            betas = 1 - abar / torch.cat([abar.new_ones(1), abar[:-1]])
+        if zero_terminal_snr:
+            abar = rescale_zero_terminal_snr(abar)
         abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
+        if schedule != "linear" or zero_terminal_snr:
+            betas = 1 - abar / abar_prev
+        if zero_terminal_snr:
+            abar[-1] = ZERO_SNR_FLOOR
         self.betas = betas
         self.alphas = 1 - betas
         self.alphas_cumprod = abar
         self.alphas_cumprod_prev = abar_prev
         self.posterior_variance = betas * (1 - abar_prev) / (1 - abar)
+        if loss_weight == "elbo":  # 0.5 (SNR(t-1) - SNR(t)) on the x0 error; t = 0 takes t = 1's
+            snr, snr_prev = abar / (1 - abar), abar_prev / (1 - abar_prev)
+            w = 0.5 * (snr_prev - snr)
+            w[0] = w[1]
+            self.elbo_weights = w / w.mean()
         self._device_cache: dict = {}
+
+    CONFIG_FIELDS = ("schedule", "timesteps", "prediction", "loss_weight", "snr_gamma", "offset_noise",
+                     "zero_terminal_snr")
+
+    @classmethod
+    def from_config(cls, config: dict) -> "GaussianDiffusion":
+        """The diffusion a run's (or checkpoint's) config describes; fields it predates take the defaults."""
+        return cls(**{k: config[k] for k in cls.CONFIG_FIELDS if config.get(k) is not None})
 
     # -- helpers -------------------------------------------------------------------------
     def _on(self, name: str, device: torch.device) -> torch.Tensor:
@@ -94,23 +153,64 @@ class GaussianDiffusion:
         return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
 
     def training_inputs(self, x0: torch.Tensor, generator: torch.Generator | None = None):
-        """Draw (t for the model, noise) and return (x_t, t_model, noise).
+        """Draw t and the noise; return (x_t, t for the model, noise, alpha-bar of each image (B,)).
 
         Discrete schedules draw t uniformly from {0..T-1}; the continuous one draws alpha-bar
         uniformly from [0, 1] (docs/DESIGN.md)."""
         B = x0.shape[0]
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        if self.offset_noise:
+            noise = noise + self.offset_noise * torch.randn((B, x0.shape[1], 1, 1), generator=generator,
+                                                            device=x0.device, dtype=x0.dtype)
         if self.schedule == "continuous":
-            abar = torch.rand(B, generator=generator, device=x0.device).view(-1, 1, 1, 1)
-            x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
-            return x_t, self.timesteps * (1 - abar.view(-1)), noise
-        t = torch.randint(0, self.timesteps, (B,), generator=generator, device=x0.device)
-        return self.q_sample(x0, t, noise), t, noise
+            abar = torch.rand(B, generator=generator, device=x0.device)
+            t_model = self.timesteps * (1 - abar)
+        else:
+            t_model = torch.randint(0, self.timesteps, (B,), generator=generator, device=x0.device)
+            abar = self._on("alphas_cumprod", x0.device)[t_model]
+        a = abar.view(-1, 1, 1, 1)
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise, t_model, noise, abar
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
+        """What the model is trained to output for x_t = sqrt(abar) x0 + sqrt(1 - abar) noise."""
+        if self.prediction == "epsilon":
+            return noise
+        if self.prediction == "sample":
+            return x0
+        a = abar.view(-1, 1, 1, 1)
+        return a.sqrt() * noise - (1 - a).sqrt() * x0
+
+    def predict_x0(self, x_t: torch.Tensor, abar: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """x0 from the model's output at x_t (alpha-bar of each image (B,)), whatever it predicts."""
+        a = abar.view(-1, 1, 1, 1)
+        if self.prediction == "epsilon":
+            return (x_t - (1 - a).sqrt() * out) / a.sqrt()
+        if self.prediction == "sample":
+            return out
+        return a.sqrt() * x_t - (1 - a).sqrt() * out
+
+    def weights(self, abar: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The per-image weight of the target's MSE. A weight w on the x0 error is w / SNR on the
+        eps error and w / (SNR + 1) on the v error, since for one x_t the errors relate so."""
+        snr = abar / (1 - abar).clamp(min=1e-20)
+        per_target = {"epsilon": snr, "v_prediction": snr + 1, "sample": torch.ones_like(snr)}[self.prediction]
+        if self.loss_weight == "min_snr":
+            return snr.clamp(max=self.snr_gamma) / per_target
+        return self._on("elbo_weights", abar.device)[t] / per_target  # elbo: discrete t only
 
     def loss(self, model, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """The simple eps-prediction MSE of Ho et al. with t drawn uniformly."""
-        x_t, t, noise = self.training_inputs(x0, generator)
-        return F.mse_loss(model(x_t, t).float(), noise.float())
+        """The MSE of the model's output against its target, t drawn uniformly, weighted per t."""
+        x_t, t, noise, abar = self.training_inputs(x0, generator)
+        out, target = model(x_t, t).float(), self.target(x0, noise, abar).float()
+        if self.loss_weight == "uniform":
+            return F.mse_loss(out, target)
+        return ((out - target).square().flatten(1).mean(1) * self.weights(abar, t)).mean()
+
+    def x0_mse(self, model, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The x0 error of the model's prediction, unweighted: a held-out figure in one unit for
+        every prediction target and weighting, so runs compare."""
+        x_t, t, _noise, abar = self.training_inputs(x0, generator)
+        return F.mse_loss(self.predict_x0(x_t, abar, model(x_t, t).float()), x0.float())
 
     # -- sampling coefficients -------------------------------------------------------------
     def ddpm_coefficients(self, variance: str = "beta") -> torch.Tensor:
@@ -151,10 +251,6 @@ class GaussianDiffusion:
         ts = torch.linspace(0, self.timesteps - 1, steps, dtype=torch.float64).round().long()
         return sorted(set(ts.tolist()), reverse=True)
 
-    def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        abar = self._on("alphas_cumprod", x_t.device)[t].view(-1, 1, 1, 1)
-        return (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()
-
     # -- variational bound (Ho et al. sec. 3.3, bits per dimension) -----------------------------
     def posterior_mean_variance(self, x0, x_t, t):
         dev = x_t.device
@@ -170,8 +266,8 @@ class GaussianDiffusion:
         """Per-image L_{t} term (t > 0: KL; t == 0: discretised decoder NLL) in bits/dim."""
         noise = torch.randn_like(x0) if noise is None else noise
         x_t = self.q_sample(x0, t, noise)
-        eps = model(x_t, self.model_time(t)).float()
-        x0_pred = self.predict_x0(x_t, t, eps).clamp(-1, 1)
+        abar = self._on("alphas_cumprod", x0.device)[t]
+        x0_pred = self.predict_x0(x_t, abar, model(x_t, self.model_time(t)).float()).clamp(-1, 1)
         mean_p, _ = self.posterior_mean_variance(x0_pred, x_t, t)
         mean_q, var_q = self.posterior_mean_variance(x0, x_t, t)
         dev = x0.device

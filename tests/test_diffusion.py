@@ -35,7 +35,7 @@ def test_continuous_grid_and_model_time():
     mt = d.model_time(t)
     assert mt.dtype == torch.float32
     torch.testing.assert_close(mt, (T * (1 - d.alphas_cumprod[t])).float())
-    x_t, t_model, noise = d.training_inputs(torch.zeros(64, 3, 4, 4))
+    x_t, t_model, noise, abar = d.training_inputs(torch.zeros(64, 3, 4, 4))
     assert t_model.dtype == torch.float32 and (t_model >= 0).all() and (t_model <= T).all()
 
 
@@ -107,7 +107,7 @@ def test_ddim_eta0_ignores_noise_and_final_step_returns_x0():
     b = ops.ddim_step(x, eps, 50, 40, d, eta=0.0, noise=torch.randn_like(x), backend="torch")
     torch.testing.assert_close(a, b)
     last = ops.ddim_step(x, eps, 3, -1, d, eta=0.0, noise=torch.randn_like(x), backend="torch")
-    torch.testing.assert_close(last, d.predict_x0(x, torch.full((2,), 3), eps), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(last, d.predict_x0(x, d.alphas_cumprod[[3, 3]].float(), eps), rtol=1e-4, atol=1e-5)
 
 
 def test_ddim_timesteps():

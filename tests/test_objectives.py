@@ -1,0 +1,145 @@
+"""Prediction targets and loss weightings against their closed forms (and diffusers, where it has
+them): the target of each prediction type, its inversion to x0, the weights of min-SNR and of the
+ELBO (tied to Ho et al.'s KL terms), offset noise and zero terminal SNR."""
+import math
+
+import pytest
+import torch
+
+from ddpm_fast import GaussianDiffusion
+
+PREDICTIONS = ("epsilon", "v_prediction", "sample")
+
+
+def draws(d, x0, seed=0):
+    """What d.loss draws from a generator seeded `seed`: (x_t, t, noise, abar)."""
+    return d.training_inputs(x0, torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_target_and_its_inverse(prediction):
+    d = GaussianDiffusion("cosine", 50, prediction=prediction)
+    x0 = torch.rand(7, 3, 5, 3) * 2 - 1
+    x_t, t, noise, abar = draws(d, x0)
+    a = d.alphas_cumprod[t].view(-1, 1, 1, 1).float()
+    torch.testing.assert_close(abar, d.alphas_cumprod[t].float())
+    torch.testing.assert_close(x_t, a.sqrt() * x0 + (1 - a).sqrt() * noise)
+    want = {"epsilon": noise, "sample": x0, "v_prediction": a.sqrt() * noise - (1 - a).sqrt() * x0}[prediction]
+    torch.testing.assert_close(d.target(x0, noise, abar), want)
+    torch.testing.assert_close(d.predict_x0(x_t, abar, want), x0, rtol=1e-4, atol=2e-4)
+
+
+def test_v_target_is_diffusers_velocity():
+    from diffusers import DDPMScheduler
+
+    d = GaussianDiffusion("linear", 1000, prediction="v")
+    sched = DDPMScheduler(num_train_timesteps=1000, trained_betas=d.betas.numpy())
+    x0, noise = torch.randn(2, 4, 3, 6, 6)
+    t = torch.tensor([0, 17, 500, 999])
+    want = sched.get_velocity(x0, noise, t)
+    torch.testing.assert_close(d.target(x0, noise, d.alphas_cumprod[t].float()), want, rtol=1e-5, atol=1e-5)
+
+
+def weighted_mse(out, target, w):
+    return ((out - target).square().flatten(1).mean(1) * w).mean()
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+@pytest.mark.parametrize("weighting", ["uniform", "min_snr", "elbo"])
+def test_loss_is_the_weighted_target_mse(prediction, weighting):
+    d = GaussianDiffusion("linear", 40, prediction=prediction, loss_weight=weighting, snr_gamma=3.0)
+    x0 = torch.rand(9, 3, 4, 4) * 2 - 1
+    model = lambda x, t: 0.3 * x + 0.01 * t.float().view(-1, 1, 1, 1)  # noqa: E731
+    got = d.loss(model, x0, torch.Generator().manual_seed(5))
+    x_t, t, noise, _ = draws(d, x0, seed=5)
+    abar = d.alphas_cumprod.double()
+    snr = abar / (1 - abar)
+    if weighting == "uniform":
+        w_x0 = {"epsilon": snr, "v_prediction": snr + 1, "sample": torch.ones_like(snr)}[prediction]
+    elif weighting == "min_snr":  # Hang et al.: min(SNR, gamma) on the x0 error
+        w_x0 = snr.clamp(max=3.0)
+    else:  # the bound: 0.5 (SNR(t-1) - SNR(t)) on the x0 error, t = 0 as t = 1, mean 1 over t
+        snr_prev = torch.cat([snr.new_tensor([math.inf]), snr[:-1]])
+        w_x0 = 0.5 * (snr_prev - snr)
+        w_x0[0] = w_x0[1]
+        w_x0 = w_x0 / w_x0.mean()
+    # a weight on the x0 error, in units of the target's error
+    w = w_x0 / {"epsilon": snr, "v_prediction": snr + 1, "sample": torch.ones_like(snr)}[prediction]
+    a = abar[t].view(-1, 1, 1, 1).float()
+    target = {"epsilon": noise, "sample": x0, "v_prediction": a.sqrt() * noise - (1 - a).sqrt() * x0}[prediction]
+    want = weighted_mse(model(x_t, t), target, w[t].float())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_elbo_weight_is_the_variational_bound():
+    """For t >= 1, Ho et al.'s L_{t-1} (a KL between Gaussians, vb_terms_bpd) equals
+    0.5 (SNR(t-1) - SNR(t)) times the x0 error: the unnormalised ELBO weight."""
+    d = GaussianDiffusion("linear", 100)
+    x0 = torch.rand(4, 3, 4, 4) * 1.6 - 0.8
+    noise = torch.randn_like(x0)
+    t = torch.tensor([1, 10, 50, 99])
+    r = (d.alphas_cumprod[t] / (1 - d.alphas_cumprod[t])).sqrt().float().view(-1, 1, 1, 1)
+    # an x0 error of 0.05 sin(3 x_t) at every t: the predictions stay in [-1, 1], where the KL is unclipped
+    eps_model = lambda x, tt: noise + 0.05 * r * torch.sin(3 * x)  # noqa: E731
+    kl_bits = d.vb_terms_bpd(eps_model, x0, t, variance="posterior", noise=noise)
+    abar = d.alphas_cumprod[t].float()
+    x_t = d.q_sample(x0, t, noise)
+    x0_err = (d.predict_x0(x_t, abar, eps_model(x_t, t)) - x0).square().flatten(1).mean(1)
+    snr = (d.alphas_cumprod / (1 - d.alphas_cumprod)).double()
+    w = 0.5 * (snr[t - 1] - snr[t])
+    torch.testing.assert_close((kl_bits * math.log(2)).double(), w * x0_err.double(), rtol=2e-3, atol=1e-7)
+
+
+def test_x0_mse_is_one_unit_for_every_target():
+    """A model that is right for its target has zero x0 error whatever it predicts; the x0 error
+    of the same wrong x0 guess is the same number for every target."""
+    x0 = torch.rand(6, 3, 4, 4) * 2 - 1
+    errors = []
+    for prediction in PREDICTIONS:
+        d = GaussianDiffusion("cosine", 30, prediction=prediction)
+        guess = 0.5 * x0  # the predicted x0, expressed as this target
+        x_t, t, noise, abar = draws(d, x0, seed=3)
+        a = abar.view(-1, 1, 1, 1)
+        as_target = {"epsilon": (x_t - a.sqrt() * guess) / (1 - a).sqrt(), "sample": guess,
+                     "v_prediction": (a.sqrt() * x_t - guess) / (1 - a).sqrt()}[prediction]
+        errors.append(float(d.x0_mse(lambda x, tt: as_target, x0, torch.Generator().manual_seed(3))))
+    want = float((0.5 * x0 - x0).square().mean())
+    assert errors == pytest.approx([want] * 3, rel=1e-4)
+
+
+def test_offset_noise_adds_a_per_channel_constant():
+    d = GaussianDiffusion("linear", 10, offset_noise=0.5)
+    _, _, noise, _ = draws(d, torch.zeros(4000, 3, 8, 8))
+    channel_means = noise.mean((2, 3))  # a constant per (image, channel) of std 0.5, plus N(0, 1/64)
+    assert channel_means.std().item() == pytest.approx((0.25 + 1 / 64) ** 0.5, rel=0.05)
+    plain = GaussianDiffusion("linear", 10)
+    assert draws(plain, torch.zeros(4000, 3, 8, 8))[2].mean((2, 3)).std().item() == pytest.approx(1 / 8, rel=0.05)
+
+
+def test_zero_terminal_snr_matches_diffusers():
+    from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr
+
+    d = GaussianDiffusion("linear", 1000, prediction="v", zero_terminal_snr=True)
+    ref = torch.cumprod(1 - rescale_zero_terminal_snr(GaussianDiffusion("linear", 1000).betas), 0)
+    torch.testing.assert_close(d.alphas_cumprod[:-1], ref[:-1], rtol=1e-5, atol=1e-9)
+    assert ref[-1] == 0 and d.alphas_cumprod[-1] == 2.0**-24  # held just above 0, as diffusers' samplers do
+    assert torch.isfinite(d.posterior_variance).all() and (d.betas <= 1).all()
+
+
+@pytest.mark.parametrize("kw, needle", [
+    (dict(prediction="score"), "--prediction"),
+    (dict(loss_weight="p2"), "--loss-weight"),
+    (dict(zero_terminal_snr=True), "--zero-terminal-snr"),
+    (dict(schedule="continuous", loss_weight="elbo"), "--loss-weight elbo"),
+    (dict(snr_gamma=0.0), "--snr-gamma"),
+])
+def test_bad_objectives_name_the_flag(kw, needle):
+    with pytest.raises(ValueError, match=needle):
+        GaussianDiffusion(**kw)
+
+
+def test_from_config_fills_what_an_old_checkpoint_lacks():
+    d = GaussianDiffusion.from_config({"schedule": "cosine", "timesteps": 20, "model": {}})
+    assert (d.schedule, d.timesteps, d.prediction, d.loss_weight) == ("cosine", 20, "epsilon", "uniform")
+    d = GaussianDiffusion.from_config({"schedule": "linear", "timesteps": 20, "prediction": "x0"})
+    assert d.prediction == "sample"
