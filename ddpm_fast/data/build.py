@@ -74,11 +74,11 @@ def build_loader(root: str | os.PathLike | None, image_size: int, batch_size: in
                  split: str = "train", backend: str = "auto",
                  device: str | torch.device | None = None, seed: int = 0,
                  drop_last: bool = True, rank: int = 0, world_size: int = 1,
-                 num_workers: int | None = None, split_seed: int = 0) -> EpochLoader:
+                 num_workers: int | None = None, split_seed: int = 0, flip: bool = True) -> EpochLoader:
     """A loader of float (B, 3, S, S) batches in [-1, 1] on `device` (channels_last on CUDA).
 
-    The train split is shuffled and randomly flipped; other splits come in a fixed order
-    without flips. The order of an epoch is a pure function of (seed, epoch, rank,
+    The train split is shuffled and (unless flip=False) randomly mirrored; other splits come in a
+    fixed order without flips. The order of an epoch is a pure function of (seed, epoch, rank,
     world_size); `loader.set_epoch(e, start_batch)` resumes at an exact batch. Each rank gets
     a disjoint shard of the split and `batch_size` images per batch. `split_seed` fixes the
     90/5/5 split independently of the training `seed`. `root=None` (the embedded set) is
@@ -92,7 +92,7 @@ def build_loader(root: str | os.PathLike | None, image_size: int, batch_size: in
     if image_size < 4:
         raise ValueError(f"image size must be >= 4, got {image_size} (--image-size)")
     device = resolve_device(device)
-    common = dict(seed=seed, shuffle=split == "train", flip=split == "train",
+    common = dict(seed=seed, shuffle=split == "train", flip=flip and split == "train",
                   drop_last=drop_last, rank=rank, world_size=world_size)
 
     if root is None:

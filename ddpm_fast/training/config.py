@@ -38,6 +38,7 @@ class TrainConfig:
     num_res_blocks: int | None = flag(None, "residual blocks per level", "data and model", type=positive_int)
     dropout: float | None = flag(None, "dropout in the residual blocks", "data and model", type=finite_float)
     act: str | None = flag(None, "activation", "data and model", choices=("silu", "hardswish"))
+    flip: bool = flag(True, "mirror training images at random (--no-flip for digits, text, logos)", "data and model")
     loader: str = flag("auto", "data loader backend", "data and model", choices=("auto", "torch", "cache", "dali"))
     workers: int = flag(4, "DataLoader workers (torch loader)", "data and model", type=int)
     # optimisation
@@ -55,6 +56,17 @@ class TrainConfig:
     # diffusion
     schedule: str = flag("linear", "noise schedule", "diffusion", choices=("linear", "cosine", "continuous"))
     timesteps: int = flag(1000, "diffusion steps T", "diffusion", type=positive_int)
+    prediction: str = flag("eps", "what the model predicts: the noise (eps), the velocity v or x0 (diffusers' "
+                                  "epsilon, v_prediction, sample)", "diffusion",
+                           choices=("eps", "v", "x0", "epsilon", "v_prediction", "sample"))
+    loss_weight: str = flag("uniform", "weight of each t's loss: uniform (Ho et al.'s simple loss), min_snr "
+                                       "(min(SNR, gamma) on the x0 error) or elbo (the variational bound's)",
+                            "diffusion", choices=("uniform", "min_snr", "elbo"))
+    snr_gamma: float = flag(5.0, "gamma of --loss-weight min_snr", "diffusion", type=finite_float)
+    offset_noise: float = flag(0.0, "per-image, per-channel constant added to the noise, times N(0, 1)",
+                               "diffusion", type=finite_float)
+    zero_terminal_snr: bool = flag(False, "rescale the schedule so x_T holds no signal (needs --prediction v or x0)",
+                                   "diffusion")
     # run
     device: str = flag("auto", "auto, cpu, cuda, cuda:1, ... (under torchrun: auto, cuda or cpu; rank i of a "
                                "node uses cuda:LOCAL_RANK)")

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from .distributed import all_sum
 
-METRIC_FIELDS = ("step", "epoch", "loss", "train_loss", "val_loss", "lr", "img_per_s", "kid", "fid")
+METRIC_FIELDS = ("step", "epoch", "loss", "train_loss", "val_loss", "lr", "img_per_s", "kid", "fid", "x0_mse")
 
 
 class MetricsCSV:

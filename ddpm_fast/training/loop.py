@@ -59,8 +59,10 @@ def fit(run: Run) -> Path:
                     run.save()
                 if main and run.step % cfg.sample_every == 0:
                     save_grid(run, f"step_{run.step:07d}.png")
-                if main and cfg.eval_every and run.step % cfg.eval_every == 0:
-                    metrics.write(step=run.step, epoch=run.epoch, **evaluate_samples(run))
+                if cfg.eval_every and run.step % cfg.eval_every == 0:
+                    x0_mse = eval_loss(run, "x0_mse")  # collective
+                    if main:
+                        metrics.write(step=run.step, epoch=run.epoch, x0_mse=x0_mse, **evaluate_samples(run))
                 if should_stop():
                     bar.close()
                     run.save()
@@ -115,18 +117,19 @@ def log_window(run: Run, meter: LossMeter, metrics: MetricsCSV | None, bar) -> N
 
 
 @torch.no_grad()
-def eval_loss(run: Run, seed: int = 1234) -> float | None:
-    """Mean eps-MSE over the val split with a fixed generator (seed + rank), so epochs compare like
-    with like; under torchrun each rank takes its shard and the sums are added over the ranks.
+def eval_loss(run: Run, metric: str = "loss", seed: int = 1234) -> float | None:
+    """The mean training loss (or with metric="x0_mse" the x0 error, one unit for every target)
+    over the val split, with a fixed generator (seed + rank) so evaluations compare like with
+    like; under torchrun each rank takes its shard and the sums are added over the ranks.
     Evaluates `run.net`, not the DDP wrapper, whose collectives' count would follow the shards."""
-    net = run.net
+    net, score = run.net, getattr(run.diffusion, metric)
     was_training = net.training
     net.eval()
     gen = torch.Generator(device=run.device).manual_seed(seed + run.ctx.rank)
     run.val_loader.set_epoch(0)
     sums = torch.zeros(2, dtype=torch.float64, device=run.device)  # (sum of loss x images, images)
     for x0 in run.val_loader:
-        sums[0] += run.diffusion.loss(net, x0, gen).double() * x0.shape[0]
+        sums[0] += score(net, x0, gen).double() * x0.shape[0]
         sums[1] += x0.shape[0]
     net.train(was_training)
     total, n = all_sum(sums, run.ctx).tolist()
@@ -154,8 +157,9 @@ def evaluate_samples(run: Run) -> dict:
     from ..evaluation import FID_MIN_SAMPLES, sample_quality
 
     n = run.cfg.eval_samples
+    # Against up to 2n val images: as many as the comparison can use, and a cache built once.
     r = sample_quality(grid_sampler(run), run.cfg.data, run.cfg.model["image_size"], run.device, kid_n=n,
-                       fid_n=n if n >= FID_MIN_SAMPLES else 0, seed=run.cfg.seed, splits=("val",))
+                       fid_n=n if n >= FID_MIN_SAMPLES else 0, seed=run.cfg.seed, splits=("val",), ref_limit=2 * n)
     return {"kid": r["kid_val"], "fid": r.get("fid_val")}
 
 

@@ -76,7 +76,9 @@ def build_run(cfg: TrainConfig, ctx: DistContext | None = None, plan: ExecutionP
     if cfg.resume:
         ckpt = load_checkpoint(resolve_checkpoint(cfg.resume), map_location=plan.device)
         saved = ckpt["config"]
-        cfg.model, cfg.schedule, cfg.timesteps = saved["model"], saved["schedule"], saved["timesteps"]
+        cfg.model = saved["model"]
+        for name in GaussianDiffusion.CONFIG_FIELDS:  # what the model was trained for
+            setattr(cfg, name, saved.get(name, getattr(TrainConfig, name)))
     elif (out / CHECKPOINT_NAME).exists():
         raise FileExistsError(f"--out {out} already holds a run: pass --resume to continue it, or another --out")
     batch = per_rank_batch(cfg.batch_size, ctx.world_size)
@@ -86,14 +88,15 @@ def build_run(cfg: TrainConfig, ctx: DistContext | None = None, plan: ExecutionP
 
     shard = dict(backend=cfg.loader, device=plan.device, seed=cfg.seed, num_workers=cfg.workers,
                  rank=ctx.rank, world_size=ctx.world_size)
-    loader = build_loader(cfg.data, cfg.model["image_size"], batch, split="train", drop_last=True, **shard)
+    loader = build_loader(cfg.data, cfg.model["image_size"], batch, split="train", drop_last=True, flip=cfg.flip,
+                          **shard)
     val_loader = build_loader(cfg.data, cfg.model["image_size"], batch, split="val", drop_last=False, **shard)
     if len(loader) == 0:
         raise ValueError(f"--batch-size {cfg.batch_size} is larger than the {loader.num_images} training images")
     # The memory format before DDP wraps it: converting afterwards would mismatch its gradient buckets.
     net = plan.prepare(UNet(**cfg.model))
     model = wrap_model(net, ctx)
-    diffusion = GaussianDiffusion(cfg.schedule, cfg.timesteps)
+    diffusion = GaussianDiffusion.from_config(cfg.to_dict())
     opt = make_optimizer(net, cfg.lr, plan)
     ema = EMA(net, cfg.ema_decay)
     gen = torch.Generator(device=plan.device).manual_seed(cfg.seed + ctx.rank)
