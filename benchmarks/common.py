@@ -34,7 +34,8 @@ GN_SHAPES = [(64, 64, 64), (128, 32, 32), (256, 16, 16), (256, 8, 8),
              (512, 8, 8), (384, 16, 16), (192, 32, 32), (128, 64, 64)]  # (C, H, W)
 ATTN_SHAPES = [(128, 1, 256, 256), (128, 4, 1024, 64), (32, 1, 4096, 128)]  # (B, heads, L, d)
 SAMPLING_SHAPES = [(256, 3, 64, 64)]
-COEF = [1.02, 0.2, 0.6, 0.4, 0.1]  # [c1, c2, m1, m2, sigma]: a mid-trajectory DDPM step with noise
+# [c1, c2, a, b0, b1, b2, b3, sigma] (ops.reference.COEF_NAMES): a mid-trajectory DDPM step with noise
+COEF = [1.02, 0.2, 0.4, 0.6, 0.0, 0.0, 0.0, 0.1]
 
 # bf16 outputs carry ~4e-3 relative rounding; 2e-2 (relative L2) still catches wrong indexing
 TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 1e-2, torch.float32: 1e-4}
@@ -104,7 +105,7 @@ def op_function(op: str, backend: str) -> Callable:
         return lambda x, g, w, b: ops.group_norm_act(x, g, w, b, 1e-5, None, "silu", backend=backend)
     if op == "attention":
         return lambda q, k, v: ops.attention(q, k, v, backend=backend)
-    return lambda x, e, c, clip, noise: ops.sampling_update(x, e, c, clip, noise, None, backend=backend)
+    return lambda x, e, c, clip, noise: ops.sampling_update(x, e, c, clip, (), None, noise, backend=backend)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -207,22 +208,23 @@ def bench_attention(backend: str, B: int, heads: int, L: int, d: int, direction:
 
 def bench_sampling_update(backend: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32
                           ) -> tuple[dict, Callable | None]:
-    """One reverse step with in-kernel noise (noise=None), as the sampler calls it."""
+    """One DDPM step with in-kernel noise (noise=None), as the sampler calls it: no history, no base."""
     if not ON_GPU:
         shape = (min(shape[0], batch_size()),) + tuple(shape[1:])
     n = 1
     for s in shape:
         n *= s
-    # minimal traffic: read x_t and eps, write the result (the noise is drawn in-kernel)
-    row = _row("sampling_update", "fwd", shape, dtype, backend, "any", bytes=3 * n * dtype.itemsize)
+    # minimal traffic: read x and model_out, write out and x0 (the noise is drawn in-kernel)
+    row = _row("sampling_update", "fwd", shape, dtype, backend, "any", bytes=4 * n * dtype.itemsize)
     fn = _guard(row, lambda: op_function("sampling_update", backend))
     if fn is None:
         return row, None
     x, eps, noise = (torch.randn(shape, device=DEVICE, dtype=dtype) for _ in range(3))
     coef = torch.tensor(COEF, device=DEVICE)
     ref = op_function("sampling_update", "torch")
-    # with the same explicit noise every backend computes the same step
-    if not _guard(row, lambda: _check(row, [fn(x, eps, coef, True, noise)], [ref(x, eps, coef, True, noise)], dtype)):
+    # with the same explicit noise every backend computes the same step: out and x0 both checked
+    if not _guard(row, lambda: _check(row, list(fn(x, eps, coef, True, noise)), list(ref(x, eps, coef, True, noise)),
+                                      dtype)):
         return row, None
     timed = lambda: fn(x, eps, coef, True, None)  # noqa: E731
     return _finish(row, median_ms(timed)), timed

@@ -1,6 +1,6 @@
 """The reverse-step update on a 256-image anime64 batch: the eager chain (the reference, with
 torch.randn noise) against Triton and the extension (in-kernel Philox noise). GB/s counts the
-minimal traffic (read x_t and eps, write x_{t-1}); the report sets it against the copy ceiling."""
+minimal traffic (read x and model_out, write out and x0); the report sets it against the copy ceiling."""
 import pytest
 import torch
 

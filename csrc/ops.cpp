@@ -12,7 +12,10 @@ TORCH_LIBRARY(ddpm_fast, m) {
   m.def(
       "group_norm_act_backward(Tensor grad_y, Tensor x, Tensor mean, Tensor rstd, int num_groups, Tensor? weight, "
       "Tensor? bias, Tensor? add, str act) -> (Tensor, Tensor, Tensor, Tensor)");
-  // coef: float32 (5,) [c1, c2, m1, m2, sigma]; seed: int64 (1,), used when noise is None. Both are
-  // read inside the kernel, so a captured CUDA graph replays with whatever they hold.
-  m.def("sampling_update(Tensor x_t, Tensor eps, Tensor coef, bool clip_x0, Tensor? noise, Tensor? seed) -> Tensor");
+  // coef: float32 (8,) [c1, c2, a, b0, b1, b2, b3, sigma]; history: at most three tensors; base
+  // defaults to x; seed: int64 (1,), used when noise is None. coef and seed are read inside the
+  // kernel, so a captured CUDA graph replays with whatever they hold. Returns (out, x0).
+  m.def(
+      "sampling_update(Tensor x, Tensor model_out, Tensor coef, bool clip_x0, Tensor[] history, Tensor? base, "
+      "Tensor? noise, Tensor? seed) -> (Tensor, Tensor)");
 }

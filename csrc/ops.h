@@ -23,9 +23,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_act_backwa
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& add, std::string_view act);
 
-// out = m1 * x0 + m2 * x_t + sigma * z with x0 = c1 * x_t - c2 * eps (clamped if clip_x0) and
-// coef = [c1, c2, m1, m2, sigma]; z = noise, or Philox normals from seed[0] when noise is absent.
-at::Tensor sampling_update_cpu(const at::Tensor& x_t, const at::Tensor& eps, const at::Tensor& coef, bool clip_x0,
-                               const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& seed);
+// The sampling update of every solver, coef = [c1, c2, a, b0, b1, b2, b3, sigma] (float32):
+//   x0 = c1 * x - c2 * model_out (clamped to [-1, 1] if clip_x0)
+//   out = a * base + b0 * x0 + b1 * history[0] + b2 * history[1] + b3 * history[2] + sigma * z
+// base defaults to x, history holds at most three tensors, z = noise, or Philox normals from
+// seed[0] when noise is absent. Returns (out, x0) in x's dtype and memory format.
+std::tuple<at::Tensor, at::Tensor> sampling_update_cpu(const at::Tensor& x, const at::Tensor& model_out,
+                                                       const at::Tensor& coef, bool clip_x0, at::TensorList history,
+                                                       const std::optional<at::Tensor>& base,
+                                                       const std::optional<at::Tensor>& noise,
+                                                       const std::optional<at::Tensor>& seed);
 
 }  // namespace ddpm_fast

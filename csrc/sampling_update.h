@@ -5,65 +5,107 @@
 #include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <optional>
+#include <vector>
 
 #include "layout.h"
 #include "macros.h"
 
 namespace ddpm_fast {
 
-// x0 = c1 x_t - c2 eps (clamped to [-1, 1] if clip); out = m1 x0 + m2 x_t + sigma z.
-// coef = [c1, c2, m1, m2, sigma].
-DDPM_HD float sampling_update_element(float x, float e, float z, const float* coef, bool clip) {
-  float x0 = coef[0] * x - coef[1] * e;
-  if (clip) x0 = fminf(fmaxf(x0, -1.0f), 1.0f);
-  return coef[2] * x0 + coef[3] * x + coef[4] * z;
+// The coefficient row coef = [c1, c2, a, b0, b1, b2, b3, sigma] (ddpm_fast.ops.reference):
+//   x0  = c1 x - c2 model_out                 (clamped to [-1, 1] if clip)
+//   out = a base + b0 x0 + b1 h0 + b2 h1 + b3 h2 + sigma z
+constexpr int kCoefs = 8;
+constexpr int kMaxHistory = 3;
+
+DDPM_HD float sampling_x0(float x, float m, const float* coef, bool clip) {
+  const float x0 = coef[0] * x - coef[1] * m;
+  return clip ? fminf(fmaxf(x0, -1.0f), 1.0f) : x0;
 }
 
-inline void check_sampling_args(const at::Tensor& x_t, const at::Tensor& eps, const at::Tensor& coef,
-                                const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& seed) {
-  TORCH_CHECK(at::isFloatingType(x_t.scalar_type()) && at::isFloatingType(eps.scalar_type()),
-              "sampling_update: x_t and eps must be floating point");
-  TORCH_CHECK(eps.sizes() == x_t.sizes(), "sampling_update: eps has shape ", eps.sizes(), ", x_t has ",
-              x_t.sizes());
-  TORCH_CHECK(coef.scalar_type() == at::kFloat && coef.numel() == 5 && coef.device() == x_t.device(),
-              "sampling_update: coef must be a float32 (5,) tensor on x_t's device");
-  const bool has_noise = noise.has_value() && noise->defined();
-  if (has_noise) {
-    TORCH_CHECK(noise->sizes() == x_t.sizes(), "sampling_update: noise has shape ", noise->sizes(),
-                ", x_t has ", x_t.sizes());
-  } else {
-    TORCH_CHECK(seed.has_value() && seed->defined(), "sampling_update: pass noise or a seed");
-    TORCH_CHECK(seed->scalar_type() == at::kLong && seed->numel() >= 1 && seed->device() == x_t.device(),
-                "sampling_update: seed must be an int64 (1,) tensor on x_t's device");
+// out from the base value, x0, the first n_hist of h and the normal z, summed in the reference's
+// order. The loop runs to the constant bound so that, unrolled, h stays in registers on the GPU.
+DDPM_HD float sampling_out(float base, float x0, const float* h, int n_hist, float z, const float* coef) {
+  float out = coef[2] * base + coef[3] * x0 + coef[7] * z;
+  for (int k = 0; k < kMaxHistory; ++k) {
+    if (k < n_hist) out += coef[4 + k] * h[k];
   }
+  return out;
 }
 
-// The checked, laid-out inputs and the allocated output of one call, the same for the CPU and the
-// CUDA kernel (the caller sets the CUDA device first, so the output lands on it).
-struct SamplingInputs {
-  at::Tensor x_t, eps, coef;  // x_t's memory format; coef float32 (5,)
-  at::Tensor noise;           // float32, or undefined: draw Philox normals from `seed`
-  at::Tensor seed;            // int64, defined exactly when noise is not
-  at::Tensor out;             // x_t's dtype and memory format
-  bool has_noise() const { return noise.defined(); }
+// Raw pointers of the optional inputs, for the kernels (passed by value to the CUDA one).
+template <typename T>
+struct SamplingExtras {
+  const T* base = nullptr;  // nullptr: the base is x
+  const T* history[kMaxHistory] = {};
+  int n_hist = 0;
 };
 
-inline SamplingInputs sampling_inputs(const at::Tensor& x_t, const at::Tensor& eps, const at::Tensor& coef,
+// The checked, laid-out inputs and the allocated outputs of one call, the same for the CPU and
+// the CUDA kernel (the caller sets the CUDA device first, so the outputs land on it).
+struct SamplingInputs {
+  at::Tensor x, model_out, coef;    // x's memory format; coef float32 (8,)
+  at::Tensor base;                  // x's dtype and layout, or undefined: the base is x
+  std::vector<at::Tensor> history;  // at most kMaxHistory, x's dtype and layout
+  at::Tensor noise;                 // float32, or undefined: draw Philox normals from `seed`
+  at::Tensor seed;                  // int64, defined exactly when noise is not
+  at::Tensor out, x0;               // x's dtype and memory format
+  bool has_noise() const { return noise.defined(); }
+
+  template <typename T>
+  SamplingExtras<T> extras() const {
+    SamplingExtras<T> e;
+    if (base.defined()) e.base = base.const_data_ptr<T>();
+    for (const at::Tensor& h : history) e.history[e.n_hist++] = h.const_data_ptr<T>();
+    return e;
+  }
+};
+
+// t shaped like x, floating point and on x's device.
+inline void check_like_x(const at::Tensor& t, const at::Tensor& x, const char* name) {
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "sampling_update: ", name, " must be floating point");
+  TORCH_CHECK(t.sizes() == x.sizes(), "sampling_update: ", name, " has shape ", t.sizes(), ", x has ", x.sizes());
+  TORCH_CHECK(t.device() == x.device(), "sampling_update: ", name, " is on ", t.device(), ", x on ", x.device());
+}
+
+// Every input takes x's layout (a no-op in the usual case) so that one flat index serves all;
+// base and history are read in x's dtype (they are this op's earlier outputs: a no-op then).
+inline SamplingInputs sampling_inputs(const at::Tensor& x, const at::Tensor& model_out, const at::Tensor& coef,
+                                      at::TensorList history, const std::optional<at::Tensor>& base,
                                       const std::optional<at::Tensor>& noise,
                                       const std::optional<at::Tensor>& seed) {
-  check_sampling_args(x_t, eps, coef, noise, seed);
-  const at::MemoryFormat fmt = memory_format_of(x_t);
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "sampling_update: x must be floating point");
+  check_like_x(model_out, x, "model_out");
+  TORCH_CHECK(coef.scalar_type() == at::kFloat && coef.numel() == kCoefs && coef.device() == x.device(),
+              "sampling_update: coef must be a float32 (8,) tensor on x's device");
+  TORCH_CHECK(history.size() <= kMaxHistory, "sampling_update: at most ", kMaxHistory, " history tensors, got ",
+              history.size());
+  const at::MemoryFormat fmt = memory_format_of(x);
   SamplingInputs in;
-  in.x_t = x_t.contiguous(fmt);
-  in.eps = eps.contiguous(fmt);
+  in.x = x.contiguous(fmt);
+  in.model_out = model_out.contiguous(fmt);
   in.coef = coef.contiguous();
+  for (const at::Tensor& h : history) {
+    check_like_x(h, x, "history");
+    in.history.push_back(h.to(x.scalar_type()).contiguous(fmt));
+  }
+  if (base.has_value() && base->defined()) {
+    check_like_x(*base, x, "base");
+    in.base = base->to(x.scalar_type()).contiguous(fmt);
+  }
   if (noise.has_value() && noise->defined()) {
+    check_like_x(*noise, x, "noise");
     in.noise = noise->to(at::kFloat).contiguous(fmt);
   } else {
+    TORCH_CHECK(seed.has_value() && seed->defined(), "sampling_update: pass noise or a seed");
+    TORCH_CHECK(seed->scalar_type() == at::kLong && seed->numel() >= 1 && seed->device() == x.device(),
+                "sampling_update: seed must be an int64 (1,) tensor on x's device");
     in.seed = seed->contiguous();
   }
-  in.out = at::empty_like(in.x_t, in.x_t.options(), fmt);
+  in.out = at::empty_like(in.x, in.x.options(), fmt);
+  in.x0 = at::empty_like(in.x, in.x.options(), fmt);
   return in;
 }
 

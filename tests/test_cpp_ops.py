@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ddpm_fast.ops import cpp, reference
+from sampling_update_cases import GRID, MIX, NOISE_ONLY, ROW, check_case, check_wider_base_and_history
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -131,31 +132,38 @@ def test_group_norm_act_cuda_paths(poisoned, dtype, fmt, shape):
 
 # -- sampling update ----------------------------------------------------------------------------
 
-COEF = [1.3, 0.45, 0.7, 0.25, 0.3]
+@pytest.mark.parametrize("device", DEVICES)
+@GRID
+@MIX
+def test_sampling_update_matches_reference(poisoned, device, n_hist, with_base, clip, source, x_dtype, mo_dtype, fmt):
+    check_case(cpp.sampling_update, device, n_hist, with_base, clip, source, x_dtype, mo_dtype, fmt)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("clip", [False, True])
-@pytest.mark.parametrize("x_dtype,eps_dtype", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
-                                               (torch.bfloat16, torch.bfloat16)], ids=str)
-@pytest.mark.parametrize("fmt", FORMATS, ids=["nchw", "nhwc"])
-def test_sampling_update_with_noise(poisoned, device, clip, x_dtype, eps_dtype, fmt):
-    x = torch.randn(3, 3, 5, 7, device=device).to(x_dtype).contiguous(memory_format=fmt)
-    eps = torch.randn(3, 3, 5, 7, device=device).to(eps_dtype).contiguous(memory_format=fmt)
-    noise = torch.randn(3, 3, 5, 7, device=device)
-    coef = torch.tensor(COEF, device=device)
-    out = cpp.sampling_update(x, eps, coef, clip, noise)
-    want = reference.sampling_update(x, eps, coef, clip, noise)
-    assert out.dtype == x_dtype and out.shape == x.shape
-    tol = 1e-6 if x_dtype == torch.float32 else 1e-2
-    _close(out, want, tol, tol)
+def test_sampling_update_reads_wider_base_and_history_in_x_dtype(poisoned, device):
+    check_wider_base_and_history(cpp.sampling_update, device)
+
+
+def test_sampling_update_rejects_bad_arguments():
+    x = torch.randn(2, 3, 4, 4)
+    coef, seed = torch.tensor(ROW), torch.tensor([1])
+    with pytest.raises(RuntimeError, match="at most 3 history"):
+        cpp.sampling_update(x, x, coef, False, [x] * 4, None, x)
+    with pytest.raises(RuntimeError, match="history has shape"):
+        cpp.sampling_update(x, x, coef, False, [x[:1]], None, x)
+    with pytest.raises(RuntimeError, match="base has shape"):
+        cpp.sampling_update(x, x, coef, False, [], x[:1], None, seed)
+    with pytest.raises(RuntimeError, match="float32 \\(8,\\)"):
+        cpp.sampling_update(x, x, coef[:5], False, [], None, x)
+    with pytest.raises(RuntimeError, match="pass noise or a seed"):
+        cpp.sampling_update(x, x, coef, False, [], None, None, None)
 
 
 def _noise(device, seed, shape=(3, 3, 64, 64)):
-    """The in-kernel noise itself: coef [0, 0, 0, 0, 1] makes the update output z."""
+    """The in-kernel noise itself: the row [0, ..., 0, sigma = 1] makes the update output z."""
     zeros = torch.zeros(shape, device=device)
-    coef = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0], device=device)
-    return cpp.sampling_update(zeros, zeros, coef, False, None, torch.tensor([seed], device=device))
+    return cpp.sampling_update(zeros, zeros, torch.tensor(NOISE_ONLY, device=device), False, [], None, None,
+                               torch.tensor([seed], device=device))[0]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -180,11 +188,11 @@ def test_seed_is_read_at_run_time(device):
     (what a CUDA-graph replay relies on); the same for the coefficient row."""
     x = torch.zeros(1000, device=device)
     seed = torch.tensor([7], device=device)
-    coef = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0], device=device)
-    first = cpp.sampling_update(x, x, coef, False, None, seed)
+    coef = torch.tensor(NOISE_ONLY, device=device)
+    first = cpp.sampling_update(x, x, coef, False, [], None, None, seed)[0]
     seed.fill_(8)
-    coef[4] = 2.0
-    second = cpp.sampling_update(x, x, coef, False, None, seed)
+    coef[7] = 2.0
+    second = cpp.sampling_update(x, x, coef, False, [], None, None, seed)[0]
     assert not torch.allclose(first, second / 2)
     torch.testing.assert_close(second / 2, _noise(device, 8, shape=(1000,)))
 
@@ -226,24 +234,38 @@ def test_in_kernel_noise_is_philox_box_muller(device):
 @requires_cuda
 def test_cpu_and_cuda_draw_the_same_noise():
     torch.testing.assert_close(_noise("cuda", 99).cpu(), _noise("cpu", 99), atol=1e-5, rtol=1e-5)
+    # the whole update too, with history and base, channels_last, on both vectorised and scalar paths
+    for shape in ((2, 3, 8, 8), (3, 3, 5, 7)):
+        a = [t.contiguous(memory_format=torch.channels_last) for t in torch.randn(5, *shape).unbind()]
+        coef, seed = torch.tensor(ROW), torch.tensor([99])
+        cpu = cpp.sampling_update(a[0], a[1], coef, True, a[2:4], a[4], None, seed)
+        cuda = cpp.sampling_update(*(t.cuda() for t in a[:2]), coef.cuda(), True, [t.cuda() for t in a[2:4]],
+                                   a[4].cuda(), None, seed.cuda())
+        for c, g in zip(cpu, cuda):
+            torch.testing.assert_close(g.cpu(), c, atol=1e-5, rtol=1e-5)
 
 
 @requires_cuda
 def test_sampling_update_replays_in_cuda_graph():
     """Captured once, replayed with a new coefficient row and seed: the replay uses both."""
     x = torch.randn(2, 3, 8, 8, device="cuda")
-    eps = torch.randn_like(x)
-    coef = torch.tensor(COEF, device="cuda")
+    mo = torch.randn_like(x)
+    history, base = [torch.randn_like(x) for _ in range(3)], torch.randn_like(x)
+    coef = torch.tensor(ROW, device="cuda")
     seed = torch.tensor([1], device="cuda")
-    cpp.sampling_update(x, eps, coef, False, None, seed)  # warm-up outside the capture
+
+    def step():
+        return cpp.sampling_update(x, mo, coef, False, history, base, None, seed)
+
+    step()  # warm-up outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = cpp.sampling_update(x, eps, coef, False, None, seed)
-    coef.copy_(torch.tensor([1.1, 0.2, 0.9, 0.1, 0.5], device="cuda"))
+        out, x0 = step()
+    coef.copy_(reference.coef_row(1.1, 0.2, a=0.9, b=(0.1, 0.3, -0.2, 0.05), sigma=0.5).float().cuda())
     seed.fill_(2)
     graph.replay()
     torch.cuda.synchronize()
-    torch.testing.assert_close(out, cpp.sampling_update(x, eps, coef, False, None, seed))
+    torch.testing.assert_close((out, x0), step())
 
 
 # -- registration -------------------------------------------------------------------------------
@@ -271,11 +293,12 @@ def test_opcheck_group_norm_act(device, case):
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_sampling_update(device):
     x = torch.randn(2, 3, 4, 4, device=device)
-    eps = torch.randn_like(x).bfloat16()
-    coef = torch.tensor(COEF, device=device)
-    torch.library.opcheck(torch.ops.ddpm_fast.sampling_update.default, (x, eps, coef, True, torch.randn_like(x), None))
-    torch.library.opcheck(torch.ops.ddpm_fast.sampling_update.default,
-                          (x, eps, coef, False, None, torch.tensor([3], device=device)))
+    mo = torch.randn_like(x).bfloat16()
+    coef = torch.tensor(ROW, device=device)
+    op = torch.ops.ddpm_fast.sampling_update.default
+    torch.library.opcheck(op, (x, mo, coef, True, [], None, torch.randn_like(x), None))
+    torch.library.opcheck(op, (x, mo, coef, False, [x, 2 * x, 3 * x], torch.randn_like(x), None,
+                               torch.tensor([3], device=device)))
 
 
 def test_compiled_block_fullgraph():
@@ -296,10 +319,10 @@ def test_compiled_block_fullgraph():
     gx_ref, gw_ref = torch.autograd.grad(y_ref.square().sum(), (x, w))
     torch.testing.assert_close(gx, gx_ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(gw, gw_ref, atol=1e-4, rtol=1e-4)
-    step = torch.compile(lambda x, e, c, s: cpp.sampling_update(x, e, c, False, None, s), fullgraph=True)
-    c, s = torch.tensor(COEF), torch.tensor([5])
-    torch.testing.assert_close(step(y.detach(), y.detach(), c, s), cpp.sampling_update(y.detach(), y.detach(), c,
-                                                                                         False, None, s))
+    def step(x, e, h, c, s):
+        return cpp.sampling_update(x, e, c, False, [h], None, None, s)
+    y, c, s = y.detach(), torch.tensor(ROW), torch.tensor([5])
+    torch.testing.assert_close(torch.compile(step, fullgraph=True)(y, y, 2 * y, c, s), step(y, y, 2 * y, c, s))
 
 
 def test_missing_extension_raises_import_error(monkeypatch):

@@ -63,18 +63,40 @@ def eq11(d, x, eps, t, z, variance):
     return mean + (math.sqrt(sigma2) * z if t > 0 else 0)
 
 
+def _backend(name: str) -> str:
+    """name, or a skip where that backend cannot run here."""
+    if name == "cpp":
+        from ddpm_fast.ops import cpp
+        if not cpp.available():
+            pytest.skip("ddpm_fast._C not built")
+    if name == "triton":
+        pytest.importorskip("triton")
+    return name
+
+
+BACKENDS = ["torch", "cpp", "triton"]  # the kernels against the closed forms too, not only the reference
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("variance", ["beta", "posterior"])
 @pytest.mark.parametrize("t", [999, 500, 1, 0])
-def test_ddpm_step_matches_eq11(variance, t):
+def test_ddpm_step_matches_eq11(variance, t, backend):
     d = GaussianDiffusion("linear", 1000)
     x, eps, z = torch.randn(3, 3, 5, 7).double().unbind(0)
     out = ops.ddpm_step(x.float()[None], eps.float()[None], t, d, variance=variance, noise=z.float()[None],
-                        backend="torch")
+                        backend=_backend(backend))
     torch.testing.assert_close(out[0].double(), eq11(d, x, eps, t, z, variance), rtol=2e-4, atol=2e-4)
+    # the op's second output is the x0 prediction of eq. 15
+    row = d.ddpm_coefficients(variance)[t].float()
+    x0 = ops.sampling_update(x.float()[None], eps.float()[None], row, noise=z.float()[None], backend=backend)[1]
+    torch.testing.assert_close(x0[0], d.predict_x0(x.float()[None], torch.tensor([t]), eps.float()[None])[0],
+                               rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("variance", ["beta", "posterior"])
-def test_ddpm_step_with_clipping(variance):
+def test_ddpm_step_with_clipping(variance, backend):
+    backend = _backend(backend)
     """With clipping: x0 = (x_t - sqrt(1-abar) eps)/sqrt(abar) clamped, then the posterior mean."""
     d = GaussianDiffusion("linear", 1000)
     t = 700
@@ -85,9 +107,9 @@ def test_ddpm_step_with_clipping(variance):
     mean = beta * math.sqrt(abar_prev) / (1 - abar) * x0 + (1 - abar_prev) * math.sqrt(alpha) / (1 - abar) * x
     sigma2 = beta if variance == "beta" else d.posterior_variance[t].item()
     expected = mean + math.sqrt(sigma2) * z
-    out = ops.ddpm_step(x, eps, t, d, variance=variance, clip_x0=True, noise=z, backend="torch")
+    out = ops.ddpm_step(x, eps, t, d, variance=variance, clip_x0=True, noise=z, backend=backend)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
-    unclipped = ops.ddpm_step(x, eps, t, d, variance=variance, clip_x0=False, noise=z, backend="torch")
+    unclipped = ops.ddpm_step(x, eps, t, d, variance=variance, clip_x0=False, noise=z, backend=backend)
     assert (out - unclipped).abs().max() > 1e-3  # clipping changed something on these inputs
 
 

@@ -60,6 +60,30 @@ def test_ddpm_step_takes_a_device_step_tensor():
         torch.testing.assert_close(a, ops.ddpm_step(x, eps, t, d, noise=z, backend="torch"))
 
 
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_sampling_update_passes_every_argument_to_the_backend(backend):
+    """history, base, clip and noise reach the kernels as the reference takes them; with noise=None
+    the seed comes from the generator (the same generator state, the same step)."""
+    from ddpm_fast.ops import cpp
+    if backend == "cpp" and not cpp.available():
+        pytest.skip("ddpm_fast._C not built")
+    if backend == "triton":
+        pytest.importorskip("triton")
+    x, mo, base, noise = (torch.randn(2, 3, 4, 5) for _ in range(4))
+    history = (torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5))
+    coef = ops.coef_row(1.2, 0.5, a=0.6, b=(0.3, -0.2, 0.1), sigma=0.4)  # float64 on purpose: dispatch casts
+    want = ops.sampling_update(x, mo, coef, True, history, base, noise, backend="torch")
+    got = ops.sampling_update(x, mo, coef, True, history, base, noise, backend=backend)
+    torch.testing.assert_close(got, want)
+
+    def drawn(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return ops.sampling_update(x, mo, coef, True, history, base, generator=torch.Generator().manual_seed(seed),
+                                   backend=backend)
+    torch.testing.assert_close(drawn(0), drawn(0), rtol=0, atol=0)
+    assert not torch.equal(drawn(0)[0], drawn(1)[0])
+    torch.testing.assert_close(drawn(0)[1], want[1])  # x0 takes no noise
+
+
 def test_triton_attention_falls_back_outside_its_head_dims():
     """dogs64's middle block has d = 512, past the Triton kernels' 256: --kernels triton runs
     that attention on the reference instead of refusing the model."""

@@ -36,13 +36,15 @@ def group_norm_act(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None
     return torch.ops.ddpm_fast.group_norm_act_forward(x, num_groups, weight, bias, eps, add, act)[0]
 
 
-def sampling_update(x_t: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor, clip_x0: bool = False,
-                    noise: torch.Tensor | None = None, seed: torch.Tensor | None = None) -> torch.Tensor:
-    """reference.sampling_update; with noise=None, Philox normals from the int64 (1,) `seed`
-    tensor on x_t's device (read in the kernel, so CUDA-graph replays can change it)."""
+def sampling_update(x: torch.Tensor, model_out: torch.Tensor, coef: torch.Tensor, clip_x0: bool = False,
+                    history: tuple[torch.Tensor, ...] | list[torch.Tensor] = (), base: torch.Tensor | None = None,
+                    noise: torch.Tensor | None = None,
+                    seed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, x0) as reference.sampling_update; with noise=None, Philox normals from the int64 (1,)
+    `seed` tensor on x's device (read in the kernel, so CUDA-graph replays can change it)."""
     _require()
-    coef = coef.to(device=x_t.device, dtype=torch.float32)
-    return torch.ops.ddpm_fast.sampling_update(x_t, eps, coef, clip_x0, noise, seed)
+    coef = coef.to(device=x.device, dtype=torch.float32)
+    return torch.ops.ddpm_fast.sampling_update(x, model_out, coef, clip_x0, list(history), base, noise, seed)
 
 
 if _C is not None:
@@ -60,8 +62,9 @@ if _C is not None:
                 x.new_empty((c,), dtype=torch.float32), x.new_empty((b, c), dtype=torch.float32))
 
     @torch.library.register_fake("ddpm_fast::sampling_update")
-    def _sampling_update_fake(x_t, eps, coef, clip_x0, noise, seed):
-        return torch.empty_like(x_t, memory_format=memory_format_of(x_t))
+    def _sampling_update_fake(x, model_out, coef, clip_x0, history, base, noise, seed):
+        fmt = memory_format_of(x)
+        return torch.empty_like(x, memory_format=fmt), torch.empty_like(x, memory_format=fmt)
 
     def _setup_context(ctx, inputs, output):
         x, num_groups, weight, bias, _eps, add, act = inputs

@@ -63,7 +63,7 @@ def coef_row(c1=0.0, c2=0.0, a=0.0, b=(0.0,), sigma=0.0, dtype: torch.dtype = to
 def sampling_update(x: torch.Tensor, model_out: torch.Tensor, coef: torch.Tensor, clip_x0: bool,
                     history: tuple[torch.Tensor, ...] | list[torch.Tensor], base: torch.Tensor | None,
                     noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, x0) of the row above, in float32 arithmetic; both in x's dtype."""
+    """(out, x0) of the row above, in float32 arithmetic; both in x's dtype and memory format."""
     if len(history) > MAX_HISTORY:
         raise ValueError(f"at most {MAX_HISTORY} history tensors, got {len(history)}")
     c1, c2, a, b0, b1, b2, b3, sigma = coef.float().unbind(-1)
@@ -74,4 +74,5 @@ def sampling_update(x: torch.Tensor, model_out: torch.Tensor, coef: torch.Tensor
     out = a * (xf if base is None else base.float()) + b0 * x0 + sigma * noise.float()
     for w, h in zip((b1, b2, b3), history):
         out = out + w * h.float()
-    return out.to(x.dtype), x0.to(x.dtype)
+    fmt = memory_format_of(x)  # elementwise ops follow whichever input's layout wins, not x's
+    return out.to(x.dtype).contiguous(memory_format=fmt), x0.to(x.dtype).contiguous(memory_format=fmt)
