@@ -7,9 +7,9 @@
 #include <cstdio>
 #include <vector>
 
-#include "../activation.h"
-#include "../ops.h"
-#include "../philox.h"
+#include "activation.h"
+#include "ops.h"
+#include "philox.h"
 
 namespace {
 
