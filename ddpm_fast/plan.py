@@ -11,7 +11,7 @@ attention; Triton's attention is fp16/bf16-only on a GPU)."""
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
@@ -73,9 +73,6 @@ class ExecutionPlan:
         mode = compile if fast and compile not in (None, "none") else None
         return cls(device=dev, autocast_dtype=dtype, channels_last=fast, backends=op_backends(kernels, dev, dtype),
                    compile=mode, cuda_graphs=graphs)
-
-    def with_(self, **changes) -> "ExecutionPlan":
-        return replace(self, **changes)
 
     @property
     def fast(self) -> bool:
