@@ -16,10 +16,11 @@ import numpy as np
 import torch
 
 from .cache import build_cache
-from .embedded import EMBEDDED_SIZE, embedded_images, embedded_split_indices
+from .embedded import EMBEDDED_SIZE, embedded_images, embedded_labels, embedded_split_indices
+from .labels import EMBEDDED_CLASSES, folder_classes, stratified_split
 from .listing import validate_images
 from .order import EpochLoader
-from .split import SPLITS, split_files
+from .split import SPLITS, split_file_keys, split_files
 from .tensor_loader import TensorLoader
 from .torch_loader import TorchFileLoader
 from ..plan import resolve_device
@@ -63,18 +64,31 @@ def _dali_usable(device: torch.device) -> bool:
     return True
 
 
-def _split_of(files: list[Path], split: str, seed: int) -> list[Path]:
-    chosen = split_files(files, split, seed)
+def _split_of(root, split: str, seed: int, class_cond: bool):
+    """(listing, the split's files, their labels, the class names); for the embedded set
+    (root None) the files are indices. Without class_cond the labels and names are None."""
+    if root is None:
+        idx = embedded_split_indices(split, EMBEDDED_SIZE, seed, stratified=class_cond)
+        labels = [embedded_labels(EMBEDDED_SIZE)[i] for i in idx] if class_cond else None  # cached
+        return None, idx, labels, EMBEDDED_CLASSES if class_cond else None
+    listing = validate_images(root)
+    if class_cond:
+        classes = folder_classes(root, listing.files)
+        idx = stratified_split(split_file_keys(listing.files), classes.labels, split, seed)
+        chosen, labels, names = [listing.files[i] for i in idx], [classes.labels[i] for i in idx], classes.names
+    else:
+        chosen, labels, names = split_files(listing.files, split, seed), None, None
     if not chosen:
-        raise ValueError(f"the {split} split of {len(files)} images is empty; add images")
-    return chosen
+        raise ValueError(f"the {split} split of {len(listing.files)} images is empty; add images")
+    return listing, chosen, labels, names
 
 
 def build_loader(root: str | os.PathLike | None, image_size: int, batch_size: int,
                  split: str = "train", backend: str = "auto",
                  device: str | torch.device | None = None, seed: int = 0,
                  drop_last: bool = True, rank: int = 0, world_size: int = 1,
-                 num_workers: int | None = None, split_seed: int = 0, flip: bool = True) -> EpochLoader:
+                 num_workers: int | None = None, split_seed: int = 0, flip: bool = True,
+                 class_cond: bool = False) -> EpochLoader:
     """A loader of float (B, 3, S, S) batches in [-1, 1] on `device` (channels_last on CUDA).
 
     The train split is shuffled and (unless flip=False) randomly mirrored; other splits come in a
@@ -82,7 +96,8 @@ def build_loader(root: str | os.PathLike | None, image_size: int, batch_size: in
     world_size); `loader.set_epoch(e, start_batch)` resumes at an exact batch. Each rank gets
     a disjoint shard of the split and `batch_size` images per batch. `split_seed` fixes the
     90/5/5 split independently of the training `seed`. `root=None` (the embedded set) is
-    always held in memory, whatever `backend` says.
+    always held in memory, whatever `backend` says. With `class_cond` the split is stratified by
+    class (labels.py) and the loader yields (images, labels) with `loader.class_names`.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown data loader backend {backend!r} (--loader); "
@@ -95,13 +110,18 @@ def build_loader(root: str | os.PathLike | None, image_size: int, batch_size: in
     common = dict(seed=seed, shuffle=split == "train", flip=flip and split == "train",
                   drop_last=drop_last, rank=rank, world_size=world_size)
 
-    if root is None:
-        idx = torch.tensor(embedded_split_indices(split, EMBEDDED_SIZE, split_seed))
-        images = embedded_images(EMBEDDED_SIZE, image_size).index_select(0, idx).to(device)
-        return TensorLoader(images, batch_size, device=device, backend="memory", **common)
+    listing, files, labels, names = _split_of(root, split, split_seed, class_cond)
+    loader = _loader(root, listing, files, image_size, batch_size, backend, device, num_workers, common)
+    if labels is not None:
+        loader.labels = torch.tensor(labels, dtype=torch.long, device=device)
+        loader.class_names = names
+    return loader
 
-    listing = validate_images(root)
-    files = _split_of(listing.files, split, split_seed)
+
+def _loader(root, listing, files, image_size, batch_size, backend, device, num_workers, common) -> EpochLoader:
+    if root is None:
+        images = embedded_images(EMBEDDED_SIZE, image_size).index_select(0, torch.tensor(files)).to(device)
+        return TensorLoader(images, batch_size, device=device, backend="memory", **common)
     if backend == "auto":
         if cache_fits(len(files), image_size, device):
             backend = "cache"
@@ -127,9 +147,8 @@ def build_loader(root: str | os.PathLike | None, image_size: int, batch_size: in
         images = host.index_select(0, rows).to(device)
         rows_on_host = None
     else:
-        log.warning("the %s split (%d images at %d px) does not fit in %s memory; the cache "
-                    "backend reads batches from the memory-mapped file %s", split, len(files),
-                    image_size, device, cache.path)
+        log.warning("%d images at %d px do not fit in %s memory; the cache backend reads batches "
+                    "from the memory-mapped file %s", len(files), image_size, device, cache.path)
         images, rows_on_host = host, rows
     loader = TensorLoader(images, batch_size, device=device, backend="cache",
                           rows=rows_on_host, **common)
@@ -141,17 +160,25 @@ def load_images(root: str | os.PathLike | None, image_size: int, split: str = "t
                 limit: int | None = None, split_seed: int = 0) -> torch.Tensor:
     """The images of `split` as float (N, 3, S, S) in [-1, 1] on the CPU, unflipped, in a
     fixed order (sorted paths; embedded index order), at most `limit` of them."""
+    return load_labelled(root, image_size, split, limit, split_seed, class_cond=False)[0]
+
+
+def load_labelled(root: str | os.PathLike | None, image_size: int, split: str = "test", limit: int | None = None,
+                  split_seed: int = 0, class_cond: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, tuple | None]:
+    """(images as load_images gives them, their class labels, the class names) of the stratified
+    split of a class-conditional run; labels and names are None without class_cond."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
+    _, files, labels, names = _split_of(root, split, split_seed, class_cond)
+    files = files[:limit]
     if root is None:
-        idx = embedded_split_indices(split, EMBEDDED_SIZE, split_seed)[:limit]
-        nhwc = embedded_images(EMBEDDED_SIZE, image_size).index_select(0, torch.tensor(idx))
+        nhwc = embedded_images(EMBEDDED_SIZE, image_size).index_select(0, torch.tensor(files))
     else:
-        files = _split_of(validate_images(root).files, split, split_seed)[:limit]
         workers = min(8, os.cpu_count() or 1)
         with ThreadPoolExecutor(workers) as pool:
             arrays = list(pool.map(lambda f: load_uint8(f, image_size), files))
         nhwc = torch.from_numpy(np.stack(arrays))
-    return nhwc.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0).contiguous()
+    images = nhwc.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0).contiguous()
+    return images, None if labels is None else torch.tensor(labels[:limit], dtype=torch.long), names

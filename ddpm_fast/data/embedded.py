@@ -89,10 +89,24 @@ def _draw(p: torch.Tensor, res: int) -> torch.Tensor:
     return img.permute(0, 3, 1, 2)
 
 
+def _params(n: int, seed: int) -> torch.Tensor:
+    """The drawing parameters of images 0..n-1, uniform in [0, 1) (image i's do not depend on n)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, _N_PARAMS, generator=g, dtype=torch.float64).float()
+
+
+@functools.lru_cache(maxsize=4)
+def embedded_labels(n: int = EMBEDDED_SIZE, seed: int = 0) -> tuple[int, ...]:
+    """What each embedded image depicts, as an index into labels.EMBEDDED_CLASSES: a face, or a
+    circle, square or triangle (the kinds _draw tells apart)."""
+    p = _params(n, seed)
+    shape = 1 + (p[:, 9] >= 1 / 3).long() + (p[:, 9] >= 2 / 3).long()
+    return tuple(torch.where(p[:, 0] < 0.65, 0, shape).tolist())
+
+
 @functools.lru_cache(maxsize=4)
 def _embedded_cached(n: int, image_size: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    params = torch.rand(n, _N_PARAMS, generator=g, dtype=torch.float64).float()
+    params = _params(n, seed)
     # Small images are drawn at twice the size and averaged down for smooth edges; from 128 px
     # on, one sample per pixel is smooth enough and 4x cheaper.
     factor = 2 if image_size < 128 else 1
@@ -114,6 +128,10 @@ def embedded_images(n: int = EMBEDDED_SIZE, image_size: int = 32, seed: int = 0)
     return _embedded_cached(int(n), int(image_size), int(seed))
 
 
-def embedded_split_indices(split: str, n: int = EMBEDDED_SIZE, seed: int = 0) -> list[int]:
-    """Indices of the embedded images in `split`, by the same 90/5/5 rule as files."""
-    return split_keys([f"embedded-{i:06d}" for i in range(n)], split, seed)
+def embedded_split_indices(split: str, n: int = EMBEDDED_SIZE, seed: int = 0, stratified: bool = False) -> list[int]:
+    """Indices of the embedded images in `split`, by the same 90/5/5 rule as files (per class
+    when `stratified`, as a class-conditional run splits)."""
+    from .labels import stratified_split
+
+    keys = [f"embedded-{i:06d}" for i in range(n)]
+    return stratified_split(keys, embedded_labels(n), split, seed) if stratified else split_keys(keys, split, seed)

@@ -75,6 +75,10 @@ class EpochLoader(abc.ABC):
     backend = "base"
     # Seconds spent on one-time preparation (the cache build), reported apart from epoch time.
     build_seconds = 0.0
+    # Class labels of the split's images (a long tensor on the device) of a class-conditional run:
+    # batches then come as (images, labels), and class_names names the labels.
+    labels: torch.Tensor | None = None
+    class_names: tuple[str, ...] | None = None
 
     def __init__(self, num_images: int, batch_size: int, *, seed: int, shuffle: bool,
                  flip: bool, drop_last: bool, rank: int, world_size: int) -> None:
@@ -104,9 +108,15 @@ class EpochLoader(abc.ABC):
                           rank=self.rank, world_size=self.world_size, shuffle=self.shuffle,
                           flip=self.flip, drop_last=self.drop_last)
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
+    def __iter__(self) -> Iterator[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
         epoch, start = self.epoch, self.start_batch
-        yield from self._batches(self.plan(epoch), start)
+        plan = self.plan(epoch)
+        if self.labels is None:
+            yield from self._batches(plan, start)
+        else:  # every backend yields the plan's batches in order, so the labels follow the same indices
+            order = torch.from_numpy(plan.indices).to(self.labels.device)
+            for b, x in enumerate(self._batches(plan, start), start):
+                yield x, self.labels.index_select(0, order[b * plan.batch_size:(b + 1) * plan.batch_size])
         self.epoch, self.start_batch = epoch + 1, 0
 
     @abc.abstractmethod

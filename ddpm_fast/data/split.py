@@ -24,14 +24,18 @@ def _check_split(split: str) -> None:
         raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
 
 
+def split_rank(keys: Sequence[str], seed: int = 0) -> list[int]:
+    """Indices of `keys` ranked by the hash of (split seed, key): the order the cuts are made in."""
+    return sorted(range(len(keys)), key=lambda i: (hashlib.sha1(f"{seed}\0{keys[i]}".encode()).digest(), keys[i], i))
+
+
 def split_keys(keys: Sequence[str], split: str, seed: int = 0) -> list[int]:
     """Indices of `keys` in `split`, in the original order of `keys`."""
     _check_split(split)
     n = len(keys)
     if split == "all":
         return list(range(n))
-    rank = sorted(range(n), key=lambda i: (hashlib.sha1(f"{seed}\0{keys[i]}".encode()).digest(),
-                                           keys[i], i))
+    rank = split_rank(keys, seed)
     n_train = int(n * TRAIN_FRACTION)
     n_val = int(n * VAL_FRACTION)
     bounds = {"train": (0, n_train), "val": (n_train, n_train + n_val),
@@ -39,13 +43,15 @@ def split_keys(keys: Sequence[str], split: str, seed: int = 0) -> list[int]:
     return sorted(rank[bounds[0]:bounds[1]])
 
 
-def split_files(files: Sequence[Path], split: str, seed: int = 0) -> list[Path]:
-    """The files of `split` ("train", "val", "test" or "all"), in their given (sorted) order.
-
-    Files are keyed by their path relative to the folder that holds them all, without the
+def split_file_keys(files: Sequence[Path]) -> list[str]:
+    """Files are keyed by their path relative to the folder that holds them all, without the
     extension: a copy of the data set elsewhere, or one converted to another format by
     `python -m ddpm_fast.prepare`, splits the same way."""
     paths = [Path(f) for f in files]
     base = Path(os.path.commonpath([str(p.parent) for p in paths])) if paths else Path()
-    keys = [p.relative_to(base).with_suffix("").as_posix() for p in paths]
-    return [files[i] for i in split_keys(keys, split, seed)]
+    return [p.relative_to(base).with_suffix("").as_posix() for p in paths]
+
+
+def split_files(files: Sequence[Path], split: str, seed: int = 0) -> list[Path]:
+    """The files of `split` ("train", "val", "test" or "all"), in their given (sorted) order."""
+    return [files[i] for i in split_keys(split_file_keys(files), split, seed)]
