@@ -14,10 +14,12 @@ from . import ops
 from .presets import preset_config
 
 
-def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal embedding of (possibly real-valued) timesteps, as in Ho et al.'s code."""
+def timestep_embedding(t: torch.Tensor, dim: int, freq_shift: float = 1) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly real-valued) timesteps, as in Ho et al.'s code (freq_shift 1;
+    diffusers' UNet2DModel defaults to 0)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / (half - 1))
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32)
+                      / (half - freq_shift))
     args = t.float()[:, None] * freqs[None]
     return torch.cat([args.sin(), args.cos()], dim=1)
 
@@ -26,8 +28,8 @@ class GroupNormAct(nn.GroupNorm):
     """GroupNorm -> activation (optionally adding a per-channel bias first), one fused op.
     Same parameters as nn.GroupNorm, so checkpoints load across backends."""
 
-    def __init__(self, num_groups: int, channels: int, act: str, backend: str = "auto"):
-        super().__init__(num_groups, channels)
+    def __init__(self, num_groups: int, channels: int, act: str, eps: float = 1e-5, backend: str = "auto"):
+        super().__init__(num_groups, channels, eps)
         self.act, self.backend = act, backend
 
     def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
@@ -45,14 +47,14 @@ def _act(name: str) -> nn.Module:
 
 
 class ResBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, temb_dim: int, dropout: float, act: str, groups: int):
+    def __init__(self, cin: int, cout: int, temb_dim: int, dropout: float, act: str, groups: int, eps: float):
         super().__init__()
-        self.norm1 = GroupNormAct(_groups(groups, cin), cin, act)
+        self.norm1 = GroupNormAct(_groups(groups, cin), cin, act, eps)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
         self.temb_act = _act(act)
         self.temb_proj = nn.Linear(temb_dim, cout)
         # The time embedding is added just before the second norm: fused into that op.
-        self.norm2 = GroupNormAct(_groups(groups, cout), cout, act)
+        self.norm2 = GroupNormAct(_groups(groups, cout), cout, act, eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
@@ -65,30 +67,39 @@ class ResBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    """Single-head self-attention over the H*W positions (head dim = channels)."""
+    """Self-attention over the H*W positions: one head of all channels (Ho et al.), or heads of
+    `head_dim` channels each (diffusers' attention_head_dim)."""
 
-    def __init__(self, ch: int, groups: int):
+    def __init__(self, ch: int, groups: int, eps: float, head_dim: int | None = None):
         super().__init__()
-        self.norm = GroupNormAct(_groups(groups, ch), ch, "none")
+        if head_dim is not None and ch % head_dim:
+            raise ValueError(f"attention width {ch} is not a multiple of attn_head_dim {head_dim}")
+        self.heads = ch // head_dim if head_dim else 1
+        self.norm = GroupNormAct(_groups(groups, ch), ch, "none", eps)
         self.qkv = nn.Conv2d(ch, 3 * ch, 1)
         self.proj = nn.Conv2d(ch, ch, 1)
         self.backend = "auto"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, 1, C, H * W).transpose(-1, -2).unbind(1)
-        h = ops.attention(q, k, v, backend=self.backend)  # (B, 1, HW, C)
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W).transpose(-1, -2).unbind(1)
+        h = ops.attention(q, k, v, backend=self.backend)  # (B, heads, HW, C / heads)
         h = h.transpose(-1, -2).reshape(B, C, H, W)
         return x + self.proj(h)
 
 
 class Downsample(nn.Module):
-    def __init__(self, ch: int):
+    """Stride-2 3x3 conv. padding 1 (the default), or 0: the original DDPM's (and diffusers'
+    downsample_padding=0), which pads right and bottom only."""
+
+    def __init__(self, ch: int, padding: int = 1):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+        if padding not in (0, 1):
+            raise ValueError(f"downsample_padding must be 0 or 1, got {padding}")
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=padding)
 
     def forward(self, x):
-        return self.conv(x)
+        return self.conv(x if self.conv.padding[0] else F.pad(x, (0, 1, 0, 1)))
 
 
 class Upsample(nn.Module):
@@ -106,7 +117,8 @@ class UNet(nn.Module):
 
     def __init__(self, image_size: int = 64, ch: int = 64, ch_mult=(1, 2, 4, 4), attn_res=(16,),
                  num_res_blocks: int = 2, dropout: float = 0.1, act: str = "silu", num_groups: int = 32,
-                 in_ch: int = 3):
+                 in_ch: int = 3, norm_eps: float = 1e-5, downsample_padding: int = 1,
+                 attn_head_dim: int | None = None, freq_shift: float = 1):
         super().__init__()
         if act not in ("silu", "hardswish"):
             raise ValueError(f"--act must be silu or hardswish, got {act!r}")
@@ -114,12 +126,15 @@ class UNet(nn.Module):
             raise ValueError(f"--image-size {image_size} is not divisible by 2^{len(ch_mult) - 1} "
                              f"(the number of downsamplings of --ch-mult {tuple(ch_mult)})")
         self.config = dict(image_size=image_size, ch=ch, ch_mult=tuple(ch_mult), attn_res=tuple(attn_res),
-                           num_res_blocks=num_res_blocks, dropout=dropout, act=act, num_groups=num_groups)
-        self.ch, temb_dim = ch, 4 * ch
+                           num_res_blocks=num_res_blocks, dropout=dropout, act=act, num_groups=num_groups,
+                           norm_eps=norm_eps, downsample_padding=downsample_padding, attn_head_dim=attn_head_dim,
+                           freq_shift=freq_shift)
+        self.ch, self.freq_shift, temb_dim = ch, freq_shift, 4 * ch
         self.temb = nn.Sequential(nn.Linear(ch, temb_dim), _act(act), nn.Linear(temb_dim, temb_dim))
         self.conv_in = nn.Conv2d(in_ch, ch, 3, padding=1)
 
-        block = lambda cin, cout: ResBlock(cin, cout, temb_dim, dropout, act, num_groups)  # noqa: E731
+        block = lambda cin, cout: ResBlock(cin, cout, temb_dim, dropout, act, num_groups, norm_eps)  # noqa: E731
+        attn = lambda c: AttnBlock(c, num_groups, norm_eps, attn_head_dim)  # noqa: E731
         self.down = nn.ModuleList()
         widths, cur, res = [ch], ch, image_size
         for i, mult in enumerate(ch_mult):
@@ -127,24 +142,24 @@ class UNet(nn.Module):
                 self.down.append(block(cur, ch * mult))
                 cur = ch * mult
                 if res in attn_res:
-                    self.down.append(AttnBlock(cur, num_groups))
+                    self.down.append(attn(cur))
                 widths.append(cur)
             if i != len(ch_mult) - 1:
-                self.down.append(Downsample(cur))
+                self.down.append(Downsample(cur, downsample_padding))
                 widths.append(cur)
                 res //= 2
-        self.mid = nn.ModuleList([block(cur, cur), AttnBlock(cur, num_groups), block(cur, cur)])
+        self.mid = nn.ModuleList([block(cur, cur), attn(cur), block(cur, cur)])
         self.up = nn.ModuleList()
         for i, mult in reversed(list(enumerate(ch_mult))):
             for _ in range(num_res_blocks + 1):
                 self.up.append(block(cur + widths.pop(), ch * mult))
                 cur = ch * mult
                 if res in attn_res:
-                    self.up.append(AttnBlock(cur, num_groups))
+                    self.up.append(attn(cur))
             if i != 0:
                 self.up.append(Upsample(cur))
                 res *= 2
-        self.norm_out = GroupNormAct(_groups(num_groups, cur), cur, act)
+        self.norm_out = GroupNormAct(_groups(num_groups, cur), cur, act, norm_eps)
         self.conv_out = nn.Conv2d(cur, in_ch, 3, padding=1)
 
     @classmethod
@@ -163,7 +178,7 @@ class UNet(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        temb = self.temb(timestep_embedding(t, self.ch))
+        temb = self.temb(timestep_embedding(t, self.ch, self.freq_shift))
         hs = [self.conv_in(x)]
         for m in self.down:
             if isinstance(m, ResBlock):

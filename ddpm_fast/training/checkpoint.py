@@ -54,10 +54,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def load_model(path: str | Path, ema: bool = True, device: str | torch.device = "cpu"):
-    """(model, diffusion, config) from a checkpoint; the EMA weights when `ema` and present."""
+    """(model, diffusion, config) from a checkpoint; the EMA weights when `ema` and present. A diffusers
+    folder or a .safetensors file of ddpm_fast.export loads too (one set of weights: `ema` does not apply)."""
     from ..diffusion import GaussianDiffusion
+    from ..interop import is_interop_path, load
     from ..model import UNet
 
+    if is_interop_path(path):
+        model, diffusion, cfg = load(path)
+        return model.to(device).eval(), diffusion, cfg
     ckpt = load_checkpoint(path)
     cfg = ckpt["config"]
     model = UNet(**cfg["model"])

@@ -1,0 +1,261 @@
+"""diffusers interop: the weight mapping is exact both ways (every preset's layout, google/ddpm-cifar10-32's,
+diffusers' own defaults), an exported run is a DDPMPipeline folder that samples like ddpm-fast, every
+--ckpt loads such folders and our .safetensors files, and what does not map is a named error."""
+import importlib
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("diffusers")
+from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel  # noqa: E402
+
+import ddpm_fast  # noqa: E402
+from ddpm_fast import PRESETS, GaussianDiffusion, UNet, interop  # noqa: E402
+from ddpm_fast.presets import preset_config  # noqa: E402
+from ddpm_fast.training.checkpoint import load_model  # noqa: E402
+
+export_cli = importlib.import_module("ddpm_fast.export")
+sample_cli = importlib.import_module("ddpm_fast.sample")
+evaluate_cli = importlib.import_module("ddpm_fast.evaluate")
+
+# google/ddpm-cifar10-32's unet/config.json and scheduler/scheduler_config.json, written out (no network).
+GOOGLE_UNET = dict(sample_size=32, in_channels=3, out_channels=3, act_fn="silu", attention_head_dim=None,
+                   block_out_channels=(128, 256, 256, 256), center_input_sample=False,
+                   down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+                   up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), downsample_padding=0,
+                   flip_sin_to_cos=False, freq_shift=1, layers_per_block=2, mid_block_scale_factor=1, norm_eps=1e-6,
+                   norm_num_groups=32, time_embedding_type="positional")
+GOOGLE_SCHEDULER = dict(beta_end=0.02, beta_schedule="linear", beta_start=0.0001, clip_sample=True,
+                        num_train_timesteps=1000, trained_betas=None, variance_type="fixed_large")
+# diffusers' own defaults (its unconditional training example's layout): [cos, sin] time embedding,
+# freq_shift 0, 8-channel attention heads, symmetric downsample padding.
+DIFFUSERS_DEFAULTS = dict(sample_size=16, block_out_channels=(16, 32, 32), layers_per_block=2, norm_num_groups=8,
+                          down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+                          up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"))
+# A small UNet2DModel that maps, for the error cases to change one field of.
+SMALL = dict(sample_size=8, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+             attention_head_dim=None, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+             up_block_types=("AttnUpBlock2D", "UpBlock2D"), flip_sin_to_cos=False, freq_shift=1)
+SMALL_OURS = dict(image_size=8, ch=16, ch_mult=(1, 2), attn_res=(4,), num_res_blocks=1, num_groups=8)
+
+
+def randomize_norms(module: torch.nn.Module) -> None:
+    """GroupNorm affines start at 1 and 0: make them random so the mapping of each is checked."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.GroupNorm):
+                m.weight.normal_(1, 0.3)
+                m.bias.normal_(0, 0.3)
+
+
+def assert_same_eps(ours: UNet, unet: UNet2DModel, batch: int = 3) -> None:
+    size = ours.config["image_size"]
+    x = torch.randn(batch, 3, size, size)
+    t = torch.tensor([0, 731, 999, 17][:batch])
+    with torch.no_grad():
+        a, b = ours.set_backend("torch").eval()(x, t), unet.eval()(x, t).sample
+    assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+
+def small_preset(name: str) -> dict:
+    """The preset's block structure (size, levels, attention resolutions, blocks per level), narrow."""
+    return preset_config(name, ch=8, num_groups=4)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_layout_matches_unet2dmodel_both_ways(name):
+    ours = UNet(**small_preset(name))
+    randomize_norms(ours)
+    unet, _ = interop.to_diffusers(ours, GaussianDiffusion("linear", 10))
+    assert_same_eps(ours, unet, batch=3 if ours.config["image_size"] <= 64 else 1)
+
+    theirs = UNet2DModel(**interop.diffusers_config(ours))
+    randomize_norms(theirs)
+    back, _ = interop.from_diffusers(theirs)
+    assert back.config == ours.config
+    assert_same_eps(back, theirs, batch=1)
+
+
+def test_google_ddpm_cifar10_layout_is_cifar32(tmp_path):
+    """Its folder loads where a checkpoint is taken, as the cifar32 preset with the original DDPM's
+    eps and padding, and the same eps; our model of that config exports to the same UNet2DModel config."""
+    theirs = UNet2DModel(**GOOGLE_UNET)
+    randomize_norms(theirs)
+    DDPMPipeline(unet=theirs, scheduler=DDPMScheduler(**GOOGLE_SCHEDULER)).save_pretrained(tmp_path)
+    ours, diffusion, cfg = load_model(tmp_path)
+    assert sum(p.numel() for p in ours.parameters()) == 35_746_307
+    # (dropout 0: that config predates diffusers' dropout field)
+    assert ours.config == UNet.from_preset("cifar32", norm_eps=1e-6, downsample_padding=0, dropout=0.0).config
+    assert (diffusion.schedule, diffusion.timesteps, cfg["variance"], cfg["sample_clip_x0"]) == ("linear", 1000,
+                                                                                                 "beta", True)
+    assert_same_eps(ours, theirs, batch=1)
+
+    unet, _ = interop.to_diffusers(ours, diffusion)
+    assert {k: unet.config[k] for k in GOOGLE_UNET} == GOOGLE_UNET
+    assert_same_eps(ours, unet, batch=1)
+
+
+def test_diffusers_default_layout_maps_both_ways():
+    theirs = UNet2DModel(**DIFFUSERS_DEFAULTS)
+    assert theirs.config.flip_sin_to_cos and theirs.config.freq_shift == 0 and theirs.config.attention_head_dim == 8
+    randomize_norms(theirs)
+    ours, _ = interop.from_diffusers(theirs)
+    assert ours.config["attn_head_dim"] == 8 and ours.config["freq_shift"] == 0
+    assert_same_eps(ours, theirs)
+    again, _ = interop.to_diffusers(ours, GaussianDiffusion("linear", 10))  # exported as [sin, cos]
+    assert not again.config.flip_sin_to_cos
+    assert_same_eps(ours, again)
+
+
+# -- an exported run ---------------------------------------------------------------------------------------
+def make_run(path, schedule="linear", timesteps=20, **config):
+    """A checkpoint as training writes it, with different model and EMA weights, in a non-default layout."""
+    model_cfg = preset_config("tiny", image_size=16, ch=16, ch_mult=(1, 2), attn_res=(8,), num_groups=8)
+    model_cfg |= dict(norm_eps=1e-6, downsample_padding=0, attn_head_dim=8)
+    model, ema = UNet(**model_cfg), UNet(**model_cfg)
+    randomize_norms(model)
+    randomize_norms(ema)
+    cfg = dict(model=model_cfg, schedule=schedule, timesteps=timesteps, data=None, sample_clip_x0=True) | config
+    path.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "config": cfg, "step": 1}, path / "checkpoint.pt")
+    return model.eval(), ema.eval(), GaussianDiffusion(schedule, timesteps)
+
+
+@pytest.mark.parametrize("schedule,variance,clip", [("linear", "beta", True), ("cosine", "posterior", False)])
+def test_exported_run_is_a_ddpm_pipeline_that_samples_like_ddpm_fast(tmp_path, schedule, variance, clip):
+    model, ema, diffusion = make_run(tmp_path / "run", schedule)
+    clip_flag = "--clip-x0" if clip else "--no-clip-x0"
+    assert export_cli.main(["--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "pipe"),
+                            "--variance", variance, clip_flag]) == 0
+    pipe = DDPMPipeline.from_pretrained(tmp_path / "pipe")
+    pipe.set_progress_bar_config(disable=True)
+    sched = pipe.scheduler
+    assert isinstance(sched, DDPMScheduler) and torch.equal(sched.betas, diffusion.betas.float())
+    assert (sched.config.variance_type, sched.config.clip_sample, sched.config.prediction_type,
+            sched.config.num_train_timesteps) == (interop.VARIANCE_TYPES[variance], clip, "epsilon", 20)
+    assert_same_eps(ema, pipe.unet)  # the EMA weights by default
+
+    # The same noise stream: the start noise, then one draw per step (diffusers skips the last, noiseless one).
+    images = pipe(batch_size=2, generator=torch.Generator().manual_seed(5), num_inference_steps=20,
+                  output_type="pt").images
+    ours = ddpm_fast.sample(ema.set_backend("torch"), diffusion, 2, 16, variance=variance, clip_x0=clip,
+                            generator=torch.Generator().manual_seed(5))
+    # atol: diffusers forms beta_t = 1 - abar_t / abar_(t-1) in float32, ~1e-3 off for the cosine schedule's
+    # small early betas; a wrong variance or noise order is off by ~0.1 and more.
+    torch.testing.assert_close(images, (ours + 1) / 2, rtol=0, atol=1e-3)
+
+    assert export_cli.main(["--ckpt", str(tmp_path / "run"), "--no-ema", "--out", str(tmp_path / "raw")]) == 0
+    assert_same_eps(model, UNet2DModel.from_pretrained(tmp_path / "raw" / "unet"))
+
+
+@pytest.mark.parametrize("name,cls", [("ddim", DDIMScheduler), ("dpmpp_2m", DPMSolverMultistepScheduler)])
+def test_export_with_another_scheduler(tmp_path, name, cls):
+    _, _, diffusion = make_run(tmp_path / "run", "cosine")
+    assert export_cli.main(["--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "pipe"), "--scheduler", name]) == 0
+    sched = DDPMPipeline.from_pretrained(tmp_path / "pipe").scheduler
+    assert isinstance(sched, cls) and torch.equal(sched.betas, diffusion.betas.float())
+    assert sched.config.prediction_type == "epsilon"
+    _, back, _ = load_model(tmp_path / "pipe")  # and it imports, schedule and all
+    assert (back.schedule, back.timesteps) == ("cosine", 20)
+
+
+def test_round_trips_are_bit_identical(tmp_path):
+    _, ema, _ = make_run(tmp_path / "run", data="some/images")
+    assert export_cli.main(["--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "pipe")]) == 0
+    assert export_cli.main(["--ckpt", str(tmp_path / "run"), "--safetensors", str(tmp_path / "m.safetensors")]) == 0
+    for path in (tmp_path / "pipe", tmp_path / "m.safetensors"):
+        model, diffusion, cfg = load_model(path)
+        assert model.config == ema.config and (diffusion.schedule, diffusion.timesteps) == ("linear", 20)
+        state = model.state_dict()
+        assert state.keys() == ema.state_dict().keys()
+        assert all(torch.equal(state[k], v) for k, v in ema.state_dict().items())
+    assert cfg["data"] == "some/images"  # the .safetensors file carries the run's config
+
+    theirs = UNet2DModel(**SMALL)  # and diffusers -> ddpm-fast -> diffusers
+    again, _ = interop.to_diffusers(*interop.from_diffusers(theirs))
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in theirs.state_dict().items())
+
+    config, state, schedule = interop.load_weights_for_init(tmp_path / "pipe")
+    assert config == ema.config and schedule == {"schedule": "linear", "timesteps": 20}
+    assert all(torch.equal(state[k], v) for k, v in ema.state_dict().items())
+
+
+def test_safetensors_file_loads_without_diffusers(tmp_path, monkeypatch):
+    _, ema, _ = make_run(tmp_path / "run")
+    assert export_cli.main(["--ckpt", str(tmp_path / "run"), "--safetensors", str(tmp_path / "m.safetensors")]) == 0
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # any import of it now fails
+    model, _, _ = load_model(tmp_path / "m.safetensors")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in ema.state_dict().items())
+
+    from safetensors.torch import save_file
+
+    save_file(ema.state_dict(), str(tmp_path / "bare.safetensors"))
+    with pytest.raises(ValueError, match="no ddpm-fast config"):
+        load_model(tmp_path / "bare.safetensors")
+
+
+def test_sample_and_evaluate_clis_on_exported_folder(tmp_path):
+    """The folder and the file hold the run's EMA weights and schedule: the same seed gives the same
+    grid and the same evaluation as the run itself."""
+    make_run(tmp_path / "run", timesteps=10)
+    assert export_cli.main(["--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "pipe")]) == 0
+    assert export_cli.main(["--ckpt", str(tmp_path / "run"), "--safetensors", str(tmp_path / "m.safetensors")]) == 0
+    grids, evals = [], []
+    for i, ckpt in enumerate(("run", "pipe", "m.safetensors")):
+        out = tmp_path / f"g{i}.png"
+        assert sample_cli.main(["--ckpt", str(tmp_path / ckpt), "--n", "4", "--nrow", "2", "--kernels", "torch",
+                                "--out", str(out)]) == 0
+        grids.append(torch.from_numpy(np.array(Image.open(out))))
+    assert grids[0].shape == (2 * 18 + 2, 2 * 18 + 2, 3) and grids[0].float().std() > 0
+    assert all(torch.equal(g, grids[0]) for g in grids[1:])
+    for i, ckpt in enumerate(("run", "pipe")):
+        assert evaluate_cli.main(["--ckpt", str(tmp_path / ckpt), "--images", "4", "--bpd-images", "2",
+                                  "--bpd-t", "2", "--json", str(tmp_path / f"e{i}.json")]) == 0
+        r = json.loads((tmp_path / f"e{i}.json").read_text())
+        evals.append((r["eps_mse"], r["bits_per_dim"]))
+    assert evals[1] == evals[0]
+
+
+# -- what does not map -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("field,value", [
+    ("in_channels", 1), ("center_input_sample", True), ("time_embedding_type", "fourier"),
+    ("class_embed_type", "timestep"), ("num_class_embeds", 10), ("mid_block_scale_factor", 2.0),
+    ("resnet_time_scale_shift", "scale_shift"), ("add_attention", False), ("act_fn", "mish"),
+    ("block_out_channels", (16, 24)), ("time_embedding_dim", 32),
+    ("down_block_types", ("ResnetDownsampleBlock2D", "AttnDownBlock2D")),
+    ("up_block_types", ("UpBlock2D", "UpBlock2D")), ("attention_head_dim", 3),
+])
+def test_unmapped_unet_config_names_the_field(field, value):
+    with pytest.raises(ValueError, match=f"field {field}="):
+        interop.from_diffusers(UNet2DModel(**SMALL | {field: value}))
+
+
+@pytest.mark.parametrize("field,value", [("prediction_type", "v_prediction"), ("beta_schedule", "scaled_linear"),
+                                         ("variance_type", "learned_range"), ("thresholding", True),
+                                         ("clip_sample_range", 2.0)])
+def test_unmapped_scheduler_names_the_field(field, value):
+    with pytest.raises(ValueError, match=f"field {field}="):
+        interop.from_diffusers(UNet2DModel(**SMALL), DDPMScheduler(**{field: value}))
+
+
+def test_unmapped_folder_and_run_errors(tmp_path, capsys):
+    (tmp_path / "cond").mkdir()
+    (tmp_path / "cond" / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
+    (tmp_path / "cond" / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="_class_name='UNet2DConditionModel'"):
+        load_model(tmp_path / "cond")
+
+    model = UNet(**SMALL_OURS)
+    with pytest.raises(ValueError, match="act='hardswish'"):
+        interop.to_diffusers(UNet(**SMALL_OURS | dict(act="hardswish")), GaussianDiffusion())
+    with pytest.raises(ValueError, match="num_groups=8"):
+        interop.to_diffusers(UNet(**SMALL_OURS | dict(ch=4)), GaussianDiffusion())
+    with pytest.raises(ValueError, match="continuous"):
+        interop.to_diffusers(model, GaussianDiffusion("continuous", 10))
+    make_run(tmp_path / "run", "continuous")
+    assert export_cli.main(["--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "pipe")]) == 2
+    assert "continuous" in capsys.readouterr().err
