@@ -36,6 +36,25 @@ class GroupNormAct(nn.GroupNorm):
         return ops.group_norm_act(x, self.num_groups, self.weight, self.bias, self.eps, add, self.act, self.backend)
 
 
+class BatchNormAct(nn.BatchNorm2d):
+    """BatchNorm -> activation with GroupNormAct's interface: the norm an ablation swaps in
+    (`--norm batch`). Plain PyTorch; the fused kernels are GroupNorm's."""
+
+    def __init__(self, channels: int, act: str, eps: float = 1e-5):
+        super().__init__(channels, eps)
+        self.act = act
+
+    def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        y = super().forward(x if add is None else x + add[:, :, None, None])
+        return ops.reference.activation(y, self.act)
+
+
+def _norm(kind: str, num_groups: int, channels: int, act: str, eps: float) -> nn.Module:
+    if kind == "batch":
+        return BatchNormAct(channels, act, eps)
+    return GroupNormAct(_groups(num_groups, channels), channels, act, eps)
+
+
 def _groups(num_groups: int, channels: int) -> int:
     """GroupNorm(32) where the width allows; narrower or odd widths (overrides) use the largest
     group count dividing both."""
@@ -47,14 +66,15 @@ def _act(name: str) -> nn.Module:
 
 
 class ResBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, temb_dim: int, dropout: float, act: str, groups: int, eps: float):
+    def __init__(self, cin: int, cout: int, temb_dim: int, dropout: float, act: str, groups: int, eps: float,
+                 norm: str = "group"):
         super().__init__()
-        self.norm1 = GroupNormAct(_groups(groups, cin), cin, act, eps)
+        self.norm1 = _norm(norm, groups, cin, act, eps)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
         self.temb_act = _act(act)
         self.temb_proj = nn.Linear(temb_dim, cout)
         # The time embedding is added just before the second norm: fused into that op.
-        self.norm2 = GroupNormAct(_groups(groups, cout), cout, act, eps)
+        self.norm2 = _norm(norm, groups, cout, act, eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
@@ -70,12 +90,12 @@ class AttnBlock(nn.Module):
     """Self-attention over the H*W positions: one head of all channels (Ho et al.), or heads of
     `head_dim` channels each (diffusers' attention_head_dim)."""
 
-    def __init__(self, ch: int, groups: int, eps: float, head_dim: int | None = None):
+    def __init__(self, ch: int, groups: int, eps: float, head_dim: int | None = None, norm: str = "group"):
         super().__init__()
         if head_dim is not None and ch % head_dim:
             raise ValueError(f"attention width {ch} is not a multiple of attn_head_dim {head_dim}")
         self.heads = ch // head_dim if head_dim else 1
-        self.norm = GroupNormAct(_groups(groups, ch), ch, "none", eps)
+        self.norm = _norm(norm, groups, ch, "none", eps)
         self.qkv = nn.Conv2d(ch, 3 * ch, 1)
         self.proj = nn.Conv2d(ch, ch, 1)
         self.backend = "auto"
@@ -112,14 +132,20 @@ class Upsample(nn.Module):
 
 
 class UNet(nn.Module):
-    """model(x, t) -> predicted noise; x (B, 3, S, S) in [-1, 1], t (B,) int64 step indices
-    (or float times, for the continuous schedule)."""
+    """model(x, t, y=None) -> the prediction (noise, v or x0: the diffusion's); x (B, 3, S, S) in
+    [-1, 1], t (B,) int64 step indices (or float times, for the continuous schedule). With
+    num_classes > 0 a learned class embedding is added to the time embedding, as diffusers'
+    UNet2DModel(num_class_embeds) does; label num_classes (also y=None) is the null class that
+    classifier-free guidance trains and samples the unconditional model with."""
 
     def __init__(self, image_size: int = 64, ch: int = 64, ch_mult=(1, 2, 4, 4), attn_res=(16,),
                  num_res_blocks: int = 2, dropout: float = 0.1, act: str = "silu", num_groups: int = 32,
                  in_ch: int = 3, norm_eps: float = 1e-5, downsample_padding: int = 1,
-                 attn_head_dim: int | None = None, freq_shift: float = 1):
+                 attn_head_dim: int | None = None, freq_shift: float = 1, norm: str = "group",
+                 num_classes: int = 0):
         super().__init__()
+        if norm not in ("group", "batch"):
+            raise ValueError(f"--norm must be group or batch, got {norm!r}")
         if act not in ("silu", "hardswish"):
             raise ValueError(f"--act must be silu or hardswish, got {act!r}")
         if image_size % 2 ** (len(ch_mult) - 1):
@@ -128,13 +154,15 @@ class UNet(nn.Module):
         self.config = dict(image_size=image_size, ch=ch, ch_mult=tuple(ch_mult), attn_res=tuple(attn_res),
                            num_res_blocks=num_res_blocks, dropout=dropout, act=act, num_groups=num_groups,
                            norm_eps=norm_eps, downsample_padding=downsample_padding, attn_head_dim=attn_head_dim,
-                           freq_shift=freq_shift)
+                           freq_shift=freq_shift, norm=norm, num_classes=num_classes)
         self.ch, self.freq_shift, temb_dim = ch, freq_shift, 4 * ch
         self.temb = nn.Sequential(nn.Linear(ch, temb_dim), _act(act), nn.Linear(temb_dim, temb_dim))
+        self.num_classes = num_classes
+        self.class_emb = nn.Embedding(num_classes + 1, temb_dim) if num_classes else None
         self.conv_in = nn.Conv2d(in_ch, ch, 3, padding=1)
 
-        block = lambda cin, cout: ResBlock(cin, cout, temb_dim, dropout, act, num_groups, norm_eps)  # noqa: E731
-        attn = lambda c: AttnBlock(c, num_groups, norm_eps, attn_head_dim)  # noqa: E731
+        block = lambda cin, cout: ResBlock(cin, cout, temb_dim, dropout, act, num_groups, norm_eps, norm)  # noqa: E731
+        attn = lambda c: AttnBlock(c, num_groups, norm_eps, attn_head_dim, norm)  # noqa: E731
         self.down = nn.ModuleList()
         widths, cur, res = [ch], ch, image_size
         for i, mult in enumerate(ch_mult):
@@ -159,7 +187,7 @@ class UNet(nn.Module):
             if i != 0:
                 self.up.append(Upsample(cur))
                 res *= 2
-        self.norm_out = GroupNormAct(_groups(num_groups, cur), cur, act, norm_eps)
+        self.norm_out = _norm(norm, num_groups, cur, act, norm_eps)
         self.conv_out = nn.Conv2d(cur, in_ch, 3, padding=1)
 
     @classmethod
@@ -177,8 +205,14 @@ class UNet(nn.Module):
                 m.backend = per_op.get("attention", "auto")
         return self
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         temb = self.temb(timestep_embedding(t, self.ch, self.freq_shift))
+        if self.class_emb is not None:
+            if y is None:
+                y = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)
+            temb = temb + self.class_emb(y)
+        elif y is not None:
+            raise ValueError("class labels given to an unconditional model (train with --class-cond)")
         hs = [self.conv_in(x)]
         for m in self.down:
             if isinstance(m, ResBlock):
