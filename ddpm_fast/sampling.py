@@ -143,8 +143,11 @@ class FastSampler:
                 sched.begin(static, start)
 
             # Warm up within the chain: index_select past the table's last row is a device-side error.
+            # The warm-up draws noise: the RNG is put back, so a call that captures samples as one that replays.
             reset()
-            replay, _ = graphs.capture(step, min(2, remaining), self.plan.device, reset)
+            device = self.plan.device
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                replay, _ = graphs.capture(step, min(2, remaining), device, reset)
             self._graphs[x.shape] = (static, replay)
         static, replay = self._graphs[x.shape]
         static.copy_(x)

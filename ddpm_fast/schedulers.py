@@ -266,7 +266,8 @@ class Scheduler:
             noise = 0.0
             if self.method == "dpmpp_2m_sde":
                 e2 = -math.expm1(-2 * h)
-                a, w, noise = sigma_t / sigma_s * math.exp(-h), [alpha_t * e2, 0.5 * alpha_t * e2], sigma_t * math.sqrt(e2)
+                a, noise = sigma_t / sigma_s * math.exp(-h), sigma_t * math.sqrt(e2)
+                w = [alpha_t * e2, 0.5 * alpha_t * e2]
             elif order < 3:
                 a, w = sigma_t / sigma_s, [-alpha_t * phi, -0.5 * alpha_t * phi]
             else:

@@ -184,8 +184,13 @@ def test_graphed_ddpm_from_start_t_and_its_noise(model, monkeypatch):
     calls = []
     monkeypatch.setattr(graphs, "capture", _capture_on_cpu(calls))
     sampler = FastSampler(model, GaussianDiffusion("linear", 5), cuda_graph=True, backend="torch")
-    out = sampler.sample(2, 8)
+    x = torch.randn(2, 3, 8, 8)
+    torch.manual_seed(3)
+    out = sampler.sample(2, 8, x_T=x)  # captures (its warm-up draws noise, then the RNG is put back)
+    torch.manual_seed(3)
+    again = sampler.sample(2, 8, x_T=x)  # replays
     assert out.shape == (2, 3, 8, 8) and torch.isfinite(out).all()
+    torch.testing.assert_close(again, out, rtol=0, atol=0)
     ddim = FastSampler(model, GaussianDiffusion("linear", 30), method="ddim", steps=10, cuda_graph=True)
     x = torch.randn(2, 3, 8, 8)
     eager = FastSampler(model, GaussianDiffusion("linear", 30), method="ddim", steps=10, cuda_graph=False)
