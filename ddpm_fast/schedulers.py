@@ -45,6 +45,7 @@ SPACINGS = ("linspace", "leading", "trailing", "karras")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 _INTERPOLATING = ("euler", "heun")  # model time interpolated between training steps, as diffusers' do
 _ON_TRAINING_STEPS = ("ddpm", "ddim")  # defined on the training steps' alpha-bar: no Karras sigmas
+_TO_SIGMA_ZERO = ("dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc")  # spacing_timesteps' drop_zero
 
 X = "x"  # the current sample, as a basis vector of a row's linear combination (others: x0 indices)
 
@@ -150,8 +151,7 @@ class Scheduler:
         if np.any(np.diff(s) >= 0):
             raise ValueError(f"{steps} steps with --spacing {self.spacing} repeat a noise level of the "
                              f"{T}-step schedule: take fewer")
-        family = {"dpmpp_2m": "dpmpp", "dpmpp_3m": "dpmpp", "dpmpp_2m_sde": "dpmpp"}.get(self.method, self.method)
-        evals = getattr(self, "_" + family)(t, s)
+        evals = getattr(self, "_" + self.method.split("_")[0])(t, s)  # _ddpm, _ddim, _dpmpp, _unipc, ...
         rows = []
         for e, (_, s_e, row, noise) in enumerate(evals):
             assert set(row) <= {X, *range(e - MAX_HISTORY, e + 1)}, "a row reaches past the history"
@@ -183,8 +183,7 @@ class Scheduler:
             s = karras_sigmas(steps, sig[0], sig[-1])
             t = np.interp(np.log(s), np.log(sig), np.arange(T))
             return (t.round() if rounded else t), s
-        t = spacing_timesteps(self.spacing, steps, T, drop_zero=self.method in ("dpmpp_2m", "dpmpp_3m",
-                                                                               "dpmpp_2m_sde", "unipc"))
+        t = spacing_timesteps(self.spacing, steps, T, drop_zero=self.method in _TO_SIGMA_ZERO)
         t = t.round() if rounded else t
         return t, np.interp(t, np.arange(T), sig)
 

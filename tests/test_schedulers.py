@@ -4,6 +4,13 @@ range), the same betas (trained_betas) and matching options; the final samples a
 L2). diffusers' Euler and Heun work in sigma space: their x starts at x_T * sqrt(1 + sigma_0^2) and
 the model sees scale_model_input(x); at sigma = 0 both spaces coincide. Noise (DDPM, DDIM eta > 0,
 SDE-DPM-Solver++) comes from generators of one seed, which both sides draw in the same order.
+
+diffusers' options are matched explicitly where its defaults are not ours: clip_sample=False (DDPM,
+DDIM; ours is clip_x0=False) and timestep_spacing (DDPM and DDIM default to "leading", ours to
+"linspace"). DDIM steps by T // steps in diffusers and to the next timestep here: the step counts
+divide T. lower_order_final=True, final_sigmas_type="zero" and set_alpha_to_one=True are diffusers'
+defaults and ours, so they are left to the default.
+
 Also: the step makes no host read (CUDA-graph safe), the rows reduce to diffusion.py's DDPM and
 DDIM, and on a GPU the graphed sampler equals the eager one for every solver."""
 import diffusers
@@ -15,6 +22,8 @@ from conftest import NoHostSync, requires_cuda
 from ddpm_fast import FastSampler, GaussianDiffusion, UNet
 from ddpm_fast.schedulers import METHODS, Scheduler, spacing_timesteps
 
+# diffusers' schedulers build numpy arrays from tensors the way numpy 2 deprecates
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 D = diffusers
 T = 1000
 LINEAR = GaussianDiffusion("linear", T)
