@@ -212,7 +212,7 @@ class Scheduler:
 
     @staticmethod
     def _euler_row(e: int, s: float, s_next: float) -> dict:
-        """Karras et al. 2022 Alg. 2 (Euler) x_s' = x_s + (s' - s) (x_s - x0) / s, in VP space
+        """Karras et al. 2022 Alg. 1 without its correction (Euler): x_s' = x_s + (s' - s) (x_s - x0) / s, in VP space
         (x = alpha x_s): x' = (sigma' / sigma) x + alpha' (1 - s' / s) x0, DDIM's update."""
         alpha_n, sigma_n = _vp(s_next)
         return {X: sigma_n / _vp(s)[1], e: alpha_n * (1 - s_next / s)}
@@ -239,8 +239,8 @@ class Scheduler:
     def _dpmpp(self, t, s):
         """DPM-Solver++ multistep (Lu et al. 2022), data prediction: with h = lambda_t - lambda_s
         (lambda = log alpha / sigma = -log s) and D_k finite differences of the x0 predictions,
-        (2M, their eq. 9-10, midpoint) x_t = sigma_t / sigma_s x - alpha_t (e^-h - 1) (D0 + D1 / 2);
-        3M adds the second difference as diffusers does; SDE-DPM-Solver++(2M) (their Appendix) is
+        (DPM-Solver++(2M), their Alg. 2) x_t = sigma_t / sigma_s x - alpha_t (e^-h - 1) (D0 + D1 / 2);
+        3M adds the second difference as diffusers does; SDE-DPM-Solver++(2M) is
         x_t = sigma_t / sigma_s e^-h x + alpha_t (1 - e^-2h) (D0 + D1 / 2) + sigma_t sqrt(1 - e^-2h) z."""
         s = np.append(s, 0.0)
         n, lam = len(t), -np.log(s[:-1])
@@ -297,9 +297,9 @@ class Scheduler:
 
     @staticmethod
     def _uni(lam, alpha, sigma, s: int, t: int, p: int, corrector: bool) -> tuple[float, dict]:
-        """UniP-p (Zhao et al. 2023 Alg. 2) or UniC-p (Alg. 1, with the x0 prediction at t) from step s
+        """UniP-p (Zhao et al. 2023) or UniC-p (with the x0 prediction at t too) from step s
         to t, data prediction with B(h) = e^h - 1 ("bh2"): x_t = A x_s + P, P over x0 predictions.
-        rhos solve the order conditions R rho = b (their eq. 8), b_k = k! phi_{k+1}(h) h / B(h)."""
+        rhos solve the order conditions R rho = b, b_k = k! phi_{k+1}(h) h / B(h)."""
         h = lam[t] - lam[s]
         hh = -h  # data prediction integrates in -lambda
         rks = [(lam[s - k] - lam[s]) / h for k in range(1, p)] + [1.0]

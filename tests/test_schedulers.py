@@ -92,6 +92,8 @@ CASES = [
      {"variance_type": "fixed_small", "clip_sample": False, "timestep_spacing": "linspace"}, {}, True),
     ("ddpm-clip", "ddpm", {"clip_x0": True, "spacing": "leading"}, D.DDPMScheduler, {"variance_type": "fixed_large",
                                                                "timestep_spacing": "leading"}, {}, True),
+    ("ddpm-threshold", "ddpm", {"thresholding": True, "spacing": "leading", "variance": "posterior"}, D.DDPMScheduler,
+     {"variance_type": "fixed_small", "thresholding": True, "timestep_spacing": "leading"}, {}, True),
     ("ddim-trailing", "ddim", {"spacing": "trailing"}, D.DDIMScheduler,
      {"timestep_spacing": "trailing", "clip_sample": False}, {}, False),
     ("ddim-eta", "ddim", {"spacing": "trailing", "eta": 0.6}, D.DDIMScheduler,
