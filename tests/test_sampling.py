@@ -2,7 +2,8 @@ import pytest
 import torch
 
 import ddpm_fast
-from ddpm_fast import FastSampler, GaussianDiffusion, UNet
+from ddpm_fast import FastSampler, GaussianDiffusion, UNet, graphs
+from ddpm_fast.plan import ExecutionPlan
 
 
 @pytest.fixture(scope="module")
@@ -22,11 +23,16 @@ def test_sample_shape_range_and_determinism(model):
 
 
 @pytest.mark.parametrize("method, kw", [("ddpm", {"variance": "posterior", "clip_x0": True}),
-                                        ("ddim", {"steps": 5, "eta": 0.0}), ("ddim", {"steps": 7, "eta": 1.0})])
+                                        ("ddpm", {"steps": 6, "spacing": "trailing"}),
+                                        ("ddim", {"steps": 5, "eta": 0.0}), ("ddim", {"steps": 7, "eta": 1.0}),
+                                        ("dpmpp_2m_sde", {"steps": 4, "spacing": "karras"}),
+                                        ("unipc", {"steps": 4, "order": 1, "thresholding": True}),
+                                        ("heun", {"steps": 3, "prediction_type": "v_prediction"})])
 def test_methods_run(model, method, kw):
+    """Through ddpm_fast.sample (sampler.py's thin call); the solvers' values are test_schedulers'."""
     d = GaussianDiffusion("cosine", 30)
     x = ddpm_fast.sample(model, d, 2, 8, method=method, generator=torch.Generator().manual_seed(0), **kw)
-    assert torch.isfinite(x).all()
+    assert x.shape == (2, 3, 8, 8) and torch.isfinite(x).all()
 
 
 def test_ddim_eta0_is_deterministic_given_x_T(model):
@@ -34,7 +40,7 @@ def test_ddim_eta0_is_deterministic_given_x_T(model):
     s = FastSampler(model, d, method="ddim", steps=10)
     x_T = torch.randn(2, 3, 8, 8)
     a = s.sample(2, 8, generator=torch.Generator().manual_seed(0), x_start=x_T, start_t=49)
-    b = s.sample(2, 8, generator=torch.Generator().manual_seed(9), x_start=x_T, start_t=49)
+    b = s.sample(2, 8, generator=torch.Generator().manual_seed(9), x_T=x_T)
     torch.testing.assert_close(a, b)
 
 
@@ -83,54 +89,110 @@ def test_trajectory_and_errors(model):
     x, traj = FastSampler(model, d).sample(2, 8, return_trajectory=True)
     assert traj.shape == (13, 2, 3, 8, 8)
     torch.testing.assert_close(traj[-1].clamp(-1, 1), x)
-    with pytest.raises(ValueError, match="--steps"):
-        FastSampler(model, d, method="ddpm", steps=5)
+    x, traj = FastSampler(model, d, method="heun", steps=3).sample(2, 8, return_trajectory=True)
+    assert traj.shape == (6, 2, 3, 8, 8)  # 2 * 3 - 1 evaluations
     with pytest.raises(ValueError, match="--method"):
-        FastSampler(model, d, method="euler")
+        FastSampler(model, d, method="lms")
+    with pytest.raises(ValueError, match="--steps"):
+        FastSampler(model, d, method="dpmpp_2m")
+    with pytest.raises(ValueError, match="start_t"):
+        FastSampler(model, d, method="unipc", steps=4).sample(2, 8, x_start=torch.randn(2, 3, 8, 8), start_t=5)
+    with pytest.raises(ValueError, match="start step"):
+        FastSampler(model, d, method="ddim", steps=4).sample(2, 8, start_t=12)
+    with pytest.raises(ValueError, match="x_T or x_start"):
+        FastSampler(model, d).sample(2, 8, x_T=torch.randn(2, 3, 8, 8), x_start=torch.randn(2, 3, 8, 8))
+    with pytest.raises(ValueError, match="plan"):
+        FastSampler(model, d, plan=ExecutionPlan(), backend="torch")
+
+
+def test_start_t_denoises_the_rest_of_the_chain(model):
+    """Denoising the chain's own sample at evaluation j from start_t = its step gives the chain's
+    result (DDIM eta=0 has no noise and no history); a start_t between grid steps starts at the next
+    grid step below it."""
+    d = GaussianDiffusion("linear", 50)
+    sampler = FastSampler(model, d, method="ddim", steps=6, spacing="trailing")
+    x_T = torch.randn(2, 3, 8, 8)
+    final, traj = sampler.sample(2, 8, x_T=x_T, return_trajectory=True)
+    j = 3
+    t_j = sampler.timesteps[j]
+    for start_t in (t_j, t_j + 1):
+        torch.testing.assert_close(sampler.sample(2, 8, x_start=traj[j], start_t=start_t), final)
+
+
+def test_plan_supplies_backend_dtype_and_matches_the_plain_options(model):
+    d = GaussianDiffusion("linear", 20)
+    x_T = torch.randn(2, 3, 8, 8)
+    plain = FastSampler(model, d, method="unipc", steps=5, backend="torch").sample(2, 8, x_T=x_T)
+    planned = FastSampler(model, d, method="unipc", steps=5, plan=ExecutionPlan.resolve("cpu", kernels="torch"))
+    torch.testing.assert_close(planned.sample(2, 8, x_T=x_T), plain)
+    assert planned.num_evaluations == 5
+    seen = []
+
+    def probe(x, t):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return torch.zeros_like(x)
+
+    bf16 = ExecutionPlan(autocast_dtype=torch.bfloat16)
+    FastSampler(probe, d, method="euler", steps=2, plan=bf16).sample(1, 4)
+    FastSampler(probe, d, method="euler", steps=2).sample(1, 4)
+    assert seen == [True, True, False, False]
 
 
 def test_cuda_graph_true_refuses_a_generator(model):
-    from ddpm_fast import FastSampler
     sampler = FastSampler(model, GaussianDiffusion("linear", 10), cuda_graph=True)
     with pytest.raises(ValueError, match="generator=None"):
         sampler.sample(2, 8, generator=torch.Generator())
 
 
 def _capture_on_cpu(calls):
-    """A stand-in for sampling.capture_step on the CPU: warms up like it, runs the step once as
-    the capture under NoHostSync (a capture forbids host reads), and replays by calling it."""
+    """A stand-in for graphs.capture on the CPU: warms up like it, runs the step once as the
+    capture under NoHostSync (a capture forbids host reads), and replays by calling it."""
     from conftest import NoHostSync
 
-    def capture(step, warmup, reset, device):
+    def capture(step, warmup, device, reset=None):
         calls.append(warmup)
         for _ in range(warmup):
             step()
         reset()
         with NoHostSync():
-            step()
+            out = step()
         reset()
-        return step
+        return step, out
     return capture
 
 
-@pytest.mark.parametrize("steps", [1, 7])
-def test_graphed_path_indexes_its_plan_on_the_device(model, monkeypatch, steps):
-    """The graph path's step reads its row from a device counter: replayed, it walks the plan as
-    the eager loop does (DDIM eta=0 is deterministic), makes no host read while captured, and
-    never warms up past the plan."""
-    from ddpm_fast import sampling
+@pytest.mark.parametrize("method, steps, kw", [("ddim", 1, {}), ("ddim", 7, {}), ("dpmpp_3m", 6, {}),
+                                               ("unipc", 5, {"order": 3, "spacing": "karras"}), ("heun", 4, {}),
+                                               ("euler", 1, {}), ("dpmpp_2m", 5, {"thresholding": True})])
+def test_graphed_path_indexes_its_plan_on_the_device(model, monkeypatch, method, steps, kw):
+    """The graph path's evaluation reads its row from a device counter: replayed, it walks the chain as
+    the eager loop does, makes no host read while captured, never warms up past the chain, and is
+    captured once per shape: a second call replays it, a new shape captures anew."""
     calls = []
-    monkeypatch.setattr(sampling, "capture_step", _capture_on_cpu(calls))
+    monkeypatch.setattr(graphs, "capture", _capture_on_cpu(calls))
     d = GaussianDiffusion("linear", 40)
-    x_T = torch.randn(3, 3, 8, 8)
-    eager = FastSampler(model, d, method="ddim", steps=steps, cuda_graph=False).sample(3, 8, x_start=x_T)
-    graphed = FastSampler(model, d, method="ddim", steps=steps, cuda_graph=True).sample(3, 8, x_start=x_T)
-    torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
-    assert calls == [min(2, steps)]
+    eager = FastSampler(model, d, method=method, steps=steps, cuda_graph=False, **kw)
+    graphed = FastSampler(model, d, method=method, steps=steps, cuda_graph=True, **kw)
+    for n in (3, 3, 2):
+        x_T = torch.randn(n, 3, 8, 8)
+        torch.testing.assert_close(graphed.sample(n, 8, x_T=x_T), eager.sample(n, 8, x_T=x_T), rtol=1e-5, atol=1e-5)
+    assert calls == [min(2, graphed.num_evaluations)] * 2
 
 
-def test_graphed_ddpm_step_draws_noise_without_host_reads(model, monkeypatch):
-    from ddpm_fast import sampling
-    monkeypatch.setattr(sampling, "capture_step", _capture_on_cpu([]))
-    out = FastSampler(model, GaussianDiffusion("linear", 5), cuda_graph=True, backend="torch").sample(2, 8)
+def test_graphed_ddpm_from_start_t_and_its_noise(model, monkeypatch):
+    """In-graph noise without host reads; a start_t chain replays from its own first evaluation."""
+    calls = []
+    monkeypatch.setattr(graphs, "capture", _capture_on_cpu(calls))
+    sampler = FastSampler(model, GaussianDiffusion("linear", 5), cuda_graph=True, backend="torch")
+    x = torch.randn(2, 3, 8, 8)
+    torch.manual_seed(3)
+    out = sampler.sample(2, 8, x_T=x)  # captures (its warm-up draws noise, then the RNG is put back)
+    torch.manual_seed(3)
+    again = sampler.sample(2, 8, x_T=x)  # replays
     assert out.shape == (2, 3, 8, 8) and torch.isfinite(out).all()
+    torch.testing.assert_close(again, out, rtol=0, atol=0)
+    ddim = FastSampler(model, GaussianDiffusion("linear", 30), method="ddim", steps=10, cuda_graph=True)
+    x = torch.randn(2, 3, 8, 8)
+    eager = FastSampler(model, GaussianDiffusion("linear", 30), method="ddim", steps=10, cuda_graph=False)
+    torch.testing.assert_close(ddim.sample(2, 8, x_start=x, start_t=8), eager.sample(2, 8, x_start=x, start_t=8))
+    assert calls == [2, 2]

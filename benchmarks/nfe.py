@@ -1,0 +1,183 @@
+"""python -m benchmarks.nfe --ckpt RUN: sample quality against model evaluations (NFE), every solver.
+
+Each solver samples the same x_T at each NFE of the grid; a grid point a solver cannot take is left
+out (Heun evaluates 2 steps - 1 times, so it takes odd NFEs; a spacing has at most so many distinct
+noise levels). Quality is KID, and FID from evaluation.FID_MIN_SAMPLES images on, against the test
+split's Inception features (metrics.reference_stats caches them beside the data). The yardstick is
+DDPM over every training step from two seeds: a solver "reaches DDPM" at the first NFE whose KID is
+no worse than the worse of the two seeds (within their spread).
+
+Writes nfe.json (after every run: a timeout keeps what finished), nfe.md (KID x 1e3, and FID, a row per
+solver, a column per NFE) and nfe.png (KID against NFE) to $OUT when set, else benchmarks/results/, and
+prints the first NFE at which each solver, and which solver first, reaches DDPM. A solver is
+METHOD[:SPACING[:ORDER]] (unipc's order). Inception costs ~0.3 s an image on a CPU core: cut the grid
+with --images, --solvers and --nfe.
+
+    python -m benchmarks.nfe --ckpt runs/anime64 --images 2048
+    python -m benchmarks.nfe --ckpt runs/anime64 --solvers dpmpp_2m:karras,unipc:trailing:3 --nfe 5,10,20
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from ddpm_fast import metrics
+from ddpm_fast.data import load_images
+from ddpm_fast.evaluation import FID_MIN_SAMPLES
+from ddpm_fast.plan import KERNELS, ExecutionPlan
+from ddpm_fast.sampling import METHODS, FastSampler
+from ddpm_fast.training.checkpoint import load_model
+
+from .common import write_result
+
+NFE_GRID = (5, 10, 15, 20, 25, 50, 100, 250, 1000)
+YARDSTICK_SEEDS = (0, 1)
+
+
+def parse_solver(spec: str) -> dict:
+    method, spacing, order = (spec.split(":") + [None, None])[:3]
+    return {"solver": spec, "method": method, "spacing": spacing or None, "order": int(order) if order else None}
+
+
+def steps_for(method: str, nfe: int) -> int | None:
+    """diffusers' num_inference_steps that makes `nfe` evaluations (None: none does)."""
+    if method != "heun":
+        return nfe
+    return (nfe + 1) // 2 if nfe % 2 else None
+
+
+def reaches(rows: list[dict]) -> dict:
+    """The yardstick (the worse KID of DDPM's seeds) and, per solver, the first NFE reaching it; `first`
+    the solver with the fewest evaluations there (then the lower KID)."""
+    ddpm = [r["kid"] for r in rows if r.get("yardstick")]
+    if len(ddpm) < len(YARDSTICK_SEEDS):
+        return {}
+    bar = max(ddpm)
+    firsts = {}
+    for r in sorted((r for r in rows if r["seed"] == 0 and "kid" in r), key=lambda r: r["nfe"]):
+        if r["kid"] <= bar and r["solver"] not in firsts:
+            firsts[r["solver"]] = {"nfe": r["nfe"], "kid": r["kid"]}
+    first = min(firsts.items(), key=lambda kv: (kv[1]["nfe"], kv[1]["kid"]), default=None)
+    return {"ddpm_kid": ddpm, "bar": bar, "spread": bar - min(ddpm), "first_nfe": firsts,
+            "first": {"solver": first[0], **first[1]} if first else None}
+
+
+def markdown(rows: list[dict], verdict: dict) -> str:
+    grid = sorted({r["nfe"] for r in rows if r["seed"] == 0})
+    solvers = list(dict.fromkeys(r["solver"] for r in rows if r["seed"] == 0))
+    out = []
+    for key, title, scale in (("kid", "KID x 1e3", 1e3), ("fid", "FID", 1.0)):
+        cells = {(r["solver"], r["nfe"]): f"{r[key] * scale:.2f}" for r in rows if r["seed"] == 0 and key in r}
+        if not cells:
+            continue
+        out += [f"{title} against NFE (test split; lower is better)", "",
+                "| solver | " + " | ".join(map(str, grid)) + " |", "|---" * (len(grid) + 1) + "|"]
+        out += ["| " + s + " | " + " | ".join(cells.get((s, n), "") for n in grid) + " |" for s in solvers]
+        out.append("")
+    if verdict:
+        ddpm = ", ".join(f"{k * 1e3:.2f}" for k in verdict["ddpm_kid"])
+        out.append(f"DDPM over every step, seeds {YARDSTICK_SEEDS}: KID x 1e3 {ddpm} "
+                   f"(spread {verdict['spread'] * 1e3:.2f}).")
+        first = verdict["first"]
+        out.append(f"First to reach it: {first['solver']} at NFE {first['nfe']}." if first else "No solver reaches it.")
+    return "\n".join(out) + "\n"
+
+
+def plot(rows: list[dict], verdict: dict, path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for solver in dict.fromkeys(r["solver"] for r in rows if r["seed"] == 0 and not r.get("yardstick")):
+        pts = sorted((r["nfe"], r["kid"]) for r in rows if r["solver"] == solver and r["seed"] == 0 and "kid" in r)
+        ax.plot(*zip(*pts), marker="o", label=solver)
+    if verdict:
+        ax.axhspan(min(verdict["ddpm_kid"]), verdict["bar"], color="grey", alpha=0.3, label="DDPM, 2 seeds")
+        ax.axhline(verdict["bar"], color="grey", lw=0.8)
+    ax.set(xscale="log", xlabel="model evaluations (NFE)", ylabel="KID (test split)", title="Quality against NFE")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.nfe", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="run folder or checkpoint file")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--images", type=int, default=1000, help="samples per (solver, NFE)")
+    p.add_argument("--solvers", default=",".join(METHODS), help="comma-separated METHOD[:SPACING[:ORDER]]")
+    p.add_argument("--nfe", default=",".join(map(str, NFE_GRID)), help="comma-separated NFEs")
+    p.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--data", help="image folder (default: the run's data)")
+    p.add_argument("--ref-images", type=int, default=10000, help="at most this many test images for the reference")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--fast", action="store_true", help="bf16 autocast and channels_last (CUDA graphs are on on a GPU)")
+    p.add_argument("--kernels", default="auto", choices=KERNELS)
+    args = p.parse_args(argv)
+
+    plan = ExecutionPlan.resolve(args.device, fast=args.fast, kernels=args.kernels)
+    plan = plan.with_(cuda_graphs=plan.device.type == "cuda")  # graphs change speed, not the samples
+    model, diffusion, cfg = load_model(args.ckpt, ema=args.ema, device=plan.device)
+    model = plan.prepare(model)
+    size, T = cfg["model"]["image_size"], diffusion.timesteps
+    data = args.data if args.data is not None else cfg.get("data")
+    ref = metrics.reference_stats(data, size, "test", load_images, limit=args.ref_images, device=plan.device)
+    x_T = {s: torch.randn(args.images, 3, size, size, generator=torch.Generator().manual_seed(s))
+           for s in YARDSTICK_SEEDS}
+    runs = [{"solver": "ddpm", "method": "ddpm", "spacing": None, "order": None, "nfe": T, "seed": s,
+             "yardstick": True} for s in YARDSTICK_SEEDS]
+    for spec in args.solvers.split(","):
+        for nfe in map(int, args.nfe.split(",")):
+            run = {**parse_solver(spec), "nfe": nfe, "seed": 0}
+            if not (run["method"] == "ddpm" and nfe == T and run["spacing"] is None):  # the yardstick's seed 0
+                runs.append(run)
+
+    rows: list[dict] = []
+    env = {"device": str(plan.device), "plan": plan.describe(), "checkpoint": str(args.ckpt), "images": args.images,
+           "ref_images": len(ref.features), "timesteps": T, "clip_x0": args.clip_x0}
+    path = write_result("nfe", {"env": env, "rows": rows})
+    for run in runs:
+        steps = steps_for(run["method"], run["nfe"])
+        try:
+            if steps is None:
+                raise ValueError(f"no step count gives {run['nfe']} evaluations")
+            sampler = FastSampler(model, diffusion, method=run["method"], steps=steps, spacing=run["spacing"],
+                                  order=run["order"], clip_x0=args.clip_x0, plan=plan)
+        except ValueError as e:
+            print(f"skip {run['solver']} at NFE {run['nfe']}: {e}")
+            continue
+        t0 = time.perf_counter()
+        torch.manual_seed(run["seed"])  # the chain's noise (graph replays draw from the default generator)
+        samples = torch.cat([sampler.sample(len(x), size, x_T=x).cpu()
+                             for x in x_T[run["seed"]].split(args.batch_size)])
+        feats = metrics.inception_features(samples, device=plan.device)
+        kid, kid_std = metrics.kid(ref.features, feats, subsets=100,
+                                   subset_size=min(1000, len(feats), len(ref.features)))
+        row = {**run, "steps": steps, "kid": kid, "kid_std": kid_std, "seconds": round(time.perf_counter() - t0, 1)}
+        if len(feats) >= FID_MIN_SAMPLES:
+            row["fid"] = metrics.fid_from_stats(ref.mu, ref.sigma, *metrics.mean_cov(feats))
+        rows.append(row)
+        print(f"{run['solver']:>22} NFE {run['nfe']:>4} seed {run['seed']}: KID {kid * 1e3:.2f}e-3"
+              + (f", FID {row['fid']:.2f}" if "fid" in row else ""))
+        path = write_result("nfe", {"env": env, "rows": rows, "reaches": reaches(rows)})
+
+    verdict = reaches(rows)
+    path.with_suffix(".md").write_text(markdown(rows, verdict))
+    plot(rows, verdict, path.with_suffix(".png"))
+    for solver, first in verdict.get("first_nfe", {}).items():
+        print(f"{solver} reaches DDPM-{T} at NFE {first['nfe']}")
+    first = verdict.get("first")
+    print(f"first to reach DDPM-{T} (KID <= {verdict['bar'] * 1e3:.2f}e-3): "
+          + (f"{first['solver']} at NFE {first['nfe']}" if first else "none") if verdict else "no yardstick")
+    print(f"wrote {path}, {path.with_suffix('.md')}, {path.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

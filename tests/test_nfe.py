@@ -1,0 +1,80 @@
+"""benchmarks.nfe on a tiny random checkpoint, 2 solvers x 2 NFE, with a cheap stand-in for the
+Inception features (a fixed random projection of the pixels): the runs, skips, KID wiring, the
+verdict and the three outputs."""
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from benchmarks import nfe
+from ddpm_fast import FastSampler, GaussianDiffusion, UNet, metrics
+from ddpm_fast.data import load_images
+from ddpm_fast.plan import ExecutionPlan
+from ddpm_fast.presets import preset_config
+
+W = torch.randn(3 * 8 * 8, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+
+def fake_features(images, batch_size=50, device=None):
+    return images.flatten(1).double() @ W
+
+
+@pytest.fixture
+def run(tmp_path, monkeypatch):
+    monkeypatch.setattr(metrics, "inception_features", fake_features)
+    monkeypatch.setenv("DDPM_FAST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    torch.manual_seed(0)
+    cfg = preset_config("tiny", image_size=8, ch_mult=(1, 2), attn_res=())
+    model = UNet(**cfg)
+    torch.save({"config": {"model": cfg, "schedule": "linear", "timesteps": 10, "data": None},
+                "model": model.state_dict(), "ema": None}, tmp_path / "checkpoint.pt")
+    return tmp_path, model.eval()
+
+
+def test_nfe_benchmark_on_a_tiny_checkpoint(run, capsys):
+    tmp_path, model = run
+    assert nfe.main(["--ckpt", str(tmp_path), "--images", "8", "--solvers", "ddim,heun", "--nfe", "4,5",
+                     "--ref-images", "20", "--batch-size", "4", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    out = tmp_path / "out"
+    report = json.loads((out / "nfe.json").read_text())
+    rows = report["rows"]
+    assert [(r["solver"], r["nfe"], r["seed"]) for r in rows] == [
+        ("ddpm", 10, 0), ("ddpm", 10, 1), ("ddim", 4, 0), ("ddim", 5, 0), ("heun", 5, 0)]
+    assert "skip heun at NFE 4" in printed and rows[-1]["steps"] == 3  # Heun: 2 * 3 - 1 evaluations
+    assert all("fid" not in r for r in rows)  # 8 images: KID only
+
+    # The ddim row's KID is that of its samples from the shared x_T (seed 0) against the test split.
+    x_T = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    sampler = FastSampler(model, GaussianDiffusion("linear", 10), method="ddim", steps=5, clip_x0=True,
+                          plan=ExecutionPlan.resolve("cpu"))
+    ref = fake_features(load_images(None, 8, split="test", limit=20)).numpy()
+    kid, _ = metrics.kid(ref, fake_features(sampler.sample(8, 8, x_T=x_T)), subsets=100, subset_size=8)
+    assert rows[3]["kid"] == pytest.approx(kid, rel=1e-6)
+    assert rows[0]["kid"] != rows[1]["kid"]  # two seeds, two x_T
+
+    verdict = report["reaches"]
+    assert verdict["bar"] == max(rows[0]["kid"], rows[1]["kid"])
+    assert f"first to reach DDPM-10 (KID <= {verdict['bar'] * 1e3:.2f}e-3)" in printed
+    table = (out / "nfe.md").read_text()
+    assert "| solver | 4 | 5 | 10 |" in table
+    assert f"| ddim | {rows[2]['kid'] * 1e3:.2f} | {rows[3]['kid'] * 1e3:.2f} |  |" in table
+    assert f"| heun |  | {rows[4]['kid'] * 1e3:.2f} |  |" in table
+    assert Image.open(out / "nfe.png").size[0] > 300
+
+
+def test_reaches_picks_the_first_nfe_within_the_seed_spread():
+    rows = [{"solver": "ddpm", "nfe": 1000, "seed": s, "kid": k, "yardstick": True}
+            for s, k in ((0, 0.010), (1, 0.012))]
+    rows += [{"solver": "a", "nfe": n, "seed": 0, "kid": k} for n, k in ((5, 0.05), (10, 0.0119), (20, 0.009))]
+    rows += [{"solver": "b", "nfe": n, "seed": 0, "kid": k} for n, k in ((5, 0.02), (10, 0.0118))]
+    rows += [{"solver": "c", "nfe": 5, "seed": 0, "kid": 0.013}]
+    v = nfe.reaches(rows)
+    assert v["bar"] == 0.012 and v["spread"] == pytest.approx(0.002)
+    assert v["first_nfe"] == {"a": {"nfe": 10, "kid": 0.0119}, "b": {"nfe": 10, "kid": 0.0118},
+                              "ddpm": {"nfe": 1000, "kid": 0.010}}
+    assert v["first"] == {"solver": "b", "nfe": 10, "kid": 0.0118}
+    assert nfe.reaches(rows[2:]) == {}
+    assert [nfe.steps_for("heun", n) for n in (4, 5, 1)] == [None, 3, 1] and nfe.steps_for("unipc", 7) == 7
