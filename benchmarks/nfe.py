@@ -26,7 +26,7 @@ import torch
 from ddpm_fast import metrics
 from ddpm_fast.data import load_images
 from ddpm_fast.evaluation import FID_MIN_SAMPLES
-from ddpm_fast.plan import KERNELS, ExecutionPlan
+from ddpm_fast.plan import KERNELS, ExecutionPlan, resolve_device
 from ddpm_fast.sampling import METHODS, FastSampler
 from ddpm_fast.training.checkpoint import load_model
 
@@ -121,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kernels", default="auto", choices=KERNELS)
     args = p.parse_args(argv)
 
-    plan = ExecutionPlan.resolve(args.device, fast=args.fast, kernels=args.kernels)
-    plan = plan.with_(cuda_graphs=plan.device.type == "cuda")  # graphs change speed, not the samples
+    device = resolve_device(args.device)  # graphs change speed, not the samples: on on a GPU
+    plan = ExecutionPlan.resolve(device, fast=args.fast, kernels=args.kernels, cuda_graphs=device.type == "cuda")
     model, diffusion, cfg = load_model(args.ckpt, ema=args.ema, device=plan.device)
     model = plan.prepare(model)
     size, T = cfg["model"]["image_size"], diffusion.timesteps

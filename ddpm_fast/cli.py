@@ -66,20 +66,28 @@ def plan_from_args(args: argparse.Namespace):
 
 
 def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", default="ddpm", choices=("ddpm", "ddim"), help="sampler")
-    p.add_argument("--steps", type=positive_int, help="sampler steps (default: all T)")
+    from .schedulers import METHODS, SPACINGS
+
+    p.add_argument("--method", default="ddpm", choices=METHODS, help="sampler (solver)")
+    p.add_argument("--steps", type=positive_int,
+                   help="diffusers' num_inference_steps (default: all T for ddpm and ddim; Heun: 2 evaluations a step)")
+    p.add_argument("--spacing", choices=SPACINGS, help="timestep spacing, diffusers' meanings (default: linspace)")
+    p.add_argument("--order", type=positive_int, help="solver order (dpmpp: 2 or 3; unipc: 2 or 3)")
     p.add_argument("--eta", type=finite_float, default=0.0, help="DDIM eta")
     p.add_argument("--variance", default="beta", choices=("beta", "posterior"),
                    help="DDPM reverse variance: beta_t or beta-tilde_t")
     p.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=True,
                    help="clamp the predicted x0 to [-1, 1] each step (--no-clip-x0: the plain update)")
+    p.add_argument("--thresholding", action="store_true", help="dynamic thresholding of x0 (Imagen's) instead")
+    p.add_argument("--cfg-scale", type=finite_float, default=1.0,
+                   help="classifier-free guidance scale w of a class-conditional model (1: no guidance)")
 
 
 def sampler_from_args(model, diffusion, args: argparse.Namespace, plan, **overrides):
     """The FastSampler the sampler flags describe, on `plan`."""
     from .sampling import FastSampler
 
-    kw = dict(method=args.method, steps=args.steps, eta=args.eta, variance=args.variance, clip_x0=args.clip_x0)
-    return FastSampler(model, diffusion, **(kw | overrides), dtype=plan.autocast_dtype,
-                       compile=plan.compile is not None, cuda_graph="auto" if plan.cuda_graphs else False,
-                       backend=plan.backends["sampling_update"])
+    kw = dict(method=args.method, steps=args.steps, spacing=args.spacing, order=args.order, eta=args.eta,
+              variance=args.variance, clip_x0=args.clip_x0 and not args.thresholding, thresholding=args.thresholding,
+              cfg_scale=args.cfg_scale)
+    return FastSampler(model, diffusion, **(kw | overrides), plan=plan)

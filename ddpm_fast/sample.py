@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights")
     p.add_argument("--n", type=positive_int, default=16, help="number of images")
     p.add_argument("--nrow", type=positive_int, help="images per grid row")
+    p.add_argument("--class", dest="classes", action="append", metavar="NAME",
+                   help="class to sample, of a class-conditional model (repeatable; all: --n of each class, "
+                        "a grid row per class)")
     add_sampler_arguments(p)
     p.add_argument("--seed", type=int, default=0)
     add_plan_arguments(p)
@@ -86,8 +89,8 @@ def _sample(args) -> None:
         noisy = diffusion.q_sample(x0, t, torch.randn(x0.shape, generator=gen, device=plan.device))
         rows = [x0, noisy]
         for variance in ("beta", "posterior"):
-            rows.append(make(variance=variance).sample(x0.shape[0], size, generator=gen, x_start=noisy,
-                                                       start_t=args.recover))
+            rows.append(make(method="ddpm", steps=None, spacing=None, order=None, variance=variance).sample(
+                x0.shape[0], size, generator=gen, x_start=noisy, start_t=args.recover))
         # Columns: original | noisy | variance beta | variance beta-tilde, one row per image.
         image_grid(torch.stack(rows, 1).flatten(0, 1), nrow=4).save(out)
     elif args.process or args.gif:
@@ -103,7 +106,10 @@ def _sample(args) -> None:
             strip = traj[idx].clamp(-1, 1).transpose(0, 1).flatten(0, 1)  # chain-major rows
             image_grid(strip, nrow=args.snapshots).save(out)
     else:
-        images = make().sample(args.n, size, generator=gen)
+        labels, nrow = class_labels(args.classes, cfg, args.n, args.ckpt)
+        n = args.n if labels is None else len(labels)
+        images = make().sample(n, size, generator=gen, classes=labels)
+        args.nrow = args.nrow or nrow
         if args.individual:
             from PIL import Image
 
@@ -113,6 +119,20 @@ def _sample(args) -> None:
         else:
             image_grid(images, nrow=args.nrow).save(out)
     print(f"wrote {out}")
+
+
+def class_labels(wanted: list[str] | None, cfg: dict, n: int, ckpt) -> tuple[list[int] | None, int | None]:
+    """(a label per image, images per grid row) for --class: n of each class named, in order."""
+    if not wanted:
+        return None, None
+    names = cfg.get("class_names")
+    if not names:
+        raise ValueError(f"--class: {ckpt} is an unconditional model (it was trained without --class-cond)")
+    wanted = list(names) if wanted == ["all"] else wanted
+    for w in wanted:
+        if w not in names:
+            raise ValueError(f"--class {w!r} is not a class of {ckpt}; its classes: {', '.join(names)} (or all)")
+    return [names.index(w) for w in wanted for _ in range(n)], n
 
 
 if __name__ == "__main__":

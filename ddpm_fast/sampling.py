@@ -30,8 +30,15 @@ def _model_device(model: Callable) -> torch.device:
 
 class FastSampler:
     """Images from a model `(x, t) -> out` (or a module whose output has `.sample`), where out is what
-    `prediction_type` names. `steps` is diffusers' num_inference_steps (None: all training steps, for
-    ddpm and ddim); `spacing` one of SPACINGS (default linspace); see schedulers.Scheduler for the rest.
+    `prediction_type` names (default: what the diffusion was trained for). `steps` is diffusers'
+    num_inference_steps (None: all training steps, for ddpm and ddim); `spacing` one of SPACINGS
+    (default linspace); see schedulers.Scheduler for the rest. The predicted x0 is clamped to
+    [-1, 1] each step (`clip_x0`, the one default of the library, the CLIs and the grids), as Ho et
+    al.'s sampler and diffusers' DDPM/DDIM do; clip_x0=False gives the plain update.
+
+    Class-conditional models `(x, t, y) -> out` sample the classes given to `sample(classes=...)`;
+    `cfg_scale` w is classifier-free guidance, out = u + w (c - u) from the conditional output c and
+    the null class's u, both from one batch of 2n (w = 1: the conditional output alone).
 
     `plan` (an ExecutionPlan) gives the device, autocast dtype, memory format, compile mode, CUDA
     graphs and the update's backend; without one they come from dtype/compile/cuda_graph/backend and
@@ -41,9 +48,10 @@ class FastSampler:
 
     def __init__(self, model: Callable, diffusion: GaussianDiffusion, *, method: str = "ddpm",
                  steps: int | None = None, spacing: str | None = None, eta: float = 0.0, variance: str = "beta",
-                 clip_x0: bool = False, thresholding: bool = False, order: int | None = None,
-                 prediction_type: str = "epsilon", dtype: torch.dtype | None = None, compile: bool = False,
-                 cuda_graph: str | bool = "auto", backend: str = "auto", plan: ExecutionPlan | None = None):
+                 clip_x0: bool = True, thresholding: bool = False, order: int | None = None,
+                 prediction_type: str | None = None, cfg_scale: float = 1.0, dtype: torch.dtype | None = None,
+                 compile: bool = False, cuda_graph: str | bool = "auto", backend: str = "auto",
+                 plan: ExecutionPlan | None = None):
         if cuda_graph not in ("auto", True, False):
             raise ValueError(f"cuda_graph must be 'auto', True or False, got {cuda_graph!r}")
         if plan is None:
@@ -54,11 +62,12 @@ class FastSampler:
                                  cuda_graphs=cuda_graph is True or (cuda_graph == "auto" and device.type == "cuda"))
         elif (dtype, compile, cuda_graph, backend) != (None, False, "auto", "auto"):
             raise ValueError("give a plan or dtype/compile/cuda_graph/backend, not both")
-        self.model, self.diffusion, self.method, self.plan = model, diffusion, method, plan
+        self.model, self.diffusion, self.method, self.plan, self.cfg_scale = model, diffusion, method, plan, cfg_scale
         self._refuse_generator = cuda_graph is True
         self._call = torch.compile(model, mode=plan.compile) if plan.compile else model
         self.scheduler = Scheduler(diffusion, method, spacing=spacing, order=order, eta=eta, variance=variance,
-                                   clip_x0=clip_x0, thresholding=thresholding, prediction_type=prediction_type,
+                                   clip_x0=clip_x0, thresholding=thresholding,
+                                   prediction_type=prediction_type or diffusion.prediction,
                                    backend=plan.backends["sampling_update"])
         self.scheduler.set_timesteps(steps, plan.device)
         self._graphs: dict = {}  # batch shape -> (static sample, replay)
@@ -73,10 +82,34 @@ class FastSampler:
         """Each evaluation's place on the training steps."""
         return self.scheduler.grid_t
 
-    def _model_out(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def _model_out(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         with self.plan.autocast():
-            out = self._call(x, t)
-        return out.sample if hasattr(out, "sample") else out
+            if y is None:
+                out = self._call(x, t)
+            elif self.cfg_scale == 1:
+                out = self._call(x, t, y)
+            else:  # conditional and null-class outputs in one batch of 2n
+                null = torch.full_like(y, self.model.num_classes)
+                out = self._call(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
+        out = out.sample if hasattr(out, "sample") else out
+        if y is not None and self.cfg_scale != 1:
+            cond, uncond = out.float().chunk(2)
+            out = uncond + self.cfg_scale * (cond - uncond)
+        return out
+
+    def _labels(self, classes, n: int) -> torch.Tensor | None:
+        """The class of each of n samples as a device tensor: one class for all, one each, or None."""
+        num = getattr(self.model, "num_classes", 0)
+        if classes is None:
+            if self.cfg_scale != 1:
+                raise ValueError("cfg_scale needs the classes to sample (classes=...)")
+            return None
+        if not num:
+            raise ValueError("classes given for an unconditional model: it was not trained with --class-cond")
+        y = torch.as_tensor(classes, dtype=torch.long, device=self.plan.device).reshape(-1).expand(n)
+        if y.min() < 0 or y.max() >= num:
+            raise ValueError(f"class labels must be in 0..{num - 1}, got {y.unique().tolist()}")
+        return y.contiguous()
 
     def _start(self, start_t: int | None) -> int:
         """The first evaluation of a chain that denoises from step start_t (None: the whole chain)."""
@@ -92,11 +125,11 @@ class FastSampler:
     @torch.no_grad()
     def sample(self, n: int, image_size: int, generator: torch.Generator | None = None,
                return_trajectory: bool = False, x_T: torch.Tensor | None = None,
-               x_start: torch.Tensor | None = None, start_t: int | None = None):
+               x_start: torch.Tensor | None = None, start_t: int | None = None, classes=None):
         """n images (n, 3, S, S) in [-1, 1] (clamped); with return_trajectory also the chain
         (evaluations + 1, n, 3, S, S) on the CPU. x_T: the starting noise (so that solvers compare
         image by image). x_start/start_t: denoise a given x_t from step start_t (ddpm, ddim); x_start
-        without start_t is x_T."""
+        without start_t is x_T. classes: a class index for all n samples, or one per sample."""
         if x_T is not None and x_start is not None:
             raise ValueError("give x_T or x_start, not both")
         start = self._start(start_t)
@@ -105,6 +138,7 @@ class FastSampler:
         if x is None:
             x = torch.randn((n, 3, image_size, image_size), generator=generator, device=device)
         x = x.to(device=device, dtype=torch.float32).contiguous(memory_format=self.plan.memory_format)
+        y = self._labels(classes, x.shape[0])
         if self._refuse_generator and generator is not None:
             raise ValueError("cuda_graph=True draws its noise from the default CUDA generator: pass "
                              "generator=None (seed with torch.cuda.manual_seed) or use cuda_graph='auto'")
@@ -113,12 +147,12 @@ class FastSampler:
             self.model.eval()
         try:
             if self.plan.cuda_graphs and generator is None and not return_trajectory:
-                return self._run_graphed(x, start).clamp(-1, 1)
+                return self._run_graphed(x, y, start).clamp(-1, 1)
             sched = self.scheduler
             sched.begin(x, start)
             traj = [x.cpu()] if return_trajectory else None
             for _ in range(start, self.num_evaluations):
-                x = sched.step(self._model_out(x, sched.model_time(x.shape[0])), x, generator=generator)
+                x = sched.step(self._model_out(x, sched.model_time(x.shape[0]), y), x, generator=generator)
                 if traj is not None:
                     traj.append(x.cpu())
             out = x.clamp(-1, 1)
@@ -127,17 +161,19 @@ class FastSampler:
             if was_training:
                 self.model.train()
 
-    def _run_graphed(self, x: torch.Tensor, start: int) -> torch.Tensor:
+    def _run_graphed(self, x: torch.Tensor, y: torch.Tensor | None, start: int) -> torch.Tensor:
         """Replay the captured evaluation from evaluation `start` to the end of the chain; capture it
-        first if this batch shape has no graph yet."""
+        first if this batch shape (and conditioning) has no graph yet."""
         sched, remaining = self.scheduler, self.num_evaluations - start
         if remaining == 0:
             return x
-        if x.shape not in self._graphs:
-            static = x.clone()
+        key = (x.shape, y is not None)
+        if key not in self._graphs:
+            static, static_y = x.clone(), None if y is None else y.clone()
 
             def step():
-                static.copy_(sched.step(self._model_out(static, sched.model_time(static.shape[0])), static))
+                out = self._model_out(static, sched.model_time(static.shape[0]), static_y)
+                static.copy_(sched.step(out, static))
 
             def reset():
                 sched.begin(static, start)
@@ -148,9 +184,11 @@ class FastSampler:
             device = self.plan.device
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 replay, _ = graphs.capture(step, min(2, remaining), device, reset)
-            self._graphs[x.shape] = (static, replay)
-        static, replay = self._graphs[x.shape]
+            self._graphs[key] = (static, static_y, replay)
+        static, static_y, replay = self._graphs[key]
         static.copy_(x)
+        if y is not None:
+            static_y.copy_(y)
         sched.begin(static, start)
         for _ in range(remaining):
             replay()
@@ -158,6 +196,8 @@ class FastSampler:
 
 
 def sample(model: Callable, diffusion: GaussianDiffusion, n: int, image_size: int, method: str = "ddpm", *,
-           generator: torch.Generator | None = None, x_T: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-    """n images in [-1, 1] (a thin call of FastSampler; kwargs are its options)."""
-    return FastSampler(model, diffusion, method=method, **kwargs).sample(n, image_size, generator=generator, x_T=x_T)
+           generator: torch.Generator | None = None, x_T: torch.Tensor | None = None, classes=None,
+           **kwargs) -> torch.Tensor:
+    """n images in [-1, 1] (a thin call of FastSampler; kwargs are its options, cfg_scale among them)."""
+    return FastSampler(model, diffusion, method=method, **kwargs).sample(n, image_size, generator=generator, x_T=x_T,
+                                                                         classes=classes)
