@@ -75,15 +75,16 @@ def load_spec(path: str | Path) -> Plan:
         if bad:
             raise ValueError(f"ablation spec {path}: [{where}] sets {sorted(bad)}, which are not train flags")
     configs: dict[str, dict] = {"base": {}}
+    base = spec.get("base", {})
     for values in itertools.product(*grid.values()):
         change = dict(zip(grid, values))
-        if change:
+        if change and any(base.get(k, getattr(TrainConfig, k)) != v for k, v in change.items()):  # not the base again
             configs["-".join(f"{k}={_text(v)}" for k, v in change.items())] = change
     configs.update(variants)
     return Plan(out=Path(spec.get("out", "runs/ablation")), steps=int(spec.get("steps", 1000)),
                 eval_every=int(spec.get("eval_every", 250)), eval_samples=int(spec.get("eval_samples", 128)),
                 seeds=[int(s) for s in spec.get("seeds", [0, 1])], sampler=spec.get("sampler", {}),
-                configs=configs, base=spec.get("base", {}))
+                configs=configs, base=base)
 
 
 def _text(v) -> str:

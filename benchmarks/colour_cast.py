@@ -1,0 +1,166 @@
+"""python -m benchmarks.colour_cast: on a folder of greyscale images (R = G = B), how far from grey
+are a short run's samples, and which training choice makes the difference?
+
+The data is the embedded set made grey, written once as PNGs. Every run trains the tiny preset
+for --steps at --batch-size from one seed and draws --samples DDIM-50 samples from its EMA model;
+the figure is the mean over samples and pixels of |channel - grey| in 0..255 units (grey = the
+mean of the three channels). The runs:
+
+- `diffusers`: a plain diffusers loop, as its train_unconditional example: UNet2DModel in the
+  same layout (interop.to_diffusers of a fresh tiny UNet: the same parameter count), AdamW
+  (betas 0.95, 0.999, weight decay 1e-6), cosine lr after a linear warm-up, EMA with power-3/4
+  warm-up, gradient clipping at 1, DDPMScheduler's add_noise and the eps MSE; sampled with
+  DDIMPipeline (50 steps, clip_sample);
+- `ddpm-fast`: the trainer's defaults; then one change at a time from them (--changes): the
+  optimizer, its betas, the lr schedule, the EMA, the loss weighting, the loader.
+
+Writes colour_cast.json and .md to $OUT when set, else benchmarks/results/."""
+from __future__ import annotations
+
+import argparse
+import copy
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ddpm_fast.data.embedded import embedded_images
+
+from .common import write_result
+
+# One change from the trainer's defaults each, as TrainConfig fields.
+CHANGES = {
+    "adamw": dict(optimizer="adamw", adam_beta1=0.95, weight_decay=1e-6),
+    "beta1_0.95": dict(adam_beta1=0.95),
+    "cosine_lr_warmup_500": dict(lr_schedule="cosine", warmup=500),
+    "no_ema": dict(ema_decay=0.0),
+    "no_grad_clip": dict(grad_clip=0.0),
+    "min_snr": dict(loss_weight="min_snr"),
+    "no_flip": dict(flip=False),
+}
+
+
+def grey_folder(root: Path, size: int = 32) -> Path:
+    done = root / "COMPLETE"
+    if not done.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        grey = embedded_images(4096, size).float().mean(-1).round().byte().numpy()
+        for i, g in enumerate(grey):
+            Image.fromarray(g, mode="L").save(root / f"{i:05d}.png")
+        done.write_text("4096")
+    return root
+
+
+def colour_cast(images: torch.Tensor) -> float:
+    """Mean |channel - grey| in 0..255 units of (N, 3, H, W) images in [-1, 1]."""
+    x = (images.clamp(-1, 1) + 1) * 127.5
+    return float((x - x.mean(1, keepdim=True)).abs().mean())
+
+
+def sample_ddim50(model, diffusion, n: int, size: int, seed: int) -> torch.Tensor:
+    from ddpm_fast import FastSampler
+
+    gen = torch.Generator().manual_seed(seed)
+    return FastSampler(model, diffusion, method="ddim", steps=50, spacing="leading").sample(n, size, generator=gen)
+
+
+def run_ours(data: Path, args, changes: dict) -> float:
+    from ddpm_fast.training.config import TrainConfig
+    from ddpm_fast.training.loop import fit
+    from ddpm_fast.training.run import build_run
+
+    with tempfile.TemporaryDirectory() as out:
+        cfg = TrainConfig(data=str(data), preset="tiny", batch_size=args.batch_size, steps=args.steps, lr=args.lr,
+                          seed=args.seed, out=out, workers=0, sample_every=10**9, save_every=10**9, **changes)
+        run = build_run(cfg)
+        fit(run)
+        return colour_cast(sample_ddim50(run.ema.model, run.diffusion, args.samples, 32, args.seed))
+
+
+def run_diffusers(data: Path, args) -> float:
+    """The plain diffusers loop (the module docstring)."""
+    from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+    from diffusers.training_utils import EMAModel
+
+    from ddpm_fast import GaussianDiffusion, UNet
+    from ddpm_fast.data import build_loader
+    from ddpm_fast.interop import to_diffusers
+
+    torch.manual_seed(args.seed)
+    # A freshly initialised model (PyTorch's default init, which UNet2DModel's layers use too).
+    unet, _ = to_diffusers(UNet.from_preset("tiny"), GaussianDiffusion())
+    sched = DDPMScheduler(num_train_timesteps=1000)
+    opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
+    lr_sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=min(500, args.steps // 2),
+                                               num_training_steps=args.steps)
+    ema = EMAModel(unet.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4)
+    loader = build_loader(str(data), 32, args.batch_size, seed=args.seed, num_workers=0)
+    step, epoch = 0, 0
+    while step < args.steps:
+        loader.set_epoch(epoch)
+        for x0 in loader:
+            noise = torch.randn_like(x0)
+            t = torch.randint(0, 1000, (x0.shape[0],))
+            loss = F.mse_loss(unet(sched.add_noise(x0, noise, t), t).sample, noise)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+            opt.step()
+            lr_sched.step()
+            ema.step(unet.parameters())
+            step += 1
+            if step == args.steps:
+                break
+        epoch += 1
+    ema_unet = copy.deepcopy(unet)
+    ema.copy_to(ema_unet.parameters())
+    pipe = DDIMPipeline(unet=ema_unet, scheduler=DDIMScheduler.from_config(sched.config))
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(batch_size=args.samples, num_inference_steps=50, generator=torch.Generator().manual_seed(args.seed),
+               output_type="np").images
+    return colour_cast(torch.from_numpy(np.asarray(out)).permute(0, 3, 1, 2) * 2 - 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.colour_cast", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=1100)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--samples", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--changes", default=",".join(CHANGES), help=f"of {', '.join(CHANGES)}")
+    p.add_argument("--no-diffusers", action="store_true", help="skip the diffusers loop")
+    p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "ddpm_fast_grey")
+    args = p.parse_args(argv)
+    data = grey_folder(args.workdir)
+    rows = []
+
+    def record(name: str, fn) -> None:
+        t0 = time.perf_counter()
+        cast = fn()
+        rows.append({"run": name, "colour_cast": round(cast, 2), "s": round(time.perf_counter() - t0, 1)})
+        print(f"{name:24} mean |channel - grey| {cast:6.2f} / 255", flush=True)
+        write_result("colour_cast", {"env": vars(args) | {"workdir": str(args.workdir)}, "runs": rows})
+
+    if not args.no_diffusers:
+        record("diffusers", lambda: run_diffusers(data, args))
+    record("ddpm-fast", lambda: run_ours(data, args, {}))
+    for name in (c for c in args.changes.split(",") if c):
+        record(f"ddpm-fast + {name}", lambda: run_ours(data, args, CHANGES[name]))
+    lines = ["| run | mean abs(channel - grey), 0..255 |", "|---|---|"] + [
+        f"| {r['run']} | {r['colour_cast']:.2f} |" for r in rows]
+    path = write_result("colour_cast", {"env": vars(args) | {"workdir": str(args.workdir)}, "runs": rows})
+    path.with_suffix(".md").write_text(
+        f"{args.steps} steps at batch {args.batch_size}, lr {args.lr}, seed {args.seed}; {args.samples} DDIM-50 "
+        "samples of the EMA model.\n\n" + "\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
