@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import traceback
 from typing import Callable
 
 
@@ -35,16 +36,30 @@ def finite_float(text: str) -> float:
     return v
 
 
-def run(prog: str, body: Callable[[], object]) -> int:
-    """Run a CLI body; user errors become `prog: error: ...` and exit status 2."""
+def add_debug_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", help="on an error, show its traceback too")
+
+
+def run(prog: str, body: Callable[[], object], debug: bool = False) -> int:
+    """Run a CLI body; expected failures (bad input, a file system's refusal: a full disk, a
+    read-only folder) become one line, `prog: error: ...`, and exit status 2; with `debug`
+    the traceback follows."""
     try:
         body()
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, ImportError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+    except (ValueError, OSError, ImportError) as e:
+        print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
+        if debug:
+            traceback.print_exc()
         return 2
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:  # not "[Errno 28] ...": the reason and the file
+        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 # The flags sample and evaluate share, written once: how to compute (the execution plan) and how

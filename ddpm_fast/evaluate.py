@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
+import math
 
-from .cli import add_plan_arguments, add_sampler_arguments, plan_from_args, positive_int, run, sampler_from_args
+from .cli import (add_debug_argument, add_plan_arguments, add_sampler_arguments, plan_from_args, positive_int, run,
+                  sampler_from_args)
+from .files import atomic_write
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,13 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampler_arguments(p)
     p.add_argument("--seed", type=int, default=0)
     add_plan_arguments(p)
+    add_debug_argument(p)
     p.add_argument("--json", help="also write the results here")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run("ddpm_fast.evaluate", lambda: _evaluate(args))
+    return run("ddpm_fast.evaluate", lambda: _evaluate(args), debug=args.debug)
 
 
 def _evaluate(args) -> dict:
@@ -55,6 +58,7 @@ def _evaluate(args) -> dict:
     images = load_images(data, size, split=args.split, limit=args.images)
     result = {"checkpoint": str(args.ckpt), "ema": args.ema, "split": args.split, "images": len(images),
               "eps_mse": heldout_mse(model, diffusion, images, args.batch_size, args.mse_draws, args.seed)}
+    result["bits_per_dim"] = None  # null in the JSON when not computed
     if args.bpd_images > 0 and diffusion.schedule != "continuous":
         result["bits_per_dim"] = bits_per_dim(model, diffusion, images[: args.bpd_images], args.batch_size,
                                               args.bpd_t, seed=args.seed)
@@ -65,11 +69,21 @@ def _evaluate(args) -> dict:
         result.update(sample_quality(sampler, data, size, plan.device, fid_n=args.fid, kid_n=args.kid,
                                      seed=args.seed, splits=tuple(s for s in args.splits.split(",") if s),
                                      ref_limit=args.ref_images))
-    text = json.dumps(result, indent=2)
+    text = json.dumps(finite_or_null(result), indent=2, allow_nan=False)
     print(text)
     if args.json:
-        Path(args.json).write_text(text + "\n")
+        atomic_write(args.json, text + "\n")
     return result
+
+
+def finite_or_null(value):
+    """`value` with every non-finite float None: JSON has no NaN or Infinity (json.dumps would
+    write them, and a strict reader then rejects the whole file)."""
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 if __name__ == "__main__":

@@ -26,9 +26,20 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.strerror:  # a full disk, a read-only folder: name the file meant
+            raise OSError(e.errno, f"could not write {path}: {e.strerror} ({path.name} is as it was)") from e
         raise
+
+
+def remove_stale_tmp(folder: Path) -> list[Path]:
+    """Remove the temporary files of writes that a kill cut short in `folder` (atomic_path's
+    own cleanup never ran); only while no one else writes there. Returns what it removed."""
+    stale = sorted(folder.glob(f"*.*{TMP_SUFFIX}"))
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:

@@ -14,7 +14,8 @@ import sys
 import types
 from pathlib import Path
 
-from .cli import add_plan_arguments, add_sampler_arguments, plan_from_args, positive_int, run, sampler_from_args
+from .cli import (add_debug_argument, add_plan_arguments, add_sampler_arguments, plan_from_args, positive_int, run,
+                  sampler_from_args)
 
 
 class _CallableModule(types.ModuleType):
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampler_arguments(p)
     p.add_argument("--seed", type=int, default=0)
     add_plan_arguments(p)
+    add_debug_argument(p)
     p.add_argument("--out", default="samples.png", help="output PNG/GIF, or a folder with --individual")
     p.add_argument("--individual", action="store_true", help="one PNG per image into the folder --out")
     p.add_argument("--process", type=positive_int, metavar="K", help="K chains x --snapshots snapshots")
@@ -57,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run("ddpm_fast.sample", lambda: _sample(args))
+    return run("ddpm_fast.sample", lambda: _sample(args), debug=args.debug)
 
 
 def _sample(args) -> None:

@@ -3,6 +3,7 @@
     python -m ddpm_fast.train                                   # tiny model, embedded data, CPU-friendly
     python -m ddpm_fast.train --data ~/anime --preset anime64 --epochs 100 --out runs/anime
     python -m ddpm_fast.train --resume runs/anime                # continue exactly where it stopped
+    python -m ddpm_fast.train --resume runs/anime --lr 1e-4      # the same run, from here at another lr
 
 Several GPUs (data-parallel, one process per GPU; --batch-size is the global batch):
     torchrun --nproc_per_node 8 -m ddpm_fast.train --data ~/anime --preset anime64 --batch-size 1024
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 
-from .cli import run
+from .cli import add_debug_argument, run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ddpm_fast.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     TrainConfig.add_arguments(p)
+    add_debug_argument(p)
     return p
 
 
@@ -36,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
         train(TrainConfig.from_args(args))
 
-    return run("ddpm_fast.train", body)
+    return run("ddpm_fast.train", body, debug=args.debug)
 
 
 if __name__ == "__main__":

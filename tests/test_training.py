@@ -241,5 +241,8 @@ def test_checkpoint_moves_between_reference_and_fast_paths(tmp_path):
     assert train_cli.main(SMALL + ["--steps", "2", "--out", str(out)]) == 0
     assert train_cli.main(SMALL + ["--steps", "4", "--fast", "--compile", "none", "--out", str(out),
                                    "--resume"]) == 0
-    assert train_cli.main(SMALL + ["--steps", "6", "--out", str(out), "--resume"]) == 0
-    assert isinstance(ckpt_mod.load_checkpoint(out)["optimizer"]["param_groups"][0]["lr"], float)
+    # A resume keeps the run's --fast unless told otherwise: back to the reference path.
+    assert train_cli.main(SMALL + ["--steps", "6", "--out", str(out), "--resume", "--no-fast"]) == 0
+    ck = ckpt_mod.load_checkpoint(out)
+    assert ck["config"]["fast"] is False
+    assert isinstance(ck["optimizer"]["param_groups"][0]["lr"], float)

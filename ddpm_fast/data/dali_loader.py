@@ -9,6 +9,8 @@ rank's shard is already cut by the plan, so the reader itself runs with one shar
 pipeline takes well under a second, against an epoch of tens of seconds.
 
 Only files that passed validation reach DALI: a bad file would stop its pipeline mid-epoch.
+Should one still fail to decode, the loader finds which (one file at a time, on the batches in
+flight) and names it in a ValueError.
 """
 from __future__ import annotations
 
@@ -54,7 +56,7 @@ class DaliLoader(EpochLoader):
         self.image_size = image_size
         self.threads = num_workers or default_workers(self.device)
 
-    def _pipeline(self, files: list[str], flips: list[int]):
+    def _pipeline(self, files: list[str], flips: list[int], batch_size: int | None = None):
         fn, types = self._fn, self._types
         on_gpu = self.device.type == "cuda"
         size = self.image_size
@@ -74,7 +76,7 @@ class DaliLoader(EpochLoader):
                 std=[127.5] * 3, dtype=types.FLOAT, output_layout="HWC")
 
         device_id = (self.device.index or 0) if on_gpu else None
-        pipeline = pipe(batch_size=self.batch_size, num_threads=self.threads,
+        pipeline = pipe(batch_size=batch_size or self.batch_size, num_threads=self.threads,
                         device_id=device_id, seed=self.seed)
         pipeline.build()
         return pipeline
@@ -84,16 +86,33 @@ class DaliLoader(EpochLoader):
         idx, flips = plan.indices[first:], plan.flips[first:]
         if len(idx) == 0:
             return
-        pipeline = self._pipeline([self.files[i] for i in idx.tolist()],
-                                  flips.astype(int).tolist())
-        batches = self._iterator(pipeline, ["images"], reader_name="reader",
-                                 last_batch_policy=self._last_batch.PARTIAL, auto_reset=False)
+        files = [self.files[i] for i in idx.tolist()]
+        pipeline = batches = None
+        done = 0
         try:
+            pipeline = self._pipeline(files, flips.astype(int).tolist())
+            batches = self._iterator(pipeline, ["images"], reader_name="reader",  # decodes its first batches
+                                     last_batch_policy=self._last_batch.PARTIAL, auto_reset=False)
             for out in batches:
                 x = out[0]["images"].permute(0, 3, 1, 2)  # NHWC storage: channels_last strides
+                done += 1
                 if self.device.type == "cpu":
                     yield x.contiguous()
                 else:
                     yield x.to(self.device).contiguous(memory_format=torch.channels_last)
+        except RuntimeError as e:  # DALI's error names no file: find it among the batches in flight
+            size = plan.batch_size
+            bad = next((f for f in files[done * size:(done + 3) * size] if not self._decodes(f)), None)
+            if bad is None:
+                raise
+            raise ValueError(f"DALI could not decode {bad}, which PIL reads: remove it, or use "
+                             f"--loader torch") from e
         finally:
             del batches, pipeline
+
+    def _decodes(self, file: str) -> bool:
+        try:
+            self._pipeline([file], [0], batch_size=1).run()
+        except RuntimeError:
+            return False
+        return True

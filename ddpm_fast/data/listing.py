@@ -20,6 +20,13 @@ from PIL import Image
 from ..files import atomic_write
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
+# What a file is, by its magic bytes (PIL's format), not its name: the formats every loader
+# decodes (DALI's decoder, too, detects the format from the content). MPO is a camera JPEG with
+# extra frames, a plain JPEG to every decoder. A GIF or TIFF renamed .png is skipped here rather
+# than stopping a DALI pipeline mid-epoch.
+DECODABLE_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP"})
+# Bumped when check_image's verdicts change, so records of older checks are not trusted.
+CHECK_VERSION = 2
 # Larger images are skipped: decoding one would take seconds and gigabytes (PIL's own
 # decompression-bomb limit is about 179M pixels; anything near it is not a training image).
 MAX_PIXELS = 8192 * 8192
@@ -97,6 +104,9 @@ def check_image(path: Path, max_pixels: int = MAX_PIXELS) -> str | None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as im:
+                if im.format not in DECODABLE_FORMATS:
+                    return (f"{im.format} data in a {path.suffix} file (the loaders decode "
+                            f"{', '.join(sorted(DECODABLE_FORMATS - {'MPO'}))})")
                 w, h = im.size
                 if w * h > max_pixels:
                     return f"too large ({w}x{h} pixels, limit {max_pixels})"
@@ -143,7 +153,7 @@ def validate_images(
     files = list_images(root)
     fp = fingerprint(root, files)
     sdir = state_dir(root)
-    record = sdir / f"validated-{max_pixels}.json"
+    record = sdir / f"validated-v{CHECK_VERSION}-{max_pixels}.json"
     skipped: list[tuple[Path, str]] | None = None
     try:
         saved = json.loads(record.read_text())

@@ -1,5 +1,7 @@
-"""Checkpoints: written atomically (files.atomic_path: a kill never leaves a torn file), loaded
-without executing pickled code (weights_only=True), and portable across the reference and fast paths, compiled (`_orig_mod.`) and DDP (`module.`) models, GPU and CPU."""
+"""Checkpoints: written atomically (files.atomic_path: a kill or a full disk never leaves a torn
+file), loaded without executing pickled code (weights_only=True), refused with a one-line
+ValueError naming the file when torn, foreign or holding non-finite weights, and portable across
+the reference and fast paths, compiled (`_orig_mod.`) and DDP (`module.`) models, GPU and CPU."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,8 +15,16 @@ _PREFIXES = ("_orig_mod.", "module.")
 
 
 def save_checkpoint(obj: dict, path: str | Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    # Through a Python file, unbuffered: a failed write (a full disk) then surfaces as its OSError
+    # (ENOSPC), where torch.save to a path reports only "file write failed".
+    with atomic_path(path) as tmp, open(tmp, "wb", buffering=0) as f:
+        torch.save(obj, f)
+
+
+def all_finite(tensors) -> bool:
+    """Whether every element of `tensors` is finite (one host read)."""
+    flags = [torch.isfinite(t).all() for t in tensors if t.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 def clean_state_dict(state: dict) -> dict:
@@ -41,15 +51,34 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return p
 
 
+def _read(p: Path, map_location, mmap: bool = False) -> dict:
+    """torch.load, with a one-line error naming the file when it is not a whole checkpoint."""
+    if p.stat().st_size == 0:
+        raise ValueError(f"checkpoint {p} is an empty file (a write cut short?)")
+    try:
+        ckpt = torch.load(p, map_location=map_location, weights_only=True, mmap=mmap)
+    except Exception as e:  # a torn or foreign file: say which, on one line
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"could not read checkpoint {p} (truncated, or not a checkpoint): {first}") from e
+    if not isinstance(ckpt, dict) or not {"model", "config"} <= ckpt.keys():
+        raise ValueError(f"{p} is not a ddpm-fast checkpoint (no model and config in it)")
+    return ckpt
+
+
+def checkpoint_config(path: str | Path) -> dict:
+    """The config a checkpoint was trained with, without reading its weights (memory-mapped)."""
+    return _read(resolve_checkpoint(path), "cpu", mmap=True)["config"]
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     p = resolve_checkpoint(path)
-    try:
-        ckpt = torch.load(p, map_location=map_location, weights_only=True)
-    except Exception as e:  # a torn or foreign file: say which
-        raise RuntimeError(f"could not read checkpoint {p}: {e}") from e
+    ckpt = _read(p, map_location)
     for key in ("model", "ema"):
         if key in ckpt and ckpt[key] is not None:
             ckpt[key] = clean_state_dict(ckpt[key])
+            if not all_finite(ckpt[key].values()):
+                raise ValueError(f"checkpoint {p} holds non-finite {key} weights (the run diverged before "
+                                 f"it was saved): use an earlier checkpoint, and train with a lower --lr")
     return ckpt
 
 

@@ -2,12 +2,17 @@
 and its flag. The train CLI's flags are generated from this dataclass; checkpoints store it.
 
 A field whose default is None takes the preset's value: the model fields from presets.py, and
-batch size, epochs, lr and warm-up from TRAIN_DEFAULTS."""
+batch size, epochs, lr and warm-up from TRAIN_DEFAULTS.
+
+A resumed run is the same run: `resumed` takes every setting from the checkpoint's config, and
+of the flags given explicitly (`explicit`: the CLI knows which were typed) only those in
+RESUME_MAY_CHANGE may differ; any other that differs is an error naming both values."""
 from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, InitVar, asdict, dataclass, field, fields
+from pathlib import Path
 
 from ..cli import finite_float, int_tuple, positive_int
 from ..presets import MODEL_FIELDS, PRESETS, preset_config
@@ -19,6 +24,16 @@ TRAIN_DEFAULTS: dict[str, dict] = {
     "anime64": dict(batch_size=128, epochs=100, lr=2e-4, warmup=1000),
 }
 GENERIC_DEFAULTS = dict(batch_size=64, epochs=100, lr=2e-4, warmup=1000)
+# What a resume may change: how fast and how long it trains from here, what it logs, and where
+# and how it computes. Everything else (the model, preset, diffusion schedule and T, the data and
+# the seed of its order) defines the run: a checkpoint continued under other values would be a
+# different run wearing this one's name. The EMA decay and gradient clipping may change: like the
+# lr they only shape the steps still to come, and a lower lr with tighter clipping is what a run
+# that stopped diverging is resumed with.
+RESUME_MAY_CHANGE = frozenset({
+    "lr", "lr_schedule", "warmup", "ema_decay", "grad_clip", "max_skips", "steps", "epochs", "batch_size",
+    "save_every", "sample_every", "log_every", "sample_n", "sample_method", "sample_steps", "sample_clip_x0",
+    "eval_every", "eval_samples", "kernels", "fast", "compile", "workers", "loader", "device"})
 
 
 def flag(default, help: str, group: str = "run", **argparse_kw):
@@ -52,6 +67,8 @@ class TrainConfig:
     ema_decay: float = flag(0.9999, "EMA decay (warmed up as min(decay, (1+n)/(10+n)))", "optimisation",
                             type=finite_float)
     grad_clip: float = flag(1.0, "max gradient norm (0: off)", "optimisation", type=finite_float)
+    max_skips: int = flag(20, "stop after this many consecutive steps skipped for a non-finite loss or gradient "
+                              "(checked at each --log-every)", "optimisation", type=positive_int)
     seed: int = flag(0, "seed of the weights, the noise and the data order", "optimisation", type=int)
     # diffusion
     schedule: str = flag("linear", "noise schedule", "diffusion", choices=("linear", "cosine", "continuous"))
@@ -77,7 +94,9 @@ class TrainConfig:
     compile: str = flag("default", "torch.compile mode of --fast (default, max-autotune-no-cudagraphs, ...) "
                                    "or none", metavar="MODE")
     out: str = flag("runs/default", "run folder")
-    resume: str | None = flag(None, "continue the run in RUN (a run folder or checkpoint; default: --out)",
+    resume: str | None = flag(None, "continue the run in RUN (a run folder or checkpoint; default: --out) with "
+                                    "its own settings; flags may change its lr, length, intervals and how it "
+                                    "computes, not its model, schedule, data or seed",
                               nargs="?", const="", metavar="RUN")
     save_every: int = flag(1000, "steps between checkpoints", type=positive_int)
     sample_every: int = flag(500, "steps between sample grids", type=positive_int)
@@ -88,13 +107,20 @@ class TrainConfig:
     sample_clip_x0: bool = flag(True, "clamp the predicted x0 to [-1, 1] in the grids and --eval-every")
     eval_every: int = flag(0, "steps between KID/FID evaluations (0: off)", type=int)
     eval_samples: int = flag(256, "samples of each KID/FID evaluation", type=positive_int)
+    # The fields given explicitly (the CLI's typed flags); None: those that differ from their default.
+    explicit: InitVar[frozenset | None] = None
 
-    def __post_init__(self):
+    def __post_init__(self, explicit: frozenset | None):
+        self.explicit = frozenset(f.name for f in fields(self) if getattr(self, f.name) != f.default) \
+            if explicit is None else frozenset(explicit)
+        self.checkpoint: Path | None = None  # set by `resumed`: the checkpoint this run continues
+        self.changes: list[str] = []  # what `resumed` changed, for the run's log
         defaults = TRAIN_DEFAULTS.get(self.preset, GENERIC_DEFAULTS)
         for k, v in defaults.items():
             if getattr(self, k) is None:
                 setattr(self, k, v)
-        for name in ("batch_size", "epochs", "timesteps", "save_every", "sample_every", "log_every", "sample_n"):
+        for name in ("batch_size", "epochs", "timesteps", "save_every", "sample_every", "log_every", "sample_n",
+                     "max_skips"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.steps is not None and self.steps <= 0:
@@ -108,9 +134,39 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return asdict(self) | {"model": self.model}
 
+    def resumed(self, saved: dict, checkpoint: Path) -> "TrainConfig":
+        """The config of this run continuing the one saved as `saved` (a checkpoint's config) in
+        `checkpoint`: every setting is the saved one, preset defaults are not applied again, and
+        each explicit flag either changes a setting a resume may change (recorded in `changes`)
+        or, if it differs from the run's value, is a ValueError naming both. Without --out the
+        run continues in the checkpoint's folder."""
+        kw = {f.name: saved.get(f.name, f.default) for f in fields(self)}  # an older checkpoint lacks newer fields
+        kw["resume"] = self.resume
+        kw["out"] = self.out if "out" in self.explicit else str(checkpoint.parent)
+        changes = []
+        for name in sorted(self.explicit - {"resume", "out"}):
+            new = getattr(self, name)
+            old = saved["model"][name] if name in saved["model"] else kw[name]
+            if _same(name, new, old):
+                continue
+            if name not in RESUME_MAY_CHANGE:
+                raise ValueError(f"{_flag(name)} {_show(new)} with --resume: {checkpoint} was trained with "
+                                 f"{_flag(name)} {_show(old)}, and a resumed run keeps it (train a new run in "
+                                 f"another --out to change it)")
+            kw[name] = new
+            changes.append(f"changed {_flag(name)} from {_show(old)} to {_show(new)}")
+        if kw["epochs"] != saved["epochs"] and "steps" not in self.explicit and kw["steps"] is not None:
+            changes.append(f"dropped --steps {kw['steps']}, which would override --epochs {kw['epochs']}")
+            kw["steps"] = None
+        cfg = TrainConfig(**kw, explicit=self.explicit)
+        cfg.model = saved["model"]  # the weights' own shapes, whatever presets.py now says
+        cfg.checkpoint, cfg.changes = checkpoint, changes
+        return cfg
+
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        """One flag per field, --field-name, with the field's default, help and type."""
+        """One flag per field, --field-name, with the field's default, help and type. An absent
+        flag leaves no attribute (argparse.SUPPRESS), so from_args knows which were given."""
         groups: dict[str, argparse._ArgumentGroup] = {}
         for f in fields(cls):
             meta = dict(f.metadata)
@@ -122,12 +178,29 @@ class TrainConfig:
             elif "type" not in meta and "choices" not in meta and "nargs" not in meta:
                 meta["type"] = str
             if f.default is not MISSING and f.default is not None:
-                meta["help"] += " (default: %(default)s)"
-            groups[title].add_argument("--" + f.name.replace("_", "-"), default=f.default, **meta)
+                meta["help"] += f" (default: {f.default})"
+            groups[title].add_argument(_flag(f.name), default=argparse.SUPPRESS, **meta)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "TrainConfig":
-        kw = {f.name: getattr(args, f.name) for f in fields(cls)}
-        if kw["resume"] == "":
-            kw["resume"] = kw["out"]
-        return cls(**kw)
+        kw = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+        if kw.get("resume") == "":
+            kw["resume"] = kw.get("out", cls.out)
+        return cls(**kw, explicit=frozenset(kw))
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _show(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+
+
+def _same(name: str, a, b) -> bool:
+    """Whether a flag's value is the run's: tuples and lists alike, a data folder by where it is."""
+    if name == "data" and a is not None and b is not None:
+        return Path(a).resolve() == Path(b).resolve()
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return tuple(a) == tuple(b)
+    return a == b

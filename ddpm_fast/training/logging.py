@@ -15,7 +15,9 @@ from tqdm import tqdm
 
 from .distributed import all_sum
 
-METRIC_FIELDS = ("step", "epoch", "loss", "train_loss", "val_loss", "lr", "img_per_s", "kid", "fid", "x0_mse")
+# skipped: steps since the previous row whose loss or gradient was not finite (left out of loss).
+METRIC_FIELDS = ("step", "epoch", "loss", "train_loss", "val_loss", "lr", "img_per_s", "skipped", "kid", "fid",
+                 "x0_mse")
 
 
 class MetricsCSV:
@@ -132,36 +134,40 @@ def progress_bar(total: int, start: int = 0, every: float = 10.0, disable: bool 
 class LossMeter:
     """Losses summed on the device and read back (reduced over the ranks) only when logged: no
     per-step host sync or collective. The window feeds metrics.csv rows, the epoch sums the
-    train loss; img/s counts only steps after `restart_clock` (the fast path's warm-up)."""
+    train loss; img/s counts only steps after `restart_clock` (the fast path's warm-up). A
+    skipped step (its loss NaN, training/step.py) is counted apart and left out of the means."""
 
     def __init__(self, device: torch.device):
-        self.zero = torch.zeros((), device=device)
-        self.epoch_sum, self.epoch_images = self.zero.clone(), 0
+        self.zero = torch.zeros(2, device=device)  # (sum, count) of the finite losses
+        self.epoch = self.zero.clone()
         self.restart_window()
         self.restart_clock()
 
     def restart_window(self) -> None:
-        self.window_sum, self.window_steps = self.zero.clone(), 0
+        self.window, self.window_steps = self.zero.clone(), 0
 
     def restart_clock(self) -> None:
         self.timed_steps, self.t0 = 0, time.time()
 
     def add(self, loss: torch.Tensor, images: int) -> None:
-        self.window_sum += loss
+        ok = torch.isfinite(loss)
+        kept = torch.stack([torch.where(ok, loss, 0.0), ok.float()])
+        self.window += kept
         self.window_steps += 1
         self.timed_steps += 1
-        self.epoch_sum += loss * images
-        self.epoch_images += images
+        self.epoch += kept * images
 
-    def take_window(self, ctx, global_batch: int) -> tuple[float, float | None]:
-        """(mean step loss over all ranks, img/s or None while nothing was timed); restarts both."""
-        mean = all_sum(self.window_sum, ctx).item() / (self.window_steps * ctx.world_size)
+    def take_window(self, ctx, global_batch: int) -> tuple[float | None, float | None, int]:
+        """(mean step loss over all ranks or None when every step was skipped, img/s or None while
+        nothing was timed, steps skipped); restarts both. The ranks skip the same steps."""
+        total, kept = all_sum(self.window, ctx).tolist()
         rate = self.timed_steps * global_batch / max(time.time() - self.t0, 1e-9) if self.timed_steps else None
+        skipped = self.window_steps - round(kept / ctx.world_size)
         self.restart_window()
         self.restart_clock()
-        return mean, rate
+        return (total / kept if kept else None), rate, skipped
 
-    def take_epoch(self, ctx) -> float:
-        mean = all_sum(self.epoch_sum, ctx).item() / max(self.epoch_images * ctx.world_size, 1)
-        self.epoch_sum, self.epoch_images = self.zero.clone(), 0
-        return mean
+    def take_epoch(self, ctx) -> float | None:
+        total, images = all_sum(self.epoch, ctx).tolist()
+        self.epoch = self.zero.clone()
+        return total / images if images else None

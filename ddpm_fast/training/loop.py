@@ -15,22 +15,33 @@ from typing import Callable, Iterator
 
 import torch
 
+from ..files import atomic_write
 from ..plan import resolve_device
 from ..sampling import FastSampler
 from .checkpoint import CHECKPOINT_NAME
 from .config import TrainConfig
 from .distributed import DistContext, StopVote, all_sum, distributed_session
+from .folder import claim
 from .logging import LossMeter, MetricsCSV, image_grid, plot_losses, progress_bar
-from .run import Run, build_run
+from .run import Run, build_run, resume_config
+from .step import Diverged
 
 
 def train(cfg: TrainConfig) -> Path:
-    """Train as `cfg` says; data-parallel when started by torchrun."""
+    """Train as `cfg` says (on resume: as the run's checkpoint says, with the changes cfg may
+    make, the device too); data-parallel when started by torchrun."""
+    cfg = resume_config(cfg)
     with distributed_session(resolve_device(cfg.device)) as ctx:
         return fit(build_run(cfg, ctx))
 
 
 def fit(run: Run) -> Path:
+    """Train `run` to its end, its folder locked meanwhile (by rank 0, which alone writes it)."""
+    with claim(run.out, run.cfg.checkpoint) if run.ctx.is_main else contextlib.nullcontext():
+        return train_steps(run)
+
+
+def train_steps(run: Run) -> Path:
     cfg, ctx, main = run.cfg, run.ctx, run.ctx.is_main
     metrics = start_outputs(run) if main else None
     bar = progress_bar(run.total, run.step, disable=not main)
@@ -92,7 +103,7 @@ def start_outputs(run: Run) -> MetricsCSV:
     the run's first log line."""
     cfg, ctx = run.cfg, run.ctx
     (run.out / "samples").mkdir(parents=True, exist_ok=True)
-    (run.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    atomic_write(run.out / "config.json", json.dumps(cfg.to_dict(), indent=2))
     n_params = sum(p.numel() for p in run.net.parameters())
     batch = (f"global batch {cfg.batch_size} ({cfg.batch_size // ctx.world_size} per rank x {ctx.world_size} "
              f"processes; lr not rescaled)" if ctx.enabled else f"batch {cfg.batch_size}")
@@ -103,17 +114,27 @@ def start_outputs(run: Run) -> MetricsCSV:
           f"({len(run.loader)} per epoch) on {where}; run folder {run.out}"
           + (f", resuming at step {run.step}" if run.step else ""), flush=True)
     print(f"plan: {run.plan.describe()}", flush=True)
+    for change in cfg.changes:
+        print(f"resume: {change}", flush=True)
     return MetricsCSV(run.out / "metrics.csv", resume_step=run.step if run.resumed else None)
 
 
 def log_window(run: Run, meter: LossMeter, metrics: MetricsCSV | None, bar) -> None:
-    """A metrics.csv row and the progress bar's postfix (collective: the loss is reduced over the ranks)."""
-    mean, rate = meter.take_window(run.ctx, run.cfg.batch_size)
+    """A metrics.csv row and the progress bar's postfix (collective: the loss is reduced over the
+    ranks), and the divergence check."""
+    mean, rate, skipped = meter.take_window(run.ctx, run.cfg.batch_size)
     if metrics is not None:
         metrics.write(step=run.step, epoch=run.epoch, loss=mean, lr=float(run.opt.param_groups[0]["lr"]),
-                      img_per_s=rate)
-        bar.set_postfix_str(f"epoch {run.epoch} | loss {mean:.4f} | "
+                      img_per_s=rate, skipped=skipped)
+        bar.set_postfix_str(f"epoch {run.epoch} | loss " + (f"{mean:.4f}" if mean is not None else "-") + " | "
                             + (f"{rate:.0f} img/s" if rate is not None else "warming up"), refresh=False)
+        if skipped:
+            bar.write(f"step {run.step}: skipped {skipped} step(s) with a non-finite loss or gradient")
+    streak = int(run.step_fn.streak)  # the same on every rank: their gradients are averaged
+    if streak >= run.cfg.max_skips:
+        raise Diverged(f"step {run.step}: diverged, the last {streak} steps had a non-finite loss or gradient "
+                       f"(--max-skips {run.cfg.max_skips}); {run.last_checkpoint()}; train with a lower --lr "
+                       f"than {run.cfg.lr}")
 
 
 @torch.no_grad()

@@ -18,11 +18,13 @@ from ..data import build_loader
 from ..diffusion import GaussianDiffusion
 from ..model import UNet
 from ..plan import ExecutionPlan
-from .checkpoint import CHECKPOINT_NAME, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .checkpoint import (CHECKPOINT_NAME, all_finite, checkpoint_config, load_checkpoint, resolve_checkpoint,
+                         save_checkpoint)
 from .config import TrainConfig
 from .distributed import DistContext, derived_seed, gather_to_main, per_rank_batch, wrap_model
 from .ema import EMA
-from .step import TrainStep, make_lr_scheduler, make_optimizer, match_optimizer_to_path
+from .folder import check_out
+from .step import Diverged, TrainStep, make_lr_scheduler, make_optimizer, match_optimizer_to_path
 
 
 @dataclass
@@ -46,14 +48,20 @@ class Run:
     epoch: int = 0
     batch_in_epoch: int = 0     # global batches: batch k of every rank together is the k-th of the epoch's order
     resumed: bool = False
+    saved: tuple[Path, int] | None = None  # the last checkpoint written (or resumed from) and its step
 
     @property
     def device(self) -> torch.device:
         return self.plan.device
 
     def save(self) -> None:
-        """Collective (the ranks' RNG states are gathered); rank 0 writes."""
+        """Collective (the ranks' RNG states are gathered); rank 0 writes. Weights that are no
+        longer finite are never saved: Diverged, and the last checkpoint stays as it was."""
+        if not all_finite([*self.net.parameters(), *self.ema.params]):  # the same on every rank
+            raise Diverged(f"step {self.step}: the weights are no longer finite, so they were not saved; "
+                           f"{self.last_checkpoint()}; train with a lower --lr than {self.cfg.lr}")
         states = gather_to_main(rng_state(self.gen, self.device), self.ctx)
+        self.saved = (self.out / CHECKPOINT_NAME, self.step)
         if not self.ctx.is_main:
             return
         save_checkpoint({
@@ -63,24 +71,31 @@ class Run:
             **({"rng_per_rank": states} if self.ctx.enabled else {}),
         }, self.out / CHECKPOINT_NAME)
 
+    def last_checkpoint(self) -> str:
+        return f"the last checkpoint, {self.saved[0]} at step {self.saved[1]}, is as it was" if self.saved \
+            else "no checkpoint was written"
+
+
+def resume_config(cfg: TrainConfig) -> TrainConfig:
+    """`cfg`, or on resume the run's own config: the checkpoint's, with the changes cfg's explicit
+    flags may make (TrainConfig.resumed). Reads the config alone, not the weights."""
+    if not cfg.resume or cfg.checkpoint is not None:
+        return cfg
+    path = resolve_checkpoint(cfg.resume)
+    return cfg.resumed(checkpoint_config(path), path)
+
 
 def build_run(cfg: TrainConfig, ctx: DistContext | None = None, plan: ExecutionPlan | None = None) -> Run:
     """The run `cfg` describes (resumed from its checkpoint when cfg.resume), on `ctx`'s device
     (a single-process run when None). `plan` overrides the plan resolved from cfg (benchmarks
     profile the fast path without graphs). Nothing is written: that is the loop's."""
+    cfg = resume_config(cfg)
     plan = plan or ExecutionPlan.resolve(ctx.device if ctx else cfg.device, fast=cfg.fast, kernels=cfg.kernels,
                                          compile=cfg.compile)
     ctx = ctx or DistContext(rank=0, world_size=1, device=plan.device)
     out = Path(cfg.out)
-    ckpt = None
-    if cfg.resume:
-        ckpt = load_checkpoint(resolve_checkpoint(cfg.resume), map_location=plan.device)
-        saved = ckpt["config"]
-        cfg.model = saved["model"]
-        for name in GaussianDiffusion.CONFIG_FIELDS:  # what the model was trained for
-            setattr(cfg, name, saved.get(name, getattr(TrainConfig, name)))
-    elif (out / CHECKPOINT_NAME).exists():
-        raise FileExistsError(f"--out {out} already holds a run: pass --resume to continue it, or another --out")
+    check_out(out, cfg.checkpoint)
+    ckpt = load_checkpoint(cfg.checkpoint, map_location=plan.device) if cfg.checkpoint else None
     batch = per_rank_batch(cfg.batch_size, ctx.world_size)
     # Each rank its own dropout draws (rank 0's are a single-process run's). The ranks' initial
     # weights differ too, until wrapping in DDP replaces them with rank 0's.
@@ -119,7 +134,8 @@ def build_run(cfg: TrainConfig, ctx: DistContext | None = None, plan: ExecutionP
     step_fn = TrainStep(model, diffusion, opt, sched, ema, plan, cfg.grad_clip, gen,
                         warmup=11 if ctx.enabled else 3)
     return Run(cfg, plan, ctx, net, model, diffusion, ema, opt, sched, loader, val_loader, step_fn, gen, total,
-               out, step, epoch, batch_in_epoch, resumed=ckpt is not None)
+               out, step, epoch, batch_in_epoch, resumed=ckpt is not None,
+               saved=(cfg.checkpoint, step) if ckpt is not None else None)
 
 
 def rng_state(gen: torch.Generator, device: torch.device) -> dict:

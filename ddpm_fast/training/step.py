@@ -7,7 +7,12 @@ replayed. Per step the host writes two scalars (lr through the lr scheduler, EMA
 the batch into the static input, and replays.
 
 With graphs, the first `warmup` steps run eagerly on a side stream (they are real training
-steps): they let torch.compile and cuDNN settle and allocate the gradients before capture."""
+steps): they let torch.compile and cuDNN settle and allocate the gradients before capture.
+
+Divergence guard, on the device (no host read, so the graph captures it): a step whose loss or
+gradient is not finite changes nothing (parameters, Adam's moments, EMA), its returned loss is
+NaN, and `streak` counts such steps in a row; the loop reads it when it logs and stops the run
+(Diverged) after --max-skips of them."""
 from __future__ import annotations
 
 import math
@@ -18,6 +23,10 @@ from ..diffusion import GaussianDiffusion
 from ..graphs import capture, side_stream
 from ..plan import ExecutionPlan
 from .ema import EMA
+
+
+class Diverged(ValueError):
+    """The run diverged (a too-high --lr, most often): stopped, with the last checkpoint intact."""
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, plan: ExecutionPlan) -> torch.optim.Optimizer:
@@ -87,18 +96,48 @@ class TrainStep:
         self.static_x0: torch.Tensor | None = None
         self.static_loss: torch.Tensor | None = None
         self.calls = 0
+        # Skipped steps in a row, on the device (allocated before any capture: the graph updates it in place).
+        self.streak = torch.zeros((), dtype=torch.int32, device=self.params[0].device)
 
     def _body(self, x0: torch.Tensor, set_to_none: bool = True) -> torch.Tensor:
         """One step, written once: eager, or recorded into the graph (gradients kept, not freed)."""
         with self.plan.autocast():
             loss = self.diffusion.loss(self.forward, x0, self.generator)
         self.opt.zero_grad(set_to_none=set_to_none)
-        loss.backward()
-        if self.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
-        self.opt.step()
+        # x (x * 0 + 1): exactly x's gradient when finite, NaN gradients when not. So a non-finite
+        # loss on any rank poisons the gradients DDP averages, and all ranks skip the same steps.
+        (loss * (loss.detach() * 0 + 1)).backward()
+        grads = [p.grad for p in self.params if p.grad is not None]
+        norm = (torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True) if self.grad_clip > 0
+                else torch.nn.utils.get_total_norm(grads, foreach=True))
+        ok = torch.isfinite(norm)
+        if self.opt.param_groups[0].get("fused"):
+            self.opt.found_inf = (~ok).float()  # fused Adam skips the update (and its step count) where set
+            self.opt.step()
+        else:
+            self._masked_step(ok, grads)
+        self.ema.weight.mul_(ok)  # a zero EMA weight leaves the EMA as it was
         self.ema.update(self.model)
-        return loss.detach()
+        self.streak.copy_(torch.where(ok, 0, self.streak + 1))
+        return torch.where(ok, loss.detach(), float("nan"))
+
+    @torch.no_grad()
+    def _masked_step(self, ok: torch.Tensor, grads: list[torch.Tensor]) -> None:
+        """opt.step() where `ok`, else nothing, for plain Adam (only fused Adam takes found_inf):
+        step on zeroed gradients (finite moments; a moment created now is then Adam's zero init)
+        and put back the parameters and moments it moved. Adam's step count, a host number here,
+        still advances: its bias correction runs one step ahead per skip."""
+        for g in grads:
+            g.masked_fill_(~ok, 0.0)
+        before = {id(t): t.clone() for t in self._adam_tensors()}
+        self.opt.step()
+        for t in self._adam_tensors():
+            if id(t) in before:  # Adam updates in place: the same tensors, bar the moments created now
+                t.copy_(torch.where(ok, t, before[id(t)]))
+
+    def _adam_tensors(self) -> list[torch.Tensor]:
+        states = [self.opt.state.get(p, {}) for p in self.params]
+        return self.params + [s[k] for s in states for k in ("exp_avg", "exp_avg_sq") if k in s]
 
     @property
     def ready(self) -> bool:
