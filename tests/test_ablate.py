@@ -73,7 +73,7 @@ def test_dry_run_plans_without_training(tmp_path, capsys):
     spec.write_text(SPEC.format(out=tmp_path / "abl", steps=6) + '\n[grid]\nloss_weight = ["uniform", "min_snr"]\n')
     assert ablate.main([str(spec), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "4 configs x 2 seeds x 6 steps" in out and "h from scratch" in out
+    assert "3 configs x 2 seeds x 6 steps" in out and "h from scratch" in out  # the grid's uniform point is the base
     assert "loss_weight=min_snr" in out
     assert not (tmp_path / "abl" / "base").exists()
 
