@@ -198,19 +198,24 @@ class GaussianDiffusion:
             return snr.clamp(max=self.snr_gamma) / per_target
         return self._on("elbo_weights", abar.device)[t] / per_target  # elbo: discrete t only
 
-    def loss(self, model, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """The MSE of the model's output against its target, t drawn uniformly, weighted per t."""
+    def loss(self, model, x0: torch.Tensor, generator: torch.Generator | None = None,
+             y: torch.Tensor | None = None) -> torch.Tensor:
+        """The MSE of the model's output against its target, t drawn uniformly, weighted per t; `y`:
+        the class labels of a class-conditional model."""
         x_t, t, noise, abar = self.training_inputs(x0, generator)
-        out, target = model(x_t, t).float(), self.target(x0, noise, abar).float()
+        out = (model(x_t, t) if y is None else model(x_t, t, y)).float()
+        target = self.target(x0, noise, abar).float()
         if self.loss_weight == "uniform":
             return F.mse_loss(out, target)
         return ((out - target).square().flatten(1).mean(1) * self.weights(abar, t)).mean()
 
-    def x0_mse(self, model, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def x0_mse(self, model, x0: torch.Tensor, generator: torch.Generator | None = None,
+               y: torch.Tensor | None = None) -> torch.Tensor:
         """The x0 error of the model's prediction, unweighted: a held-out figure in one unit for
         every prediction target and weighting, so runs compare."""
         x_t, t, _noise, abar = self.training_inputs(x0, generator)
-        return F.mse_loss(self.predict_x0(x_t, abar, model(x_t, t).float()), x0.float())
+        out = model(x_t, t) if y is None else model(x_t, t, y)
+        return F.mse_loss(self.predict_x0(x_t, abar, out.float()), x0.float())
 
     # -- sampling coefficients -------------------------------------------------------------
     def ddpm_coefficients(self, variance: str = "beta") -> torch.Tensor:

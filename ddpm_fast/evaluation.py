@@ -63,25 +63,27 @@ FID_MIN_SAMPLES = 2048  # below the feature dimension the covariance is singular
 
 @torch.no_grad()
 def generate(sampler, n: int, image_size: int, device: torch.device, seed: int = 0,
-             batch_size: int = 256) -> torch.Tensor:
+             batch_size: int = 256, classes: torch.Tensor | None = None) -> torch.Tensor:
     """n samples of a FastSampler whose model is on `device`, in [-1, 1] (on the CPU), drawn in
-    batches from one seeded generator."""
+    batches from one seeded generator; `classes`: the class of each (a class-conditional model)."""
     gen = torch.Generator(device=device).manual_seed(seed)
-    chunks = [sampler.sample(min(batch_size, n - i), image_size, generator=gen).cpu()
+    chunks = [sampler.sample(min(batch_size, n - i), image_size, generator=gen,
+                             classes=None if classes is None else classes[i:i + batch_size]).cpu()
               for i in range(0, n, batch_size)]
     return torch.cat(chunks)
 
 
 def sample_quality(sampler, data, image_size: int, device: torch.device, fid_n: int = 0, kid_n: int = 0, seed: int = 0,
-                   splits: tuple[str, ...] = ("test",), ref_limit: int | None = 10000) -> dict:
+                   splits: tuple[str, ...] = ("test",), ref_limit: int | None = 10000,
+                   classes: torch.Tensor | None = None) -> dict:
     """FID (on fid_n samples) and KID (on kid_n) of a FastSampler's samples against each split's
     cached reference statistics (at most ref_limit images of a split). Needs the [eval] extra."""
     from . import metrics
     from .data import load_images
 
-    samples = generate(sampler, max(fid_n, kid_n), image_size, device, seed)
+    samples = generate(sampler, max(fid_n, kid_n), image_size, device, seed, classes=classes)
     feats = metrics.inception_features(samples, device=device)
-    out: dict = {"samples": len(samples), "method": sampler.method}
+    out: dict = {"samples": len(samples), "method": sampler.method, "evaluations": sampler.num_evaluations}
     for split in splits:
         ref = metrics.reference_stats(data, image_size, split, load_images, limit=ref_limit, device=device)
         if fid_n:

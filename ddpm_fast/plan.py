@@ -11,7 +11,7 @@ attention; Triton's attention is fp16/bf16-only on a GPU)."""
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -73,6 +73,10 @@ class ExecutionPlan:
         mode = compile if fast and compile not in (None, "none") else None
         return cls(device=dev, autocast_dtype=dtype, channels_last=fast, backends=op_backends(kernels, dev, dtype),
                    compile=mode, cuda_graphs=graphs)
+
+    def with_graphs(self, on: bool) -> "ExecutionPlan":
+        """This plan with CUDA graphs on or off (the training grids draw from a seeded generator)."""
+        return replace(self, cuda_graphs=on and self.device.type == "cuda")
 
     @property
     def fast(self) -> bool:

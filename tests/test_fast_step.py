@@ -121,6 +121,6 @@ def test_captured_step_body_makes_no_host_read():
     step(0, x)  # optimizer state created, as the eager warm-up steps do before capture
     with NoHostSync():  # the host's work between replays (EMA decay, lr schedule) reads nothing back either
         step.ema.set_step(1)
-        loss = step._body(x.contiguous(memory_format=torch.channels_last))
+        loss = step._body(x.contiguous(memory_format=torch.channels_last), None)
         step.sched.step()
     assert torch.isfinite(loss)

@@ -97,5 +97,4 @@ def load_model(path: str | Path, ema: bool = True, device: str | torch.device = 
     model = UNet(**cfg["model"])
     weights = ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["model"]
     model.load_state_dict(weights)
-    diffusion = GaussianDiffusion(cfg["schedule"], cfg["timesteps"])
-    return model.to(device).eval(), diffusion, cfg
+    return model.to(device).eval(), GaussianDiffusion.from_config(cfg), cfg

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..cli import finite_float, int_tuple, positive_int
 from ..presets import MODEL_FIELDS, PRESETS, preset_config
+from ..schedulers import METHODS
 
 # Training defaults per preset (a flag overrides any of them).
 TRAIN_DEFAULTS: dict[str, dict] = {
@@ -53,6 +54,12 @@ class TrainConfig:
     num_res_blocks: int | None = flag(None, "residual blocks per level", "data and model", type=positive_int)
     dropout: float | None = flag(None, "dropout in the residual blocks", "data and model", type=finite_float)
     act: str | None = flag(None, "activation", "data and model", choices=("silu", "hardswish"))
+    norm: str | None = flag(None, "normalisation layers (default: group, the DDPM's)", "data and model",
+                            choices=("group", "batch"))
+    class_cond: bool = flag(False, "class-conditional: each image's class is its first folder under --data (the "
+                                   "embedded set: face, circle, square, triangle)", "data and model")
+    cond_drop: float = flag(0.1, "share of labels replaced by the null class in training (classifier-free "
+                                 "guidance's unconditional model)", "data and model", type=finite_float)
     flip: bool = flag(True, "mirror training images at random (--no-flip for digits, text, logos)", "data and model")
     loader: str = flag("auto", "data loader backend", "data and model", choices=("auto", "torch", "cache", "dali"))
     workers: int = flag(4, "DataLoader workers (torch loader)", "data and model", type=int)
@@ -64,6 +71,10 @@ class TrainConfig:
     lr: float | None = flag(None, "peak learning rate", "optimisation", type=finite_float)
     lr_schedule: str = flag("constant", "after the warm-up", "optimisation", choices=("constant", "cosine"))
     warmup: int | None = flag(None, "linear warm-up steps", "optimisation", type=int)
+    optimizer: str = flag("adam", "the optimizer", "optimisation", choices=("adam", "adamw"))
+    adam_beta1: float = flag(0.9, "Adam's beta1", "optimisation", type=finite_float)
+    adam_beta2: float = flag(0.999, "Adam's beta2", "optimisation", type=finite_float)
+    weight_decay: float = flag(0.0, "weight decay (AdamW's decoupled, Adam's L2)", "optimisation", type=finite_float)
     ema_decay: float = flag(0.9999, "EMA decay (warmed up as min(decay, (1+n)/(10+n)))", "optimisation",
                             type=finite_float)
     grad_clip: float = flag(1.0, "max gradient norm (0: off)", "optimisation", type=finite_float)
@@ -94,6 +105,8 @@ class TrainConfig:
     compile: str = flag("default", "torch.compile mode of --fast (default, max-autotune-no-cudagraphs, ...) "
                                    "or none", metavar="MODE")
     out: str = flag("runs/default", "run folder")
+    init_from: str | None = flag(None, "start from these weights and their schedule, with a fresh optimizer: a run, "
+                                       "a diffusers folder or a .safetensors file of ddpm_fast.export", metavar="PATH")
     resume: str | None = flag(None, "continue the run in RUN (a run folder or checkpoint; default: --out) with "
                                     "its own settings; flags may change its lr, length, intervals and how it "
                                     "computes, not its model, schedule, data or seed",
@@ -102,7 +115,7 @@ class TrainConfig:
     sample_every: int = flag(500, "steps between sample grids", type=positive_int)
     log_every: int = flag(10, "steps between metrics.csv rows", type=positive_int)
     sample_n: int = flag(16, "images per sample grid", type=positive_int)
-    sample_method: str = flag("ddpm", "sampler of the grids and of --eval-every", choices=("ddpm", "ddim"))
+    sample_method: str = flag("ddpm", "sampler of the grids and of --eval-every", choices=METHODS)
     sample_steps: int = flag(50, "sampler steps of the grids (DDIM)", type=positive_int)
     sample_clip_x0: bool = flag(True, "clamp the predicted x0 to [-1, 1] in the grids and --eval-every")
     eval_every: int = flag(0, "steps between KID/FID evaluations (0: off)", type=int)
@@ -115,6 +128,7 @@ class TrainConfig:
             if explicit is None else frozenset(explicit)
         self.checkpoint: Path | None = None  # set by `resumed`: the checkpoint this run continues
         self.changes: list[str] = []  # what `resumed` changed, for the run's log
+        self.class_names: tuple[str, ...] | None = None  # of a class-conditional run, set from its data
         defaults = TRAIN_DEFAULTS.get(self.preset, GENERIC_DEFAULTS)
         for k, v in defaults.items():
             if getattr(self, k) is None:
@@ -132,7 +146,7 @@ class TrainConfig:
         self.model = preset_config(self.preset, **{k: getattr(self, k) for k in MODEL_FIELDS if hasattr(self, k)})
 
     def to_dict(self) -> dict:
-        return asdict(self) | {"model": self.model}
+        return asdict(self) | {"model": self.model, "class_names": self.class_names}
 
     def resumed(self, saved: dict, checkpoint: Path) -> "TrainConfig":
         """The config of this run continuing the one saved as `saved` (a checkpoint's config) in
@@ -160,6 +174,7 @@ class TrainConfig:
             kw["steps"] = None
         cfg = TrainConfig(**kw, explicit=self.explicit)
         cfg.model = saved["model"]  # the weights' own shapes, whatever presets.py now says
+        cfg.class_names = saved.get("class_names")
         cfg.checkpoint, cfg.changes = checkpoint, changes
         return cfg
 

@@ -51,11 +51,11 @@ def train_steps(run: Run) -> Path:
     with stop_at_step_boundary(ctx) as should_stop:
         while run.step < run.total:
             run.loader.set_epoch(run.epoch, start_batch=run.batch_in_epoch)
-            for x0 in run.loader:
-                loss = run.step_fn(run.step, x0)
+            for batch in run.loader:  # images, or (images, labels) of a class-conditional run
+                loss = run.step_fn(run.step, batch)
                 run.step += 1
                 run.batch_in_epoch += 1
-                meter.add(loss, x0.shape[0])
+                meter.add(loss, len(batch[0] if isinstance(batch, tuple) else batch))
                 bar.update()
                 if warming and run.step_fn.ready:  # compile and graph capture: reported apart, not in img/s
                     warming = False
@@ -149,8 +149,9 @@ def eval_loss(run: Run, metric: str = "loss", seed: int = 1234) -> float | None:
     gen = torch.Generator(device=run.device).manual_seed(seed + run.ctx.rank)
     run.val_loader.set_epoch(0)
     sums = torch.zeros(2, dtype=torch.float64, device=run.device)  # (sum of loss x images, images)
-    for x0 in run.val_loader:
-        sums[0] += score(net, x0, gen).double() * x0.shape[0]
+    for batch in run.val_loader:
+        x0, y = batch if isinstance(batch, tuple) else (batch, None)
+        sums[0] += score(net, x0, gen, y).double() * x0.shape[0]
         sums[1] += x0.shape[0]
     net.train(was_training)
     total, n = all_sum(sums, run.ctx).tolist()
@@ -162,25 +163,38 @@ def grid_sampler(run: Run) -> FastSampler:
     cfg = run.cfg
     return FastSampler(run.ema.model, run.diffusion, method=cfg.sample_method,
                        steps=cfg.sample_steps if cfg.sample_method != "ddpm" else None, clip_x0=cfg.sample_clip_x0,
-                       dtype=run.plan.autocast_dtype, backend=run.plan.backends["sampling_update"],
-                       cuda_graph=False)
+                       plan=run.plan.with_graphs(False))
+
+
+def grid_classes(run: Run, n: int) -> tuple[torch.Tensor | None, int | None]:
+    """(labels, images per row) of a class-conditional run's samples: rows of one class each, every
+    class as often; (None, None) for an unconditional run."""
+    names = run.cfg.class_names
+    if not names:
+        return None, None
+    per = max(1, -(-n // len(names)))
+    return torch.arange(len(names), device=run.device).repeat_interleave(per), per
 
 
 def save_grid(run: Run, name: str) -> None:
     gen = torch.Generator(device=run.device).manual_seed(run.cfg.seed)
-    images = grid_sampler(run).sample(run.cfg.sample_n, run.cfg.model["image_size"], generator=gen)
-    image_grid(images).save(run.out / "samples" / name)
+    classes, per_row = grid_classes(run, run.cfg.sample_n)
+    n = run.cfg.sample_n if classes is None else len(classes)
+    images = grid_sampler(run).sample(n, run.cfg.model["image_size"], generator=gen, classes=classes)
+    image_grid(images, nrow=per_row).save(run.out / "samples" / name)
 
 
 def evaluate_samples(run: Run) -> dict:
     """KID (and FID when enough samples for it to mean something) of the EMA model's samples
-    against the val split, for --eval-every."""
+    against the val split, for --eval-every; a class-conditional run samples its classes evenly."""
     from ..evaluation import FID_MIN_SAMPLES, sample_quality
 
     n = run.cfg.eval_samples
+    classes = None if not run.cfg.class_names else torch.arange(n, device=run.device) % len(run.cfg.class_names)
     # Against up to 2n val images: as many as the comparison can use, and a cache built once.
     r = sample_quality(grid_sampler(run), run.cfg.data, run.cfg.model["image_size"], run.device, kid_n=n,
-                       fid_n=n if n >= FID_MIN_SAMPLES else 0, seed=run.cfg.seed, splits=("val",), ref_limit=2 * n)
+                       fid_n=n if n >= FID_MIN_SAMPLES else 0, seed=run.cfg.seed, splits=("val",), ref_limit=2 * n,
+                       classes=classes)
     return {"kid": r["kid_val"], "fid": r.get("fid_val")}
 
 

@@ -103,16 +103,26 @@ def build_run(cfg: TrainConfig, ctx: DistContext | None = None, plan: ExecutionP
 
     shard = dict(backend=cfg.loader, device=plan.device, seed=cfg.seed, num_workers=cfg.workers,
                  rank=ctx.rank, world_size=ctx.world_size)
+    init = start_weights(cfg) if cfg.init_from and ckpt is None else None
+    shard |= dict(class_cond=cfg.class_cond)
     loader = build_loader(cfg.data, cfg.model["image_size"], batch, split="train", drop_last=True, flip=cfg.flip,
                           **shard)
     val_loader = build_loader(cfg.data, cfg.model["image_size"], batch, split="val", drop_last=False, **shard)
     if len(loader) == 0:
         raise ValueError(f"--batch-size {cfg.batch_size} is larger than the {loader.num_images} training images")
+    if cfg.class_cond:
+        take_classes(cfg, loader, ctx.is_main)
     # The memory format before DDP wraps it: converting afterwards would mismatch its gradient buckets.
-    net = plan.prepare(UNet(**cfg.model))
+    net = UNet(**cfg.model)
+    if init is not None:
+        missing, unexpected = net.load_state_dict(init, strict=False)
+        if unexpected or set(missing) - {"class_emb.weight"}:  # a new class embedding may start fresh
+            raise ValueError(f"--init-from {cfg.init_from}: its weights do not fit the model "
+                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    net = plan.prepare(net)
     model = wrap_model(net, ctx)
     diffusion = GaussianDiffusion.from_config(cfg.to_dict())
-    opt = make_optimizer(net, cfg.lr, plan)
+    opt = make_optimizer(net, cfg.lr, plan, cfg.optimizer, (cfg.adam_beta1, cfg.adam_beta2), cfg.weight_decay)
     ema = EMA(net, cfg.ema_decay)
     gen = torch.Generator(device=plan.device).manual_seed(cfg.seed + ctx.rank)
     total = cfg.steps or cfg.epochs * len(loader)
@@ -132,10 +142,38 @@ def build_run(cfg: TrainConfig, ctx: DistContext | None = None, plan: ExecutionP
     sched = make_lr_scheduler(opt, cfg.lr, cfg.warmup, cfg.lr_schedule, total, step)
     # DDP needs 11 eager iterations before a whole-step CUDA graph may capture it.
     step_fn = TrainStep(model, diffusion, opt, sched, ema, plan, cfg.grad_clip, gen,
-                        warmup=11 if ctx.enabled else 3)
+                        warmup=11 if ctx.enabled else 3, cond_drop=cfg.cond_drop if cfg.class_cond else 0.0)
     return Run(cfg, plan, ctx, net, model, diffusion, ema, opt, sched, loader, val_loader, step_fn, gen, total,
                out, step, epoch, batch_in_epoch, resumed=ckpt is not None,
                saved=(cfg.checkpoint, step) if ckpt is not None else None)
+
+
+def start_weights(cfg: TrainConfig) -> dict:
+    """The weights `--init-from` names (a run, a diffusers folder, a .safetensors file); the run takes
+    their model config and schedule (a fine-tune), its own optimizer starting fresh."""
+    from ..interop import load_weights_for_init
+
+    model_config, weights, schedule = load_weights_for_init(cfg.init_from)
+    cfg.model = dict(model_config, num_classes=cfg.model.get("num_classes", 0))
+    cfg.schedule, cfg.timesteps = schedule["schedule"], schedule["timesteps"]
+    print(f"initialised from {cfg.init_from}: {sum(w.numel() for w in weights.values()) / 1e6:.2f}M weights, "
+          f"schedule {cfg.schedule}, T {cfg.timesteps}", flush=True)
+    return weights
+
+
+def take_classes(cfg: TrainConfig, loader, main: bool) -> None:
+    """A class-conditional run's classes: its data's (printed with their training counts), or on
+    resume the checkpoint's, which must match."""
+    names = tuple(loader.class_names)
+    if cfg.class_names is not None and tuple(cfg.class_names) != names:
+        raise ValueError(f"--data {cfg.data} has the classes {', '.join(names)}, but {cfg.checkpoint} was trained "
+                         f"on {', '.join(cfg.class_names)}")
+    cfg.class_names = names
+    cfg.model = dict(cfg.model, num_classes=len(names))
+    if main:
+        counts = torch.bincount(loader.labels, minlength=len(names)).tolist()
+        print(f"classes ({len(names)}, training images): " + ", ".join(f"{n} {c}" for n, c in zip(names, counts)),
+              flush=True)
 
 
 def rng_state(gen: torch.Generator, device: torch.device) -> dict:

@@ -29,13 +29,15 @@ class Diverged(ValueError):
     """The run diverged (a too-high --lr, most often): stopped, with the last checkpoint intact."""
 
 
-def make_optimizer(model: torch.nn.Module, lr: float, plan: ExecutionPlan) -> torch.optim.Optimizer:
-    """Adam; in a CUDA graph fused and capturable with a tensor learning rate, so the step (and
-    its lr schedule, which fills that tensor in place) can live inside the graph."""
+def make_optimizer(model: torch.nn.Module, lr: float, plan: ExecutionPlan, name: str = "adam",
+                   betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """Adam or AdamW; in a CUDA graph fused and capturable with a tensor learning rate, so the step
+    (and its lr schedule, which fills that tensor in place) can live inside the graph."""
+    cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name]
     if plan.cuda_graphs:
-        return torch.optim.Adam(model.parameters(), lr=torch.tensor(lr, device=plan.device), fused=True,
-                                capturable=True)
-    return torch.optim.Adam(model.parameters(), lr=lr)
+        return cls(model.parameters(), lr=torch.tensor(lr, device=plan.device), betas=betas,
+                   weight_decay=weight_decay, fused=True, capturable=True)
+    return cls(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
 
 
 def match_optimizer_to_path(opt: torch.optim.Optimizer, graphed: bool) -> None:
@@ -83,8 +85,9 @@ def make_lr_scheduler(opt: torch.optim.Optimizer, lr: float, warmup: int, schedu
 class TrainStep:
     def __init__(self, model: torch.nn.Module, diffusion: GaussianDiffusion, opt: torch.optim.Optimizer,
                  sched: torch.optim.lr_scheduler.LRScheduler, ema: EMA, plan: ExecutionPlan, grad_clip: float,
-                 generator: torch.Generator | None = None, warmup: int = 3):
+                 generator: torch.Generator | None = None, warmup: int = 3, cond_drop: float = 0.0):
         self.model, self.diffusion, self.opt, self.sched, self.ema = model, diffusion, opt, sched, ema
+        self.cond_drop = cond_drop  # share of a class-conditional batch's labels replaced by the null class
         self.plan, self.grad_clip, self.warmup = plan, grad_clip, warmup
         # In a CUDA graph the noise comes from the default CUDA generator, which PyTorch keeps graph-safe.
         self.generator = None if plan.cuda_graphs else generator
@@ -94,15 +97,19 @@ class TrainStep:
         self.params = list(model.parameters())
         self.replay = None
         self.static_x0: torch.Tensor | None = None
+        self.static_y: torch.Tensor | None = None
         self.static_loss: torch.Tensor | None = None
         self.calls = 0
         # Skipped steps in a row, on the device (allocated before any capture: the graph updates it in place).
         self.streak = torch.zeros((), dtype=torch.int32, device=self.params[0].device)
 
-    def _body(self, x0: torch.Tensor, set_to_none: bool = True) -> torch.Tensor:
+    def _body(self, x0: torch.Tensor, y: torch.Tensor | None, set_to_none: bool = True) -> torch.Tensor:
         """One step, written once: eager, or recorded into the graph (gradients kept, not freed)."""
+        if y is not None and self.cond_drop > 0:  # label dropout: the same network learns the unconditional model
+            drop = torch.rand(y.shape, generator=self.generator, device=y.device) < self.cond_drop
+            y = torch.where(drop, self.model_num_classes, y)
         with self.plan.autocast():
-            loss = self.diffusion.loss(self.forward, x0, self.generator)
+            loss = self.diffusion.loss(self.forward, x0, self.generator, y)
         self.opt.zero_grad(set_to_none=set_to_none)
         # x (x * 0 + 1): exactly x's gradient when finite, NaN gradients when not. So a non-finite
         # loss on any rank poisons the gradients DDP averages, and all ranks skip the same steps.
@@ -145,22 +152,32 @@ class TrainStep:
         from here on a step costs what it will cost for the rest of the run."""
         return self.replay is not None if self.plan.cuda_graphs else self.calls >= 1
 
-    def __call__(self, step: int, x0: torch.Tensor) -> torch.Tensor:
+    @property
+    def model_num_classes(self) -> int:
+        """The null class's label: the unwrapped model's class count."""
+        return getattr(self.model, "module", self.model).num_classes
+
+    def __call__(self, step: int, batch: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """One step on a batch of images, or of (images, class labels) for a class-conditional model."""
+        x0, y = batch if isinstance(batch, tuple) else (batch, None)
         self.ema.set_step(step)
         x0 = x0.to(self.plan.device, non_blocking=True).contiguous(memory_format=self.plan.memory_format)
         self.calls += 1
         if not self.plan.cuda_graphs:
-            loss = self._body(x0)
+            loss = self._body(x0, y)
         elif self.replay is None and self.calls <= self.warmup:
             with side_stream(self.plan.device):
-                loss = self._body(x0)
+                loss = self._body(x0, y)
         else:
             if self.replay is None:
                 self.static_x0 = x0.clone()
+                self.static_y = None if y is None else y.clone()
                 self.opt.zero_grad(set_to_none=True)  # the gradients are allocated in the graph's pool
-                self.replay, self.static_loss = capture(lambda: self._body(self.static_x0, set_to_none=False),
-                                                        0, self.plan.device)
+                self.replay, self.static_loss = capture(
+                    lambda: self._body(self.static_x0, self.static_y, set_to_none=False), 0, self.plan.device)
             self.static_x0.copy_(x0)
+            if y is not None:
+                self.static_y.copy_(y)
             self.replay()
             loss = self.static_loss.clone()
         self.sched.step()
