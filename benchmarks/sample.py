@@ -1,5 +1,6 @@
-"""python -m benchmarks.sample: sampling 256 images with 1000 DDPM steps and with 50 DDIM
-steps, reference path and fast path in the same run.
+"""python -m benchmarks.sample: sampling 256 images with 1000 DDPM steps and with the few-step
+default (the solver and NFE that matched DDPM-1000's KID), reference path and fast path in the
+same run.
 
 (a) reference: fp32 eager, the plain PyTorch update (FastSampler with no graph, torch backend);
 (b) fast: bf16 autocast, channels_last, the model + fused update captured per step in a CUDA
@@ -15,6 +16,8 @@ import time
 import torch
 
 from ddpm_fast import FastSampler, GaussianDiffusion, UNet
+from ddpm_fast.plan import ExecutionPlan
+from ddpm_fast.schedulers import DEFAULT_METHOD, DEFAULT_STEPS
 
 from .common import write_result
 
@@ -37,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=256)
     p.add_argument("--timesteps", type=int, default=1000)
     p.add_argument("--ddpm-steps", type=int, help="DDPM steps actually run (default: all; --quick: 100)")
-    p.add_argument("--ddim-steps", type=int, default=50)
+    p.add_argument("--few-step", default=f"{DEFAULT_METHOD}:{DEFAULT_STEPS}", metavar="METHOD:STEPS",
+                   help="the few-step solver timed beside DDPM (default: the sample CLI's, measured against DDPM-1000)")
     p.add_argument("--paths", default="reference,fast")
     p.add_argument("--compile", action="store_true", help="torch.compile the model in the fast path")
     p.add_argument("--kernels", default="auto", choices=("auto", "torch", "triton", "cpp"))
@@ -51,18 +55,18 @@ def main(argv: list[str] | None = None) -> int:
 
     env = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
            "preset": args.preset, "n": args.n, "image_size": args.image_size, "quick": args.quick}
+    few_method, few_steps = args.few_step.split(":")
     results = []
     for path in args.paths.split(","):
         fast = path == "fast"
-        model = base.set_backend(args.kernels if fast else "torch")
-        if fast and device.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)
-        kw = dict(dtype=torch.bfloat16 if fast and device.type == "cuda" else None, compile=fast and args.compile,
-                  cuda_graph="auto" if fast else False, backend=args.kernels if fast else "torch")
-        for method, steps in (("ddpm", None), ("ddim", args.ddim_steps)):
-            sampler = FastSampler(model, diffusion, method=method, steps=steps, **kw)
+        # The reference: fp32 eager, the plain PyTorch update; fast: bf16, channels_last, one CUDA graph.
+        plan = ExecutionPlan.resolve(device, fast=fast, kernels=args.kernels if fast else "torch",
+                                     compile="default" if args.compile else None)
+        model = plan.prepare(base)
+        for method, steps in (("ddpm", None), (few_method, int(few_steps))):
+            sampler = FastSampler(model, diffusion, method=method, steps=steps, plan=plan)
             start = run_steps - 1 if method == "ddpm" else None
-            n_steps = run_steps if method == "ddpm" else len(sampler.timesteps)
+            n_steps = run_steps if method == "ddpm" else sampler.num_evaluations
             x_T = torch.randn(args.n, 3, args.image_size, args.image_size, device=device)
             go = lambda: sampler.sample(args.n, args.image_size, x_start=x_T, start_t=start)  # noqa: E731
             warm_s = timed(go, device)

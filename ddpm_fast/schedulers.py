@@ -43,6 +43,10 @@ from .ops.reference import MAX_HISTORY, coef_row, memory_format_of
 METHODS = ("ddpm", "ddim", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc", "euler", "heun")
 SPACINGS = ("linspace", "leading", "trailing", "karras")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+# The default of the sample CLI, the training grids and in-training KID: the cheapest solver and
+# step count that reached DDPM-1000's KID in benchmarks.nfe (README, "Few-step sampling"). A
+# few-step solver given no step count takes DEFAULT_STEPS.
+DEFAULT_METHOD, DEFAULT_STEPS = "dpmpp_2m", 20
 _INTERPOLATING = ("euler", "heun")  # model time interpolated between training steps, as diffusers' do
 _ON_TRAINING_STEPS = ("ddpm", "ddim")  # defined on the training steps' alpha-bar: no Karras sigmas
 _TO_SIGMA_ZERO = ("dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc")  # spacing_timesteps' drop_zero
@@ -137,14 +141,14 @@ class Scheduler:
     # -- the plan, on the host ------------------------------------------------------------------
     def set_timesteps(self, num_inference_steps: int | None = None, device: torch.device | str | None = None) -> None:
         """Build the chain of `num_inference_steps` steps (diffusers' count: Heun evaluates twice a step
-        but the last; None: all training steps, ddpm and ddim only) onto `device`: `timesteps` (the
+        but the last; None: all training steps for ddpm and ddim, DEFAULT_STEPS for the others) onto
+        `device`: `timesteps` (the
         model's time input per evaluation), `coefs` ((E, 8) float32 rows), `num_evaluations` (E) and
         `grid_t` (each evaluation's place on the training steps, on the host). Drops any state."""
         T = self.diffusion.timesteps
         steps = num_inference_steps
-        if steps is None and self.method not in _ON_TRAINING_STEPS:
-            raise ValueError(f"--method {self.method} needs --steps")
-        steps = T if steps is None else steps
+        if steps is None:
+            steps = T if self.method in _ON_TRAINING_STEPS else min(DEFAULT_STEPS, T)
         if not 1 <= steps <= T:
             raise ValueError(f"--steps must be in 1..{T}, got {steps}")
         t, s = self._schedule(steps)

@@ -32,9 +32,10 @@ def test_epoch_benchmark(tmp_path, monkeypatch):
 def test_sample_benchmark(tmp_path, monkeypatch):
     monkeypatch.setenv("OUT", str(tmp_path))
     assert sample.main(["--preset", "tiny", "--image-size", "8", "--n", "2", "--timesteps", "20",
-                        "--ddpm-steps", "4", "--ddim-steps", "3"]) == 0
+                        "--ddpm-steps", "4", "--few-step", "unipc:3"]) == 0
     rows = json.loads((tmp_path / "sample.json").read_text())["sample"]
-    assert {(r["path"], r["method"]) for r in rows} == {(p, m) for p in ("reference", "fast") for m in ("ddpm", "ddim")}
+    assert {(r["path"], r["method"]) for r in rows} == {(p, m) for p in ("reference", "fast") for m in ("ddpm", "unipc")}
+    assert next(r for r in rows if r["method"] == "unipc")["steps"] == 3
     ddpm = next(r for r in rows if r["method"] == "ddpm")
     assert ddpm["steps_run"] == 4 and ddpm["steps"] == 20  # extrapolated from 4 of 20 steps
 

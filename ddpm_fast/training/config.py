@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..cli import finite_float, int_tuple, positive_int
 from ..presets import MODEL_FIELDS, PRESETS, preset_config
-from ..schedulers import METHODS
+from ..schedulers import DEFAULT_METHOD, DEFAULT_STEPS, METHODS
 
 # Training defaults per preset (a flag overrides any of them).
 TRAIN_DEFAULTS: dict[str, dict] = {
@@ -115,8 +115,9 @@ class TrainConfig:
     sample_every: int = flag(500, "steps between sample grids", type=positive_int)
     log_every: int = flag(10, "steps between metrics.csv rows", type=positive_int)
     sample_n: int = flag(16, "images per sample grid", type=positive_int)
-    sample_method: str = flag("ddpm", "sampler of the grids and of --eval-every", choices=METHODS)
-    sample_steps: int = flag(50, "sampler steps of the grids (DDIM)", type=positive_int)
+    sample_method: str = flag(DEFAULT_METHOD, "sampler of the grids and of --eval-every", choices=METHODS)
+    sample_steps: int = flag(DEFAULT_STEPS, "sampler steps of the grids and of --eval-every (ddpm: all T)",
+                             type=positive_int)
     sample_clip_x0: bool = flag(True, "clamp the predicted x0 to [-1, 1] in the grids and --eval-every")
     eval_every: int = flag(0, "steps between KID/FID evaluations (0: off)", type=int)
     eval_samples: int = flag(256, "samples of each KID/FID evaluation", type=positive_int)
