@@ -17,10 +17,9 @@ from pathlib import Path
 
 import torch
 
-from .diffusion import GaussianDiffusion
+from .diffusion import PREDICTIONS, GaussianDiffusion
 from .model import AttnBlock, ResBlock, UNet
 
-PREDICTION = "epsilon"  # ddpm-fast's models predict the noise
 VARIANCE_TYPES = {"beta": "fixed_large", "posterior": "fixed_small"}
 # Our sampler names -> diffusers' classes. No Euler: its inputs need scaling (init_noise_sigma,
 # scale_model_input) that DDPMPipeline does not do, so it cannot drive a DDPMPipeline folder.
@@ -30,7 +29,7 @@ CONFIG_KEY = "ddpm_fast_config"  # the run's config, in a .safetensors file's me
 
 # UNet2DModel settings our UNet has one value (or two) of.
 _FIXED = (("in_channels", (3,)), ("out_channels", (3,)), ("center_input_sample", (False,)),
-          ("time_embedding_type", ("positional",)), ("class_embed_type", (None,)), ("num_class_embeds", (None,)),
+          ("time_embedding_type", ("positional",)), ("class_embed_type", (None,)),
           ("mid_block_type", ("UNetMidBlock2D",)), ("mid_block_scale_factor", (1,)), ("downsample_type", ("conv",)),
           ("upsample_type", ("conv",)), ("resnet_time_scale_shift", ("default",)), ("add_attention", (True,)),
           ("act_fn", ("silu", "swish")), ("downsample_padding", (0, 1)))
@@ -48,6 +47,8 @@ def diffusers_config(model: UNet) -> dict:
     c = model.config
     if c["act"] != "silu":
         raise ValueError(f"act={c['act']!r} does not map to diffusers' UNet2DModel (silu only)")
+    if c.get("norm", "group") != "group":
+        raise ValueError(f"norm={c['norm']!r} does not map to diffusers' UNet2DModel (GroupNorm only)")
     widths = [c["ch"] * m for m in c["ch_mult"]]
     if any(w % c["num_groups"] for w in widths):
         raise ValueError(f"num_groups={c['num_groups']} does not divide every width {widths}: diffusers' GroupNorm "
@@ -58,7 +59,9 @@ def diffusers_config(model: UNet) -> dict:
                 down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
                 up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
                 norm_num_groups=c["num_groups"], norm_eps=c["norm_eps"], downsample_padding=c["downsample_padding"],
-                attention_head_dim=c["attn_head_dim"], freq_shift=c["freq_shift"], flip_sin_to_cos=False)
+                attention_head_dim=c["attn_head_dim"], freq_shift=c["freq_shift"], flip_sin_to_cos=False,
+                # our null class (classifier-free guidance's) is diffusers' last label
+                num_class_embeds=c["num_classes"] + 1 if c.get("num_classes") else None)
 
 
 def unet_config(cfg: dict) -> dict:
@@ -91,12 +94,13 @@ def unet_config(cfg: dict) -> dict:
                 attn_res=tuple(size // 2**i for i, a in enumerate(attn) if a), num_res_blocks=cfg["layers_per_block"],
                 dropout=cfg.get("dropout", 0.0), act="silu", num_groups=cfg["norm_num_groups"],
                 norm_eps=cfg["norm_eps"], downsample_padding=cfg["downsample_padding"], attn_head_dim=head,
-                freq_shift=cfg["freq_shift"])
+                freq_shift=cfg["freq_shift"], num_classes=(cfg.get("num_class_embeds") or 1) - 1)
 
 
 def _key_map(model: UNet) -> dict[str, tuple[str, ...]]:
     """Each of our parameter names -> the diffusers name(s) holding it (our fused qkv: to_q, to_k, to_v)."""
     prefixes = {"temb.0": "time_embedding.linear_1", "temb.2": "time_embedding.linear_2", "conv_in": "conv_in",
+                "class_emb": "class_embedding",
                 "norm_out": "conv_norm_out", "conv_out": "conv_out", "mid.0": "mid_block.resnets.0",
                 "mid.1": "mid_block.attentions.0", "mid.2": "mid_block.resnets.1"}
     for side in ("down", "up"):
@@ -162,8 +166,7 @@ def _import(unet, scheduler) -> tuple[UNet, GaussianDiffusion, dict]:
     model.load_state_dict({ours: torch.cat([theirs[n] for n in names]).reshape(shapes[ours])
                            for ours, names in _key_map(model).items()})
     schedule = schedule_of(scheduler if scheduler is not None else DDPMScheduler())
-    diffusion = GaussianDiffusion(schedule["schedule"], schedule["timesteps"])
-    return model.eval(), diffusion, {"model": model.config, **schedule, "data": None}
+    return model.eval(), GaussianDiffusion.from_config(schedule), {"model": model.config, **schedule, "data": None}
 
 
 # -- schedules -------------------------------------------------------------------------------------
@@ -179,8 +182,9 @@ def make_scheduler(diffusion: GaussianDiffusion, name: str = "ddpm", variance: s
         raise ValueError("schedule 'continuous' has no diffusers scheduler: its model is given real times "
                          "T * (1 - alpha-bar), not step indices")
     # diffusers' squaredcos_cap_v2 is our cosine bit for bit; its linear is float32 arithmetic, a few
-    # ulps off ours (and unclipped for T < 50), so the linear betas are carried themselves.
-    betas = (dict(beta_schedule="squaredcos_cap_v2") if diffusion.schedule == "cosine" else
+    # ulps off ours (and unclipped for T < 50), so the linear (and any rescaled) betas are carried themselves.
+    plain_cosine = diffusion.schedule == "cosine" and not diffusion.zero_terminal_snr
+    betas = (dict(beta_schedule="squaredcos_cap_v2") if plain_cosine else
              dict(beta_schedule="linear", beta_start=diffusion.betas[0].item(), beta_end=diffusion.betas[-1].item(),
                   trained_betas=diffusion.betas.tolist()))
     settings = {"ddpm": dict(variance_type=VARIANCE_TYPES[variance], clip_sample=clip_x0),
@@ -188,16 +192,17 @@ def make_scheduler(diffusion: GaussianDiffusion, name: str = "ddpm", variance: s
                 "ddim": dict(clip_sample=clip_x0, set_alpha_to_one=True, timestep_spacing="linspace"),
                 "dpmpp_2m": dict(algorithm_type="dpmsolver++", solver_order=2),
                 "unipc": {}}[name]
-    return getattr(diffusers, SCHEDULERS[name])(num_train_timesteps=diffusion.timesteps, prediction_type=PREDICTION,
-                                                **betas, **settings)
+    return getattr(diffusers, SCHEDULERS[name])(num_train_timesteps=diffusion.timesteps,
+                                                prediction_type=diffusion.prediction, **betas, **settings)
 
 
 def schedule_of(scheduler) -> dict:
-    """{schedule, timesteps, variance, sample_clip_x0} of a diffusers scheduler; a ValueError naming
-    the first field that does not map."""
+    """{schedule, timesteps, zero_terminal_snr, prediction, variance, sample_clip_x0} of a diffusers
+    scheduler; a ValueError naming the first field that does not map."""
     c = scheduler.config
-    if c.get("prediction_type", PREDICTION) != PREDICTION:
-        raise _unmapped("prediction_type", c["prediction_type"], "ddpm-fast's models predict the noise (epsilon)")
+    prediction = c.get("prediction_type", "epsilon")
+    if prediction not in PREDICTIONS:
+        raise _unmapped("prediction_type", prediction, f"ddpm-fast's models predict {', '.join(PREDICTIONS)}")
     if c.get("thresholding"):
         raise _unmapped("thresholding", True, "ddpm-fast clips x0 to [-1, 1] or not at all")
     clip = bool(c.get("clip_sample", True))
@@ -207,10 +212,13 @@ def schedule_of(scheduler) -> dict:
     if variance is None:
         raise _unmapped("variance_type", c["variance_type"], f"ddpm-fast has {' and '.join(VARIANCE_TYPES.values())}")
     betas = scheduler.betas.double()
-    for schedule in ("linear", "cosine"):
-        ours = GaussianDiffusion(schedule, len(betas)).betas
+    for schedule, zero_snr in (("linear", False), ("cosine", False), ("linear", True), ("cosine", True)):
+        if zero_snr and prediction == "epsilon":
+            continue  # ddpm-fast rescales to zero terminal SNR for v or x0 prediction only
+        ours = GaussianDiffusion(schedule, len(betas), prediction=prediction, zero_terminal_snr=zero_snr).betas
         if torch.allclose(betas, ours, rtol=1e-5, atol=0):  # float32 storage: a few ulps
-            return dict(schedule=schedule, timesteps=len(betas), variance=variance, sample_clip_x0=clip)
+            return dict(schedule=schedule, timesteps=len(betas), zero_terminal_snr=zero_snr, prediction=prediction,
+                        variance=variance, sample_clip_x0=clip)
     field = "trained_betas" if c.get("trained_betas") is not None else "beta_schedule"
     raise _unmapped(field, c[field] if field == "beta_schedule" else "[...]",
                     f"its betas are neither ddpm-fast's linear nor its cosine schedule for T={len(betas)}")
@@ -259,7 +267,7 @@ def load(path: str | Path) -> tuple[UNet, GaussianDiffusion, dict]:
     cfg = json.loads(meta[CONFIG_KEY])
     model = UNet(**cfg["model"])
     model.load_state_dict(state)
-    return model.eval(), GaussianDiffusion(cfg["schedule"], cfg["timesteps"]), cfg
+    return model.eval(), GaussianDiffusion.from_config(cfg), cfg
 
 
 def _read_folder(p: Path):
@@ -290,4 +298,6 @@ def load_weights_for_init(path: str | Path) -> tuple[dict, dict, dict]:
     from .training.checkpoint import load_model
 
     model, diffusion, _ = load_model(path)
-    return model.config, model.state_dict(), {"schedule": diffusion.schedule, "timesteps": diffusion.timesteps}
+    return model.config, model.state_dict(), {"schedule": diffusion.schedule, "timesteps": diffusion.timesteps,
+                                              "prediction": diffusion.prediction,
+                                              "zero_terminal_snr": diffusion.zero_terminal_snr}

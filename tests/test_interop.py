@@ -180,7 +180,8 @@ def test_round_trips_are_bit_identical(tmp_path):
     assert all(torch.equal(again.state_dict()[k], v) for k, v in theirs.state_dict().items())
 
     config, state, schedule = interop.load_weights_for_init(tmp_path / "pipe")
-    assert config == ema.config and schedule == {"schedule": "linear", "timesteps": 20}
+    assert config == ema.config and schedule == {"schedule": "linear", "timesteps": 20, "prediction": "epsilon",
+                                                 "zero_terminal_snr": False}
     assert all(torch.equal(state[k], v) for k, v in ema.state_dict().items())
 
 
@@ -223,7 +224,7 @@ def test_sample_and_evaluate_clis_on_exported_folder(tmp_path):
 # -- what does not map -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("field,value", [
     ("in_channels", 1), ("center_input_sample", True), ("time_embedding_type", "fourier"),
-    ("class_embed_type", "timestep"), ("num_class_embeds", 10), ("mid_block_scale_factor", 2.0),
+    ("class_embed_type", "timestep"), ("mid_block_scale_factor", 2.0),
     ("resnet_time_scale_shift", "scale_shift"), ("add_attention", False), ("act_fn", "mish"),
     ("block_out_channels", (16, 24)), ("time_embedding_dim", 32),
     ("down_block_types", ("ResnetDownsampleBlock2D", "AttnDownBlock2D")),
@@ -234,12 +235,39 @@ def test_unmapped_unet_config_names_the_field(field, value):
         interop.from_diffusers(UNet2DModel(**SMALL | {field: value}))
 
 
-@pytest.mark.parametrize("field,value", [("prediction_type", "v_prediction"), ("beta_schedule", "scaled_linear"),
+@pytest.mark.parametrize("field,value", [("prediction_type", "score"), ("beta_schedule", "scaled_linear"),
                                          ("variance_type", "learned_range"), ("thresholding", True),
                                          ("clip_sample_range", 2.0)])
 def test_unmapped_scheduler_names_the_field(field, value):
     with pytest.raises(ValueError, match=f"field {field}="):
         interop.from_diffusers(UNet2DModel(**SMALL), DDPMScheduler(**{field: value}))
+
+
+def test_class_conditional_model_maps_both_ways():
+    """Our class embedding is diffusers' num_class_embeds one, our null class its last label."""
+    torch.manual_seed(0)
+    ours = UNet(**SMALL_OURS, num_classes=3)
+    with torch.no_grad():
+        ours.class_emb.weight.normal_()
+    unet, _ = interop.to_diffusers(ours, GaussianDiffusion())
+    assert unet.config.num_class_embeds == 4
+    x, t, y = torch.randn(4, 3, 8, 8), torch.tensor([3, 500, 999, 0]), torch.tensor([0, 1, 2, 3])
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(x, t, y), unet.eval()(x, t, class_labels=y).sample, rtol=1e-5, atol=1e-5)
+    back, _ = interop.from_diffusers(unet)
+    assert back.num_classes == 3
+    for k, v in ours.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+
+
+@pytest.mark.parametrize("prediction,zero_snr", [("v_prediction", False), ("v_prediction", True), ("sample", False)])
+def test_prediction_type_and_zero_terminal_snr_travel_with_the_scheduler(prediction, zero_snr):
+    d = GaussianDiffusion("cosine", 100, prediction=prediction, zero_terminal_snr=zero_snr)
+    _, sched = interop.to_diffusers(UNet(**SMALL_OURS), d)
+    assert sched.config.prediction_type == prediction
+    _, back = interop.from_diffusers(UNet2DModel(**SMALL), sched)
+    assert (back.prediction, back.zero_terminal_snr, back.schedule) == (prediction, zero_snr, "cosine")
+    torch.testing.assert_close(back.betas, d.betas, rtol=1e-5, atol=0)
 
 
 def test_unmapped_folder_and_run_errors(tmp_path, capsys):

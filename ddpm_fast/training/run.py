@@ -155,7 +155,8 @@ def start_weights(cfg: TrainConfig) -> dict:
 
     model_config, weights, schedule = load_weights_for_init(cfg.init_from)
     cfg.model = dict(model_config, num_classes=cfg.model.get("num_classes", 0))
-    cfg.schedule, cfg.timesteps = schedule["schedule"], schedule["timesteps"]
+    for name in ("schedule", "timesteps", "prediction", "zero_terminal_snr"):  # the weights' own diffusion
+        setattr(cfg, name, schedule[name])
     print(f"initialised from {cfg.init_from}: {sum(w.numel() for w in weights.values()) / 1e6:.2f}M weights, "
           f"schedule {cfg.schedule}, T {cfg.timesteps}", flush=True)
     return weights
