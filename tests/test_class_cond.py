@@ -153,3 +153,50 @@ def test_guidance_errors_are_clear():
         FastSampler(ToyConditional(), d, method="ddim", steps=2, cfg_scale=2.0).sample(2, 4)
     with pytest.raises(ValueError, match=r"class labels must be in 0\.\.2"):
         FastSampler(ToyConditional(), d, method="ddim", steps=2).sample(2, 4, classes=3)
+
+
+def test_label_dropout_replaces_the_share_asked_for_with_the_null_class():
+    """The train step hands the model its labels with a cond_drop share replaced by the null class."""
+    from ddpm_fast import GaussianDiffusion
+    from ddpm_fast.plan import ExecutionPlan
+    from ddpm_fast.training.ema import EMA
+    from ddpm_fast.training.step import TrainStep, make_lr_scheduler, make_optimizer
+
+    model = ToyConditional()
+    seen = []
+    real = model.forward
+    model.forward = lambda x, t, y: (seen.append(y.clone()), real(x, t, y))[1]
+    plan = ExecutionPlan()
+    opt = make_optimizer(model, 1e-3, plan)
+    step = TrainStep(model, GaussianDiffusion("linear", 10), opt, make_lr_scheduler(opt, 1e-3, 0, "constant", 50),
+                     EMA(model, 0.9), plan, 1.0, torch.Generator().manual_seed(0), cond_drop=0.25)
+    y = torch.tensor([0, 1, 2, 1] * 250)
+    for s in range(4):
+        step(s, (torch.randn(1000, 3, 2, 2), y))
+    got = torch.stack(seen)
+    dropped = got == 3
+    assert abs(dropped.float().mean().item() - 0.25) < 0.03
+    assert torch.equal(got[~dropped], y.expand_as(got)[~dropped])  # the rest keep their own label
+    assert not torch.equal(dropped[0], dropped[1])  # drawn afresh each step
+
+
+def test_conditional_run_keeps_its_classes_through_checkpoint_resume_and_export(tmp_path, capsys):
+    import importlib
+
+    from ddpm_fast.training.checkpoint import load_checkpoint, load_model
+
+    train_cli = importlib.import_module("ddpm_fast.train")
+    sample_cli = importlib.import_module("ddpm_fast.sample")
+    small = ["--class-cond", "--image-size", "8", "--ch-mult", "1,2", "--attn-res", "4", "--batch-size", "8",
+             "--workers", "0", "--timesteps", "20", "--sample-n", "4", "--sample-steps", "3", "--out", str(tmp_path / "r")]
+    assert train_cli.main(small + ["--steps", "2"]) == 0
+    assert "classes (4, training images): face" in capsys.readouterr().out
+    ck = load_checkpoint(tmp_path / "r")
+    assert tuple(ck["config"]["class_names"]) == ("face", "circle", "square", "triangle")
+    assert ck["config"]["model"]["num_classes"] == 4 and ck["model"]["class_emb.weight"].shape[0] == 5
+    assert train_cli.main(small + ["--steps", "3", "--resume"]) == 0
+    model, _, cfg = load_model(tmp_path / "r")
+    assert model.num_classes == 4 and tuple(cfg["class_names"]) == ("face", "circle", "square", "triangle")
+    assert sample_cli.main(["--ckpt", str(tmp_path / "r"), "--class", "square", "--class", "face", "--n", "2",
+                            "--cfg-scale", "2", "--out", str(tmp_path / "g.png")]) == 0
+    assert Image.open(tmp_path / "g.png").size == (2 * 10 + 2, 2 * 10 + 2)  # a row per class

@@ -287,3 +287,24 @@ def test_unmapped_folder_and_run_errors(tmp_path, capsys):
     make_run(tmp_path / "run", "continuous")
     assert export_cli.main(["--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "pipe")]) == 2
     assert "continuous" in capsys.readouterr().err
+
+
+def test_train_init_from_a_diffusers_folder_fine_tunes_its_weights(tmp_path, capsys):
+    """--init-from: the run starts from the folder's weights and schedule, with a fresh optimizer,
+    and trains; a class-conditional fine-tune of an unconditional model starts its class embedding fresh."""
+    from ddpm_fast.training.config import TrainConfig
+    from ddpm_fast.training.run import build_run
+
+    _, ema, _ = make_run(tmp_path / "run", schedule="cosine", timesteps=30)
+    assert export_cli.main(["--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "pipe")]) == 0
+    run = build_run(TrainConfig(init_from=str(tmp_path / "pipe"), batch_size=4, steps=2, workers=0,
+                                out=str(tmp_path / "ft")))
+    assert "initialised from" in capsys.readouterr().out
+    assert (run.diffusion.schedule, run.diffusion.timesteps) == ("cosine", 30)
+    assert run.net.config == ema.config and run.step == 0 and not run.opt.state
+    assert all(torch.equal(run.net.state_dict()[k], v) for k, v in ema.state_dict().items())
+    train_cli = importlib.import_module("ddpm_fast.train")
+    assert train_cli.main(["--init-from", str(tmp_path / "pipe"), "--batch-size", "4", "--steps", "2", "--workers",
+                           "0", "--sample-n", "2", "--class-cond", "--out", str(tmp_path / "ft2")]) == 0
+    model, _, cfg = load_model(tmp_path / "ft2")
+    assert model.num_classes == 4 and cfg["init_from"] == str(tmp_path / "pipe")
