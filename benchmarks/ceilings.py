@@ -6,13 +6,11 @@ rate, each the median of CUDA-event timings on random data (zeros run faster and
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 import torch
 
-from benchmarks.common import median_ms
+from benchmarks.common import median_ms, write_json
 
 
 def copy_GBps(nbytes: int = 2 << 30) -> dict:
@@ -42,8 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{res['gpu']}: copy {res['copy_GBps']:.0f} GB/s (read+write), "
           f"bf16 matmul {res['bf16_matmul_TFLOPs']:.0f} TFLOP/s")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"ceilings": res}, indent=1))
+        write_json(args.json, {"ceilings": res})
     return 0
 
 

@@ -1,23 +1,25 @@
-"""Shared pieces of the micro-benchmarks: the anime64 cases, one timing helper (median of CUDA-event
-timings through `triton.testing.do_bench` on a GPU, a host-clock median on the CPU), a correctness
-gate (a wrong kernel is never timed, so never picked) and the rows the suite's JSON holds.
+"""Shared pieces of the benchmarks: the device and its timers, the environment of a measurement,
+the JSON writers, and the micro-benchmarks' anime64 cases (timed as the median of CUDA-event
+timings through `triton.testing.do_bench` on a GPU, a host-clock median on the CPU) behind a
+correctness gate (a wrong kernel is never timed, so never picked).
 
-On a GPU every case runs at the real shapes, batch 128. On the CPU (only with DDPM_BENCH_CPU=1,
-for the committed CPU measurement `auto` reads on a CPU) the batch is DDPM_BENCH_BATCH (default 8)
-and Triton is not measured: it never runs on the CPU outside tests."""
+On a GPU every micro-benchmark case runs at the real shapes, batch 128. On the CPU (only with
+DDPM_BENCH_CPU=1, for the committed CPU measurement `auto` reads on a CPU) the batch is
+DDPM_BENCH_BATCH (default 8) and Triton is not measured: it never runs on the CPU outside tests."""
 from __future__ import annotations
 
 import datetime
 import functools
 import importlib
 import json
+import math
 import os
 import platform
 import statistics
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch._dynamo
@@ -41,209 +43,57 @@ COEF = [1.02, 0.2, 0.4, 0.6, 0.0, 0.0, 0.0, 0.1]
 TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 1e-2, torch.float32: 1e-4}
 
 
-class Unavailable(Exception):
-    """The backend is not built or does not provide the op here (recorded, not an error)."""
-
-
-def batch_size(default: int = 128) -> int:
-    return default if ON_GPU else int(os.environ.get("DDPM_BENCH_BATCH", "8"))
-
-
-def cpu_enabled() -> bool:
-    return os.environ.get("DDPM_BENCH_CPU") == "1"
-
-
-def median_ms(fn: Callable[[], object], grad_to_none: list[torch.Tensor] | None = None,
-              warmup_ms: float = 25, rep_ms: float = 100) -> float:
-    """Median time of fn() in milliseconds. GPU: CUDA events per call, L2 flushed between calls."""
-    if ON_GPU:
-        from triton.testing import do_bench
-        return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none, return_mode="median"))
-    fn()  # warm-up: first-call allocations and dispatch caches stay out of the numbers
-    times = []
-    deadline = time.perf_counter() + rep_ms / 1e3
-    while len(times) < 3 or (time.perf_counter() < deadline and len(times) < 50):
-        if grad_to_none:
-            for t in grad_to_none:
-                t.grad = None
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
+# --- the device, its timers, the environment and the JSON of the end-to-end benchmarks ---------
 
 def sync() -> None:
     if ON_GPU:
         torch.cuda.synchronize()
 
 
-def backends(op: str) -> list[str]:
-    """Backends measured for `op` here: the reference first, torch.compile last (its compiles are
-    the slow part: a run cut off by its time cap has measured the kernels already)."""
-    out = ["torch"]
+def synced(fn: Callable[[], object]) -> Callable[[], None]:
+    """fn followed by a device sync, for timers that read the host clock (pytest-benchmark)."""
+    def call() -> None:
+        fn()
+        sync()
+    return call
+
+
+def timed(fn: Callable[[], object]) -> tuple[object, float]:
+    """(fn(), its seconds), synchronised on both sides so queued device work is counted."""
+    sync()
+    t0 = time.perf_counter()
+    out = fn()
+    sync()
+    return out, time.perf_counter() - t0
+
+
+def forever(loader, epoch: int = 0) -> Iterator:
+    """The loader's batches epoch after epoch, from `epoch` on."""
+    while True:
+        loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if ON_GPU else "cpu"
+
+
+def bench_env(**settings) -> dict:
+    """The `env` of an end-to-end benchmark's JSON: the device, torch, and the module's settings."""
+    return {"device": device_name(), "torch": torch.__version__, **settings}
+
+
+def allow_tf32() -> None:
+    """TF32 matmuls and convolutions on a GPU, as the original (seed-style) script runs them."""
     if ON_GPU:
-        out.append("triton")
-    out.append("cpp")
-    if op == "group_norm_act" and ON_GPU:
-        out.append("compile")  # auto's pick must also beat the compiled reference
-    return out
-
-
-def op_function(op: str, backend: str) -> Callable:
-    """The op as called through ddpm_fast.ops with that backend, or the compiled reference."""
-    from ddpm_fast import ops
-    from ddpm_fast.ops import reference
-    if backend == "compile":
-        return torch.compile(getattr(reference, op), dynamic=False)
-    if backend != "torch":
-        try:
-            mod = importlib.import_module(f"ddpm_fast.ops.{backend}")
-            getattr(mod, op)
-        except (ImportError, AttributeError, RuntimeError, OSError) as e:
-            raise Unavailable(f"{backend}: {type(e).__name__}: {e}") from e
-    if op == "group_norm_act":
-        return lambda x, g, w, b: ops.group_norm_act(x, g, w, b, 1e-5, None, "silu", backend=backend)
-    if op == "attention":
-        return lambda q, k, v: ops.attention(q, k, v, backend=backend)
-    return lambda x, e, c, clip, noise: ops.sampling_update(x, e, c, clip, (), None, noise, backend=backend)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
-def _row(op, direction, shape, dtype, backend, shape_key, **kw) -> dict:
-    return {"op": op, "direction": direction, "shape": list(shape), "shape_key": shape_key,
-            "dtype": str(dtype).removeprefix("torch."), "backend": backend, "status": "ok", "error": None,
-            "ms": None, "bytes": None, "GBps": None, "flops": None, "TFLOPs": None, **kw}
-
-
-def _finish(row: dict, ms: float) -> dict:
-    row["ms"] = ms
-    if row["bytes"]:
-        row["GBps"] = row["bytes"] / ms / 1e6
-    if row["flops"]:
-        row["TFLOPs"] = row["flops"] / ms / 1e9
-    return row
-
-
-def _check(row: dict, got: list[torch.Tensor], want: list[torch.Tensor], dtype: torch.dtype) -> bool:
-    errs = [rel_err(g, w) for g, w in zip(got, want)]
-    if not all(e <= TOLERANCE[dtype] for e in errs):  # NaN fails too
-        row.update(status="mismatch", error=f"relative L2 error {max(errs):.3g} > {TOLERANCE[dtype]}")
-        return False
-    return True
-
-
-def bench_group_norm(backend: str, C: int, H: int, W: int, direction: str,
-                     dtype: torch.dtype = torch.bfloat16) -> tuple[dict, Callable | None]:
-    """GroupNorm(32)+SiLU on (B, C, H, W) channels_last; returns the row and the timed callable."""
-    from ddpm_fast.ops.auto import shape_key
-    B = batch_size()
-    shape = (B, C, H, W)
-    n = B * C * H * W * dtype.itemsize
-    # minimal traffic: fwd reads x, writes y; bwd reads x and dy, writes dx
-    row = _row("group_norm_act", direction, shape, dtype, backend, shape_key("group_norm_act", shape),
-               bytes=2 * n if direction == "fwd" else 5 * n)
-    fn = _guard(row, lambda: op_function("group_norm_act", backend))
-    if fn is None:
-        return row, None
-    x = torch.randn(shape, device=DEVICE, dtype=dtype).contiguous(memory_format=torch.channels_last)
-    w = (1 + 0.1 * torch.randn(C, device=DEVICE)).requires_grad_(direction != "fwd")
-    b = (0.1 * torch.randn(C, device=DEVICE)).requires_grad_(direction != "fwd")
-    ref = op_function("group_norm_act", "torch")
-    if direction == "fwd":
-        if not _guard(row, lambda: _check(row, [fn(x, NUM_GROUPS, w, b)], [ref(x, NUM_GROUPS, w, b)], dtype)):
-            return row, None
-        timed = lambda: fn(x, NUM_GROUPS, w, b)  # noqa: E731
-        return _finish(row, median_ms(timed)), timed
-    x.requires_grad_(True)
-    dy = torch.randn_like(x)
-
-    def step(f):
-        for t in (x, w, b):
-            t.grad = None
-        f(x, NUM_GROUPS, w, b).backward(dy)
-        return [x.grad.clone(), w.grad.clone()]
-    if not _guard(row, lambda: _check(row, step(fn), step(ref), dtype)):
-        return row, None
-    timed = lambda: fn(x, NUM_GROUPS, w, b).backward(dy)  # noqa: E731
-    return _finish(row, median_ms(timed, grad_to_none=[x, w, b])), timed
-
-
-def bench_attention(backend: str, B: int, heads: int, L: int, d: int, direction: str,
-                    dtype: torch.dtype = torch.bfloat16) -> tuple[dict, Callable | None]:
-    from ddpm_fast.ops.auto import shape_key
-    if not ON_GPU:
-        B = min(B, batch_size())
-    shape = (B, heads, L, d)
-    fwd_flops = 4 * B * heads * L * L * d
-    # backward = 2.5 forwards (the FlashAttention papers' count, recomputation excluded)
-    row = _row("attention", direction, shape, dtype, backend, shape_key("attention", shape),
-               flops=fwd_flops if direction == "fwd" else int(3.5 * fwd_flops))
-    fn = _guard(row, lambda: op_function("attention", backend))
-    if fn is None:
-        return row, None
-    grad = direction != "fwd"
-    q, k, v = (torch.randn(shape, device=DEVICE, dtype=dtype).requires_grad_(grad) for _ in range(3))
-    ref = op_function("attention", "torch")
-    if not grad:
-        if not _guard(row, lambda: _check(row, [fn(q, k, v)], [ref(q, k, v)], dtype)):
-            return row, None
-        timed = lambda: fn(q, k, v)  # noqa: E731
-        return _finish(row, median_ms(timed)), timed
-    do = torch.randn(shape, device=DEVICE, dtype=dtype)
-
-    def grads(f, inputs):
-        f(*inputs).backward(do.to(inputs[0].dtype))
-        return [t.grad for t in inputs]
-    # gradients against float32 maths: a bf16 reference's own rounding would eat the tolerance
-    upcast = [t.detach().float().requires_grad_(True) for t in (q, k, v)]
-    if not _guard(row, lambda: _check(row, grads(fn, (q, k, v)), grads(ref, upcast), dtype)):
-        return row, None
-    timed = lambda: fn(q, k, v).backward(do)  # noqa: E731
-    return _finish(row, median_ms(timed, grad_to_none=[q, k, v])), timed
-
-
-def bench_sampling_update(backend: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32
-                          ) -> tuple[dict, Callable | None]:
-    """One DDPM step with in-kernel noise (noise=None), as the sampler calls it: no history, no base."""
-    if not ON_GPU:
-        shape = (min(shape[0], batch_size()),) + tuple(shape[1:])
-    n = 1
-    for s in shape:
-        n *= s
-    # minimal traffic: read x and model_out, write out and x0 (the noise is drawn in-kernel)
-    row = _row("sampling_update", "fwd", shape, dtype, backend, "any", bytes=4 * n * dtype.itemsize)
-    fn = _guard(row, lambda: op_function("sampling_update", backend))
-    if fn is None:
-        return row, None
-    x, eps, noise = (torch.randn(shape, device=DEVICE, dtype=dtype) for _ in range(3))
-    coef = torch.tensor(COEF, device=DEVICE)
-    ref = op_function("sampling_update", "torch")
-    # with the same explicit noise every backend computes the same step: out and x0 both checked
-    if not _guard(row, lambda: _check(row, list(fn(x, eps, coef, True, noise)), list(ref(x, eps, coef, True, noise)),
-                                      dtype)):
-        return row, None
-    timed = lambda: fn(x, eps, coef, True, None)  # noqa: E731
-    return _finish(row, median_ms(timed)), timed
-
-
-def _guard(row: dict, thunk: Callable):
-    """Run thunk; an unavailable backend or an exception becomes the row's status."""
-    try:
-        return thunk()
-    except Unavailable as e:
-        row.update(status="unavailable", error=str(e)[:300])
-    except Exception as e:  # noqa: BLE001 - a failing kernel is a finding to record, the run goes on
-        row.update(status="error", error=f"{type(e).__name__}: {e}"[:300])
-    return None
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 @functools.lru_cache(maxsize=1)
 def environment() -> dict:
-    """What the numbers were measured on: device, class, driver, versions, date."""
+    """What the micro-benchmarks were measured on: device, class, driver, versions, date."""
     from ddpm_fast.ops.auto import device_class_of_name
     info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__, "python": platform.python_version(), "cuda": torch.version.cuda}
@@ -266,17 +116,189 @@ def environment() -> dict:
     return info
 
 
+def write_json(path: str | os.PathLike, payload: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1))
+    return path
+
+
 def write_rows(path: str | os.PathLike, rows: list[dict]) -> None:
     """The micro-benchmark part of the suite's JSON: {"env": ..., "micro": [rows]}."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps({"env": environment(), "micro": rows}, indent=1))
+    write_json(path, {"env": environment(), "micro": rows})
 
 
 def write_result(name: str, payload: dict) -> Path:
     """Write a benchmark module's JSON to $OUT/<name>.json when OUT is set (the GPU suite and the
     device machine), else benchmarks/results/<name>.json."""
     out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path(__file__).parent / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{name}.json"
-    path.write_text(json.dumps(payload, indent=1))
-    return path
+    return write_json(out_dir / f"{name}.json", payload)
+
+
+# --- the micro-benchmarks ----------------------------------------------------------------------
+
+class Unavailable(Exception):
+    """The backend is not built or does not provide the op here (recorded, not an error)."""
+
+
+def batch_size(default: int = 128) -> int:
+    return default if ON_GPU else int(os.environ.get("DDPM_BENCH_BATCH", "8"))
+
+
+def cpu_enabled() -> bool:
+    return os.environ.get("DDPM_BENCH_CPU") == "1"
+
+
+def median_ms(fn: Callable[[], object], grad_to_none: list[torch.Tensor] | None = None,
+              warmup_ms: float = 25, rep_ms: float = 100) -> float:
+    """Median time of fn() in milliseconds. GPU: CUDA events per call, L2 flushed between calls."""
+    if ON_GPU:
+        from triton.testing import do_bench
+        return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none, return_mode="median"))
+    fn()  # warm-up: first-call allocations and dispatch caches stay out of the numbers
+    times = []
+    deadline = time.perf_counter() + rep_ms / 1e3
+    while len(times) < 3 or (time.perf_counter() < deadline and len(times) < 50):
+        for t in grad_to_none or ():
+            t.grad = None
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def backends(op: str) -> list[str]:
+    """Backends measured for `op` here: the reference first, torch.compile last (its compiles are
+    the slow part: a run cut off by its time cap has measured the kernels already)."""
+    out = ["torch", *(["triton"] if ON_GPU else []), "cpp"]
+    if op == "group_norm_act" and ON_GPU:
+        out.append("compile")  # auto's pick must also beat the compiled reference
+    return out
+
+
+def op_function(op: str, backend: str) -> Callable:
+    """The op as called through ddpm_fast.ops with that backend, or the compiled reference."""
+    from ddpm_fast import ops
+    from ddpm_fast.ops import reference
+    if backend == "compile":
+        return torch.compile(getattr(reference, op), dynamic=False)
+    if backend != "torch":
+        try:
+            getattr(importlib.import_module(f"ddpm_fast.ops.{backend}"), op)
+        except (ImportError, AttributeError, RuntimeError, OSError) as e:
+            raise Unavailable(f"{backend}: {type(e).__name__}: {e}") from e
+    if op == "group_norm_act":
+        return lambda x, g, w, b: ops.group_norm_act(x, g, w, b, 1e-5, None, "silu", backend=backend)
+    if op == "attention":
+        return lambda q, k, v: ops.attention(q, k, v, backend=backend)
+    return lambda x, e, c, clip, noise: ops.sampling_update(x, e, c, clip, (), None, noise, backend=backend)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _row(op, direction, shape, dtype, backend, shape_key, **kw) -> dict:
+    return {"op": op, "direction": direction, "shape": list(shape), "shape_key": shape_key,
+            "dtype": str(dtype).removeprefix("torch."), "backend": backend, "status": "ok", "error": None,
+            "ms": None, "bytes": None, "GBps": None, "flops": None, "TFLOPs": None, **kw}
+
+
+def _guard(row: dict, thunk: Callable):
+    """Run thunk; an unavailable backend or an exception becomes the row's status."""
+    try:
+        return thunk()
+    except Unavailable as e:
+        row.update(status="unavailable", error=str(e)[:300])
+    except Exception as e:  # noqa: BLE001 - a failing kernel is a finding to record, the run goes on
+        row.update(status="error", error=f"{type(e).__name__}: {e}"[:300])
+    return None
+
+
+def _check(row: dict, got: list[torch.Tensor], want: list[torch.Tensor], dtype: torch.dtype) -> bool:
+    errs = [rel_err(g, w) for g, w in zip(got, want)]
+    if not all(e <= TOLERANCE[dtype] for e in errs):  # NaN fails too
+        row.update(status="mismatch", error=f"relative L2 error {max(errs):.3g} > {TOLERANCE[dtype]}")
+        return False
+    return True
+
+
+def _gated(row: dict, dtype: torch.dtype, outputs: Callable[[Callable], list[torch.Tensor]],
+           call: Callable[[Callable], Callable], reference: Callable[[Callable], list[torch.Tensor]] | None = None,
+           grad_to_none: Iterable[torch.Tensor] = ()) -> tuple[dict, Callable | None]:
+    """Check `outputs(op)` against `reference(ref)` (default: outputs(ref)), then time `call(op)`:
+    the row (ms and rates filled when it passed) and the timed callable (None when it did not)."""
+    fn = _guard(row, lambda: op_function(row["op"], row["backend"]))
+    ref = op_function(row["op"], "torch")
+    if fn is None or not _guard(row, lambda: _check(row, outputs(fn), (reference or outputs)(ref), dtype)):
+        return row, None
+    timed_call = call(fn)
+    row["ms"] = ms = median_ms(timed_call, grad_to_none=list(grad_to_none) or None)
+    if row["bytes"]:
+        row["GBps"] = row["bytes"] / ms / 1e6
+    if row["flops"]:
+        row["TFLOPs"] = row["flops"] / ms / 1e9
+    return row, timed_call
+
+
+def bench_group_norm(backend: str, C: int, H: int, W: int, direction: str,
+                     dtype: torch.dtype = torch.bfloat16) -> tuple[dict, Callable | None]:
+    """GroupNorm(32)+SiLU on (B, C, H, W) channels_last; returns the row and the timed callable."""
+    from ddpm_fast.ops.auto import shape_key
+    shape = (batch_size(), C, H, W)
+    n = math.prod(shape) * dtype.itemsize
+    # minimal traffic: fwd reads x, writes y; bwd reads x and dy, writes dx
+    row = _row("group_norm_act", direction, shape, dtype, backend, shape_key("group_norm_act", shape),
+               bytes=2 * n if direction == "fwd" else 5 * n)
+    grad = direction != "fwd"
+    x = torch.randn(shape, device=DEVICE, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(grad)
+    w = (1 + 0.1 * torch.randn(C, device=DEVICE)).requires_grad_(grad)
+    b = (0.1 * torch.randn(C, device=DEVICE)).requires_grad_(grad)
+    if not grad:
+        return _gated(row, dtype, lambda f: [f(x, NUM_GROUPS, w, b)], lambda f: lambda: f(x, NUM_GROUPS, w, b))
+    dy = torch.randn_like(x)
+
+    def step(f):
+        for t in (x, w, b):
+            t.grad = None
+        f(x, NUM_GROUPS, w, b).backward(dy)
+        return [x.grad.clone(), w.grad.clone()]
+    return _gated(row, dtype, step, lambda f: lambda: f(x, NUM_GROUPS, w, b).backward(dy), grad_to_none=(x, w, b))
+
+
+def bench_attention(backend: str, B: int, heads: int, L: int, d: int, direction: str,
+                    dtype: torch.dtype = torch.bfloat16) -> tuple[dict, Callable | None]:
+    from ddpm_fast.ops.auto import shape_key
+    shape = (B if ON_GPU else min(B, batch_size()), heads, L, d)
+    fwd_flops = 4 * math.prod(shape) * L
+    # backward = 2.5 forwards (the FlashAttention papers' count, recomputation excluded)
+    row = _row("attention", direction, shape, dtype, backend, shape_key("attention", shape),
+               flops=fwd_flops if direction == "fwd" else int(3.5 * fwd_flops))
+    grad = direction != "fwd"
+    q, k, v = (torch.randn(shape, device=DEVICE, dtype=dtype).requires_grad_(grad) for _ in range(3))
+    if not grad:
+        return _gated(row, dtype, lambda f: [f(q, k, v)], lambda f: lambda: f(q, k, v))
+    do = torch.randn(shape, device=DEVICE, dtype=dtype)
+
+    def grads(f, inputs):
+        f(*inputs).backward(do.to(inputs[0].dtype))
+        return [t.grad for t in inputs]
+    # gradients against float32 maths: a bf16 reference's own rounding would eat the tolerance
+    upcast = [t.detach().float().requires_grad_(True) for t in (q, k, v)]
+    return _gated(row, dtype, lambda f: grads(f, (q, k, v)), lambda f: lambda: f(q, k, v).backward(do),
+                  reference=lambda ref: grads(ref, upcast), grad_to_none=(q, k, v))
+
+
+def bench_sampling_update(backend: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32
+                          ) -> tuple[dict, Callable | None]:
+    """One DDPM step with in-kernel noise (noise=None), as the sampler calls it: no history, no base."""
+    if not ON_GPU:
+        shape = (min(shape[0], batch_size()),) + tuple(shape[1:])
+    # minimal traffic: read x and model_out, write out and x0 (the noise is drawn in-kernel)
+    row = _row("sampling_update", "fwd", shape, dtype, backend, "any", bytes=4 * math.prod(shape) * dtype.itemsize)
+    x, eps, noise = (torch.randn(shape, device=DEVICE, dtype=dtype) for _ in range(3))
+    coef = torch.tensor(COEF, device=DEVICE)
+    # with the same explicit noise every backend computes the same step: out and x0 both checked
+    return _gated(row, dtype, lambda f: list(f(x, eps, coef, True, noise)), lambda f: lambda: f(x, eps, coef, True, None))

@@ -33,10 +33,6 @@ def record(benchmark):
         assert row["status"] == "ok", row["error"]
         benchmark.group = f"{row['op']} {row['direction']} {row['dtype']} {row['shape']}"
         benchmark.extra_info.update({k: row[k] for k in ("backend", "GBps", "TFLOPs") if row[k] is not None})
-
-        def synced():
-            timed()
-            common.sync()
-        benchmark.pedantic(synced, rounds=5, warmup_rounds=1)
+        benchmark.pedantic(common.synced(timed), rounds=5, warmup_rounds=1)
     return _record
 

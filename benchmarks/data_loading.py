@@ -13,12 +13,10 @@ $OUT (when set) or benchmarks/results/.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import multiprocessing as mp
 import os
 import platform
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +25,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from ddpm_fast.data import build_loader, embedded_images, list_images, split_files
+from ddpm_fast.data.build import dali_installed
 from ddpm_fast.data.listing import validate_images
+
+from . import report_parts
+from .common import DEVICE, ON_GPU, device_name, timed, write_result
 
 SOURCE_SIZE = 96
 BASE_IMAGES = 4096  # distinct drawings; more files reuse them shifted by a few pixels
@@ -92,66 +94,29 @@ class _PlainDataset(Dataset):
         return x / 127.5 - 1.0
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_epoch(batches, device: torch.device, warmup_batches: int) -> tuple[int, float]:
-    """Images and seconds of one pass after `warmup_batches` untimed batches."""
-    it = iter(batches)
-    for _ in range(warmup_batches):
-        next(it)
-    _sync(device)
-    start, images = time.perf_counter(), 0
-    for x in it:
-        images += x.shape[0]
-    _sync(device)
-    return images, time.perf_counter() - start
-
-
-def bench_backend(name: str, root: Path, args, device: torch.device) -> dict:
-    start = time.perf_counter()
-    loader = build_loader(root, args.image_size, args.batch_size, backend=name, device=device,
-                          num_workers=args.workers)
-    setup = time.perf_counter() - start
-    # Warm-up: a few batches of epoch 0 (workers start, pipeline builds); time all of epoch 1.
-    n_warm = min(10, len(loader) - 1)
+def time_epoch(name: str, backend: str, loader, to_device, setup_s: float = 0.0, build_s: float = 0.0) -> dict:
+    """Warm up on a few batches of epoch 0 (workers start, pipelines build, the page cache fills),
+    then time all of epoch 1."""
     for i, _ in enumerate(loader):
-        if i + 1 >= n_warm:
+        if i + 1 >= min(10, len(loader) - 1):
             break
-    loader.set_epoch(1)
-    images, seconds = time_epoch(loader, device, 0)
-    return {"name": name, "backend": loader.backend, "images": images, "epoch_s": seconds,
-            "img_per_s": images / seconds, "setup_s": setup,
-            "cache_build_s": loader.build_seconds}
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(1)
+    images, seconds = timed(lambda: sum(to_device(x).shape[0] for x in loader))
+    return {"name": name, "backend": backend, "images": images, "epoch_s": seconds, "img_per_s": images / seconds,
+            "setup_s": setup_s, "cache_build_s": build_s}
 
 
-def bench_baseline(workers: int, files: list[Path], args, device: torch.device) -> dict:
-    ds = _PlainDataset(files, args.image_size)
-    dl = DataLoader(ds, batch_size=args.batch_size, shuffle=True, drop_last=True,
-                    num_workers=workers, pin_memory=device.type == "cuda",
-                    persistent_workers=True)
-    n_warm = min(10, len(dl) - 1)
-    for i, _ in enumerate(dl):  # epoch 0: worker start-up and page cache
-        if i + 1 >= n_warm:
-            break
-
-    def on_device():
-        for x in dl:
-            yield x.to(device, non_blocking=True)
-    images, seconds = time_epoch(on_device(), device, 0)
-    return {"name": f"baseline-pil-{workers}w", "backend": "baseline", "images": images,
-            "epoch_s": seconds, "img_per_s": images / seconds, "setup_s": 0.0,
-            "cache_build_s": 0.0}
+def bench_backend(name: str, root: Path, args) -> dict:
+    loader, setup = timed(lambda: build_loader(root, args.image_size, args.batch_size, backend=name, device=DEVICE,
+                                               num_workers=args.workers))
+    return time_epoch(name, loader.backend, loader, lambda x: x, setup, loader.build_seconds)
 
 
-def _dali_available() -> bool:
-    try:
-        import nvidia.dali  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def bench_baseline(workers: int, files: list[Path], args) -> dict:
+    dl = DataLoader(_PlainDataset(files, args.image_size), batch_size=args.batch_size, shuffle=True, drop_last=True,
+                    num_workers=workers, pin_memory=ON_GPU, persistent_workers=True)
+    return time_epoch(f"baseline-pil-{workers}w", "baseline", dl, lambda x: x.to(DEVICE, non_blocking=True))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,52 +133,37 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.quick and args.n == 57208:
         args.n = 512
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     if args.data is None:
         total = folder_size_for_epoch(args.n)
         base = args.workdir or Path(os.environ.get("TMPDIR", "/tmp")) / "ddpm_fast_bench"
-        t = time.perf_counter()
-        root = make_sources(base / f"jpeg{SOURCE_SIZE}-{total}", total)
-        print(f"sources: {total} JPEGs of {SOURCE_SIZE}x{SOURCE_SIZE} in {root} "
-              f"({time.perf_counter() - t:.1f} s)")
+        root, seconds = timed(lambda: make_sources(base / f"jpeg{SOURCE_SIZE}-{total}", total))
+        print(f"sources: {total} JPEGs of {SOURCE_SIZE}x{SOURCE_SIZE} in {root} ({seconds:.1f} s)")
     else:
         root = args.data
-    t = time.perf_counter()
-    files = split_files(validate_images(root).files, "train")
-    print(f"validated listing: {len(list_images(root))} files, train split {len(files)} "
-          f"({time.perf_counter() - t:.1f} s)")
+    files, seconds = timed(lambda: split_files(validate_images(root).files, "train"))
+    print(f"validated listing: {len(list_images(root))} files, train split {len(files)} ({seconds:.1f} s)")
 
-    backends = ["torch", "cache"] + (["dali"] if _dali_available() else [])
+    backends = ["torch", "cache"] + (["dali"] if dali_installed() else [])
     baseline_workers = [min(2, os.cpu_count() or 1)] if args.quick else [8, 16]
     results = []
     for name in backends:
         print(f"... {name}", flush=True)
-        results.append(bench_backend(name, root, args, device))
+        results.append(bench_backend(name, root, args))
     for w in baseline_workers:
         print(f"... baseline with {w} workers", flush=True)
-        results.append(bench_baseline(w, files, args, device))
+        results.append(bench_baseline(w, files, args))
 
-    name_w = max(len(r["name"]) for r in results)
-    print(f"\n{'loader':<{name_w}}  {'img/s':>9}  {'epoch s':>8}  {'one-time s':>10}")
-    for r in results:
-        print(f"{r['name']:<{name_w}}  {r['img_per_s']:>9.0f}  {r['epoch_s']:>8.2f}  "
-              f"{r['cache_build_s'] + r['setup_s']:>10.1f}")
     report = {
-        "benchmark": "data_loading", "device": torch.cuda.get_device_name(device)
-        if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+        "benchmark": "data_loading", "device": device_name() if ON_GPU else f"cpu ({os.cpu_count()} cores)",
         "torch": torch.__version__, "python": platform.python_version(),
         "image_size": args.image_size, "batch_size": args.batch_size, "source_size":
         SOURCE_SIZE if args.data is None else None, "train_images": len(files),
         "data": str(root), "results": results,
     }
-    out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else (
-        Path(__file__).resolve().parent / "results")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tag = "quick" if args.quick else ("cuda" if device.type == "cuda" else "cpu")
-    out = out_dir / f"data_loading-{tag}.json"
-    out.write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {out}")
+    print("\n" + report_parts.loading(report, {}))
+    tag = "quick" if args.quick else ("cuda" if ON_GPU else "cpu")
+    print(f"\nwrote {write_result(f'data_loading-{tag}', report)}")
     return 0
 
 

