@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import tempfile
 import time
 from pathlib import Path
@@ -30,7 +31,8 @@ from PIL import Image
 
 from ddpm_fast.data.embedded import embedded_images
 
-from .common import write_result
+from .common import forever, write_result
+from .report_parts import md_table
 
 # One change from the trainer's defaults each, as TrainConfig fields.
 CHANGES = {
@@ -100,23 +102,16 @@ def run_diffusers(data: Path, args) -> float:
                                                num_training_steps=args.steps)
     ema = EMAModel(unet.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4)
     loader = build_loader(str(data), 32, args.batch_size, seed=args.seed, num_workers=0)
-    step, epoch = 0, 0
-    while step < args.steps:
-        loader.set_epoch(epoch)
-        for x0 in loader:
-            noise = torch.randn_like(x0)
-            t = torch.randint(0, 1000, (x0.shape[0],))
-            loss = F.mse_loss(unet(sched.add_noise(x0, noise, t), t).sample, noise)
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-            opt.step()
-            lr_sched.step()
-            ema.step(unet.parameters())
-            step += 1
-            if step == args.steps:
-                break
-        epoch += 1
+    for x0 in itertools.islice(forever(loader), args.steps):
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, 1000, (x0.shape[0],))
+        loss = F.mse_loss(unet(sched.add_noise(x0, noise, t), t).sample, noise)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        lr_sched.step()
+        ema.step(unet.parameters())
     ema_unet = copy.deepcopy(unet)
     ema.copy_to(ema_unet.parameters())
     pipe = DDIMPipeline(unet=ema_unet, scheduler=DDIMScheduler.from_config(sched.config))
@@ -153,12 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     record("ddpm-fast", lambda: run_ours(data, args, {}))
     for name in (c for c in args.changes.split(",") if c):
         record(f"ddpm-fast + {name}", lambda: run_ours(data, args, CHANGES[name]))
-    lines = ["| run | mean abs(channel - grey), 0..255 |", "|---|---|"] + [
-        f"| {r['run']} | {r['colour_cast']:.2f} |" for r in rows]
+    table = md_table(["run", "mean abs(channel - grey), 0..255"], [[r["run"], f"{r['colour_cast']:.2f}"] for r in rows])
     path = write_result("colour_cast", {"env": vars(args) | {"workdir": str(args.workdir)}, "runs": rows})
     path.with_suffix(".md").write_text(
         f"{args.steps} steps at batch {args.batch_size}, lr {args.lr}, seed {args.seed}; {args.samples} DDIM-50 "
-        "samples of the EMA model.\n\n" + "\n".join(lines) + "\n")
+        f"samples of the EMA model.\n\n{table}\n")
     return 0
 
 

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from ddpm_fast.data import build_loader
 from ddpm_fast.data.build import load_labelled
 
-from .common import write_result
+from .common import DEVICE, write_result
+from .report_parts import md_table
 
 
 def classifier(num_classes: int) -> nn.Module:
@@ -68,32 +69,31 @@ def main(argv: list[str] | None = None) -> int:
     from ddpm_fast.training.checkpoint import load_model
     from ddpm_fast.training.logging import image_grid
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, diffusion, cfg = load_model(args.ckpt, device=device)
+    model, diffusion, cfg = load_model(args.ckpt, device=DEVICE)
     names = cfg.get("class_names")
     if not names:
         p.error(f"--ckpt {args.ckpt} is an unconditional run: train one with --class-cond")
     size, data = cfg["model"]["image_size"], cfg.get("data")
     t0 = time.perf_counter()
-    net = train_classifier(data, size, len(names), args.classifier_epochs, device, args.seed)
+    net = train_classifier(data, size, len(names), args.classifier_epochs, DEVICE, args.seed)
     test, test_labels, _ = load_labelled(data, size, "test")
-    test, test_labels = test.to(device), test_labels.to(device)
+    test, test_labels = test.to(DEVICE), test_labels.to(DEVICE)
     ref = {c: metrics.inception_features(test[test_labels == c]) for c in range(len(names))}
     result = {"classifier_test_accuracy": accuracy(net, test, test_labels),
               "classifier_s": round(time.perf_counter() - t0, 1), "scales": []}
-    gen = torch.Generator(device=device).manual_seed(args.seed)
-    x_T = torch.randn(args.n, 3, size, size, generator=gen, device=device)  # the same noise for every class and w
+    gen = torch.Generator(device=DEVICE).manual_seed(args.seed)
+    x_T = torch.randn(args.n, 3, size, size, generator=gen, device=DEVICE)  # the same noise for every class and w
     grids = []
     for w in (float(s) for s in args.scales.split(",")):
         sampler = FastSampler(model, diffusion, method=args.method, steps=args.steps, cfg_scale=w)
         row = {"w": w, "classes": {}}
         shown = []
         for c, name in enumerate(names):
-            images = sampler.sample(args.n, size, x_T=x_T, classes=torch.full((args.n,), c, device=device))
+            images = sampler.sample(args.n, size, x_T=x_T, classes=torch.full((args.n,), c, device=DEVICE))
             feats = metrics.inception_features(images)
             kid, kid_std = metrics.kid(ref[c], feats, subsets=50, subset_size=min(len(ref[c]), args.n), seed=args.seed)
             row["classes"][name] = {"kid": kid, "kid_std": kid_std,
-                                    "accuracy": accuracy(net, images, torch.full((args.n,), c, device=device))}
+                                    "accuracy": accuracy(net, images, torch.full((args.n,), c, device=DEVICE))}
             shown.append(images[:8].cpu())
         row["mean_kid"] = sum(r["kid"] for r in row["classes"].values()) / len(names)
         row["mean_accuracy"] = sum(r["accuracy"] for r in row["classes"].values()) / len(names)
@@ -101,20 +101,17 @@ def main(argv: list[str] | None = None) -> int:
         grids.append((w, torch.cat(shown)))
         print(f"w {w:g}: mean KID {row['mean_kid']:.4f}, classified as their class {row['mean_accuracy']:.0%}",
               flush=True)
-    env = {"device": str(device), "ckpt": str(args.ckpt), "n": args.n, "method": args.method, "steps": args.steps,
+    env = {"device": str(DEVICE), "ckpt": str(args.ckpt), "n": args.n, "method": args.method, "steps": args.steps,
            "class_names": list(names)}
     path = write_result("guidance", {"env": env, "guidance": result})
     for w, images in grids:
         image_grid(images, nrow=8).save(path.with_name(f"guidance_w{w:g}.png"))
-    header = "| w | " + " | ".join(f"{n} KID / acc." for n in names) + " | mean KID | mean acc. |"
-    lines = [header, "|---" * (len(names) + 3) + "|"]
-    for row in result["scales"]:
-        cells = " | ".join(f"{r['kid']:.4f} / {r['accuracy']:.0%}" for r in row["classes"].values())
-        lines.append(f"| {row['w']:g} | {cells} | {row['mean_kid']:.4f} | {row['mean_accuracy']:.0%} |")
+    table = md_table(["w", *(f"{n} KID / acc." for n in names), "mean KID", "mean acc."],
+                     [[f"{row['w']:g}", *(f"{r['kid']:.4f} / {r['accuracy']:.0%}" for r in row["classes"].values()),
+                       f"{row['mean_kid']:.4f}", f"{row['mean_accuracy']:.0%}"] for row in result["scales"]])
     path.with_suffix(".md").write_text(
-        f"Classifier accuracy on the real test images: {result['classifier_test_accuracy']:.1%}.\n\n"
-        + "\n".join(lines) + "\n")
-    print("\n".join(lines))
+        f"Classifier accuracy on the real test images: {result['classifier_test_accuracy']:.1%}.\n\n{table}\n")
+    print(table)
     return 0
 
 

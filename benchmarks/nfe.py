@@ -31,6 +31,7 @@ from ddpm_fast.sampling import METHODS, FastSampler
 from ddpm_fast.training.checkpoint import load_model
 
 from .common import write_result
+from .report_parts import md_table
 
 NFE_GRID = (5, 10, 15, 20, 25, 50, 100, 250, 1000)
 YARDSTICK_SEEDS = (0, 1)
@@ -73,9 +74,7 @@ def markdown(rows: list[dict], verdict: dict) -> str:
         if not cells:
             continue
         out += [f"{title} against NFE (test split; lower is better)", "",
-                "| solver | " + " | ".join(map(str, grid)) + " |", "|---" * (len(grid) + 1) + "|"]
-        out += ["| " + s + " | " + " | ".join(cells.get((s, n), "") for n in grid) + " |" for s in solvers]
-        out.append("")
+                md_table(["solver", *grid], [[s, *(cells.get((s, n), "") for n in grid)] for s in solvers]), ""]
     if verdict:
         ddpm = ", ".join(f"{k * 1e3:.2f}" for k in verdict["ddpm_kid"])
         out.append(f"DDPM over every step, seeds {YARDSTICK_SEEDS}: KID x 1e3 {ddpm} "

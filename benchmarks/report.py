@@ -2,19 +2,18 @@
 
     python -m benchmarks.report RUN.json [--results-md PATH] [--table PATH] [--readme PATH]
         updates the run's device-class sections of benchmarks/RESULTS.md (between markers: the
-        micro-benchmarks, and each end-to-end part the run holds: epoch, sample, profile, fidelity,
-        DALI), the README's measured-speed table (epoch and sampling, from a GPU run), and
-        regenerates ddpm_fast/ops/backend_table.json, the table `backend="auto"` reads: an entry per
-        (op, device class, dtype, shape key) only where a non-reference backend measured faster
-        than the reference, and than torch.compile of it where that was measured, in every
-        direction measured (forward, forward+backward), in that run. Entries of other device
-        classes are kept, so the CPU and GPU measurements live side by side.
+        micro-benchmarks and each end-to-end part the run holds), the README's measured-speed
+        table (from a GPU run's epoch and sampling parts), and regenerates
+        ddpm_fast/ops/backend_table.json, the table `backend="auto"` reads: an entry per (op,
+        device class, dtype, shape key) only where a non-reference backend measured faster than
+        the reference, and than torch.compile of it where that was measured, in every direction
+        measured, in that run. Other device classes' entries are kept: CPU and GPU live side by side.
     python -m benchmarks.report --assemble DIR --out RUN.json
         (the GPU suite's last step) joins the suite's step log and parts into one JSON and prints
         the summary table.
 
-RUN.json is the suite's JSON, or a micro-benchmark JSON ({"env", "micro"}) from
-DDPM_BENCH_JSON=... pytest benchmarks/ (a CPU run too: DDPM_BENCH_CPU=1)."""
+RUN.json is the suite's JSON, a micro-benchmark JSON ({"env", "micro"}) from
+DDPM_BENCH_JSON=... pytest benchmarks/ (a CPU run too: DDPM_BENCH_CPU=1), or one module's JSON."""
 from __future__ import annotations
 
 import argparse
@@ -23,6 +22,7 @@ import sys
 from pathlib import Path
 
 from benchmarks import report_parts
+from benchmarks.report_parts import md_table
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
@@ -49,8 +49,7 @@ def _measured(rows: list[dict]) -> dict[tuple, dict[str, dict[str, float]]]:
 def choose(run: dict) -> list[dict]:
     """Table entries for this run's device class: per case, the fastest candidate that beat the
     reference (and the compiled reference, where measured) in every direction measured."""
-    env = run["env"]
-    cls = env["device_class"]
+    cls = run["env"]["device_class"]
     entries = []
     for (op, dtype, key), by_dir in sorted(_measured(run.get("micro", [])).items()):
         best = None
@@ -114,24 +113,22 @@ def results_table(run: dict) -> str:
     picks = {(e["op"], e["dtype"], e["shape"]): e for e in choose(run)}
     copy = (run.get("ceilings") or {}).get("copy_GBps")
     mm = (run.get("ceilings") or {}).get("bf16_matmul_TFLOPs")
-    lines = ["| op | pass | dtype | shape | " + " | ".join(f"{b} ms" for b in backends) + " | auto picks | rate |",
-             "|---" * (6 + len(backends)) + "|"]
     cases: dict[tuple, list[dict]] = {}
     for r in micro:
         cases.setdefault((r["op"], r["direction"], r["dtype"], tuple(r["shape"]), r["shape_key"]), []).append(r)
+    lines = []
     for (op, direction, dtype, shape, key), rows in cases.items():
         pick = picks.get((op, dtype, key))
         chosen = pick["backend"] if pick else REFERENCE
-        r = next((r for r in rows if r["backend"] == chosen and r["status"] == "ok"), None)
+        r = next((r for r in rows if r["backend"] == chosen and r["status"] == "ok"), {})
         rate = ""
-        if r and r.get("GBps"):
+        if r.get("GBps"):
             rate = f"{r['GBps']:.0f} GB/s" + (f" ({100 * r['GBps'] / copy:.0f}% of copy)" if copy else "")
-        elif r and r.get("TFLOPs"):
+        elif r.get("TFLOPs"):
             rate = f"{r['TFLOPs']:.0f} TFLOP/s" + (f" ({100 * r['TFLOPs'] / mm:.0f}% of matmul)" if mm else "")
-        pick_txt = f"{chosen} x{pick['speedup']:.2f}" if pick else REFERENCE
-        lines.append(f"| {op} | {direction} | {dtype} | {'x'.join(map(str, shape))} | "
-                     + " | ".join(_cell(rows, b) for b in backends) + f" | {pick_txt} | {rate} |")
-    return "\n".join(lines)
+        lines.append([op, direction, dtype, "x".join(map(str, shape)), *(_cell(rows, b) for b in backends),
+                      f"{chosen} x{pick['speedup']:.2f}" if pick else REFERENCE, rate])
+    return md_table(["op", "pass", "dtype", "shape", *(f"{b} ms" for b in backends), "auto picks", "rate"], lines)
 
 
 def section(run: dict, source: str) -> str:
@@ -149,32 +146,30 @@ def section(run: dict, source: str) -> str:
     return "\n\n".join([" ".join(head), results_table(run)])
 
 
-def replace_block(text: str, begin: str, end: str, block: str) -> str:
-    """`text` with the block between the markers replaced by `block` (markers included), or with
-    `block` appended when the markers are not there yet."""
+def replace_block(text: str, begin: str, end: str, body: str) -> str:
+    """`text` with the block between the markers replaced by `body` (markers kept), or with the
+    block appended when the markers are not there yet."""
+    block = f"{begin}\n{body}\n{end}"
     if begin in text and end in text:
         return text[:text.index(begin)] + block + text[text.index(end) + len(end):]
     return text.rstrip("\n") + "\n\n" + block + "\n"
 
 
 def part_section(run: dict, name: str) -> str:
-    title, render = report_parts.RENDERERS[name]
-    return render(run[name], run.get(f"{name}_env") or {})
+    return report_parts.RENDERERS[name][1](run[name], run.get(f"{name}_env") or {})
 
 
 def update_results_md(path: Path, run: dict, source: str) -> None:
     """One block per device class and part, each replaced on its own: a --fidelity or --dali call
     of the suite updates its part and leaves the micro-benchmarks of the full call in place."""
     cls = run["env"]["device_class"]
+    blocks = [(cls, cls, section(run, source))] if run.get("micro") else []
+    blocks += [(f"{cls}:{name}", f"{cls}: {title}", f"{part_section(run, name)}\n\nFrom `{source}`.")
+               for name, (title, _) in report_parts.RENDERERS.items() if run.get(name)]
     text = path.read_text() if path.exists() else "# Results\n"
-    if run.get("micro"):
-        begin, end = f"<!-- results:{cls}:begin -->", f"<!-- results:{cls}:end -->"
-        text = replace_block(text, begin, end, f"{begin}\n## {cls}\n\n{section(run, source)}\n{end}")
-    for name, (title, _) in report_parts.RENDERERS.items():
-        if run.get(name):
-            begin, end = f"<!-- results:{cls}:{name}:begin -->", f"<!-- results:{cls}:{name}:end -->"
-            text = replace_block(text, begin, end,
-                                 f"{begin}\n## {cls}: {title}\n\n{part_section(run, name)}\n\nFrom `{source}`.\n{end}")
+    for key, heading, body in blocks:
+        text = replace_block(text, f"<!-- results:{key}:begin -->", f"<!-- results:{key}:end -->",
+                             f"## {heading}\n\n{body}")
     path.write_text(text)
 
 
@@ -188,9 +183,8 @@ def update_readme(path: Path, run: dict, source: str) -> bool:
     if README_BEGIN not in text or README_END not in text:
         return False
     body = "\n\n".join(part_section(run, n) for n in parts)
-    path.write_text(replace_block(text, README_BEGIN, README_END,
-                                  f"{README_BEGIN}\n{body}\n\nFrom `{source}`; all figures in "
-                                  f"[benchmarks/RESULTS.md](benchmarks/RESULTS.md).\n{README_END}"))
+    path.write_text(replace_block(text, README_BEGIN, README_END, f"{body}\n\nFrom `{source}`; all figures in "
+                                  "[benchmarks/RESULTS.md](benchmarks/RESULTS.md)."))
     return True
 
 

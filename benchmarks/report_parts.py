@@ -6,8 +6,9 @@ from __future__ import annotations
 from typing import Callable
 
 
-def _table(header: list[str], rows: list[list[object]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+def md_table(header: list[str], rows: list[list[object]]) -> str:
+    """A markdown table; a None cell shows as "-"."""
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|---" * len(header) + "|"]
     lines += ["| " + " | ".join("-" if v is None else str(v) for v in r) + " |" for r in rows]
     return "\n".join(lines)
 
@@ -23,11 +24,11 @@ def epoch(rows: list[dict], env: dict) -> str:
             f"timed steps after warm-up, extrapolated to a {env.get('epoch_images', 57208):,}-image epoch. "
             "x RTX 3090: against the original script's 210 s epoch, and against its 303 img/s (its epoch "
             "taken as all 63,565 images, the conservative ratio).")
-    body = _table(["path", "loader", "epoch s", "img/s", "peak GiB", "warm-up s", "x reference",
-                   "x RTX 3090 (epoch)", "x RTX 3090 (img/s)"],
-                  [[r["path"], r["loader"], r["epoch_s"], r["img_per_s"], r.get("peak_mem_gib"), r["warmup_s"],
-                    _x(r.get("speedup_vs_reference")), _x(r.get("speedup_vs_3090_epoch")),
-                    _x(r.get("speedup_vs_3090_img_per_s"))] for r in rows])
+    body = md_table(["path", "loader", "epoch s", "img/s", "peak GiB", "warm-up s", "x reference",
+                     "x RTX 3090 (epoch)", "x RTX 3090 (img/s)"],
+                    [[r["path"], r["loader"], r["epoch_s"], r["img_per_s"], r.get("peak_mem_gib"), r["warmup_s"],
+                      _x(r.get("speedup_vs_reference")), _x(r.get("speedup_vs_3090_epoch")),
+                      _x(r.get("speedup_vs_3090_img_per_s"))] for r in rows])
     return f"{head}\n\n{body}"
 
 
@@ -36,9 +37,9 @@ def sample(rows: list[dict], env: dict) -> str:
     head = (f"`python -m benchmarks.sample{quick}` on {env.get('device', '?')}: {env.get('n', '?')} images of "
             f"{env.get('image_size', '?')}x{env.get('image_size', '?')}, preset {env.get('preset', '?')}; "
             "seconds for all the steps (extrapolated from the steps run where fewer).")
-    body = _table(["path", "method", "steps", "steps run", "seconds", "ms/step", "warm-up s", "x reference"],
-                  [[r["path"], r["method"], r["steps"], r["steps_run"], r["s"], r["ms_per_step"], r["warmup_s"],
-                    _x(r.get("speedup_vs_reference"))] for r in rows])
+    body = md_table(["path", "method", "steps", "steps run", "seconds", "ms/step", "warm-up s", "x reference"],
+                    [[r["path"], r["method"], r["steps"], r["steps_run"], r["s"], r["ms_per_step"], r["warmup_s"],
+                      _x(r.get("speedup_vs_reference"))] for r in rows])
     return f"{head}\n\n{body}"
 
 
@@ -46,13 +47,13 @@ def profile(rows: list[dict], env: dict, top: int = 8) -> str:
     head = (f"`python -m benchmarks.profile_step` on {env.get('device', '?')}: torch.profiler, preset "
             f"{env.get('preset', '?')}, batch {env.get('batch_size', '?')} (sampling: {env.get('sample_n', '?')}), "
             "fast path without its CUDA graphs. busy = kernel time / wall time.")
-    summary = _table(["workload", "path", "wall ms/step", "kernel ms/step", "busy", "kernels/step", "by category"],
-                     [[r["workload"], r["path"], r["wall_ms_per_step"], r["kernel_ms_per_step"], f"{r['busy']:.0%}",
-                       r["kernels_per_step"], ", ".join(f"{c} {s:.0%}" for c, s in r["categories"].items())]
-                      for r in rows])
+    summary = md_table(["workload", "path", "wall ms/step", "kernel ms/step", "busy", "kernels/step", "by category"],
+                       [[r["workload"], r["path"], r["wall_ms_per_step"], r["kernel_ms_per_step"], f"{r['busy']:.0%}",
+                         r["kernels_per_step"], ", ".join(f"{c} {s:.0%}" for c, s in r["categories"].items())]
+                        for r in rows])
     parts = [head, summary]
     for r in rows:
-        parts.append(f"Top kernels, {r['workload']} / {r['path']}:\n\n" + _table(
+        parts.append(f"Top kernels, {r['workload']} / {r['path']}:\n\n" + md_table(
             ["share", "ms/step", "calls/step", "category", "kernel"],
             [[f"{k['share']:.1%}", k["ms_per_step"], k["calls_per_step"], k["category"],
               "`" + k["name"][:80].replace("|", "/") + "`"] for k in r["top"][:top]]))
@@ -63,9 +64,9 @@ def fidelity(part: dict, env: dict) -> str:
     head = (f"`python -m benchmarks.fidelity` on {env.get('device', '?')}: preset {env.get('preset', '?')}, "
             f"{env.get('steps', '?')} steps at batch {env.get('batch_size', '?')}; final loss is the mean of the "
             "last 20% of steps, held-out eps-MSE of the EMA model.")
-    body = _table(["run", "final loss", "held-out eps-MSE", "KID"],
-                  [[f"{r['path']}, seed {r['seed']}", f"{r['final_loss']:.4f}", f"{r['heldout_mse']:.4f}",
-                    f"{r['kid']:.4f}" if "kid" in r else None] for r in part["runs"]])
+    body = md_table(["run", "final loss", "held-out eps-MSE", "KID"],
+                    [[f"{r['path']}, seed {r['seed']}", f"{r['final_loss']:.4f}", f"{r['heldout_mse']:.4f}",
+                      f"{r['kid']:.4f}" if "kid" in r else None] for r in part["runs"]])
     rep = part["report"]
 
     def pct(d: dict | None) -> str:
@@ -86,9 +87,9 @@ def loading(part: dict, env: dict) -> str:
     head = (f"`python -m benchmarks.data_loading` on {part.get('device', '?')}: {part.get('train_images', '?')} "
             f"train images to {part.get('image_size', '?')}x{part.get('image_size', '?')}, batch "
             f"{part.get('batch_size', '?')}; one-time s is the cache build or pipeline setup.")
-    body = _table(["loader", "img/s", "epoch s", "one-time s"],
-                  [[r["name"], f"{r['img_per_s']:.0f}", f"{r['epoch_s']:.2f}",
-                    f"{r.get('cache_build_s', 0) + r.get('setup_s', 0):.1f}"] for r in part["results"]])
+    body = md_table(["loader", "img/s", "epoch s", "one-time s"],
+                    [[r["name"], f"{r['img_per_s']:.0f}", f"{r['epoch_s']:.2f}",
+                      f"{r.get('cache_build_s', 0) + r.get('setup_s', 0):.1f}"] for r in part["results"]])
     return f"{head}\n\n{body}"
 
 
