@@ -8,21 +8,19 @@
 #   bash benchmarks/gpu_suite.sh --quick      a ~2-minute subset: versions, ceilings, a few micro-benchmarks
 #   ... --dry-run                             print the plan, each step with its budget, and exit 0
 #
-# Default: versions; ceilings (copy GB/s, bf16 matmul TFLOP/s); build the CUDA extension
-# (sm_90a); the GPU tests (pytest -m gpu); the epoch and sampling benchmarks on reduced step
-# counts; the kernel micro-benchmarks at the anime64 shapes; a torch.profiler breakdown of a
-# training and a sampling step, last, as the least needed.
-# --fidelity: python -m benchmarks.fidelity ("learning unchanged"), reference and fast path from
-#   one seed and the fast path from a second (the run-to-run yardstick), anime64 at batch 128 for
-#   400 steps each.
+# Default: versions; ceilings (copy GB/s, bf16 matmul TFLOP/s); build the CUDA extension (sm_90a);
+# the GPU tests (pytest -m gpu); the epoch and sampling benchmarks on reduced step counts; the kernel
+# micro-benchmarks at the anime64 shapes; a torch.profiler breakdown of a training and a sampling
+# step, last, as the least needed. --fidelity: python -m benchmarks.fidelity ("learning unchanged"),
+# reference and fast path from one seed and the fast path from a second (the run-to-run yardstick),
+# anime64 at batch 128 for 400 steps each.
 #
-# Every step runs under `timeout`, its cap shrunk to what is left of the call's budget; a step
-# with too little left is recorded as skipped; a failing or timed-out step is recorded and the
-# suite goes on. The benchmark modules write their JSON to $OUT when set and take `--quick` for the
-# reduced run; each gets its own OUT folder here and its JSON is joined into the suite's.
-# Output: one JSON and the full log ($OUT/gpu_suite.json and .log when OUT is set, else in
-# benchmarks/results/) and the summary table, printed last. Turn the JSON into RESULTS.md and the
-# backend table with `python -m benchmarks.report gpu_suite.json` on the development machine.
+# Every step runs under `timeout`, its cap shrunk to what is left of the call's budget; a step with
+# too little left is recorded as skipped; a failing or timed-out step is recorded and the suite goes
+# on. Each benchmark module writes its JSON into an OUT folder of its own, joined into the suite's
+# JSON; that and the full log go to $OUT/gpu_suite.json and .log (else benchmarks/results/), the
+# summary table is printed last. `python -m benchmarks.report gpu_suite.json` turns the JSON into
+# RESULTS.md and the backend table on the development machine.
 set -u
 
 MODE=full DRY=0
@@ -58,9 +56,13 @@ export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 # one inductor cache for every torch.compile of the run, so repeated shapes compile once
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$WORK/inductor}
 
-# step NAME CAP_SECONDS CMD...: run CMD under timeout, log to $WORK/NAME.log, record a row in
-# $WORK/steps.tsv. The cap shrinks to what is left of the budget; with too little left the step is
-# recorded as skipped rather than run, so the summary still comes back.
+record() {  # record NAME RC SECONDS CAP STATUS COMMAND: one row of $WORK/steps.tsv
+  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$@" >>"$WORK/steps.tsv"
+}
+
+# step NAME CAP_SECONDS CMD...: run CMD under timeout, log to $WORK/NAME.log, record its row. The
+# cap shrinks to what is left of the budget; with too little left the step is recorded as skipped
+# rather than run, so the summary still comes back.
 step() {
   local name=$1 cap=$2
   shift 2
@@ -72,7 +74,7 @@ step() {
   local left=$((BUDGET - ($(date +%s) - START) - 20))
   if [ "$left" -lt 15 ]; then
     echo "=== $name: skipped, suite time budget spent"
-    printf '%s\t0\t0\t%s\tskipped\t%s\n' "$name" "$cap" "$*" >>"$WORK/steps.tsv"
+    record "$name" 0 0 "$cap" skipped "$*"
     return 0
   fi
   [ "$cap" -gt "$left" ] && cap=$left
@@ -86,24 +88,18 @@ step() {
     124|137) status=timeout ;;
     *) status=failed ;;
   esac
-  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$rc" "$(awk "BEGIN { print $(date +%s.%N) - $t0 }")" "$cap" "$status" "$*" \
-    >>"$WORK/steps.tsv"
+  record "$name" "$rc" "$(awk "BEGIN { print $(date +%s.%N) - $t0 }")" "$cap" "$status" "$*"
   echo "=== $name: $status (rc $rc)"
 }
 
-# note NAME MESSAGE: a step that is not run, with the reason (recorded like a step)
-note() {
+note() {  # note NAME MESSAGE: a step that is not run, with the reason (recorded like a step)
   if [ "$DRY" = 1 ]; then
     printf '[plan] %-22s %s\n' "$1" "$2"
   else
     echo "=== $1: $2"
     echo "$2" >"$WORK/$1.log"
-    printf '%s\t0\t0\t0\tskipped\t%s\n' "$1" "$2" >>"$WORK/steps.tsv"
+    record "$1" 0 0 0 skipped "$2"
   fi
-}
-
-keep_fidelity_runs() {  # each finished run's JSON beside the suite's, for a later --combine
-  [ "$DRY" = 1 ] || cp "$WORK"/fidelity/fidelity-run-*.json "$RESULTS"/ 2>/dev/null || true
 }
 
 micro() {  # micro NAME CAP FILE [pytest args...]: one micro-benchmark file, its rows in micro_NAME.json
@@ -136,7 +132,8 @@ case $MODE in
     step build 40 env DDPM_FAST_NO_EXTENSION=1 "${BUILD[@]}"
     step fidelity 170 env OUT="$WORK/fidelity" "$PY" -m benchmarks.fidelity "${FIDELITY[@]}" \
       --runs reference:0,fast:0,fast:1
-    keep_fidelity_runs
+    # each finished run's JSON beside the suite's, for a later --combine
+    [ "$DRY" = 1 ] || cp "$WORK"/fidelity/fidelity-run-*.json "$RESULTS"/ 2>/dev/null || true
     ;;
   quick)
     # ddpm_fast.kernels exists only once installed (package_dir maps kernels/ there): a quick

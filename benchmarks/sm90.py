@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.report_parts import md_table
+
 ROOT = Path(__file__).resolve().parents[1]
 SMEM_LIMIT = 227 * 1024  # the most shared memory one block can have on sm_90
 # An attention kernel without HGMMA runs on the pre-Hopper tensor-core path: reported, and an
@@ -44,17 +46,13 @@ NVCC_FLAGS = [  # compile-checking .cu against the CPU wheel's headers, as setup
 ]
 
 
-def _nvidia_bin(tool: str) -> str:
-    import triton
-    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / tool)
-
-
 # --- parsing ptxas output (ptxas -v and nvcc --resource-usage print the same lines) -----------
 
 _ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(sm_\w+)'")
 _PROPS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _USED = re.compile(r"Used (\d+) registers")
 _SMEM = re.compile(r"(\d+) bytes smem")
+NO_RESOURCES = {"registers": None, "stack": 0, "spill_stores": 0, "spill_loads": 0, "smem": 0}
 
 
 def parse_ptxas(text: str) -> list[dict]:
@@ -62,8 +60,7 @@ def parse_ptxas(text: str) -> list[dict]:
     out: list[dict] = []
     for line in text.splitlines():
         if m := _ENTRY.search(line):
-            out.append({"function": m.group(1), "registers": None, "stack": 0, "spill_stores": 0,
-                        "spill_loads": 0, "smem": 0})
+            out.append({"function": m.group(1), **NO_RESOURCES})
         elif out and (m := _PROPS.search(line)):
             out[-1].update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
         elif out and (m := _USED.search(line)):
@@ -71,11 +68,6 @@ def parse_ptxas(text: str) -> list[dict]:
             if s := _SMEM.search(line):
                 out[-1]["smem"] = int(s.group(1))
     return out
-
-
-def count_mma(sass: str) -> dict[str, int]:
-    """Instruction counts of the matrix paths in a SASS dump (HGMMA: Hopper's wgmma)."""
-    return {op: len(re.findall(rf"\b{op}\b", sass)) for op in MMA_OPS}
 
 
 def problems(row: dict, require_hgmma: bool = False) -> list[str]:
@@ -127,9 +119,8 @@ def check_triton(module: str, index: int) -> dict:
 
     spec = _specs(module)[index]
     row = {"kind": "triton", "module": module, "kernel": spec["fn"].__name__, "name": spec["name"],
-           "config": _config_label(spec),
-           "expect_hgmma": spec.get("expect_hgmma"), "error": None,
-           "registers": None, "stack": 0, "spill_stores": 0, "spill_loads": 0, "smem": 0, "mma": {}}
+           "config": _config_label(spec), "expect_hgmma": spec.get("expect_hgmma"), "error": None, **NO_RESOURCES,
+           "mma": {}}
     t0 = time.perf_counter()
     log = io.StringIO()
     try:
@@ -153,9 +144,9 @@ def check_triton(module: str, index: int) -> dict:
     if "tt.dot" in k.asm["ttir"]:  # disassembly is slow (~1 s); only matmul kernels need it
         with tempfile.TemporaryDirectory() as d:
             Path(d, "k.cubin").write_bytes(k.asm["cubin"])
-            sass = subprocess.run([_nvidia_bin("cuobjdump"), "-sass", str(Path(d, "k.cubin"))],
-                                  capture_output=True, text=True)
-        row["mma"] = count_mma(sass.stdout)
+            cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+            sass = subprocess.run([str(cuobjdump), "-sass", str(Path(d, "k.cubin"))], capture_output=True, text=True)
+        row["mma"] = {op: len(re.findall(rf"\b{op}\b", sass.stdout)) for op in MMA_OPS}  # HGMMA: Hopper's wgmma
     row["seconds"] = time.perf_counter() - t0
     return row
 
@@ -184,17 +175,16 @@ def check_cu(path: str) -> list[dict]:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as d:
         r = subprocess.run(nvcc_command(cu, Path(d, "k.cubin")), capture_output=True, text=True)
-    seconds = time.perf_counter() - t0
-    base = {"kind": "cuda", "module": cu.name, "expect_hgmma": False, "mma": {}, "seconds": seconds, "error": None}
     text = r.stdout + r.stderr
     parsed = parse_ptxas(text)
-    base["seconds"] = seconds / max(1, len(parsed))  # the file's compile time, shared among its kernels
+    base = {"kind": "cuda", "module": cu.name, "expect_hgmma": False, "mma": {}, "error": None,
+            "seconds": (time.perf_counter() - t0) / max(1, len(parsed))}  # the file's time, shared among its kernels
     names = _demangle([res.pop("function") for res in parsed])
     rows = [{**base, **res, "name": name, "config": "sm_90a"} for res, name in zip(parsed, names)]
     if r.returncode != 0:
         errors = [ln for ln in text.splitlines() if "error" in ln.lower()] or text.strip().splitlines()[-3:]
-        rows.append({**base, "name": "(nvcc error)", "config": "sm_90a", "registers": None, "stack": 0,
-                     "spill_stores": 0, "spill_loads": 0, "smem": 0, "error": " | ".join(errors)[:400]})
+        rows.append({**base, **NO_RESOURCES, "name": "(nvcc error)", "config": "sm_90a",
+                     "error": " | ".join(errors)[:400]})
     return rows
 
 
@@ -224,18 +214,16 @@ def render(rows: list[dict], seconds: float, require_hgmma: bool) -> str:
              "of CUDA kernels is the static part only (dynamic shared memory is set at launch); MMA "
              "counts are given for kernels with a matrix product.", ""]
     for (kind, module, kernel), rs in _groups(rows).items():
-        lines += [f"## {kernel} ({kind}, {module})", "",
-                  "| name | config | registers | stack B | spill st/ld B | smem KiB | HGMMA/HMMA/FFMA | status |",
-                  "|---|---|---|---|---|---|---|---|"]
+        table = []
         for r in rs:
-            mma = "/".join(str(r["mma"].get(op, 0)) for op in MMA_OPS) if r["mma"] else "-"
             bad = problems(r, require_hgmma)
             warn = r.get("expect_hgmma") and r["mma"] and not r["mma"].get("HGMMA") and not bad
             status = "FAIL: " + "; ".join(bad) if bad else ("ok (warning: no HGMMA)" if warn else "ok")
-            lines.append(f"| {r['name']} | {r['config']} | {r['registers'] if r['registers'] is not None else '-'} | "
-                         f"{r['stack']} | {r['spill_stores']}/{r['spill_loads']} | {r['smem'] / 1024:.1f} | "
-                         f"{mma} | {status.replace('|', '/')} |")
-        lines.append("")
+            table.append([r["name"], r["config"], r["registers"], r["stack"], f"{r['spill_stores']}/{r['spill_loads']}",
+                          f"{r['smem'] / 1024:.1f}", "/".join(str(r["mma"].get(op, 0)) for op in MMA_OPS) if r["mma"]
+                          else "-", status.replace("|", "/")])
+        lines += [f"## {kernel} ({kind}, {module})", "", md_table(
+            ["name", "config", "registers", "stack B", "spill st/ld B", "smem KiB", "HGMMA/HMMA/FFMA", "status"], table), ""]
     return "\n".join(lines)
 
 
@@ -287,8 +275,7 @@ def main(argv: list[str] | None = None) -> int:
             rows += res if isinstance(res, list) else [res]
     seconds = time.perf_counter() - t0
 
-    failed = [(r, problems(r, args.require_hgmma)) for r in rows]
-    failed = [(r, why) for r, why in failed if why]
+    failed = [(r, why) for r in rows if (why := problems(r, args.require_hgmma))]
     out = args.out or (None if args.only else str(ROOT / "benchmarks" / "SM90.md"))
     if out:
         Path(out).write_text(render(rows, seconds, args.require_hgmma) + "\n")
