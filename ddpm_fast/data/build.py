@@ -20,7 +20,7 @@ from .embedded import EMBEDDED_SIZE, embedded_images, embedded_labels, embedded_
 from .labels import EMBEDDED_CLASSES, folder_classes, stratified_split
 from .listing import validate_images
 from .order import EpochLoader
-from .split import SPLITS, split_file_keys, split_files
+from .split import check_split, split_file_keys, split_files
 from .tensor_loader import TensorLoader
 from .torch_loader import TorchFileLoader
 from ..plan import resolve_device
@@ -65,6 +65,7 @@ def dali_installed() -> bool:
 def _split_of(root, split: str, seed: int, class_cond: bool):
     """(listing, the split's files, their labels, the class names); for the embedded set
     (root None) the files are indices. Without class_cond the labels and names are None."""
+    check_split(split)
     if root is None:
         idx = embedded_split_indices(split, EMBEDDED_SIZE, seed, stratified=class_cond)
         labels = [embedded_labels(EMBEDDED_SIZE)[i] for i in idx] if class_cond else None  # cached
@@ -100,26 +101,27 @@ def build_loader(root: str | os.PathLike | None, image_size: int, batch_size: in
     if backend not in BACKENDS:
         raise ValueError(f"unknown data loader backend {backend!r} (--loader); "
                          f"expected one of {', '.join(BACKENDS)}")
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
     if image_size < 4:
         raise ValueError(f"image size must be >= 4, got {image_size} (--image-size)")
     device = resolve_device(device)
-    common = dict(seed=seed, shuffle=split == "train", flip=flip and split == "train",
-                  drop_last=drop_last, rank=rank, world_size=world_size)
-
+    # what every backend passes on to EpochLoader
+    order = dict(device=device, seed=seed, shuffle=split == "train", flip=flip and split == "train",
+                 drop_last=drop_last, rank=rank, world_size=world_size)
     listing, files, labels, names = _split_of(root, split, split_seed, class_cond)
-    loader = _loader(root, listing, files, image_size, batch_size, backend, device, num_workers, common)
+    if root is None:
+        images = embedded_images(EMBEDDED_SIZE, image_size).index_select(0, torch.tensor(files)).to(device)
+        loader = TensorLoader(images, batch_size, backend="memory", **order)
+    else:
+        loader = _file_loader(listing, files, image_size, batch_size, backend, num_workers, order)
     if labels is not None:
         loader.labels = torch.tensor(labels, dtype=torch.long, device=device)
         loader.class_names = names
     return loader
 
 
-def _loader(root, listing, files, image_size, batch_size, backend, device, num_workers, common) -> EpochLoader:
-    if root is None:
-        images = embedded_images(EMBEDDED_SIZE, image_size).index_select(0, torch.tensor(files)).to(device)
-        return TensorLoader(images, batch_size, device=device, backend="memory", **common)
+def _file_loader(listing, files, image_size: int, batch_size: int, backend: str, num_workers: int | None,
+                 order: dict) -> EpochLoader:
+    device = order["device"]
     if backend == "auto":
         if cache_fits(len(files), image_size, device):
             backend = "cache"
@@ -130,12 +132,10 @@ def _loader(root, listing, files, image_size, batch_size, backend, device, num_w
         log.info("data loader backend: %s (auto)", backend)
 
     if backend == "torch":
-        return TorchFileLoader(files, image_size, batch_size, device=device,
-                               num_workers=num_workers, **common)
+        return TorchFileLoader(files, image_size, batch_size, num_workers=num_workers, **order)
     if backend == "dali":
         from .dali_loader import DaliLoader
-        return DaliLoader(files, image_size, batch_size, device=device,
-                          num_workers=num_workers, **common)
+        return DaliLoader(files, image_size, batch_size, num_workers=num_workers, **order)
 
     cache = build_cache(listing, image_size, workers=num_workers)
     position = {f: i for i, f in enumerate(listing.files)}
@@ -148,8 +148,7 @@ def _loader(root, listing, files, image_size, batch_size, backend, device, num_w
         log.warning("%d images at %d px do not fit in %s memory; the cache backend reads batches "
                     "from the memory-mapped file %s", len(files), image_size, device, cache.path)
         images, rows_on_host = host, rows
-    loader = TensorLoader(images, batch_size, device=device, backend="cache",
-                          rows=rows_on_host, **common)
+    loader = TensorLoader(images, batch_size, backend="cache", rows=rows_on_host, **order)
     loader.build_seconds = cache.build_seconds
     return loader
 
@@ -165,8 +164,6 @@ def load_labelled(root: str | os.PathLike | None, image_size: int, split: str = 
                   split_seed: int = 0, class_cond: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, tuple | None]:
     """(images as load_images gives them, their class labels, the class names) of the stratified
     split of a class-conditional run; labels and names are None without class_cond."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
     _, files, labels, names = _split_of(root, split, split_seed, class_cond)

@@ -9,6 +9,7 @@ name and renamed, so concurrent builders (one per rank) never see a half-written
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -69,10 +70,6 @@ def _open(path: Path, header: dict, build_seconds: float) -> ImageCache:
     return ImageCache(path, images, s, header["fingerprint"], build_seconds)
 
 
-def _decode(args: tuple[str, int]) -> np.ndarray:
-    return load_uint8(*args)
-
-
 def build_cache(listing: ValidatedListing, image_size: int, out_dir: Path | None = None,
                 workers: int | None = None) -> ImageCache:
     """Open the cache of `listing` at `image_size`, building it first when missing or stale."""
@@ -87,26 +84,17 @@ def build_cache(listing: ValidatedListing, image_size: int, out_dir: Path | None
     n = len(listing.files)
     header = {"version": VERSION, "image_size": image_size, "count": n,
               "fingerprint": listing.fingerprint}
-    raw = MAGIC + json.dumps(header).encode()
-    if len(raw) > HEADER_BYTES:
-        raise ValueError("cache header too long")  # cannot happen with the fields above
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
-            f.write(raw.ljust(HEADER_BYTES, b" "))
+            f.write((MAGIC + json.dumps(header).encode()).ljust(HEADER_BYTES, b" "))  # a few fields: it fits
             f.truncate(HEADER_BYTES + n * image_size * image_size * 3)
         out = np.memmap(tmp, dtype=np.uint8, mode="r+", offset=HEADER_BYTES,
                         shape=(n, image_size, image_size, 3))
-        jobs = [(str(f), image_size) for f in listing.files]
-        workers = workers or min(16, os.cpu_count() or 1)
-        if workers <= 1 or n <= workers:
-            for i, job in enumerate(jobs):
-                out[i] = _decode(job)
-        else:
-            # PIL releases the GIL in decode and resize, so threads scale without forking a
-            # process that holds torch (and maybe CUDA) state.
-            with ThreadPoolExecutor(workers) as pool:
-                for i, arr in enumerate(pool.map(_decode, jobs)):
-                    out[i] = arr
+        # PIL releases the GIL in decode and resize, so threads scale without forking a
+        # process that holds torch (and maybe CUDA) state.
+        with ThreadPoolExecutor(workers or min(16, os.cpu_count() or 1)) as pool:
+            for i, arr in enumerate(pool.map(load_uint8, map(str, listing.files), itertools.repeat(image_size))):
+                out[i] = arr
         out.flush()
         del out
     seconds = time.perf_counter() - start

@@ -21,7 +21,6 @@ import torch
 
 from .order import EpochLoader, EpochPlan
 from .torch_loader import default_workers
-from ..plan import resolve_device
 
 INSTALL_HINT = ("the dali loader needs NVIDIA DALI: pip install 'ddpm-fast[dali]' "
                 "(or pip install nvidia-dali-cuda130), or pick --loader torch/cache")
@@ -29,39 +28,34 @@ INSTALL_HINT = ("the dali loader needs NVIDIA DALI: pip install 'ddpm-fast[dali]
 
 def _import_dali():
     try:
-        import nvidia.dali.fn as fn
-        import nvidia.dali.types as types
-        from nvidia.dali import pipeline_def
-        from nvidia.dali.backend import GetCUDADeviceCount
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+        import nvidia.dali.backend
+        import nvidia.dali.fn
+        import nvidia.dali.plugin.pytorch
+        import nvidia.dali.types  # noqa: F401
     except ImportError as e:
         raise ImportError(f"{INSTALL_HINT} ({e})") from e
-    return fn, types, pipeline_def, GetCUDADeviceCount, DALIGenericIterator, LastBatchPolicy
+    return nvidia.dali
 
 
 class DaliLoader(EpochLoader):
     backend = "dali"
 
     def __init__(self, files: list[Path], image_size: int, batch_size: int, *,
-                 device: torch.device, seed: int, shuffle: bool, flip: bool, drop_last: bool,
-                 rank: int, world_size: int, num_workers: int | None = None) -> None:
-        (self._fn, self._types, self._pipeline_def, gpu_count, self._iterator,
-         self._last_batch) = _import_dali()
-        super().__init__(len(files), batch_size, seed=seed, shuffle=shuffle, flip=flip,
-                         drop_last=drop_last, rank=rank, world_size=world_size)
-        self.device = resolve_device(device)
-        if self.device.type == "cuda" and gpu_count() == 0:
+                 num_workers: int | None = None, **order) -> None:
+        self._dali = _import_dali()
+        super().__init__(len(files), batch_size, **order)
+        if self.device.type == "cuda" and self._dali.backend.GetCUDADeviceCount() == 0:
             raise RuntimeError("the dali loader was asked for a CUDA device but DALI sees no GPU")
         self.files = [str(f) for f in files]
         self.image_size = image_size
         self.threads = num_workers or default_workers(self.device)
 
     def _pipeline(self, files: list[str], flips: list[int], batch_size: int | None = None):
-        fn, types = self._fn, self._types
+        fn, types = self._dali.fn, self._dali.types
         on_gpu = self.device.type == "cuda"
         size = self.image_size
 
-        @self._pipeline_def
+        @self._dali.pipeline_def
         def pipe():
             encoded, flip = fn.readers.file(files=files, labels=flips, pad_last_batch=True,
                                             shard_id=0, num_shards=1, name="reader")
@@ -91,8 +85,9 @@ class DaliLoader(EpochLoader):
         done = 0
         try:
             pipeline = self._pipeline(files, flips.astype(int).tolist())
-            batches = self._iterator(pipeline, ["images"], reader_name="reader",  # decodes its first batches
-                                     last_batch_policy=self._last_batch.PARTIAL, auto_reset=False)
+            pytorch = self._dali.plugin.pytorch
+            batches = pytorch.DALIGenericIterator(pipeline, ["images"], reader_name="reader",  # decodes first batches
+                                                  last_batch_policy=pytorch.LastBatchPolicy.PARTIAL, auto_reset=False)
             for out in batches:
                 x = out[0]["images"].permute(0, 3, 1, 2)  # NHWC storage: channels_last strides
                 done += 1

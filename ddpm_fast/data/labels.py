@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .listing import STATE_DIRNAME, EmptyDatasetError
-from .split import TRAIN_FRACTION, VAL_FRACTION, split_rank
+from .split import cut, split_rank
 
 EMBEDDED_CLASSES = ("face", "circle", "square", "triangle")
 
@@ -23,9 +23,6 @@ class Classes:
 
     def counts(self) -> dict[str, int]:
         return {name: self.labels.count(i) for i, name in enumerate(self.names)}
-
-    def describe(self) -> str:
-        return ", ".join(f"{n} ({c})" for n, c in self.counts().items())
 
 
 def folder_classes(root: str | os.PathLike, files: list[Path]) -> Classes:
@@ -56,10 +53,5 @@ def stratified_split(keys: list[str], labels: tuple[int, ...], split: str, seed:
     chosen: list[int] = []
     for c in sorted(set(labels)):
         members = [i for i, y in enumerate(labels) if y == c]
-        rank = [members[j] for j in split_rank([keys[i] for i in members], seed)]
-        n = len(rank)
-        n_train = max(1, int(n * TRAIN_FRACTION))
-        n_val = min(int(n * VAL_FRACTION), n - n_train)
-        bounds = {"train": (0, n_train), "val": (n_train, n_train + n_val), "test": (n_train + n_val, n)}[split]
-        chosen += rank[bounds[0]:bounds[1]]
+        chosen += cut([members[j] for j in split_rank([keys[i] for i in members], seed)], split, min_train=1)
     return sorted(chosen)

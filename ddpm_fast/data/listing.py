@@ -37,20 +37,16 @@ class EmptyDatasetError(ValueError):
     """A data folder holds no usable image."""
 
 
-def _require_dir(root: Path) -> Path:
-    if not root.exists():
-        raise FileNotFoundError(f"data folder not found: {root} (check --data)")
-    if not root.is_dir():
-        raise NotADirectoryError(f"--data must be a folder of images, got a file: {root}")
-    return root
-
-
 def list_images(root: str | os.PathLike) -> list[Path]:
     """All image files under `root` (recursive, extension case-insensitive), sorted.
 
     The state folder `.ddpm_fast` (caches, logs) is not listed.
     """
-    root = _require_dir(Path(root))
+    root = Path(root)
+    if not root.exists():
+        raise FileNotFoundError(f"data folder not found: {root} (check --data)")
+    if not root.is_dir():
+        raise NotADirectoryError(f"--data must be a folder of images, got a file: {root}")
     files = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d != STATE_DIRNAME)
@@ -133,15 +129,6 @@ class ValidatedListing:
     log_path: Path | None = None
 
 
-def _check_all(files: list[Path], max_pixels: int) -> list[str | None]:
-    workers = min(8, os.cpu_count() or 1)
-    if workers == 1 or len(files) <= workers:
-        return [check_image(f, max_pixels) for f in files]
-    # PIL releases the GIL while decoding, so threads scale without pickling.
-    with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(lambda f: check_image(f, max_pixels), files))
-
-
 def validate_images(
     root: str | os.PathLike, max_pixels: int = MAX_PIXELS, strict: bool = False
 ) -> ValidatedListing:
@@ -164,7 +151,9 @@ def validate_images(
     except (OSError, ValueError, KeyError):
         skipped = None
     if skipped is None:
-        reasons = _check_all(files, max_pixels)
+        # PIL releases the GIL while decoding, so threads scale without pickling.
+        with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+            reasons = list(pool.map(lambda f: check_image(f, max_pixels), files))
         skipped = [(f, why) for f, why in zip(files, reasons) if why is not None]
         payload = {"fingerprint": fp,
                    "skipped": [[f.relative_to(root).as_posix(), why] for f, why in skipped]}

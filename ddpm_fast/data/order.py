@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import abc
 import math
-from typing import Iterator
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
+
+from ..plan import resolve_device
 
 
 @dataclass(frozen=True)
@@ -57,19 +59,14 @@ def epoch_plan(num_images: int, batch_size: int, *, seed: int, epoch: int, rank:
     return EpochPlan(idx.astype(np.int64), fl, batch_size)
 
 
-def check_loader_args(batch_size: int, rank: int, world_size: int) -> None:
-    if batch_size < 1:
-        raise ValueError(f"batch size must be >= 1, got {batch_size} (--batch-size)")
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-
-
 class EpochLoader(abc.ABC):
-    """Base of the backends: epoch bookkeeping and the public loader interface.
+    """Base of the backends: epoch bookkeeping and the public loader interface. A backend takes
+    its own arguments and passes these on (build_loader's `order`), and implements
+    `_batches(plan, start_batch)`.
 
     Iterating yields this epoch's batches from `start_batch` on; when an iteration runs to the
     end the next one starts the following epoch, so a trainer that never calls set_epoch still
-    gets a fresh order each epoch. A backend implements `_batches(plan, start_batch)`.
+    gets a fresh order each epoch.
     """
 
     backend = "base"
@@ -80,11 +77,13 @@ class EpochLoader(abc.ABC):
     labels: torch.Tensor | None = None
     class_names: tuple[str, ...] | None = None
 
-    def __init__(self, num_images: int, batch_size: int, *, seed: int, shuffle: bool,
-                 flip: bool, drop_last: bool, rank: int, world_size: int) -> None:
-        check_loader_args(batch_size, rank, world_size)
-        self.num_images = num_images
-        self.batch_size = batch_size
+    def __init__(self, num_images: int, batch_size: int, *, device: str | torch.device | None, seed: int,
+                 shuffle: bool, flip: bool, drop_last: bool, rank: int, world_size: int) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {batch_size} (--batch-size)")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        self.num_images, self.batch_size, self.device = num_images, batch_size, resolve_device(device)
         self.seed, self.shuffle, self.flip, self.drop_last = seed, shuffle, flip, drop_last
         self.rank, self.world_size = rank, world_size
         self.epoch, self.start_batch = 0, 0

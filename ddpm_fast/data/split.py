@@ -10,16 +10,14 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Sequence, TypeVar
+from typing import Sequence
 
 SPLITS = ("train", "val", "test", "all")
 TRAIN_FRACTION = 0.9
 VAL_FRACTION = 0.05
 
-T = TypeVar("T")
 
-
-def _check_split(split: str) -> None:
+def check_split(split: str) -> None:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
 
@@ -31,16 +29,20 @@ def split_rank(keys: Sequence[str], seed: int = 0) -> list[int]:
 
 def split_keys(keys: Sequence[str], split: str, seed: int = 0) -> list[int]:
     """Indices of `keys` in `split`, in the original order of `keys`."""
-    _check_split(split)
-    n = len(keys)
+    check_split(split)
     if split == "all":
-        return list(range(n))
-    rank = split_rank(keys, seed)
-    n_train = int(n * TRAIN_FRACTION)
-    n_val = int(n * VAL_FRACTION)
-    bounds = {"train": (0, n_train), "val": (n_train, n_train + n_val),
-              "test": (n_train + n_val, n)}[split]
-    return sorted(rank[bounds[0]:bounds[1]])
+        return list(range(len(keys)))
+    return sorted(cut(split_rank(keys, seed), split))
+
+
+def cut(rank: list[int], split: str, min_train: int = 0) -> list[int]:
+    """The part of a ranking that is `split`: the first 90% train (at least `min_train`), the next
+    5% val (what is left, at most), the rest test."""
+    n = len(rank)
+    n_train = max(min_train, int(n * TRAIN_FRACTION))
+    n_val = min(int(n * VAL_FRACTION), n - n_train)
+    bounds = {"train": (0, n_train), "val": (n_train, n_train + n_val), "test": (n_train + n_val, n)}[split]
+    return rank[bounds[0]:bounds[1]]
 
 
 def split_file_keys(files: Sequence[Path]) -> list[str]:

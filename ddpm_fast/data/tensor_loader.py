@@ -11,29 +11,22 @@ from typing import Iterator
 import torch
 
 from .order import EpochLoader, EpochPlan
-from ..plan import resolve_device
 from .transforms import to_model_range
 
 
 class TensorLoader(EpochLoader):
     backend = "memory"
 
-    def __init__(self, images: torch.Tensor, batch_size: int, *, device: torch.device,
-                 seed: int, shuffle: bool, flip: bool, drop_last: bool, rank: int,
-                 world_size: int, backend: str = "memory", rows: torch.Tensor | None = None,
-                 ) -> None:
+    def __init__(self, images: torch.Tensor, batch_size: int, *, backend: str = "memory",
+                 rows: torch.Tensor | None = None, **order) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3:
             raise ValueError(f"expected uint8 (N, H, W, 3) images, got {images.dtype} "
                              f"{tuple(images.shape)}")
         # `rows` maps the split's image i to images[rows[i]] (a split inside a host-side
         # memory map that is not copied); None when `images` is exactly the split.
         self.rows = rows
-        num = images.shape[0] if rows is None else len(rows)
-        super().__init__(num, batch_size, seed=seed, shuffle=shuffle, flip=flip,
-                         drop_last=drop_last, rank=rank, world_size=world_size)
-        self.images = images
-        self.device = resolve_device(device)
-        self.backend = backend
+        super().__init__(images.shape[0] if rows is None else len(rows), batch_size, **order)
+        self.images, self.backend = images, backend
 
     def _batches(self, plan: EpochPlan, start_batch: int) -> Iterator[torch.Tensor]:
         # One small copy of the epoch's indices and flips, then everything stays put.

@@ -16,7 +16,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .order import EpochLoader, EpochPlan
-from ..plan import resolve_device
 from .transforms import load_uint8, to_model_range
 
 
@@ -61,16 +60,12 @@ class TorchFileLoader(EpochLoader):
     backend = "torch"
 
     def __init__(self, files: list[Path], image_size: int, batch_size: int, *,
-                 device: torch.device, seed: int, shuffle: bool, flip: bool, drop_last: bool,
-                 rank: int, world_size: int, num_workers: int | None = None) -> None:
-        super().__init__(len(files), batch_size, seed=seed, shuffle=shuffle, flip=flip,
-                         drop_last=drop_last, rank=rank, world_size=world_size)
-        self.device = resolve_device(device)
-        self.files = list(files)
+                 num_workers: int | None = None, **order) -> None:
+        super().__init__(len(files), batch_size, **order)
         workers = default_workers(self.device) if num_workers is None else num_workers
         self._sampler = _PlanSampler()
         self._loader = DataLoader(
-            _FileDataset(self.files, image_size), batch_sampler=self._sampler,
+            _FileDataset(files, image_size), batch_sampler=self._sampler,
             num_workers=workers, pin_memory=self.device.type == "cuda",
             persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
         )
