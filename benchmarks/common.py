@@ -1,11 +1,8 @@
 """Shared pieces of the benchmarks: the device and its timers, the environment of a measurement,
-the JSON writers, and the micro-benchmarks' anime64 cases (timed as the median of CUDA-event
-timings through `triton.testing.do_bench` on a GPU, a host-clock median on the CPU) behind a
-correctness gate (a wrong kernel is never timed, so never picked).
-
-On a GPU every micro-benchmark case runs at the real shapes, batch 128. On the CPU (only with
-DDPM_BENCH_CPU=1, for the committed CPU measurement `auto` reads on a CPU) the batch is
-DDPM_BENCH_BATCH (default 8) and Triton is not measured: it never runs on the CPU outside tests."""
+the JSON writers, and the micro-benchmarks' anime64 cases behind a correctness gate (a wrong
+kernel is never timed, so never picked). On a GPU the cases run at the real shapes, batch 128;
+on the CPU (only with DDPM_BENCH_CPU=1, for the committed CPU measurement `auto` reads there) at
+batch DDPM_BENCH_BATCH (default 8), and without Triton: it never runs on the CPU outside tests."""
 from __future__ import annotations
 
 import datetime
@@ -228,7 +225,7 @@ def _gated(row: dict, dtype: torch.dtype, outputs: Callable[[Callable], list[tor
            call: Callable[[Callable], Callable], reference: Callable[[Callable], list[torch.Tensor]] | None = None,
            grad_to_none: Iterable[torch.Tensor] = ()) -> tuple[dict, Callable | None]:
     """Check `outputs(op)` against `reference(ref)` (default: outputs(ref)), then time `call(op)`:
-    the row (ms and rates filled when it passed) and the timed callable (None when it did not)."""
+    the row and the timed callable (None when the gate failed)."""
     fn = _guard(row, lambda: op_function(row["op"], row["backend"]))
     ref = op_function(row["op"], "torch")
     if fn is None or not _guard(row, lambda: _check(row, outputs(fn), (reference or outputs)(ref), dtype)):

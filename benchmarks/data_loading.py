@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import argparse
 import math
-import multiprocessing as mp
 import os
 import platform
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -43,30 +43,20 @@ def folder_size_for_epoch(n_train: int) -> int:
     return total
 
 
-def _write_jpeg(job: tuple[int, str]) -> None:
-    i, path = job
-    base = _BASE[i % len(_BASE)]
-    shift = i // len(_BASE)
-    Image.fromarray(np.roll(base, shift, axis=1)).save(path, format="JPEG", quality=90)
-
-
-_BASE: np.ndarray = np.empty(0)
-
-
 def make_sources(folder: Path, total: int) -> Path:
     """Write `total` 96x96 JPEGs into folder (kept between runs when complete)."""
-    global _BASE
     marker = folder / "COMPLETE"
     if marker.exists() and marker.read_text() == str(total):
         return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    _BASE = embedded_images(min(total, BASE_IMAGES), SOURCE_SIZE, seed=123).numpy()
-    jobs = [(i, str(folder / f"{i // 1000:03d}" / f"{i:06d}.jpg")) for i in range(total)]
-    for d in {Path(p).parent for _, p in jobs}:
-        d.mkdir(exist_ok=True)
-    with mp.get_context("fork").Pool(os.cpu_count()) as pool:
-        for _ in pool.imap_unordered(_write_jpeg, jobs, chunksize=256):
-            pass
+    base = embedded_images(min(total, BASE_IMAGES), SOURCE_SIZE, seed=123).numpy()
+    for d in range(0, total, 1000):
+        (folder / f"{d // 1000:03d}").mkdir(parents=True, exist_ok=True)
+
+    def write(i: int) -> None:
+        Image.fromarray(np.roll(base[i % len(base)], i // len(base), axis=1)).save(
+            folder / f"{i // 1000:03d}" / f"{i:06d}.jpg", format="JPEG", quality=90)
+    with ThreadPoolExecutor(os.cpu_count()) as pool:  # PIL encodes with the GIL released
+        list(pool.map(write, range(total)))
     marker.write_text(str(total))
     return folder
 

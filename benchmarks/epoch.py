@@ -1,19 +1,16 @@
 """python -m benchmarks.epoch: one training epoch end to end (loader + step), reference path
-and fast path in the same run.
+and fast path in the same run, both the trainer's own runs (training.run.build_run).
 
 (a) reference: what the original script does: fp32 (TF32 matmuls on a GPU), eager, a PIL
     DataLoader (`--loader torch`), Adam, EMA;
 (b) fast: bf16 autocast with fp32 master weights, channels_last, torch.compile, the whole step
     in one CUDA graph (training/step.py), the GPU-resident uint8 cache (`--loader auto`).
-Both are the trainer's own runs (training.run.build_run), timed step by step.
 
-Each path runs `--warmup` steps (compile, graph capture, cuDNN plans: reported apart as
-warm-up seconds), then `--steps` timed steps (default: the rest of one epoch), synchronised,
-and the epoch time is extrapolated to `--epoch-images` (57,208: the anime-face train split).
-Prints the GPU, epoch seconds, img/s, peak memory, warm-up seconds and the speedups against
-(a) and against the original script's 210 s on an RTX 3090 (both as epoch-time ratio and as
-img/s ratio with the seed's epoch taken as all 63,565 images: 303 img/s; docs/DESIGN.md).
-JSON to $OUT/epoch.json when OUT is set, else benchmarks/results/epoch.json."""
+Each path runs `--warmup` steps (compile, graph capture, cuDNN plans: reported apart), then
+`--steps` synchronised timed steps (default: one epoch), extrapolated to `--epoch-images` (57,208:
+the anime-face train split); speedups against (a) and against the original script's 210 s on an
+RTX 3090 (as epoch-time ratio, and as img/s ratio with its epoch taken as all 63,565 images: 303
+img/s; docs/DESIGN.md). JSON to $OUT/epoch.json when OUT is set, else benchmarks/results/."""
 from __future__ import annotations
 
 import argparse
@@ -23,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ddpm_fast.plan import KERNELS
 from ddpm_fast.training.config import TrainConfig
 from ddpm_fast.training.run import build_run
 
@@ -69,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--paths", default="reference,fast")
     p.add_argument("--compile", default="default", help="torch.compile mode of the fast path, or none")
-    p.add_argument("--kernels", default="auto", choices=("auto", "torch", "triton", "cpp"))
+    p.add_argument("--kernels", default="auto", choices=KERNELS)
     p.add_argument("--fast-loader", default="auto")
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
     p.add_argument("--quick", action="store_true", help="reduced run: 40 timed steps, a 4,096-image folder")

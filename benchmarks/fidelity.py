@@ -8,10 +8,11 @@ yardstick is the run-to-run spread: the same comparison between two seeds of one
 (`--spread-path`, the reference by default; the GPU suite uses the cheaper fast path).
 
 CPU: tiny preset on the embedded data (the default). GPU: `--preset anime64 --image-size 64
---batch-size 128 --steps 400` (the GPU suite's --fidelity, one call of at most 4 minutes). Longer
-comparisons can be split over calls: `--runs reference:0,fast:0` in one, `--runs fast:1` in
-another, then `--combine` of the saved runs anywhere. Each finished run is saved as fidelity-run-PATH-seedS.json; the report, fidelity.json, holds
-whatever comparisons the runs at hand allow. Both go to $OUT when set, else benchmarks/results/."""
+--batch-size 128 --steps 400` (the GPU suite's --fidelity, one call of at most 4 minutes). Each
+finished run is saved as fidelity-run-PATH-seedS.json, so longer comparisons can be split over
+calls (`--runs reference:0,fast:0` in one, `--runs fast:1` in another, then `--combine` of the
+saved runs anywhere); the report, fidelity.json, holds whatever comparisons the runs at hand
+allow. Both go to $OUT when set, else benchmarks/results/."""
 from __future__ import annotations
 
 import argparse

@@ -1,18 +1,16 @@
 """python -m benchmarks.profile_step: where the time of a training step and of a sampling step goes.
 
-torch.profiler over `--steps` steps after `--warmup` (compile and cuDNN plans stay out), for each
-workload: the training step of the reference path (fp32 eager) and of the fast path (bf16,
-channels_last, torch.compile), and a sampling step of each (model + update, no grad). Per
-workload it records the top kernels by device time (on the CPU: ops by self CPU time) with their
-share of the total, a share per category (matmul/conv, attention, normalisation, elementwise,
-optimizer/EMA, copies, other), and how busy the device was (kernel time / wall time).
+torch.profiler over `--steps` steps after `--warmup` (compile and cuDNN plans stay out), for the
+training step and a sampling step (model + update, no grad) of the reference path (fp32 eager)
+and the fast path (bf16, channels_last, torch.compile): the top kernels by device time (on the
+CPU: ops by self CPU time) with their share, a share per category (CATEGORIES), and how busy the
+device was (kernel time / wall time).
 
 The fast path is profiled without its CUDA graphs: the graphs remove launch gaps, not kernel time,
 and outside a graph every kernel is attributed to its op. The gap they close shows here as
-`busy` < 1; benchmarks.epoch and benchmarks.sample measure the graphed paths.
-
-This is the evidence benchmarks/NOTES.md asks for before and after each optimisation. JSON to
-$OUT/profile.json when OUT is set, else benchmarks/results/profile.json."""
+`busy` < 1; benchmarks.epoch and benchmarks.sample measure the graphed paths. This is the evidence
+benchmarks/NOTES.md asks for before and after each optimisation. JSON to $OUT/profile.json when
+OUT is set, else benchmarks/results/."""
 from __future__ import annotations
 
 import argparse
@@ -24,7 +22,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from ddpm_fast import FastSampler, GaussianDiffusion, UNet
-from ddpm_fast.plan import ExecutionPlan
+from ddpm_fast.plan import KERNELS, ExecutionPlan
 from ddpm_fast.training.config import TrainConfig
 from ddpm_fast.training.run import build_run
 
@@ -128,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", default="default", help="torch.compile mode of the fast training step, or none")
     p.add_argument("--sample-compile", action="store_true",
                    help="torch.compile the fast sampler's model (off, as in benchmarks.sample)")
-    p.add_argument("--kernels", default="auto", choices=("auto", "torch", "triton", "cpp"))
+    p.add_argument("--kernels", default="auto", choices=KERNELS)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=5, help="profiled steps per workload")
     p.add_argument("--top", type=int, default=15)

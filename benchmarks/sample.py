@@ -6,8 +6,7 @@ same run.
 (b) fast: bf16 autocast, channels_last, the model + fused update captured per step in a CUDA
     graph replayed for every step (sampling.py), optionally torch.compile.
 A first call of each (warm-up: compile, capture) is timed apart. `--quick` times 100 of the
-1000 DDPM steps and extrapolates. JSON to $OUT/sample.json when OUT is set, else
-benchmarks/results/sample.json."""
+1000 DDPM steps and extrapolates. JSON to $OUT/sample.json when OUT is set, else benchmarks/results/."""
 from __future__ import annotations
 
 import argparse
@@ -15,7 +14,7 @@ import argparse
 import torch
 
 from ddpm_fast import FastSampler, GaussianDiffusion, UNet
-from ddpm_fast.plan import ExecutionPlan
+from ddpm_fast.plan import KERNELS, ExecutionPlan
 from ddpm_fast.schedulers import DEFAULT_METHOD, DEFAULT_STEPS
 
 from . import report_parts
@@ -34,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="the few-step solver timed beside DDPM (default: the sample CLI's, measured against DDPM-1000)")
     p.add_argument("--paths", default="reference,fast")
     p.add_argument("--compile", action="store_true", help="torch.compile the model in the fast path")
-    p.add_argument("--kernels", default="auto", choices=("auto", "torch", "triton", "cpp"))
+    p.add_argument("--kernels", default="auto", choices=KERNELS)
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
     run_steps = args.ddpm_steps or (min(100, args.timesteps) if args.quick else args.timesteps)
@@ -47,7 +46,6 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for path in args.paths.split(","):
         fast = path == "fast"
-        # The reference: fp32 eager, the plain PyTorch update; fast: bf16, channels_last, one CUDA graph.
         plan = ExecutionPlan.resolve(DEVICE, fast=fast, kernels=args.kernels if fast else "torch",
                                      compile="default" if args.compile else None)
         model = plan.prepare(base)

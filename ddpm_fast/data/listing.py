@@ -1,10 +1,8 @@
 """Recursive image listing, its fingerprint, and one-time validation of every file.
 
 Every backend trains on the same validated list: a file that cannot be decoded is found here,
-before an epoch starts, so no loader meets it mid-epoch. Validation decodes each file once; the
-result is stored keyed by a fingerprint of the listing (paths, sizes, mtimes), so later runs over
-an unchanged folder skip it.
-"""
+before an epoch starts, so no loader meets it mid-epoch. The verdicts are stored keyed by the
+listing's fingerprint, so later runs over an unchanged folder decode nothing."""
 from __future__ import annotations
 
 import hashlib
@@ -38,10 +36,7 @@ class EmptyDatasetError(ValueError):
 
 
 def list_images(root: str | os.PathLike) -> list[Path]:
-    """All image files under `root` (recursive, extension case-insensitive), sorted.
-
-    The state folder `.ddpm_fast` (caches, logs) is not listed.
-    """
+    """All image files under `root` (recursive, extension case-insensitive; not the state folder), sorted."""
     root = Path(root)
     if not root.exists():
         raise FileNotFoundError(f"data folder not found: {root} (check --data)")
@@ -55,9 +50,7 @@ def list_images(root: str | os.PathLike) -> list[Path]:
                 files.append(Path(dirpath) / name)
     files.sort()
     if not files:
-        raise EmptyDatasetError(
-            f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under --data {root}"
-        )
+        raise EmptyDatasetError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under --data {root}")
     return files
 
 
@@ -86,8 +79,7 @@ def state_dir(root: Path) -> Path:
     except OSError:
         pass
     base = Path(os.environ.get("DDPM_FAST_CACHE", Path.home() / ".cache" / "ddpm_fast"))
-    key = hashlib.sha1(str(Path(root).resolve()).encode()).hexdigest()[:16]
-    fallback = base / key
+    fallback = base / hashlib.sha1(str(Path(root).resolve()).encode()).hexdigest()[:16]
     fallback.mkdir(parents=True, exist_ok=True)
     return fallback
 
@@ -129,35 +121,27 @@ class ValidatedListing:
     log_path: Path | None = None
 
 
-def validate_images(
-    root: str | os.PathLike, max_pixels: int = MAX_PIXELS, strict: bool = False
-) -> ValidatedListing:
+def validate_images(root: str | os.PathLike, max_pixels: int = MAX_PIXELS, strict: bool = False) -> ValidatedListing:
     """List `root` and keep the files that decode. Bad files are skipped with a warning and
     written to `<state dir>/skipped.txt`; with `strict=True` the first one raises a ValueError
-    naming it instead. The result is cached under the state dir, keyed by the listing's
-    fingerprint."""
+    naming it instead."""
     root = Path(root)
     files = list_images(root)
     fp = fingerprint(root, files)
     sdir = state_dir(root)
     record = sdir / f"validated-v{CHECK_VERSION}-{max_pixels}.json"
-    skipped: list[tuple[Path, str]] | None = None
+    rel = {f: f.relative_to(root).as_posix() for f in files}
     try:
         saved = json.loads(record.read_text())
-        if saved.get("fingerprint") == fp:
-            bad = {rel: why for rel, why in saved["skipped"]}
-            skipped = [(f, bad[f.relative_to(root).as_posix()]) for f in files
-                       if f.relative_to(root).as_posix() in bad]
-    except (OSError, ValueError, KeyError):
-        skipped = None
-    if skipped is None:
+        bad = dict(saved["skipped"]) if saved.get("fingerprint") == fp else None
+    except (OSError, ValueError, KeyError, TypeError):
+        bad = None
+    if bad is None:
         # PIL releases the GIL while decoding, so threads scale without pickling.
         with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-            reasons = list(pool.map(lambda f: check_image(f, max_pixels), files))
-        skipped = [(f, why) for f, why in zip(files, reasons) if why is not None]
-        payload = {"fingerprint": fp,
-                   "skipped": [[f.relative_to(root).as_posix(), why] for f, why in skipped]}
-        atomic_write(record, json.dumps(payload))
+            bad = {rel[f]: why for f, why in zip(files, pool.map(lambda f: check_image(f, max_pixels), files)) if why}
+        atomic_write(record, json.dumps({"fingerprint": fp, "skipped": [[r, why] for r, why in bad.items()]}))
+    skipped = [(f, bad[rel[f]]) for f in files if rel[f] in bad]
     log_path = sdir / "skipped.txt"
     atomic_write(log_path, "".join(f"{f}\t{why}\n" for f, why in skipped))
     if skipped:
@@ -165,13 +149,9 @@ def validate_images(
             f, why = skipped[0]
             raise ValueError(f"bad image file {f}: {why} ({len(skipped)} bad files in --data)")
         shown = "; ".join(f"{f.name}: {why}" for f, why in skipped[:3])
-        warnings.warn(
-            f"skipped {len(skipped)} of {len(files)} files under {root} that are not usable "
-            f"images ({shown}{'; ...' if len(skipped) > 3 else ''}); full list in {log_path}",
-            stacklevel=2,
-        )
-    bad_set = {f for f, _ in skipped}
-    good = [f for f in files if f not in bad_set]
+        warnings.warn(f"skipped {len(skipped)} of {len(files)} files under {root} that are not usable "
+                      f"images ({shown}{'; ...' if len(skipped) > 3 else ''}); full list in {log_path}", stacklevel=2)
+    good = [f for f in files if rel[f] not in bad]
     if not good:
         raise EmptyDatasetError(f"none of the {len(files)} image files under --data {root} "
                                 f"could be decoded; see {log_path}")
