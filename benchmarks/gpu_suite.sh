@@ -11,16 +11,14 @@
 # Default: versions; ceilings (copy GB/s, bf16 matmul TFLOP/s); build the CUDA extension (sm_90a);
 # the GPU tests (pytest -m gpu); the epoch and sampling benchmarks on reduced step counts; the kernel
 # micro-benchmarks at the anime64 shapes; a torch.profiler breakdown of a training and a sampling
-# step, last, as the least needed. --fidelity: python -m benchmarks.fidelity ("learning unchanged"),
-# reference and fast path from one seed and the fast path from a second (the run-to-run yardstick),
-# anime64 at batch 128 for 400 steps each.
+# step. --fidelity: python -m benchmarks.fidelity ("learning unchanged"), reference and fast path
+# from one seed and the fast path from a second (the yardstick), anime64, batch 128, 400 steps each.
 #
 # Every step runs under `timeout`, its cap shrunk to what is left of the call's budget; a step with
 # too little left is recorded as skipped; a failing or timed-out step is recorded and the suite goes
-# on. Each benchmark module writes its JSON into an OUT folder of its own, joined into the suite's
-# JSON; that and the full log go to $OUT/gpu_suite.json and .log (else benchmarks/results/), the
-# summary table is printed last. `python -m benchmarks.report gpu_suite.json` turns the JSON into
-# RESULTS.md and the backend table on the development machine.
+# on. Each module's JSON (in an OUT folder of its own) is joined into $OUT/gpu_suite.json, beside
+# the full log (else in benchmarks/results/); the summary table comes last. `python -m
+# benchmarks.report gpu_suite.json` turns it into RESULTS.md and the backend table.
 set -u
 
 MODE=full DRY=0
@@ -149,10 +147,9 @@ case $MODE in
     step build 150 "${BUILD[@]}"
     step extension 15 "$PY" -c "$CHECK_EXT"
     # The GPU tests first: a wrong kernel or a crashing graph path makes every number after it moot.
-    # Only -m gpu (the kernels, the graphs, the GPU paths; the CPU-only tests are CI's), over 4
-    # workers with pytest-xdist (on the GPU image: ~150 Triton compiles to spread), a hung test cut
-    # at 60 s with pytest-timeout (also there); no -x: one failure should not hide the others in a
-    # call that cannot be repeated cheaply; --durations says where the time went.
+    # Only -m gpu (the CPU-only tests are CI's), over 4 workers with pytest-xdist (on the GPU image:
+    # ~150 Triton compiles to spread), a hung test cut at 60 s with pytest-timeout (also there); no
+    # -x: one failure should not hide the others in a call that cannot be repeated cheaply.
     PYTEST_EXTRA=()
     if [ "$DRY" = 0 ]; then
       "$PY" -c "import xdist" 2>/dev/null && PYTEST_EXTRA+=(-n 4 --dist loadfile)
@@ -160,14 +157,13 @@ case $MODE in
     fi
     step tests 100 "$PY" -m pytest tests -m "gpu and not slow" -q -p no:cacheprovider --durations=15 \
       "${PYTEST_EXTRA[@]}"
-    # Then the headline numbers.
     step epoch 45 env OUT="$WORK/epoch" "$PY" -m benchmarks.epoch --quick
     step sample 40 env OUT="$WORK/sample" "$PY" -m benchmarks.sample --quick
     micro sampling 15 test_bench_sampling_update.py
     micro attention 30 test_bench_attention.py
     micro group_norm 45 test_bench_group_norm.py
-    # Where a step's time goes (torch.profiler), the evidence NOTES.md's predictions are checked
-    # against; last, as the least needed (alone: python -m benchmarks.profile_step).
+    # Where a step's time goes, the evidence NOTES.md's predictions are checked against; last, as
+    # the least needed.
     step profile 30 env OUT="$WORK/profile" "$PY" -m benchmarks.profile_step --steps 3
     ;;
 esac

@@ -55,15 +55,12 @@ def profile_steps(fn: Callable[[], object], steps: int, device: torch.device, to
     rows = []
     for e in prof.key_averages():
         if on_gpu:  # kernels and copies: the device-side events, less record_function ranges drawn there
-            if (e.device_type != torch.autograd.DeviceType.CUDA or e.is_user_annotation
-                    or e.self_device_time_total <= 0):
-                continue
-            us = e.self_device_time_total
+            device_side = e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation
+            us = e.self_device_time_total if device_side else 0
         else:  # ops' own time; a parent's total would count its children twice
-            if e.self_cpu_time_total <= 0:
-                continue
             us = e.self_cpu_time_total
-        rows.append((e.key, us, e.count))
+        if us > 0:
+            rows.append((e.key, us, e.count))
     total_us = sum(us for _, us, _ in rows)
     if total_us <= 0:
         raise RuntimeError("the profiler recorded no kernel time")

@@ -53,25 +53,19 @@ def choose(run: dict) -> list[dict]:
     entries = []
     for (op, dtype, key), by_dir in sorted(_measured(run.get("micro", [])).items()):
         best = None
+        measured = [ms for ms in by_dir.values() if REFERENCE in ms]
         for cand in CANDIDATES:
             if cls == "cpu" and cand == "triton":
                 continue  # Triton never runs on the CPU outside tests (docs/DESIGN.md)
-            speedups, vs_compile = [], []
-            for direction, ms in by_dir.items():
-                if REFERENCE not in ms:
-                    continue
-                if cand not in ms:  # unmeasured in a direction the reference was measured in
-                    speedups = []
-                    break
-                speedups.append(ms[REFERENCE] / ms[cand])
-                if COMPILED in ms:
-                    vs_compile.append(ms[COMPILED] / ms[cand])
-            if not speedups or min(speedups) <= 1.0 or (vs_compile and min(vs_compile) <= 1.0):
+            if not measured or any(cand not in ms for ms in measured):
+                continue  # unmeasured in a direction the reference was measured in
+            speedup = min(ms[REFERENCE] / ms[cand] for ms in measured)
+            vs_compile = [ms[COMPILED] / ms[cand] for ms in measured if COMPILED in ms]
+            if speedup <= 1.0 or (vs_compile and min(vs_compile) <= 1.0):
                 continue
-            if best is None or min(speedups) > best["speedup"]:
+            if best is None or speedup > best["speedup"]:
                 best = {"op": op, "device_class": cls, "dtype": dtype, "shape": key, "backend": cand,
-                        "speedup": round(min(speedups), 3),
-                        "vs_compile": round(min(vs_compile), 3) if vs_compile else None,
+                        "speedup": round(speedup, 3), "vs_compile": round(min(vs_compile), 3) if vs_compile else None,
                         "directions": sorted(d for d in by_dir if REFERENCE in by_dir[d])}
         if best:
             entries.append(best)

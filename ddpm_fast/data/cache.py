@@ -37,27 +37,19 @@ class ImageCache:
 
     path: Path
     images: np.ndarray
-    image_size: int
-    fingerprint: str
     build_seconds: float  # 0.0 when an existing cache was reused
 
 
-def cache_path(listing: ValidatedListing, image_size: int, out_dir: Path | None = None) -> Path:
-    return Path(out_dir or state_dir(listing.root)) / f"cache-{image_size}.ddpmcache"
-
-
 def _read_header(path: Path) -> dict | None:
+    """The header's fields, None when `path` is not a cache file."""
     try:
         with open(path, "rb") as f:
             head = f.read(HEADER_BYTES)
-    except OSError:
-        return None
-    if len(head) < HEADER_BYTES or not head.startswith(MAGIC):
-        return None
-    try:
-        return json.loads(head[len(MAGIC):].rstrip(b" \0").decode())
-    except ValueError:
-        return None
+        if len(head) == HEADER_BYTES and head.startswith(MAGIC):
+            return json.loads(head[len(MAGIC):].rstrip(b" \0").decode())
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def _open(path: Path, header: dict, build_seconds: float) -> ImageCache:
@@ -67,23 +59,17 @@ def _open(path: Path, header: dict, build_seconds: float) -> ImageCache:
         raise ValueError(f"cache file {path} has {path.stat().st_size} bytes, header says "
                          f"{expected}; delete it to rebuild")
     images = np.memmap(path, dtype=np.uint8, mode="c", offset=HEADER_BYTES, shape=(n, s, s, 3))
-    return ImageCache(path, images, s, header["fingerprint"], build_seconds)
+    return ImageCache(path, images, build_seconds)
 
 
-def build_cache(listing: ValidatedListing, image_size: int, out_dir: Path | None = None,
-                workers: int | None = None) -> ImageCache:
+def build_cache(listing: ValidatedListing, image_size: int, workers: int | None = None) -> ImageCache:
     """Open the cache of `listing` at `image_size`, building it first when missing or stale."""
-    path = cache_path(listing, image_size, out_dir)
-    header = _read_header(path)
-    if (header and header.get("version") == VERSION and header.get("image_size") == image_size
-            and header.get("fingerprint") == listing.fingerprint
-            and header.get("count") == len(listing.files)):
-        return _open(path, header, 0.0)
-
-    start = time.perf_counter()
+    path = state_dir(listing.root) / f"cache-{image_size}.ddpmcache"
     n = len(listing.files)
-    header = {"version": VERSION, "image_size": image_size, "count": n,
-              "fingerprint": listing.fingerprint}
+    header = {"version": VERSION, "image_size": image_size, "count": n, "fingerprint": listing.fingerprint}
+    if _read_header(path) == header:
+        return _open(path, header, 0.0)
+    start = time.perf_counter()
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             f.write((MAGIC + json.dumps(header).encode()).ljust(HEADER_BYTES, b" "))  # a few fields: it fits

@@ -61,13 +61,11 @@ def epoch_plan(num_images: int, batch_size: int, *, seed: int, epoch: int, rank:
 
 class EpochLoader(abc.ABC):
     """Base of the backends: epoch bookkeeping and the public loader interface. A backend takes
-    its own arguments and passes these on (build_loader's `order`), and implements
-    `_batches(plan, start_batch)`.
+    its own arguments, passes these on (build_loader's `order`) and implements `_batches`.
 
     Iterating yields this epoch's batches from `start_batch` on; when an iteration runs to the
     end the next one starts the following epoch, so a trainer that never calls set_epoch still
-    gets a fresh order each epoch.
-    """
+    gets a fresh order each epoch."""
 
     backend = "base"
     # Seconds spent on one-time preparation (the cache build), reported apart from epoch time.
@@ -88,9 +86,8 @@ class EpochLoader(abc.ABC):
         self.rank, self.world_size = rank, world_size
         self.epoch, self.start_batch = 0, 0
         if len(self) == 0:
-            raise ValueError(
-                f"{num_images} images give no full batch of {batch_size} per rank with "
-                f"{world_size} rank(s); lower --batch-size or add images")
+            raise ValueError(f"{num_images} images give no full batch of {batch_size} per rank with "
+                             f"{world_size} rank(s); lower --batch-size or add images")
 
     def __len__(self) -> int:
         return batches_per_epoch(self.num_images, self.batch_size, self.rank,

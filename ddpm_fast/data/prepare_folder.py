@@ -9,6 +9,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,9 +31,7 @@ def output_names(listing: ValidatedListing) -> list[Path]:
     folder share a stem (a.jpg and a.png)."""
     rels = [f.relative_to(listing.root) for f in listing.files]
     plain = [r.with_suffix(".png") for r in rels]
-    counts: dict[Path, int] = {}
-    for p in plain:
-        counts[p] = counts.get(p, 0) + 1
+    counts = Counter(plain)
     return [p if counts[p] == 1 else r.with_name(f"{r.stem}_{r.suffix[1:].lower()}.png")
             for r, p in zip(rels, plain)]
 

@@ -2,8 +2,7 @@
 
 Sizes and the crop offset round half up (the longer side `floor(L * S / l + 1/2)`, the offset
 `(W - S + 1) // 2`), as DALI's resize_shorter and centre crop do, so the PIL and DALI paths
-resize to the same size and cut the same window.
-"""
+resize to the same size and cut the same window."""
 from __future__ import annotations
 
 import os
@@ -28,16 +27,13 @@ def to_rgb(img: Image.Image) -> Image.Image:
         if arr.max(initial=0.0) <= 1.0:
             arr = arr * 255.0
         return Image.fromarray(arr.clip(0, 255).round().astype(np.uint8), "L").convert("RGB")
-    if img.mode != "RGB":
-        return img.convert("RGB")
-    return img
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def resize_crop(img: Image.Image, size: int) -> Image.Image:
     """Shorter side to `size` (bilinear, antialiased; small images are upscaled), then the
     centre `size` x `size` window."""
     w, h = img.size
-    # The longer side rounds half up, in integers, as DALI's resize_shorter does.
     if w <= h:
         new_w, new_h = size, max(size, (2 * h * size + w) // (2 * w))
     else:
@@ -63,13 +59,8 @@ def load_uint8(path: str | os.PathLike, size: int) -> np.ndarray:
 
 
 def to_model_range(batch_nhwc: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 (B, S, S, 3) -> float (B, 3, S, S) in [-1, 1] on `device`.
-
-    Moves uint8 (a quarter of the float bytes) and normalises on the device. The permuted view
-    of an NHWC tensor already has channels_last strides, which is what the GPU model wants;
-    on the CPU the batch is made plainly contiguous."""
-    x = batch_nhwc.to(device, non_blocking=True).permute(0, 3, 1, 2)
-    x = x.float().div_(127.5).sub_(1.0)
-    if x.device.type == "cpu":
-        return x.contiguous()
-    return x.contiguous(memory_format=torch.channels_last)
+    """uint8 (B, S, S, 3) -> float (B, 3, S, S) in [-1, 1] on `device`, moved as uint8 (a quarter
+    of the float bytes). The permuted view of an NHWC tensor already has the channels_last strides
+    the GPU model wants; on the CPU the batch is made plainly contiguous."""
+    x = batch_nhwc.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+    return x.contiguous(memory_format=torch.contiguous_format if x.device.type == "cpu" else torch.channels_last)
