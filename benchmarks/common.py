@@ -298,4 +298,5 @@ def bench_sampling_update(backend: str, shape: tuple[int, ...], dtype: torch.dty
     x, eps, noise = (torch.randn(shape, device=DEVICE, dtype=dtype) for _ in range(3))
     coef = torch.tensor(COEF, device=DEVICE)
     # with the same explicit noise every backend computes the same step: out and x0 both checked
-    return _gated(row, dtype, lambda f: list(f(x, eps, coef, True, noise)), lambda f: lambda: f(x, eps, coef, True, None))
+    return _gated(row, dtype, lambda f: list(f(x, eps, coef, True, noise)),
+                  lambda f: lambda: f(x, eps, coef, True, None))

@@ -213,17 +213,17 @@ def render(rows: list[dict], seconds: float, require_hgmma: bool) -> str:
              f"shared memory over {SMEM_LIMIT // 1024} KiB per block, or a rejected compile. Shared memory "
              "of CUDA kernels is the static part only (dynamic shared memory is set at launch); MMA "
              "counts are given for kernels with a matrix product.", ""]
+    header = ["name", "config", "registers", "stack B", "spill st/ld B", "smem KiB", "HGMMA/HMMA/FFMA", "status"]
     for (kind, module, kernel), rs in _groups(rows).items():
         table = []
         for r in rs:
             bad = problems(r, require_hgmma)
             warn = r.get("expect_hgmma") and r["mma"] and not r["mma"].get("HGMMA") and not bad
             status = "FAIL: " + "; ".join(bad) if bad else ("ok (warning: no HGMMA)" if warn else "ok")
+            mma = "/".join(str(r["mma"].get(op, 0)) for op in MMA_OPS) if r["mma"] else "-"
             table.append([r["name"], r["config"], r["registers"], r["stack"], f"{r['spill_stores']}/{r['spill_loads']}",
-                          f"{r['smem'] / 1024:.1f}", "/".join(str(r["mma"].get(op, 0)) for op in MMA_OPS) if r["mma"]
-                          else "-", status.replace("|", "/")])
-        lines += [f"## {kernel} ({kind}, {module})", "", md_table(
-            ["name", "config", "registers", "stack B", "spill st/ld B", "smem KiB", "HGMMA/HMMA/FFMA", "status"], table), ""]
+                          f"{r['smem'] / 1024:.1f}", mma, status.replace("|", "/")])
+        lines += [f"## {kernel} ({kind}, {module})", "", md_table(header, table), ""]
     return "\n".join(lines)
 
 

@@ -1,11 +1,8 @@
-"""pytest-benchmark cases for the two headline workloads, one step at a time: a training step and a
-DDPM sampling step, on the reference and on the fast path (the step builders of
-benchmarks.profile_step). On a GPU: anime64, batch 128 (sampling: 256 images). With
-DDPM_BENCH_CPU=1: the tiny model at 16x16, batch 8, without torch.compile.
-
-Whole epochs and 1000-step chains, with data loading and CUDA graphs, are benchmarks.epoch and
-benchmarks.sample; these are per-step medians that pytest-benchmark can compare across runs
-(--benchmark-save / --benchmark-compare). They do not enter the backend table."""
+"""pytest-benchmark cases for a training step and a DDPM sampling step, reference and fast path
+(benchmarks.profile_step's step builders). On a GPU: anime64, batch 128 (sampling: 256 images);
+with DDPM_BENCH_CPU=1: the tiny model at 16x16, batch 8, without torch.compile. Per-step medians
+that pytest-benchmark compares across runs (--benchmark-save / --benchmark-compare); whole epochs
+and chains, with loading and CUDA graphs, are benchmarks.epoch and .sample. Not in the backend table."""
 import argparse
 
 import pytest
