@@ -35,9 +35,7 @@ from .common import DEVICE, bench_env, forever, timed, write_result
 
 
 def train_run(path: str, seed: int, args, device: torch.device) -> dict:
-    torch.manual_seed(seed)
-    if device.type == "cuda":
-        torch.cuda.manual_seed(seed)
+    torch.manual_seed(seed)  # every device's generator
     cfg = TrainConfig(data=args.data, preset=args.preset, image_size=args.image_size, batch_size=args.batch_size,
                       lr=args.lr, warmup=args.warmup, seed=seed, timesteps=args.timesteps, steps=args.steps,
                       fast=path == "fast", compile=args.compile, device=str(device), sample_method="ddim",

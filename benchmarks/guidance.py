@@ -9,7 +9,6 @@ with a row per class for each w, to $OUT when set, else benchmarks/results/."""
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
