@@ -1,19 +1,16 @@
 """Turn a measured run into the shipped evidence.
 
     python -m benchmarks.report RUN.json [--results-md PATH] [--table PATH] [--readme PATH]
-        updates the run's device-class sections of benchmarks/RESULTS.md (between markers: the
-        micro-benchmarks and each end-to-end part the run holds), the README's measured-speed
-        table (from a GPU run's epoch and sampling parts), and regenerates
-        ddpm_fast/ops/backend_table.json, the table `backend="auto"` reads: an entry per (op,
-        device class, dtype, shape key) only where a non-reference backend measured faster than
-        the reference, and than torch.compile of it where that was measured, in every direction
-        measured, in that run. Other device classes' entries are kept: CPU and GPU live side by side.
+        updates the run's device-class blocks of benchmarks/RESULTS.md, the README's measured-speed
+        table (a GPU run's epoch and sampling parts), and ddpm_fast/ops/backend_table.json, which
+        `backend="auto"` reads: an entry per (op, device class, dtype, shape key) only where a
+        non-reference backend measured faster than the reference, and than torch.compile of it
+        where measured, in every direction measured. Other device classes' entries are kept.
     python -m benchmarks.report --assemble DIR --out RUN.json
-        (the GPU suite's last step) joins the suite's step log and parts into one JSON and prints
-        the summary table.
+        (the GPU suite's last step) joins the suite's steps and parts into one JSON, prints the summary.
 
-RUN.json is the suite's JSON, a micro-benchmark JSON ({"env", "micro"}) from
-DDPM_BENCH_JSON=... pytest benchmarks/ (a CPU run too: DDPM_BENCH_CPU=1), or one module's JSON."""
+RUN.json: the suite's JSON, a micro-benchmark JSON ({"env", "micro"}) from DDPM_BENCH_JSON=...
+pytest benchmarks/ (a CPU run too: DDPM_BENCH_CPU=1), or one module's JSON."""
 from __future__ import annotations
 
 import argparse
