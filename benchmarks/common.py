@@ -125,11 +125,16 @@ def write_rows(path: str | os.PathLike, rows: list[dict]) -> None:
     write_json(path, {"env": environment(), "micro": rows})
 
 
-def write_result(name: str, payload: dict) -> Path:
-    """Write a benchmark module's JSON to $OUT/<name>.json when OUT is set (the GPU suite and the
-    device machine), else benchmarks/results/<name>.json."""
+def result_path(name: str) -> Path:
+    """$OUT/<name>.json when OUT is set (the GPU suite and the device machine), else
+    benchmarks/results/<name>.json."""
     out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path(__file__).parent / "results"
-    return write_json(out_dir / f"{name}.json", payload)
+    return out_dir / f"{name}.json"
+
+
+def write_result(name: str, payload: dict) -> Path:
+    """Write a benchmark module's JSON to result_path(name)."""
+    return write_json(result_path(name), payload)
 
 
 # --- the micro-benchmarks ----------------------------------------------------------------------

@@ -7,7 +7,8 @@ split's Inception features (metrics.reference_stats caches them beside the data)
 DDPM over every training step from two seeds: a solver "reaches DDPM" at the first NFE whose KID is
 no worse than the worse of the two seeds (within their spread).
 
-Writes nfe.json (after every run: a timeout keeps what finished), nfe.md (KID x 1e3, and FID, a row per
+Writes nfe.json (after every run: a timeout keeps what finished, and --resume takes those rows back
+instead of sampling them again, the DDPM yardstick included), nfe.md (KID x 1e3, and FID, a row per
 solver, a column per NFE) and nfe.png (KID against NFE) to $OUT when set, else benchmarks/results/, and
 prints the first NFE at which each solver, and which solver first, reaches DDPM. A solver is
 METHOD[:SPACING[:ORDER]] (unipc's order). Inception costs ~0.3 s an image on a CPU core: cut the grid
@@ -19,6 +20,7 @@ with --images, --solvers and --nfe.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import torch
@@ -30,7 +32,7 @@ from ddpm_fast.plan import KERNELS, ExecutionPlan, resolve_device
 from ddpm_fast.sampling import METHODS, FastSampler
 from ddpm_fast.training.checkpoint import load_model
 
-from .common import write_result
+from .common import result_path, write_result
 from .report_parts import md_table
 
 NFE_GRID = (5, 10, 15, 20, 25, 50, 100, 250, 1000)
@@ -103,6 +105,19 @@ def plot(rows: list[dict], verdict: dict, path) -> None:
     plt.close(fig)
 
 
+def earlier_rows(env: dict) -> list[dict]:
+    """The rows of the nfe.json this benchmark wrote before, when it measured the same thing."""
+    path = result_path("nfe")
+    if not path.exists():
+        return []
+    old = json.loads(path.read_text())
+    same = ("checkpoint", "images", "ref_images", "timesteps", "clip_x0")
+    if any(old["env"].get(k) != env[k] for k in same):
+        raise SystemExit(f"--resume: {path} measured another setting ({', '.join(same)} differ); move it away")
+    print(f"--resume: {len(old['rows'])} rows from {path}")
+    return old["rows"]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.nfe", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -118,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--fast", action="store_true", help="bf16 autocast and channels_last (CUDA graphs are on on a GPU)")
     p.add_argument("--kernels", default="auto", choices=KERNELS)
+    p.add_argument("--resume", action="store_true",
+                   help="keep the rows of an earlier nfe.json of this checkpoint, --images and --clip-x0")
     args = p.parse_args(argv)
 
     device = resolve_device(args.device)  # graphs change speed, not the samples: on on a GPU
@@ -137,11 +154,12 @@ def main(argv: list[str] | None = None) -> int:
             if not (run["method"] == "ddpm" and nfe == T and run["spacing"] is None):  # the yardstick's seed 0
                 runs.append(run)
 
-    rows: list[dict] = []
     env = {"device": str(plan.device), "plan": plan.describe(), "checkpoint": str(args.ckpt), "images": args.images,
            "ref_images": len(ref.features), "timesteps": T, "clip_x0": args.clip_x0}
-    path = write_result("nfe", {"env": env, "rows": rows})
-    for run in runs:
+    rows = earlier_rows(env) if args.resume else []
+    done = {(r["solver"], r["nfe"], r["seed"]) for r in rows}
+    path = write_result("nfe", {"env": env, "rows": rows, "reaches": reaches(rows)})
+    for run in (r for r in runs if (r["solver"], r["nfe"], r["seed"]) not in done):
         steps = steps_for(run["method"], run["nfe"])
         try:
             if steps is None:

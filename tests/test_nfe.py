@@ -64,6 +64,15 @@ def test_nfe_benchmark_on_a_tiny_checkpoint(run, capsys):
     assert f"| heun |  | {rows[4]['kid'] * 1e3:.2f} |  |" in table
     assert Image.open(out / "nfe.png").size[0] > 300
 
+    # --resume samples only what is new (here one solver) and keeps the earlier rows as they were.
+    assert nfe.main(["--ckpt", str(tmp_path), "--images", "8", "--solvers", "ddim,euler", "--nfe", "4,5",
+                     "--ref-images", "20", "--batch-size", "4", "--device", "cpu", "--resume"]) == 0
+    again = json.loads((out / "nfe.json").read_text())["rows"]
+    assert again[:5] == rows and [(r["solver"], r["nfe"]) for r in again[5:]] == [("euler", 4), ("euler", 5)]
+    with pytest.raises(SystemExit, match="another setting"):
+        nfe.main(["--ckpt", str(tmp_path), "--images", "4", "--solvers", "ddim", "--nfe", "4", "--ref-images", "20",
+                  "--device", "cpu", "--resume"])
+
 
 def test_reaches_picks_the_first_nfe_within_the_seed_spread():
     rows = [{"solver": "ddpm", "nfe": 1000, "seed": s, "kid": k, "yardstick": True}

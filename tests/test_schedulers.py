@@ -6,8 +6,8 @@ the model sees scale_model_input(x); at sigma = 0 both spaces coincide. Noise (D
 SDE-DPM-Solver++) comes from generators of one seed, which both sides draw in the same order.
 
 diffusers' options are matched explicitly where its defaults are not ours: clip_sample=False (DDPM,
-DDIM; ours is clip_x0=False) and timestep_spacing (DDPM and DDIM default to "leading", ours to
-"linspace"). DDIM steps by T // steps in diffusers and to the next timestep here: the step counts
+DDIM; the tests pass clip_x0=False, where FastSampler's default clips) and timestep_spacing (DDPM
+and DDIM default to "leading", ours to "linspace"). DDIM steps by T // steps in diffusers and to the next timestep here: the step counts
 divide T. lower_order_final=True, final_sigmas_type="zero" and set_alpha_to_one=True are diffusers'
 defaults and ours, so they are left to the default.
 
@@ -20,7 +20,7 @@ import torch
 
 from conftest import NoHostSync, requires_cuda
 from ddpm_fast import FastSampler, GaussianDiffusion, UNet
-from ddpm_fast.schedulers import METHODS, Scheduler, spacing_timesteps
+from ddpm_fast.schedulers import DEFAULT_STEPS, METHODS, Scheduler, spacing_timesteps
 
 # diffusers' schedulers build numpy arrays from tensors the way numpy 2 deprecates
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -76,6 +76,7 @@ def theirs(cls, steps, x, model, generator=None, model_time=None, step_kw=None, 
 
 
 def ours(method, steps, x, model, diffusion=LINEAR, generator=None, **kw):
+    kw.setdefault("clip_x0", False)  # FastSampler clips by default; the plain update is compared
     sampler = FastSampler(model, diffusion, method=method, steps=steps, backend="torch", cuda_graph=False, **kw)
     return sampler.sample(len(x), x.shape[-1], generator=generator, x_T=x)
 
@@ -247,8 +248,11 @@ def test_evaluation_counts_and_validation():
     s = Scheduler(LINEAR, "heun")
     s.set_timesteps(4)
     assert s.timesteps.dtype == torch.float32 and s.grid_t[1] == s.grid_t[2]  # Heun: each t twice but the first
+    s = Scheduler(LINEAR, "unipc")  # no steps: the few-step default, capped at T // 2 on a short schedule
+    s.set_timesteps(None)
+    assert s.num_evaluations == min(DEFAULT_STEPS, T // 2)
     with pytest.raises(ValueError, match="--steps"):
-        Scheduler(LINEAR, "unipc").set_timesteps(None)
+        Scheduler(LINEAR, "unipc").set_timesteps(T + 1)
     with pytest.raises(ValueError, match="repeat"):
         Scheduler(LINEAR, "dpmpp_2m").set_timesteps(T)  # linspace over T + 1 points
     with pytest.raises(ValueError, match="karras"):

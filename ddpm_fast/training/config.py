@@ -116,8 +116,8 @@ class TrainConfig:
     log_every: int = flag(10, "steps between metrics.csv rows", type=positive_int)
     sample_n: int = flag(16, "images per sample grid", type=positive_int)
     sample_method: str = flag(DEFAULT_METHOD, "sampler of the grids and of --eval-every", choices=METHODS)
-    sample_steps: int = flag(DEFAULT_STEPS, "sampler steps of the grids and of --eval-every (ddpm: all T)",
-                             type=positive_int)
+    sample_steps: int | None = flag(None, f"sampler steps of the grids and of --eval-every (default: {DEFAULT_STEPS}, "
+                                          "at most T // 2 on a short schedule; ddpm: all T)", type=positive_int)
     sample_clip_x0: bool = flag(True, "clamp the predicted x0 to [-1, 1] in the grids and --eval-every")
     eval_every: int = flag(0, "steps between KID/FID evaluations (0: off)", type=int)
     eval_samples: int = flag(256, "samples of each KID/FID evaluation", type=positive_int)
