@@ -88,7 +88,8 @@ def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=positive_int,
                    help=f"diffusers' num_inference_steps (default: all T for ddpm and ddim, {DEFAULT_STEPS} for the "
                         "others; Heun: 2 evaluations a step)")
-    p.add_argument("--spacing", choices=SPACINGS, help="timestep spacing, diffusers' meanings (default: linspace)")
+    p.add_argument("--spacing", choices=SPACINGS,
+                   help="timestep spacing, diffusers' meanings (default: karras for dpmpp_2m_sde, else linspace)")
     p.add_argument("--order", type=positive_int, help="solver order (dpmpp: 2 or 3; unipc: 2 or 3)")
     p.add_argument("--eta", type=finite_float, default=0.0, help="DDIM eta")
     p.add_argument("--variance", default="beta", choices=("beta", "posterior"),

@@ -14,7 +14,7 @@ PRESETS: dict[str, dict] = {
     # Six levels, 256 -> 8.
     "butterflies256": dict(image_size=256, ch=64, ch_mult=(1, 1, 2, 2, 4, 4), attn_res=(16,), num_res_blocks=2,
                            dropout=0.1),
-    # For tests and CPU demos on the embedded data (32x32): ~1.9M parameters.
+    # For tests and CPU demos on the embedded data (32x32): 1.1M parameters.
     "tiny": dict(image_size=32, ch=32, ch_mult=(1, 2, 2), attn_res=(8,), num_res_blocks=1, dropout=0.0),
 }
 

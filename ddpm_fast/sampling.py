@@ -31,8 +31,8 @@ def _model_device(model: Callable) -> torch.device:
 class FastSampler:
     """Images from a model `(x, t) -> out` (or a module whose output has `.sample`), where out is what
     `prediction_type` names (default: what the diffusion was trained for). `steps` is diffusers'
-    num_inference_steps (None: all training steps, for ddpm and ddim); `spacing` one of SPACINGS
-    (default linspace); see schedulers.Scheduler for the rest. The predicted x0 is clamped to
+    num_inference_steps (None: all training steps for ddpm and ddim, DEFAULT_STEPS for the others);
+    `spacing` one of SPACINGS (default: schedulers.DEFAULT_SPACING's, else linspace); see schedulers.Scheduler for the rest. The predicted x0 is clamped to
     [-1, 1] each step (`clip_x0`, the one default of the library, the CLIs and the grids), as Ho et
     al.'s sampler and diffusers' DDPM/DDIM do; clip_x0=False gives the plain update.
 

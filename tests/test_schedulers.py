@@ -112,9 +112,10 @@ CASES = [
      {"solver_order": 3, "use_karras_sigmas": True}, {}, False),
     ("dpmpp_2m-leading-threshold", "dpmpp_2m", {"spacing": "leading", "thresholding": True},
      D.DPMSolverMultistepScheduler, {"timestep_spacing": "leading", "thresholding": True}, {}, False),
-    ("dpmpp_2m_sde", "dpmpp_2m_sde", {}, D.DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"},
-     {}, True),
-    ("dpmpp_2m_sde-karras", "dpmpp_2m_sde", {"spacing": "karras"}, D.DPMSolverMultistepScheduler,
+    ("dpmpp_2m_sde", "dpmpp_2m_sde", {"spacing": "linspace"}, D.DPMSolverMultistepScheduler,
+     {"algorithm_type": "sde-dpmsolver++"}, {}, True),
+    # karras is this solver's default spacing (DEFAULT_SPACING)
+    ("dpmpp_2m_sde-karras", "dpmpp_2m_sde", {}, D.DPMSolverMultistepScheduler,
      {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}, {}, True),
     ("unipc2", "unipc", {}, D.UniPCMultistepScheduler, {}, {}, False),
     ("unipc3", "unipc", {"order": 3}, D.UniPCMultistepScheduler, {"solver_order": 3}, {}, False),
