@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from ddpm_fast.data import build_loader
 from ddpm_fast.data.build import load_labelled
+from ddpm_fast.schedulers import DEFAULT_METHOD, DEFAULT_STEPS
 
 from .common import DEVICE, write_result
 from .report_parts import md_table
@@ -58,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ckpt", required=True, help="a class-conditional run folder or checkpoint")
     p.add_argument("--scales", default="1,1.5,2,3,5", help="guidance scales w (1: no guidance)")
     p.add_argument("--n", type=int, default=64, help="samples per class and scale")
-    p.add_argument("--method", default="ddim")
-    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--method", default=DEFAULT_METHOD, help="sampler (default: the library's measured default)")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     p.add_argument("--classifier-epochs", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)

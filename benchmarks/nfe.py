@@ -92,9 +92,10 @@ def plot(rows: list[dict], verdict: dict, path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for solver in dict.fromkeys(r["solver"] for r in rows if r["seed"] == 0 and not r.get("yardstick")):
+    solvers = dict.fromkeys(r["solver"] for r in rows if r["seed"] == 0 and not r.get("yardstick"))
+    for i, solver in enumerate(solvers):  # tab20: a colour each for up to 20 solvers (the default cycle has 10)
         pts = sorted((r["nfe"], r["kid"]) for r in rows if r["solver"] == solver and r["seed"] == 0 and "kid" in r)
-        ax.plot(*zip(*pts), marker="o", label=solver)
+        ax.plot(*zip(*pts), marker="o", label=solver, color=plt.cm.tab20(i % 20))
     if verdict:
         ax.axhspan(min(verdict["ddpm_kid"]), verdict["bar"], color="grey", alpha=0.3, label="DDPM, 2 seeds")
         ax.axhline(verdict["bar"], color="grey", lw=0.8)
