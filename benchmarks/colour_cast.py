@@ -2,15 +2,17 @@
 are a short run's samples, and which training choice makes the difference?
 
 The data is the embedded set made grey, written once as PNGs. Every run trains the tiny preset
-for --steps at --batch-size from one seed and draws --samples DDIM-50 samples from its EMA model;
-the figure is the mean over samples and pixels of |channel - grey| in 0..255 units (grey = the
-mean of the three channels). The runs:
+for --steps at --batch-size from one seed and draws --samples samples from its EMA model twice:
+DDIM-50 (the issue's yardstick) and ddpm-fast's default sampler. The cast is the mean over samples
+and pixels of |channel - grey| in 0..255 units (grey = the mean of the three channels); the
+contrast, the pixels' standard deviation in the same units beside the data's, tells a grey sample
+from a washed-out one. The runs:
 
 - `diffusers`: a plain diffusers loop, as its train_unconditional example: UNet2DModel in the
   same layout (interop.to_diffusers of a fresh tiny UNet: the same parameter count), AdamW
   (betas 0.95, 0.999, weight decay 1e-6), cosine lr after a linear warm-up, EMA with power-3/4
-  warm-up, gradient clipping at 1, DDPMScheduler's add_noise and the eps MSE; sampled with
-  DDIMPipeline (50 steps, clip_sample);
+  warm-up, gradient clipping at 1, DDPMScheduler's add_noise and the eps MSE; its DDIM-50 is
+  DDIMPipeline (clip_sample), its default-sampler row FastSampler on the diffusers UNet;
 - `ddpm-fast`: the trainer's defaults; then one change at a time from them (--changes): the
   optimizer, its betas, the lr schedule, the EMA, the loss weighting, the loader.
 
@@ -29,7 +31,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ddpm_fast.data import load_images
 from ddpm_fast.data.embedded import embedded_images
+
+from ddpm_fast.schedulers import DEFAULT_METHOD
 
 from .common import forever, write_result
 from .report_parts import md_table
@@ -63,14 +68,29 @@ def colour_cast(images: torch.Tensor) -> float:
     return float((x - x.mean(1, keepdim=True)).abs().mean())
 
 
-def sample_ddim50(model, diffusion, n: int, size: int, seed: int) -> torch.Tensor:
+def contrast(images: torch.Tensor) -> float:
+    """The pixels' standard deviation in 0..255 units of images in [-1, 1]."""
+    return float(((images.clamp(-1, 1) + 1) * 127.5).std())
+
+
+def measure(images: dict[str, torch.Tensor]) -> dict:
+    """{sampler: images} -> the row's figures: cast_SAMPLER and contrast_SAMPLER."""
+    out = {}
+    for name, x in images.items():
+        out[f"cast_{name}"], out[f"contrast_{name}"] = round(colour_cast(x), 2), round(contrast(x), 1)
+    return out
+
+
+def sample_both(model, diffusion, n: int, size: int, seed: int) -> dict[str, torch.Tensor]:
+    """DDIM-50 on leading steps (diffusers' DDIMPipeline's) and the library's default sampler."""
     from ddpm_fast import FastSampler
 
-    gen = torch.Generator().manual_seed(seed)
-    return FastSampler(model, diffusion, method="ddim", steps=50, spacing="leading").sample(n, size, generator=gen)
+    def draw(**kw):
+        return FastSampler(model, diffusion, **kw).sample(n, size, generator=torch.Generator().manual_seed(seed))
+    return {"ddim50": draw(method="ddim", steps=50, spacing="leading"), "default": draw(method=DEFAULT_METHOD)}
 
 
-def run_ours(data: Path, args, changes: dict) -> float:
+def run_ours(data: Path, args, changes: dict) -> dict:
     from ddpm_fast.training.config import TrainConfig
     from ddpm_fast.training.loop import fit
     from ddpm_fast.training.run import build_run
@@ -80,10 +100,10 @@ def run_ours(data: Path, args, changes: dict) -> float:
                           seed=args.seed, out=out, workers=0, sample_every=10**9, save_every=10**9, **changes)
         run = build_run(cfg)
         fit(run)
-        return colour_cast(sample_ddim50(run.ema.model, run.diffusion, args.samples, 32, args.seed))
+        return measure(sample_both(run.ema.model, run.diffusion, args.samples, 32, args.seed))
 
 
-def run_diffusers(data: Path, args) -> float:
+def run_diffusers(data: Path, args) -> dict:
     """The plain diffusers loop (the module docstring)."""
     from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler
     from diffusers.optimization import get_cosine_schedule_with_warmup
@@ -118,7 +138,9 @@ def run_diffusers(data: Path, args) -> float:
     pipe.set_progress_bar_config(disable=True)
     out = pipe(batch_size=args.samples, num_inference_steps=50, generator=torch.Generator().manual_seed(args.seed),
                output_type="np").images
-    return colour_cast(torch.from_numpy(np.asarray(out)).permute(0, 3, 1, 2) * 2 - 1)
+    images = sample_both(ema_unet, GaussianDiffusion(), args.samples, 32, args.seed)
+    images["ddim50"] = torch.from_numpy(np.asarray(out)).permute(0, 3, 1, 2) * 2 - 1
+    return measure(images)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,25 +156,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "ddpm_fast_grey")
     args = p.parse_args(argv)
     data = grey_folder(args.workdir)
-    rows = []
+    real = load_images(str(data), 32)  # the data's own row: cast 0, and the contrast to compare with
+    rows = [{"run": "the data (test split)"} | measure(dict.fromkeys(("ddim50", "default"), real))]
+    env = vars(args) | {"workdir": str(args.workdir)}
 
     def record(name: str, fn) -> None:
         t0 = time.perf_counter()
-        cast = fn()
-        rows.append({"run": name, "colour_cast": round(cast, 2), "s": round(time.perf_counter() - t0, 1)})
-        print(f"{name:24} mean |channel - grey| {cast:6.2f} / 255", flush=True)
-        write_result("colour_cast", {"env": vars(args) | {"workdir": str(args.workdir)}, "runs": rows})
+        rows.append({"run": name} | fn() | {"s": round(time.perf_counter() - t0, 1)})
+        print(f"{name:24} " + " ".join(f"{k} {v}" for k, v in rows[-1].items() if k != "run"), flush=True)
+        write_result("colour_cast", {"env": env, "runs": rows})
 
     if not args.no_diffusers:
         record("diffusers", lambda: run_diffusers(data, args))
     record("ddpm-fast", lambda: run_ours(data, args, {}))
     for name in (c for c in args.changes.split(",") if c):
         record(f"ddpm-fast + {name}", lambda: run_ours(data, args, CHANGES[name]))
-    table = md_table(["run", "mean abs(channel - grey), 0..255"], [[r["run"], f"{r['colour_cast']:.2f}"] for r in rows])
-    path = write_result("colour_cast", {"env": vars(args) | {"workdir": str(args.workdir)}, "runs": rows})
+    cols = [f"{k}_{s}" for s in ("ddim50", "default") for k in ("cast", "contrast")]
+    table = md_table(["run", "cast DDIM-50", "contrast DDIM-50", f"cast {DEFAULT_METHOD}", f"contrast {DEFAULT_METHOD}"],
+                     [[r["run"], *(f"{r[c]}" for c in cols)] for r in rows])
+    path = write_result("colour_cast", {"env": env, "runs": rows})
     path.with_suffix(".md").write_text(
-        f"{args.steps} steps at batch {args.batch_size}, lr {args.lr}, seed {args.seed}; {args.samples} DDIM-50 "
-        f"samples of the EMA model.\n\n{table}\n")
+        f"{args.steps} steps at batch {args.batch_size}, lr {args.lr}, seed {args.seed}; {args.samples} samples of "
+        f"the EMA model each way; cast = mean |channel - grey| and contrast = pixel std, both in 0..255.\n\n{table}\n")
     return 0
 
 

@@ -33,8 +33,9 @@ GN_SHAPES = [(64, 64, 64), (128, 32, 32), (256, 16, 16), (256, 8, 8),
              (512, 8, 8), (384, 16, 16), (192, 32, 32), (128, 64, 64)]  # (C, H, W)
 ATTN_SHAPES = [(128, 1, 256, 256), (128, 4, 1024, 64), (32, 1, 4096, 128)]  # (B, heads, L, d)
 SAMPLING_SHAPES = [(256, 3, 64, 64)]
-# [c1, c2, a, b0, b1, b2, b3, sigma] (ops.reference.COEF_NAMES): a mid-trajectory DDPM step with noise
-COEF = [1.02, 0.2, 0.4, 0.6, 0.0, 0.0, 0.0, 0.1]
+# A mid-trajectory DDPM-like step with noise and the clip's r term: every weight of the row
+# (ops.reference.COEF_NAMES: c1, c2, a, b0, b1, b2, b3, sigma, r) but the history's
+COEF = [1.02, 0.2, 0.4, 0.6, 0.0, 0.0, 0.0, 0.1, -0.3]
 
 # bf16 outputs carry ~4e-3 relative rounding; 2e-2 (relative L2) still catches wrong indexing
 TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 1e-2, torch.float32: 1e-4}

@@ -112,7 +112,7 @@ def earlier_rows(env: dict) -> list[dict]:
     if not path.exists():
         return []
     old = json.loads(path.read_text())
-    same = ("checkpoint", "images", "ref_images", "timesteps", "clip_x0")
+    same = ("checkpoint", "images", "ref_images", "timesteps", "clip_x0", "use_clipped_model_output")
     if any(old["env"].get(k) != env[k] for k in same):
         raise SystemExit(f"--resume: {path} measured another setting ({', '.join(same)} differ); move it away")
     print(f"--resume: {len(old['rows'])} rows from {path}")
@@ -128,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--solvers", default=",".join(METHODS), help="comma-separated METHOD[:SPACING[:ORDER]]")
     p.add_argument("--nfe", default=",".join(map(str, NFE_GRID)), help="comma-separated NFEs")
     p.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--use-clipped-model-output", action=argparse.BooleanOptionalAction,
+                   help="with --clip-x0, re-derive eps from the clipped x0, or keep the network's "
+                        "(default: each solver's; schedulers.Scheduler)")
     p.add_argument("--data", help="image folder (default: the run's data)")
     p.add_argument("--ref-images", type=int, default=10000, help="at most this many test images for the reference")
     p.add_argument("--batch-size", type=int, default=500)
@@ -135,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fast", action="store_true", help="bf16 autocast and channels_last (CUDA graphs are on on a GPU)")
     p.add_argument("--kernels", default="auto", choices=KERNELS)
     p.add_argument("--resume", action="store_true",
-                   help="keep the rows of an earlier nfe.json of this checkpoint, --images and --clip-x0")
+                   help="keep the rows of an earlier nfe.json of this checkpoint, --images and clip options")
     args = p.parse_args(argv)
 
     device = resolve_device(args.device)  # graphs change speed, not the samples: on on a GPU
@@ -156,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(run)
 
     env = {"device": str(plan.device), "plan": plan.describe(), "checkpoint": str(args.ckpt), "images": args.images,
-           "ref_images": len(ref.features), "timesteps": T, "clip_x0": args.clip_x0}
+           "ref_images": len(ref.features), "timesteps": T, "clip_x0": args.clip_x0,
+           "use_clipped_model_output": args.use_clipped_model_output}
     rows = earlier_rows(env) if args.resume else []
     done = {(r["solver"], r["nfe"], r["seed"]) for r in rows}
     path = write_result("nfe", {"env": env, "rows": rows, "reaches": reaches(rows)})
@@ -166,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
             if steps is None:
                 raise ValueError(f"no step count gives {run['nfe']} evaluations")
             sampler = FastSampler(model, diffusion, method=run["method"], steps=steps, spacing=run["spacing"],
-                                  order=run["order"], clip_x0=args.clip_x0, plan=plan)
+                                  order=run["order"], clip_x0=args.clip_x0,
+                                  use_clipped_model_output=args.use_clipped_model_output, plan=plan)
         except ValueError as e:
             print(f"skip {run['solver']} at NFE {run['nfe']}: {e}")
             continue

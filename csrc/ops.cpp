@@ -12,7 +12,7 @@ TORCH_LIBRARY(ddpm_fast, m) {
   m.def(
       "group_norm_act_backward(Tensor grad_y, Tensor x, Tensor mean, Tensor rstd, int num_groups, Tensor? weight, "
       "Tensor? bias, Tensor? add, str act) -> (Tensor, Tensor, Tensor, Tensor)");
-  // coef: float32 (8,) [c1, c2, a, b0, b1, b2, b3, sigma]; history: at most three tensors; base
+  // coef: float32 (9,) [c1, c2, a, b0, b1, b2, b3, sigma, r]; history: at most three tensors; base
   // defaults to x; seed: int64 (1,), used when noise is None. coef and seed are read inside the
   // kernel, so a captured CUDA graph replays with whatever they hold. Returns (out, x0).
   m.def(

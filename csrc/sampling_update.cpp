@@ -26,12 +26,12 @@ void update_kernel(const T* x, const E* mo, const SamplingExtras<T>& ex, const f
       const int64_t i0 = blk * 4, i1 = std::min(i0 + 4, n);
       for (int64_t i = i0; i < i1; ++i) {
         const float xi = static_cast<float>(x[i]);
-        const float x0 = sampling_x0(xi, static_cast<float>(mo[i]), coef, clip);
+        const float x0 = sampling_x0(xi, static_cast<float>(mo[i]), coef), xc = sampling_clip(x0, clip);
         float h[kMaxHistory] = {};
         for (int k = 0; k < ex.n_hist; ++k) h[k] = static_cast<float>(ex.history[k][i]);
         const float base = ex.base ? static_cast<float>(ex.base[i]) : xi;
-        out[i] = static_cast<T>(sampling_out(base, x0, h, ex.n_hist, noise ? noise[i] : z[i - i0], coef));
-        x0_out[i] = static_cast<T>(x0);
+        out[i] = static_cast<T>(sampling_out(base, x0, xc, h, ex.n_hist, noise ? noise[i] : z[i - i0], coef));
+        x0_out[i] = static_cast<T>(xc);
       }
     }
   });

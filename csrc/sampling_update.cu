@@ -58,9 +58,10 @@ __global__ void __launch_bounds__(kThreads)
     Pack<T, 4> po, p0;
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const float x0 = sampling_x0(static_cast<float>(px.v[e]), static_cast<float>(pm.v[e]), coef, clip);
-      po.v[e] = static_cast<T>(sampling_out(base[e], x0, h[e], ex.n_hist, z[e], coef));
-      p0.v[e] = static_cast<T>(x0);
+      const float x0 = sampling_x0(static_cast<float>(px.v[e]), static_cast<float>(pm.v[e]), coef);
+      const float xc = sampling_clip(x0, clip);
+      po.v[e] = static_cast<T>(sampling_out(base[e], x0, xc, h[e], ex.n_hist, z[e], coef));
+      p0.v[e] = static_cast<T>(xc);
     }
     store_pack<T, 4>(out + i0, po);
     store_pack<T, 4>(x0_out + i0, p0);
@@ -70,15 +71,15 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t i = i0 + e;
       if (i < n) {
         const float xi = static_cast<float>(x[i]);
-        const float x0 = sampling_x0(xi, static_cast<float>(mo[i]), coef, clip);
+        const float x0 = sampling_x0(xi, static_cast<float>(mo[i]), coef), xc = sampling_clip(x0, clip);
         float h[kMaxHistory] = {};
 #pragma unroll
         for (int k = 0; k < kMaxHistory; ++k) {
           if (k < ex.n_hist) h[k] = static_cast<float>(ex.history[k][i]);
         }
         const float base = ex.base != nullptr ? static_cast<float>(ex.base[i]) : xi;
-        out[i] = static_cast<T>(sampling_out(base, x0, h, ex.n_hist, noise != nullptr ? noise[i] : z[e], coef));
-        x0_out[i] = static_cast<T>(x0);
+        out[i] = static_cast<T>(sampling_out(base, x0, xc, h, ex.n_hist, noise != nullptr ? noise[i] : z[e], coef));
+        x0_out[i] = static_cast<T>(xc);
       }
     }
   }

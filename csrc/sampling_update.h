@@ -14,21 +14,21 @@
 
 namespace ddpm_fast {
 
-// The coefficient row coef = [c1, c2, a, b0, b1, b2, b3, sigma] (ddpm_fast.ops.reference):
-//   x0  = c1 x - c2 model_out                 (clamped to [-1, 1] if clip)
-//   out = a base + b0 x0 + b1 h0 + b2 h1 + b3 h2 + sigma z
-constexpr int kCoefs = 8;
+// The coefficient row coef = [c1, c2, a, b0, b1, b2, b3, sigma, r] (ddpm_fast.ops.reference):
+//   x0  = c1 x - c2 model_out;   xc = x0 clamped to [-1, 1] if clip, else x0
+//   out = a base + b0 xc + r (x0 - xc) + b1 h0 + b2 h1 + b3 h2 + sigma z
+constexpr int kCoefs = 9;
 constexpr int kMaxHistory = 3;
 
-DDPM_HD float sampling_x0(float x, float m, const float* coef, bool clip) {
-  const float x0 = coef[0] * x - coef[1] * m;
-  return clip ? fminf(fmaxf(x0, -1.0f), 1.0f) : x0;
-}
+DDPM_HD float sampling_x0(float x, float m, const float* coef) { return coef[0] * x - coef[1] * m; }
 
-// out from the base value, x0, the first n_hist of h and the normal z, summed in the reference's
-// order. The loop runs to the constant bound so that, unrolled, h stays in registers on the GPU.
-DDPM_HD float sampling_out(float base, float x0, const float* h, int n_hist, float z, const float* coef) {
-  float out = coef[2] * base + coef[3] * x0 + coef[7] * z;
+DDPM_HD float sampling_clip(float x0, bool clip) { return clip ? fminf(fmaxf(x0, -1.0f), 1.0f) : x0; }
+
+// out from the base value, x0 and its clipped xc, the first n_hist of h and the normal z, summed in
+// the reference's order. The loop runs to the constant bound so that, unrolled, h stays in
+// registers on the GPU.
+DDPM_HD float sampling_out(float base, float x0, float xc, const float* h, int n_hist, float z, const float* coef) {
+  float out = coef[2] * base + coef[3] * xc + coef[8] * (x0 - xc) + coef[7] * z;
   for (int k = 0; k < kMaxHistory; ++k) {
     if (k < n_hist) out += coef[4 + k] * h[k];
   }
@@ -46,7 +46,7 @@ struct SamplingExtras {
 // The checked, laid-out inputs and the allocated outputs of one call, the same for the CPU and
 // the CUDA kernel (the caller sets the CUDA device first, so the outputs land on it).
 struct SamplingInputs {
-  at::Tensor x, model_out, coef;    // x's memory format; coef float32 (8,)
+  at::Tensor x, model_out, coef;    // x's memory format; coef float32 (9,)
   at::Tensor base;                  // x's dtype and layout, or undefined: the base is x
   std::vector<at::Tensor> history;  // at most kMaxHistory, x's dtype and layout
   at::Tensor noise;                 // float32, or undefined: draw Philox normals from `seed`
@@ -79,7 +79,7 @@ inline SamplingInputs sampling_inputs(const at::Tensor& x, const at::Tensor& mod
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), "sampling_update: x must be floating point");
   check_like_x(model_out, x, "model_out");
   TORCH_CHECK(coef.scalar_type() == at::kFloat && coef.numel() == kCoefs && coef.device() == x.device(),
-              "sampling_update: coef must be a float32 (8,) tensor on x's device");
+              "sampling_update: coef must be a float32 (9,) tensor on x's device");
   TORCH_CHECK(history.size() <= kMaxHistory, "sampling_update: at most ", kMaxHistory, " history tensors, got ",
               history.size());
   const at::MemoryFormat fmt = memory_format_of(x);

@@ -97,6 +97,10 @@ def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=True,
                    help="clamp the predicted x0 to [-1, 1] each step (--no-clip-x0: the plain update)")
     p.add_argument("--thresholding", action="store_true", help="dynamic thresholding of x0 (Imagen's) instead")
+    p.add_argument("--use-clipped-model-output", action=argparse.BooleanOptionalAction,
+                   help="with a clip, re-derive eps from the clipped x0 (diffusers' DPM-Solver, Euler) or, with "
+                        "--no-..., keep the network's eps (diffusers' DDIM; ddim, euler and dpmpp only); default: "
+                        "keep it for dpmpp_2m_sde, re-derive otherwise (measured; schedulers.py)")
     p.add_argument("--cfg-scale", type=finite_float, default=1.0,
                    help="classifier-free guidance scale w of a class-conditional model (1: no guidance)")
 
@@ -107,5 +111,5 @@ def sampler_from_args(model, diffusion, args: argparse.Namespace, plan, **overri
 
     kw = dict(method=args.method, steps=args.steps, spacing=args.spacing, order=args.order, eta=args.eta,
               variance=args.variance, clip_x0=args.clip_x0 and not args.thresholding, thresholding=args.thresholding,
-              cfg_scale=args.cfg_scale)
+              use_clipped_model_output=args.use_clipped_model_output, cfg_scale=args.cfg_scale)
     return FastSampler(model, diffusion, **(kw | overrides), plan=plan)

@@ -219,9 +219,10 @@ class GaussianDiffusion:
 
     # -- sampling coefficients -------------------------------------------------------------
     def ddpm_coefficients(self, variance: str = "beta") -> torch.Tensor:
-        """(T, 8) float64 rows (ops.reference.COEF_NAMES) of the ancestral step t -> t-1.
+        """(T, 9) float64 rows (ops.reference.COEF_NAMES) of the ancestral step t -> t-1.
 
-        sigma^2 is beta_t ("beta") or beta-tilde_t ("posterior"); no noise at t = 0."""
+        sigma^2 is beta_t ("beta") or beta-tilde_t ("posterior"); no noise at t = 0. With clip_x0
+        the posterior mean takes the clipped x0 and x_t itself, as Ho et al.'s and diffusers' do."""
         if variance not in VARIANCES:
             raise ValueError(f"--variance must be one of {VARIANCES}, got {variance!r}")
         abar, abar_prev, betas = self.alphas_cumprod, self.alphas_cumprod_prev, self.betas
@@ -241,7 +242,8 @@ class GaussianDiffusion:
         return self._device_cache[key]
 
     def ddim_coefficients(self, t: int, t_prev: int, eta: float = 0.0) -> torch.Tensor:
-        """(8,) float64 row of the DDIM step t -> t_prev (t_prev = -1: alpha-bar = 1)."""
+        """(9,) float64 row of the DDIM step t -> t_prev (t_prev = -1: alpha-bar = 1). With clip_x0 the
+        direction is the eps re-derived from the clipped x0 (schedulers.py says why)."""
         abar_t = self.alphas_cumprod[t]
         abar_p = self.alphas_cumprod[t_prev] if t_prev >= 0 else abar_t.new_tensor(1.0)
         sigma = eta * ((1 - abar_p) / (1 - abar_t) * (1 - abar_t / abar_p)).clamp(min=0).sqrt()

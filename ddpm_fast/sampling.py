@@ -35,6 +35,8 @@ class FastSampler:
     `spacing` one of SPACINGS (default: schedulers.DEFAULT_SPACING's, else linspace); see schedulers.Scheduler for the rest. The predicted x0 is clamped to
     [-1, 1] each step (`clip_x0`, the one default of the library, the CLIs and the grids), as Ho et
     al.'s sampler and diffusers' DDPM/DDIM do; clip_x0=False gives the plain update.
+    `use_clipped_model_output` says what the step keeps beside the clipped x0 (None: the measured
+    default of each solver; schedulers.py says which and why).
 
     Class-conditional models `(x, t, y) -> out` sample the classes given to `sample(classes=...)`;
     `cfg_scale` w is classifier-free guidance, out = u + w (c - u) from the conditional output c and
@@ -48,7 +50,8 @@ class FastSampler:
 
     def __init__(self, model: Callable, diffusion: GaussianDiffusion, *, method: str = "ddpm",
                  steps: int | None = None, spacing: str | None = None, eta: float = 0.0, variance: str = "beta",
-                 clip_x0: bool = True, thresholding: bool = False, order: int | None = None,
+                 clip_x0: bool = True, thresholding: bool = False, use_clipped_model_output: bool | None = None,
+                 order: int | None = None,
                  prediction_type: str | None = None, cfg_scale: float = 1.0, dtype: torch.dtype | None = None,
                  compile: bool = False, cuda_graph: str | bool = "auto", backend: str = "auto",
                  plan: ExecutionPlan | None = None):
@@ -67,6 +70,7 @@ class FastSampler:
         self._call = torch.compile(model, mode=plan.compile) if plan.compile else model
         self.scheduler = Scheduler(diffusion, method, spacing=spacing, order=order, eta=eta, variance=variance,
                                    clip_x0=clip_x0, thresholding=thresholding,
+                                   use_clipped_model_output=use_clipped_model_output,
                                    prediction_type=prediction_type or diffusion.prediction,
                                    backend=plan.backends["sampling_update"])
         self.scheduler.set_timesteps(steps, plan.device)

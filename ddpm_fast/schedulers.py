@@ -8,12 +8,29 @@ model's time input and one row of ops.sampling_update (ops.reference.COEF_NAMES)
     x0  = c1 * x - c2 * model_out                  (the prediction type: eps, v or x0 itself)
     out = a * x + b0 * x0 + b1 * x0[e-1] + b2 * x0[e-2] + b3 * x0[e-3] + sigma * z
 
-with x0[e-k] the x0 predictions of the k-th evaluation before. Every evaluation of every solver has
+with x0[e-k] the x0 predictions of the k-th evaluation before (and, when x0 is clipped, the row's r
+term below). Every evaluation of every solver has
 this one form: the states a solver keeps between evaluations (the sample Heun's Euler sub-step
 started from, UniPC's corrected sample) are themselves linear in the current sample and the x0
 predictions, so the host folds them into the row and none is stored. So `step` is one code path,
 one CUDA graph for the whole chain: read row e by a device counter (index_select), update, shift
 the x0 history (preallocated buffers, in-place copies), advance the counter; no host read.
+
+Clipping x0 (clip_x0, thresholding) leaves a choice of what the step keeps from the network.
+Written as x = alpha x0 + sigma eps (x0 and eps both the network's), a row's a * x carries the
+unclipped x0 along. `use_clipped_model_output=True` leaves it there: the noise is in effect
+re-derived from the sample and the clipped x0, the step converges to the ODE of the clipped
+denoiser, and this is diffusers' DDPM, DPM-Solver++, UniPC, Euler and Heun. False moves that part
+of the sample to the clipped x0 as well (the op's r term, r = -a * alpha): the step sees
+alpha clamp(x0) + sigma eps, the network's own noise estimate, as diffusers' DDIM does by default.
+That is a full projection every step, whatever the step size, so it does not converge: measured
+with benchmarks.nfe (tiny model, 4,000 steps, KID x 1e3 of 128 samples; RESULTS.md, "Clipping"),
+it helps short deterministic chains and hurts long ones (DPM-Solver++(2M) Karras 71 -> 39 at 20
+evaluations but 71 -> 176 at 100; DDIM 120 -> 71 at 20, 79 -> 141 at 100), and it helps
+SDE-DPM-Solver++ at every count measured (51 -> 40 at 10, 24 -> 21 at 20, 25 -> 21 at 50),
+whose fresh noise each step keeps the projection from piling up. Hence the default (None):
+False for dpmpp_2m_sde (KEEP_NOISE_BY_DEFAULT), True for the rest. DDPM (Ho et al.'s clipped
+sampler), Heun and UniPC (whose rows stand for a stored earlier sample) only re-derive.
 
 Everything stays in VP space: the model always sees x_t = alpha_t x0 + sigma_t eps as trained, so
 there is no input scaling. The sigma-space solvers (s = sigma_t / alpha_t, x_s = x_t / alpha_t) are
@@ -53,6 +70,10 @@ DEFAULT_SPACING = {"dpmpp_2m_sde": "karras"}
 _INTERPOLATING = ("euler", "heun")  # model time interpolated between training steps, as diffusers' do
 _ON_TRAINING_STEPS = ("ddpm", "ddim")  # defined on the training steps' alpha-bar: no Karras sigmas
 _TO_SIGMA_ZERO = ("dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc")  # spacing_timesteps' drop_zero
+# Under a clip, the solvers that can keep the network's noise (use_clipped_model_output=False), and
+# those that do by default (module docstring).
+CAN_KEEP_NOISE = ("ddim", "euler", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde")
+KEEP_NOISE_BY_DEFAULT = ("dpmpp_2m_sde",)
 
 X = "x"  # the current sample, as a basis vector of a row's linear combination (others: x0 indices)
 
@@ -111,12 +132,16 @@ class Scheduler:
     `order`: unipc's (1-3, default 2); dpmpp_2m/2m_sde are order 2 and dpmpp_3m order 3 by name.
     `eta` is DDIM's, `variance` DDPM's (beta | posterior). `thresholding`: dynamic thresholding
     (Saharia et al. 2022) of x0 with diffusers' defaults (ratio 0.995, max 1.0, at which it is a clip).
+    `use_clipped_model_output` (diffusers' DDIM name): with clip_x0 or thresholding, re-derive the
+    noise from the clipped x0 (True) or keep the network's (False; CAN_KEEP_NOISE only). None: the
+    measured default, False for KEEP_NOISE_BY_DEFAULT, else True (module docstring).
     """
 
     def __init__(self, diffusion: GaussianDiffusion, method: str = "ddpm", *, spacing: str | None = None,
                  order: int | None = None, eta: float = 0.0, variance: str = "beta", clip_x0: bool = False,
                  thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
-                 sample_max_value: float = 1.0, prediction_type: str = "epsilon", backend: str = "auto"):
+                 sample_max_value: float = 1.0, use_clipped_model_output: bool | None = None,
+                 prediction_type: str = "epsilon", backend: str = "auto"):
         spacing = spacing or DEFAULT_SPACING.get(method, "linspace")
         for name, value, choices in (("method", method, METHODS), ("spacing", spacing, SPACINGS),
                                      ("variance", variance, VARIANCES),
@@ -130,10 +155,16 @@ class Scheduler:
                              f" for --method {method}")
         if eta < 0:
             raise ValueError(f"--eta must be >= 0, got {eta}")
+        if use_clipped_model_output is False and method not in CAN_KEEP_NOISE:
+            raise ValueError(f"--no-use-clipped-model-output is for {', '.join(CAN_KEEP_NOISE)}: --method {method} "
+                             "re-derives eps from the clipped x0")
+        if use_clipped_model_output is None:
+            use_clipped_model_output = method not in KEEP_NOISE_BY_DEFAULT
         self.diffusion, self.method, self.spacing = diffusion, method, spacing
         self.order = order or (3 if method == "dpmpp_3m" else 2)
         self.eta, self.variance, self.clip_x0, self.thresholding = eta, variance, clip_x0, thresholding
         self.dynamic_thresholding_ratio, self.sample_max_value = dynamic_thresholding_ratio, sample_max_value
+        self.use_clipped_model_output = use_clipped_model_output
         self.prediction_type, self.backend = prediction_type, backend
         self._abar = diffusion.alphas_cumprod.double().numpy()
         self._sigmas = np.sqrt((1 - self._abar) / self._abar)  # sigma-space sigma of each training step
@@ -146,7 +177,7 @@ class Scheduler:
         """Build the chain of `num_inference_steps` steps (diffusers' count: Heun evaluates twice a step
         but the last; None: all training steps for ddpm and ddim, DEFAULT_STEPS for the others) onto
         `device`: `timesteps` (the
-        model's time input per evaluation), `coefs` ((E, 8) float32 rows), `num_evaluations` (E) and
+        model's time input per evaluation), `coefs` ((E, 9) float32 rows), `num_evaluations` (E) and
         `grid_t` (each evaluation's place on the training steps, on the host). Drops any state."""
         T = self.diffusion.timesteps
         steps = num_inference_steps
@@ -160,20 +191,24 @@ class Scheduler:
             raise ValueError(f"{steps} steps with --spacing {self.spacing} repeat a noise level of the "
                              f"{T}-step schedule: take fewer")
         evals = getattr(self, "_" + self.method.split("_")[0])(t, s)  # _ddpm, _ddim, _dpmpp, _unipc, ...
-        rows = []
+        rows, alphas = [], []
         for e, (_, s_e, row, noise) in enumerate(evals):
             assert set(row) <= {X, *range(e - MAX_HISTORY, e + 1)}, "a row reaches past the history"
             alpha, sigma = _vp(s_e)
             # x0 from the model output at the evaluation's (alpha, sigma); each type is linear in both
             c1, c2 = {"epsilon": (1 / alpha, s_e), "v_prediction": (alpha, sigma),
                       "sample": (0.0, -1.0)}[self.prediction_type]
-            rows.append(coef_row(c1, c2, a=row.get(X, 0.0), b=[row.get(e - k, 0.0) for k in range(1 + MAX_HISTORY)],
-                                 sigma=noise))
+            a = row.get(X, 0.0)
+            r = 0.0 if self.use_clipped_model_output else -a * alpha
+            rows.append(coef_row(c1, c2, a=a, b=[row.get(e - k, 0.0) for k in range(1 + MAX_HISTORY)],
+                                 sigma=noise, r=r))
+            alphas.append(alpha)
         table = torch.stack(rows)
         self.history_len = max((k for k in range(1, 1 + MAX_HISTORY) if table[:, 3 + k].any()), default=0)
-        self._x0_coefs = table[:, :2].float().to(device)
-        if self.thresholding:  # the row then takes the thresholded x0 as its model output
-            table[:, 0], table[:, 1] = 0.0, -1.0
+        # thresholding's x0 read-out and the r term's alpha, applied in step (not by the op)
+        self._x0_coefs = torch.cat([table[:, :2], table.new_tensor(alphas)[:, None]], 1).float().to(device)
+        if self.thresholding:  # the row then takes the thresholded x0 as its model output, and the
+            table[:, 0], table[:, 1], table[:, 8] = 0.0, -1.0, 0.0  # r term is in the base step passes
         self.coefs = table.float().to(device)
         self.grid_t = [float(e[0]) if self.method in _INTERPOLATING else int(e[0]) for e in evals]
         times = np.interp(self.grid_t, np.arange(T), self.diffusion.model_time(torch.arange(T)).double().numpy())
@@ -352,11 +387,15 @@ class Scheduler:
         is the z of the row. No host read, so a CUDA graph captures it."""
         st = self._state
         coef = self.coefs.index_select(0, st.step).squeeze(0)
+        base = None
         if self.thresholding:
-            c1, c2 = self._x0_coefs.index_select(0, st.step).squeeze(0).unbind()
-            model_output = self._threshold(c1 * sample.float() - c2 * model_output.float())
-        out, x0 = ops.sampling_update(sample, model_output, coef, self.clip_x0, history=st.history, noise=noise,
-                                      generator=generator, backend=self.backend)
+            c1, c2, alpha = self._x0_coefs.index_select(0, st.step).squeeze(0).unbind()
+            x0 = c1 * sample.float() - c2 * model_output.float()
+            model_output = self._threshold(x0)
+            if not self.use_clipped_model_output:  # the r term: x = alpha x0 + sigma eps, x0 thresholded
+                base = sample.float() - alpha * (x0 - model_output)
+        out, x0 = ops.sampling_update(sample, model_output, coef, self.clip_x0, history=st.history, base=base,
+                                      noise=noise, generator=generator, backend=self.backend)
         for k in range(len(st.history) - 1, 0, -1):
             st.history[k].copy_(st.history[k - 1])
         if st.history:

@@ -1,13 +1,13 @@
 """The sampling update of every solver, one pass over its inputs (ddpm_fast.ops.reference):
 
-    x0  = c1 * x - c2 * model_out                       (clamped to [-1, 1] if CLIP)
-    out = a * base + b0 * x0 + b1 * h0 + b2 * h1 + b3 * h2 + sigma * z
+    x0  = c1 * x - c2 * model_out;   xc = x0 clamped to [-1, 1] if CLIP, else x0
+    out = a * base + b0 * xc + r * (x0 - xc) + b1 * h0 + b2 * h1 + b3 * h2 + sigma * z
 
-The coefficient row [c1, c2, a, b0, b1, b2, b3, sigma] (fp32) and the Philox seed (int64) are
+The coefficient row [c1, c2, a, b0, b1, b2, b3, sigma, r] (fp32) and the Philox seed (int64) are
 read from device memory inside the kernel, so a captured CUDA graph replays with whatever row and
 seed the buffers hold. z is the given noise, or tl.randn(seed, element index): the noise of an
 element depends only on the seed and its position in memory, whatever the block size. Both out
-and x0 are written (multistep solvers keep x0 as the next step's history).
+and xc are written (multistep solvers keep x0 as the next step's history).
 
 base (default x) and the n_hist <= 3 history tensors are run-time flags, not constexprs: one
 compiled kernel per dtype pair, clip and noise source serves every solver (do_not_specialize,
@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 BLOCK, NUM_WARPS = 1024, 4
-MAX_HISTORY = 3
+MAX_HISTORY, NUM_COEFS = 3, 9
 
 
 @triton.jit(do_not_specialize=["n_hist", "has_base"])
@@ -39,8 +39,9 @@ def sampling_update_kernel(x_ptr, mo_ptr, coef_ptr, base_ptr, h0_ptr, h1_ptr, h2
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(mo_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     x0 = tl.load(coef_ptr) * x - tl.load(coef_ptr + 1) * m
+    xc = x0
     if CLIP:
-        x0 = tl.minimum(tl.maximum(x0, -1.0), 1.0)
+        xc = tl.minimum(tl.maximum(x0, -1.0), 1.0)
     base = x
     if has_base != 0:
         base = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -49,7 +50,8 @@ def sampling_update_kernel(x_ptr, mo_ptr, coef_ptr, base_ptr, h0_ptr, h1_ptr, h2
     else:
         z = tl.randn(tl.load(seed_ptr), offs)
     # the reference's order of terms, so fp32 results agree to the rounding of each product
-    out = tl.load(coef_ptr + 2) * base + tl.load(coef_ptr + 3) * x0 + tl.load(coef_ptr + 7) * z
+    out = (tl.load(coef_ptr + 2) * base + tl.load(coef_ptr + 3) * xc + tl.load(coef_ptr + 8) * (x0 - xc)
+           + tl.load(coef_ptr + 7) * z)
     if n_hist > 0:
         out += tl.load(coef_ptr + 4) * tl.load(h0_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if n_hist > 1:
@@ -57,7 +59,7 @@ def sampling_update_kernel(x_ptr, mo_ptr, coef_ptr, base_ptr, h0_ptr, h1_ptr, h2
     if n_hist > 2:
         out += tl.load(coef_ptr + 6) * tl.load(h2_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(x0_ptr + offs, x0.to(x0_ptr.dtype.element_ty), mask=mask)
+    tl.store(x0_ptr + offs, xc.to(x0_ptr.dtype.element_ty), mask=mask)
 
 
 Launch = Callable[[triton.JITFunction], object]  # kernel -> object indexable by a grid
@@ -77,11 +79,13 @@ def memory_format_of(x: torch.Tensor) -> torch.memory_format:
 def sampling_update(x: torch.Tensor, model_out: torch.Tensor, coef: torch.Tensor, clip_x0: bool,
                     history: Sequence[torch.Tensor], base: torch.Tensor | None, noise: torch.Tensor | None,
                     seed: torch.Tensor | None, launch: Launch = _direct) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, x0) of the update above, both with x's dtype, shape and (dense) memory format. coef:
-    fp32 (8,) and seed: int64 (1,) (used when noise is None), both on x's device. base and history
+    """(out, xc) of the update above, both with x's dtype, shape and (dense) memory format. coef:
+    fp32 (9,) and seed: int64 (1,) (used when noise is None), both on x's device. base and history
     are read in x's dtype (they are this op's earlier outputs: a no-op then)."""
     if len(history) > MAX_HISTORY:
         raise ValueError(f"at most {MAX_HISTORY} history tensors, got {len(history)}")
+    if coef.numel() != NUM_COEFS:  # the kernel reads all of them
+        raise ValueError(f"coef must hold {NUM_COEFS} weights, got {coef.numel()}")
     if any(t is not None and t.shape != x.shape for t in (model_out, base, noise, *history)):
         raise ValueError("x, model_out, base, history and noise must have one shape")
     if noise is None and (seed is None or seed.dtype != torch.int64 or seed.numel() != 1):

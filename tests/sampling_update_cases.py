@@ -13,7 +13,7 @@ import torch
 from ddpm_fast.ops import reference
 
 # Every weight non-zero and distinct, so a term dropped or taken from the wrong slot shows.
-ROW = reference.coef_row(1.3, 0.45, a=0.7, b=(0.25, -0.4, 0.3, 0.15), sigma=0.3).float().tolist()
+ROW = reference.coef_row(1.3, 0.45, a=0.7, b=(0.25, -0.4, 0.3, 0.15), sigma=0.3, r=-0.55).float().tolist()
 NOISE_ONLY = reference.coef_row(sigma=1.0).float().tolist()  # out = z: the in-kernel noise itself
 SHAPE = (3, 3, 5, 7)  # 315 elements: not a multiple of a block, nor of four
 # (x, model_out, format); base and history come in x's dtype, as the op's own earlier outputs do.
@@ -68,8 +68,12 @@ def check_case(op: Op, device, n_hist, with_base, clip, source, x_dtype, mo_dtyp
         assert got.dtype == x_dtype and got.shape == SHAPE
         assert got.is_contiguous(memory_format=fmt)
         close(got, ref, x_dtype)
-    if clip:  # the clamp must have changed something for the case to mean anything
+    if clip:  # the clamp, and with it the r term, must have changed something for the case to mean anything
         assert not torch.equal(want_x0, reference.sampling_update(a["x"], a["model_out"], coef, False, [], None, z)[1])
+        no_r = coef.clone()
+        no_r[reference.COEF_NAMES.index("r")] = 0.0
+        assert not torch.equal(want, reference.sampling_update(a["x"], a["model_out"], no_r, True, a["history"],
+                                                               a["base"], z)[0])
 
 
 def check_wider_base_and_history(op: Op, device) -> None:

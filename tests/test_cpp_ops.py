@@ -153,7 +153,7 @@ def test_sampling_update_rejects_bad_arguments():
         cpp.sampling_update(x, x, coef, False, [x[:1]], None, x)
     with pytest.raises(RuntimeError, match="base has shape"):
         cpp.sampling_update(x, x, coef, False, [], x[:1], None, seed)
-    with pytest.raises(RuntimeError, match="float32 \\(8,\\)"):
+    with pytest.raises(RuntimeError, match="float32 \\(9,\\)"):
         cpp.sampling_update(x, x, coef[:5], False, [], None, x)
     with pytest.raises(RuntimeError, match="pass noise or a seed"):
         cpp.sampling_update(x, x, coef, False, [], None, None, None)

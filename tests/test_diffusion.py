@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from ddpm_fast import GaussianDiffusion, ops
+from ddpm_fast.ops import COEF_NAMES
 
 
 def test_linear_schedule_closed_form():
@@ -111,6 +112,31 @@ def test_ddpm_step_with_clipping(variance, backend):
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
     unclipped = ops.ddpm_step(x, eps, t, d, variance=variance, clip_x0=False, noise=z, backend=backend)
     assert (out - unclipped).abs().max() > 1e-3  # clipping changed something on these inputs
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ddim_step_with_clipping(backend):
+    """Song et al. eq. 12 with x0 clamped and the direction's eps re-derived from it (diffusers'
+    use_clipped_model_output=True): x_prev = sqrt(abar') x0c + sqrt(1 - abar') (x - sqrt(abar) x0c)
+    / sqrt(1 - abar); the r term of the row (here given by hand) keeps the network's eps instead."""
+    backend = _backend(backend)
+    d = GaussianDiffusion("linear", 1000)
+    x, eps = torch.randn(1, 3, 6, 7) * 2, torch.randn(1, 3, 6, 7)
+    for t, t_prev in ((700, 650), (30, -1)):
+        abar = d.alphas_cumprod[t].item()
+        abar_prev = d.alphas_cumprod[t_prev].item() if t_prev >= 0 else 1.0
+        x0 = ((x - math.sqrt(1 - abar) * eps) / math.sqrt(abar)).clamp(-1, 1)
+        direction = (x - math.sqrt(abar) * x0) / math.sqrt(1 - abar)
+        expected = math.sqrt(abar_prev) * x0 + math.sqrt(1 - abar_prev) * direction
+        out = ops.ddim_step(x, eps, t, t_prev, d, clip_x0=True, noise=torch.randn_like(x), backend=backend)
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+        row = d.ddim_coefficients(t, t_prev)
+        row[COEF_NAMES.index("r")] = -row[COEF_NAMES.index("a")] * math.sqrt(abar)
+        kept = ops.sampling_update(x, eps, row, True, noise=torch.zeros_like(x), backend=backend)[0]
+        torch.testing.assert_close(kept, math.sqrt(abar_prev) * x0 + math.sqrt(1 - abar_prev) * eps,
+                                   rtol=1e-4, atol=1e-4)
+        if t_prev >= 0:  # clipping bit, and the two readings differ (at abar' = 1 both are x0)
+            assert (out - kept).abs().max() > 1e-2
 
 
 def test_ddim_eta1_full_steps_is_ddpm_posterior():

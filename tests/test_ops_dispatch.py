@@ -71,7 +71,7 @@ def test_sampling_update_passes_every_argument_to_the_backend(backend):
         pytest.importorskip("triton")
     x, mo, base, noise = (torch.randn(2, 3, 4, 5) for _ in range(4))
     history = (torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5))
-    coef = ops.coef_row(1.2, 0.5, a=0.6, b=(0.3, -0.2, 0.1), sigma=0.4)  # float64 on purpose: dispatch casts
+    coef = ops.coef_row(1.2, 0.5, a=0.6, b=(0.3, -0.2, 0.1), sigma=0.4, r=-0.3)  # float64 on purpose: dispatch casts
     want = ops.sampling_update(x, mo, coef, True, history, base, noise, backend="torch")
     got = ops.sampling_update(x, mo, coef, True, history, base, noise, backend=backend)
     torch.testing.assert_close(got, want)
@@ -82,6 +82,13 @@ def test_sampling_update_passes_every_argument_to_the_backend(backend):
     torch.testing.assert_close(drawn(0), drawn(0), rtol=0, atol=0)
     assert not torch.equal(drawn(0)[0], drawn(1)[0])
     torch.testing.assert_close(drawn(0)[1], want[1])  # x0 takes no noise
+
+
+def test_sampling_update_refuses_a_short_row():
+    """A row of another width (an 8-weight row from before the r term) is refused, not misread."""
+    x = torch.randn(2, 3, 4, 5)
+    with pytest.raises(ValueError, match="coef must hold the 9 weights"):
+        ops.sampling_update(x, x, torch.zeros(8), noise=x, backend="torch")
 
 
 def test_triton_attention_falls_back_outside_its_head_dims():

@@ -20,7 +20,9 @@ import torch
 
 from conftest import NoHostSync, requires_cuda
 from ddpm_fast import FastSampler, GaussianDiffusion, UNet
-from ddpm_fast.schedulers import DEFAULT_STEPS, METHODS, Scheduler, spacing_timesteps
+from ddpm_fast.ops import COEF_NAMES
+from ddpm_fast.schedulers import (CAN_KEEP_NOISE, DEFAULT_STEPS, KEEP_NOISE_BY_DEFAULT, METHODS, Scheduler,
+                                  spacing_timesteps)
 
 # diffusers' schedulers build numpy arrays from tensors the way numpy 2 deprecates
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -91,6 +93,8 @@ CASES = [
                                                 "timestep_spacing": "linspace"}, {}, True),
     ("ddpm-posterior", "ddpm", {"variance": "posterior"}, D.DDPMScheduler,
      {"variance_type": "fixed_small", "clip_sample": False, "timestep_spacing": "linspace"}, {}, True),
+    # With a clip, ours re-derive eps from the clipped x0 by default (dpmpp_2m_sde aside), as diffusers'
+    # schedulers do but DDIM, whose default keeps the network's eps: our use_clipped_model_output=False.
     ("ddpm-clip", "ddpm", {"clip_x0": True, "spacing": "leading"}, D.DDPMScheduler, {"variance_type": "fixed_large",
                                                                "timestep_spacing": "leading"}, {}, True),
     ("ddpm-threshold", "ddpm", {"thresholding": True, "spacing": "leading", "variance": "posterior"}, D.DDPMScheduler,
@@ -99,11 +103,14 @@ CASES = [
      {"timestep_spacing": "trailing", "clip_sample": False}, {}, False),
     ("ddim-eta", "ddim", {"spacing": "trailing", "eta": 0.6}, D.DDIMScheduler,
      {"timestep_spacing": "trailing", "clip_sample": False}, {"eta": 0.6}, True),
-    # our x0 row recomputes eps from the clipped x0: diffusers' use_clipped_model_output
     ("ddim-clip", "ddim", {"spacing": "leading", "clip_x0": True}, D.DDIMScheduler,
      {"timestep_spacing": "leading"}, {"use_clipped_model_output": True}, False),
+    ("ddim-clip-keep-eps", "ddim", {"spacing": "leading", "clip_x0": True, "use_clipped_model_output": False},
+     D.DDIMScheduler, {"timestep_spacing": "leading"}, {}, False),
     ("ddim-threshold", "ddim", {"spacing": "trailing", "thresholding": True}, D.DDIMScheduler,
      {"timestep_spacing": "trailing", "thresholding": True}, {"use_clipped_model_output": True}, False),
+    ("ddim-threshold-keep-eps", "ddim", {"spacing": "trailing", "thresholding": True, "use_clipped_model_output": False},
+     D.DDIMScheduler, {"timestep_spacing": "trailing", "thresholding": True}, {}, False),
     ("dpmpp_2m", "dpmpp_2m", {}, D.DPMSolverMultistepScheduler, {}, {}, False),
     ("dpmpp_3m", "dpmpp_3m", {}, D.DPMSolverMultistepScheduler, {"solver_order": 3}, {}, False),
     ("dpmpp_2m-karras", "dpmpp_2m", {"spacing": "karras"}, D.DPMSolverMultistepScheduler,
@@ -143,6 +150,64 @@ def test_matches_diffusers(case, steps):
     gen = (lambda: torch.Generator().manual_seed(7)) if noisy else (lambda: None)
     ref = theirs(cls, steps, x, model, gen(), step_kw=step_kw, **config)
     assert rel(ours(method, steps, x, model, generator=gen(), **kw), ref) < 1e-3
+
+
+def theirs_keeping_eps(cls, steps, x, model, generator=None, **config):
+    """diffusers' loop where each step is fed the sample re-projected onto the clipped x0 with the
+    network's eps, alpha clamp(x0) + sigma eps (the model's eps unchanged, so diffusers' own x0 is the
+    clipped one): what our default clip means, for the solvers that step from the sample. alpha and
+    sigma are the scheduler's at t (DPM-Solver's from its sigmas: Karras spacing moves them off the
+    training steps)."""
+    sched = cls(num_train_timesteps=T, trained_betas=LINEAR.betas.numpy(), **config)
+    sched.set_timesteps(steps)
+    for t in sched.timesteps:
+        eps = model(x, torch.as_tensor(t).expand(len(x)))
+        if cls is D.DPMSolverMultistepScheduler:
+            alpha, sigma = sched._sigma_to_alpha_sigma_t(sched.sigmas[sched.step_index or 0])
+        else:
+            alpha, sigma = sched.alphas_cumprod[t].sqrt(), (1 - sched.alphas_cumprod[t]).sqrt()
+        x0 = ((x - sigma * eps) / alpha).clamp(-1, 1)
+        kw = {"generator": generator} if generator is not None else {}
+        x = sched.step(eps, t, alpha * x0 + sigma * eps, **kw).prev_sample
+    return x.clamp(-1, 1)
+
+
+@pytest.mark.parametrize("method, kw, cls, config, noisy", [
+    ("ddim", {"spacing": "trailing"}, D.DDIMScheduler, {"timestep_spacing": "trailing", "clip_sample": False}, False),
+    ("dpmpp_2m", {"spacing": "karras"}, D.DPMSolverMultistepScheduler, {"use_karras_sigmas": True}, False),
+    ("dpmpp_3m", {}, D.DPMSolverMultistepScheduler, {"solver_order": 3}, False),
+    ("dpmpp_2m_sde", {}, D.DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++",
+                                                         "use_karras_sigmas": True}, True),
+    ("euler", {"spacing": "leading"}, D.DDIMScheduler, {"timestep_spacing": "leading", "clip_sample": False}, False)])
+def test_clip_keeps_the_network_eps(method, kw, cls, config, noisy):
+    """use_clipped_model_output=False against diffusers' plain update fed the re-projected sample
+    (theirs_keeping_eps), and different from the re-derived reading on inputs where the clip bites
+    (3 x_T)."""
+    model, x = Toy(LINEAR), 3 * x_T()
+    gen = (lambda: torch.Generator().manual_seed(5)) if noisy else (lambda: None)
+    ref = theirs_keeping_eps(cls, 10, x, model, gen(), **config)
+    got = ours(method, 10, x, model, generator=gen(), clip_x0=True, use_clipped_model_output=False, **kw)
+    assert rel(got, ref) < 1e-3
+    rederived = ours(method, 10, x, model, generator=gen(), clip_x0=True, use_clipped_model_output=True, **kw)
+    assert rel(got, rederived) > 1e-2
+
+
+def test_which_solvers_keep_the_network_eps():
+    """By default only KEEP_NOISE_BY_DEFAULT's rows have an r term; False gives one to every solver
+    of CAN_KEEP_NOISE and is refused by the others (Ho et al.'s DDPM; Heun's and UniPC's rows)."""
+    r = COEF_NAMES.index("r")
+    for method in METHODS:
+        def r_column(**kw):
+            s = Scheduler(LINEAR, method, clip_x0=True, **kw)
+            s.set_timesteps(10)
+            return s.coefs[:, r]
+        assert r_column().any() == (method in KEEP_NOISE_BY_DEFAULT), method
+        assert not r_column(use_clipped_model_output=True).any()
+        if method in CAN_KEEP_NOISE:
+            assert r_column(use_clipped_model_output=False).any()
+        else:
+            with pytest.raises(ValueError, match=f"--method {method} re-derives"):
+                r_column(use_clipped_model_output=False)
 
 
 def test_full_ddpm_chain_matches_diffusers():
@@ -245,7 +310,7 @@ def test_evaluation_counts_and_validation():
     for method, steps, nfe in (("heun", 5, 9), ("heun", 1, 1), ("dpmpp_3m", 5, 5), ("ddpm", None, T)):
         s = Scheduler(LINEAR, method)
         s.set_timesteps(steps)
-        assert s.num_evaluations == nfe and s.coefs.shape == (nfe, 8) and s.timesteps.shape == (nfe,)
+        assert s.num_evaluations == nfe and s.coefs.shape == (nfe, len(COEF_NAMES)) and s.timesteps.shape == (nfe,)
     s = Scheduler(LINEAR, "heun")
     s.set_timesteps(4)
     assert s.timesteps.dtype == torch.float32 and s.grid_t[1] == s.grid_t[2]  # Heun: each t twice but the first

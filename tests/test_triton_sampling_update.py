@@ -117,6 +117,8 @@ def test_rejects_bad_arguments():
         sampling_update(x, x, coef, False, [x[:1]], None, x)
     with pytest.raises(ValueError, match="needs noise or a seed"):
         sampling_update(x, x, coef, False, (), None, None, None)
+    with pytest.raises(ValueError, match="coef must hold 9"):
+        sampling_update(x, x, coef[:8], False, (), None, x)
 
 
 def test_opcheck():

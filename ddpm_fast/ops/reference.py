@@ -44,35 +44,38 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
 
 
 # The sampling update's coefficient row (float32, on the device). One row serves every solver:
-#   x0  = c1 * x - c2 * model_out                 (clamped to [-1, 1] if clip_x0)
-#   out = a * base + b0 * x0 + b1 * h[0] + b2 * h[1] + b3 * h[2] + sigma * z
-# base is x unless given; h are up to MAX_HISTORY earlier x0 predictions (multistep solvers).
-COEF_NAMES = ("c1", "c2", "a", "b0", "b1", "b2", "b3", "sigma")
+#   x0  = c1 * x - c2 * model_out;   xc = x0 clamped to [-1, 1] if clip_x0, else x0
+#   out = a * base + b0 * xc + r * (x0 - xc) + b1 * h[0] + b2 * h[1] + b3 * h[2] + sigma * z
+# base is x unless given; h are up to MAX_HISTORY earlier (clipped) x0 predictions (multistep
+# solvers). r weighs what the clip removed: r = -a * alpha_t moves the sample's own x0 component
+# to the clipped x0 as well, so the step keeps the network's noise estimate (schedulers.py).
+COEF_NAMES = ("c1", "c2", "a", "b0", "b1", "b2", "b3", "sigma", "r")
 MAX_HISTORY = 3
 
 
-def coef_row(c1=0.0, c2=0.0, a=0.0, b=(0.0,), sigma=0.0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """A (8,) row from its parts; b = (b0, b1, ...) holds at most 1 + MAX_HISTORY weights. Each part
+def coef_row(c1=0.0, c2=0.0, a=0.0, b=(0.0,), sigma=0.0, r=0.0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """A (9,) row from its parts; b = (b0, b1, ...) holds at most 1 + MAX_HISTORY weights. Each part
     may be a float or a 0-dim tensor."""
     if not 1 <= len(b) <= 1 + MAX_HISTORY:
         raise ValueError(f"b takes 1 to {1 + MAX_HISTORY} weights, got {len(b)}")
     b = tuple(b) + (0.0,) * (1 + MAX_HISTORY - len(b))
-    return torch.stack([torch.as_tensor(v, dtype=dtype) for v in (c1, c2, a, *b, sigma)])
+    return torch.stack([torch.as_tensor(v, dtype=dtype) for v in (c1, c2, a, *b, sigma, r)])
 
 
 def sampling_update(x: torch.Tensor, model_out: torch.Tensor, coef: torch.Tensor, clip_x0: bool,
                     history: tuple[torch.Tensor, ...] | list[torch.Tensor], base: torch.Tensor | None,
                     noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, x0) of the row above, in float32 arithmetic; both in x's dtype and memory format."""
+    """(out, xc) of the row above, in float32 arithmetic; both in x's dtype and memory format."""
     if len(history) > MAX_HISTORY:
         raise ValueError(f"at most {MAX_HISTORY} history tensors, got {len(history)}")
-    c1, c2, a, b0, b1, b2, b3, sigma = coef.float().unbind(-1)
+    if coef.shape[-1:] != (len(COEF_NAMES),):
+        raise ValueError(f"coef must hold the {len(COEF_NAMES)} weights {COEF_NAMES}, got shape {tuple(coef.shape)}")
+    c1, c2, a, b0, b1, b2, b3, sigma, r = coef.float().unbind(-1)
     xf = x.float()
     x0 = c1 * xf - c2 * model_out.float()
-    if clip_x0:
-        x0 = x0.clamp(-1.0, 1.0)
-    out = a * (xf if base is None else base.float()) + b0 * x0 + sigma * noise.float()
+    xc = x0.clamp(-1.0, 1.0) if clip_x0 else x0
+    out = a * (xf if base is None else base.float()) + b0 * xc + r * (x0 - xc) + sigma * noise.float()
     for w, h in zip((b1, b2, b3), history):
         out = out + w * h.float()
     fmt = memory_format_of(x)  # elementwise ops follow whichever input's layout wins, not x's
-    return out.to(x.dtype).contiguous(memory_format=fmt), x0.to(x.dtype).contiguous(memory_format=fmt)
+    return out.to(x.dtype).contiguous(memory_format=fmt), xc.to(x.dtype).contiguous(memory_format=fmt)

@@ -130,10 +130,10 @@ void test_group_norm(ddpm_fast::Act act, const char* act_name, bool channels_las
 // Every history count, with and without a base, clip on and off, given noise and Philox noise,
 // against the row's definition in double; every element of out and x0 checked.
 void test_sampling_update() {
-  const float coef[8] = {1.3f, 0.4f, 0.7f, 0.2f, -0.35f, 0.15f, 0.05f, 0.5f};
-  const at::Tensor coef_t = at::tensor(std::vector<float>(coef, coef + 8));
+  const float coef[9] = {1.3f, 0.4f, 0.7f, 0.2f, -0.35f, 0.15f, 0.05f, 0.5f, -0.45f};
+  const at::Tensor coef_t = at::tensor(std::vector<float>(coef, coef + 9));
   const std::vector<int64_t> shape{3, 3, 5, 7};  // 315 elements: not a multiple of four
-  const at::Tensor x = at::randn(shape), mo = at::randn(shape), z = at::randn(shape), base = at::randn(shape);
+  const at::Tensor x = at::randn(shape) * 3, mo = at::randn(shape), z = at::randn(shape), base = at::randn(shape);
   const std::vector<at::Tensor> hist{at::randn(shape), at::randn(shape), at::randn(shape)};
   const at::Tensor seed = at::tensor(std::vector<int64_t>{12345});
   const auto xv = to_vec(x), mv = to_vec(mo), zv = to_vec(z), bv = to_vec(base);
@@ -148,9 +148,9 @@ void test_sampling_update() {
         const auto [out_s, x0_s] = ddpm_fast::sampling_update_cpu(x, mo, coef_t, clip, h, b, std::nullopt, seed);
         const auto ov = to_vec(out), x0v = to_vec(x0), osv = to_vec(out_s), x0sv = to_vec(x0_s);
         for (size_t i = 0; i < xv.size(); ++i) {
-          double want_x0 = coef[0] * xv[i] - coef[1] * mv[i];
-          if (clip) want_x0 = std::min(1.0, std::max(-1.0, want_x0));
-          double want = coef[2] * (with_base ? bv[i] : xv[i]) + coef[3] * want_x0;
+          const double raw = coef[0] * xv[i] - coef[1] * mv[i];
+          const double want_x0 = clip ? std::min(1.0, std::max(-1.0, raw)) : raw;
+          double want = coef[2] * (with_base ? bv[i] : xv[i]) + coef[3] * want_x0 + coef[8] * (raw - want_x0);
           for (int k = 0; k < n_hist; ++k) want += coef[4 + k] * hv[k][i];
           check_close(x0v[i], want_x0, 1e-5, 1e-5, "sampling_update x0");
           check_close(x0sv[i], want_x0, 1e-5, 1e-5, "sampling_update x0 with seed");
