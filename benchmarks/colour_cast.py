@@ -2,8 +2,10 @@
 are a short run's samples, and which training choice makes the difference?
 
 The data is the embedded set made grey, written once as PNGs. Every run trains the tiny preset
-for --steps at --batch-size from one seed and draws --samples samples from its EMA model twice:
-DDIM-50 (the issue's yardstick) and ddpm-fast's default sampler. The cast is the mean over samples
+for --steps at --batch-size from one seed and draws --samples samples from its EMA model three
+ways (SAMPLERS): DDIM-50 (the issue's yardstick) with the clip's two readings, the direction's
+eps re-derived from the clipped x0 (ddim's default) or the network's own (diffusers' DDIMPipeline,
+the same update: tests/test_schedulers.py), and ddpm-fast's default sampler. The cast is the mean over samples
 and pixels of |channel - grey| in 0..255 units (grey = the mean of the three channels); the
 contrast, the pixels' standard deviation in the same units beside the data's, tells a grey sample
 from a washed-out one. The runs:
@@ -11,8 +13,8 @@ from a washed-out one. The runs:
 - `diffusers`: a plain diffusers loop, as its train_unconditional example: UNet2DModel in the
   same layout (interop.to_diffusers of a fresh tiny UNet: the same parameter count), AdamW
   (betas 0.95, 0.999, weight decay 1e-6), cosine lr after a linear warm-up, EMA with power-3/4
-  warm-up, gradient clipping at 1, DDPMScheduler's add_noise and the eps MSE; its DDIM-50 is
-  DDIMPipeline (clip_sample), its default-sampler row FastSampler on the diffusers UNet;
+  warm-up, gradient clipping at 1, DDPMScheduler's add_noise and the eps MSE; sampled by
+  FastSampler on the diffusers UNet;
 - `ddpm-fast`: the trainer's defaults; then one change at a time from them (--changes): the
   optimizer, its betas, the lr schedule, the EMA, the loss weighting, the loader.
 
@@ -26,7 +28,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -81,13 +82,17 @@ def measure(images: dict[str, torch.Tensor]) -> dict:
     return out
 
 
-def sample_both(model, diffusion, n: int, size: int, seed: int) -> dict[str, torch.Tensor]:
-    """DDIM-50 on leading steps (diffusers' DDIMPipeline's) and the library's default sampler."""
+# name -> FastSampler options; DDIM-50 on leading steps, as diffusers' DDIMPipeline
+SAMPLERS = {"ddim50_rederived": dict(method="ddim", steps=50, spacing="leading", use_clipped_model_output=True),
+            "ddim50_network_eps": dict(method="ddim", steps=50, spacing="leading", use_clipped_model_output=False),
+            "default": dict(method=DEFAULT_METHOD)}
+
+
+def sample_all(model, diffusion, n: int, size: int, seed: int) -> dict[str, torch.Tensor]:
     from ddpm_fast import FastSampler
 
-    def draw(**kw):
-        return FastSampler(model, diffusion, **kw).sample(n, size, generator=torch.Generator().manual_seed(seed))
-    return {"ddim50": draw(method="ddim", steps=50, spacing="leading"), "default": draw(method=DEFAULT_METHOD)}
+    return {name: FastSampler(model, diffusion, **kw).sample(n, size, generator=torch.Generator().manual_seed(seed))
+            for name, kw in SAMPLERS.items()}
 
 
 def run_ours(data: Path, args, changes: dict) -> dict:
@@ -100,12 +105,12 @@ def run_ours(data: Path, args, changes: dict) -> dict:
                           seed=args.seed, out=out, workers=0, sample_every=10**9, save_every=10**9, **changes)
         run = build_run(cfg)
         fit(run)
-        return measure(sample_both(run.ema.model, run.diffusion, args.samples, 32, args.seed))
+        return measure(sample_all(run.ema.model, run.diffusion, args.samples, 32, args.seed))
 
 
 def run_diffusers(data: Path, args) -> dict:
     """The plain diffusers loop (the module docstring)."""
-    from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler
+    from diffusers import DDPMScheduler
     from diffusers.optimization import get_cosine_schedule_with_warmup
     from diffusers.training_utils import EMAModel
 
@@ -134,13 +139,7 @@ def run_diffusers(data: Path, args) -> dict:
         ema.step(unet.parameters())
     ema_unet = copy.deepcopy(unet)
     ema.copy_to(ema_unet.parameters())
-    pipe = DDIMPipeline(unet=ema_unet, scheduler=DDIMScheduler.from_config(sched.config))
-    pipe.set_progress_bar_config(disable=True)
-    out = pipe(batch_size=args.samples, num_inference_steps=50, generator=torch.Generator().manual_seed(args.seed),
-               output_type="np").images
-    images = sample_both(ema_unet, GaussianDiffusion(), args.samples, 32, args.seed)
-    images["ddim50"] = torch.from_numpy(np.asarray(out)).permute(0, 3, 1, 2) * 2 - 1
-    return measure(images)
+    return measure(sample_all(ema_unet.eval(), GaussianDiffusion(), args.samples, 32, args.seed))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     data = grey_folder(args.workdir)
     real = load_images(str(data), 32)  # the data's own row: cast 0, and the contrast to compare with
-    rows = [{"run": "the data (test split)"} | measure(dict.fromkeys(("ddim50", "default"), real))]
+    rows = [{"run": "the data (test split)"} | measure(dict.fromkeys(SAMPLERS, real))]
     env = vars(args) | {"workdir": str(args.workdir)}
 
     def record(name: str, fn) -> None:
@@ -171,8 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     record("ddpm-fast", lambda: run_ours(data, args, {}))
     for name in (c for c in args.changes.split(",") if c):
         record(f"ddpm-fast + {name}", lambda: run_ours(data, args, CHANGES[name]))
-    cols = [f"{k}_{s}" for s in ("ddim50", "default") for k in ("cast", "contrast")]
-    table = md_table(["run", "cast DDIM-50", "contrast DDIM-50", f"cast {DEFAULT_METHOD}", f"contrast {DEFAULT_METHOD}"],
+    cols = [f"{k}_{s}" for s in SAMPLERS for k in ("cast", "contrast")]
+    table = md_table(["run", *(f"{k} {s}" for s in SAMPLERS for k in ("cast", "contrast"))],
                      [[r["run"], *(f"{r[c]}" for c in cols)] for r in rows])
     path = write_result("colour_cast", {"env": env, "runs": rows})
     path.with_suffix(".md").write_text(
