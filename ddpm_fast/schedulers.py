@@ -26,9 +26,9 @@ alpha clamp(x0) + sigma eps, the network's own noise estimate, as diffusers' DDI
 That is a full projection every step, whatever the step size, so it does not converge: measured
 with benchmarks.nfe (tiny model, 4,000 steps, KID x 1e3 of 128 samples; RESULTS.md, "Clipping"),
 it helps short deterministic chains and hurts long ones (DPM-Solver++(2M) Karras 71 -> 39 at 20
-evaluations but 71 -> 176 at 100; DDIM 120 -> 71 at 20, 79 -> 141 at 100), and it helps
-SDE-DPM-Solver++ at every count measured (51 -> 40 at 10, 24 -> 21 at 20, 25 -> 21 at 50),
-whose fresh noise each step keeps the projection from piling up. Hence the default (None):
+evaluations but 71 -> 176 at 100; DDIM 120 -> 71 at 20, 79 -> 141 at 100), while
+SDE-DPM-Solver++, whose fresh noise each step keeps the projections from piling up, gains or ties
+at every count measured (Karras: 51 -> 40 at 10, 24 -> 21 at 20, 25 -> 21 at 50, 28 -> 20 at 100). Hence the default (None):
 False for dpmpp_2m_sde (KEEP_NOISE_BY_DEFAULT), True for the rest. DDPM (Ho et al.'s clipped
 sampler), Heun and UniPC (whose rows stand for a stored earlier sample) only re-derive.
 
