@@ -6,31 +6,32 @@ heun (Karras et al. 2022).
 model's time input and one row of ops.sampling_update (ops.reference.COEF_NAMES),
 
     x0  = c1 * x - c2 * model_out                  (the prediction type: eps, v or x0 itself)
-    out = a * x + b0 * x0 + b1 * x0[e-1] + b2 * x0[e-2] + b3 * x0[e-3] + sigma * z
+    xc  = x0 clamped to [-1, 1] when clipped, else x0
+    out = a * x + b0 * xc + r * (x0 - xc) + b1 * xc[e-1] + b2 * xc[e-2] + b3 * xc[e-3] + sigma * z
 
-with x0[e-k] the x0 predictions of the k-th evaluation before (and, when x0 is clipped, the row's r
-term below). Every evaluation of every solver has
-this one form: the states a solver keeps between evaluations (the sample Heun's Euler sub-step
-started from, UniPC's corrected sample) are themselves linear in the current sample and the x0
-predictions, so the host folds them into the row and none is stored. So `step` is one code path,
-one CUDA graph for the whole chain: read row e by a device counter (index_select), update, shift
-the x0 history (preallocated buffers, in-place copies), advance the counter; no host read.
+with xc[e-k] the x0 predictions of the k-th evaluation before (r: below). Every evaluation of every
+solver has this one form: the states a solver keeps between evaluations (the sample Heun's Euler
+sub-step started from, UniPC's corrected sample) are themselves linear in the current sample and
+the x0 predictions, so the host folds them into the row and none is stored. So `step` is one code
+path, one CUDA graph for the whole chain: read row e by a device counter (index_select), update,
+shift the x0 history (preallocated buffers, in-place copies), advance the counter; no host read.
 
 Clipping x0 (clip_x0, thresholding) leaves a choice of what the step keeps from the network.
 Written as x = alpha x0 + sigma eps (x0 and eps both the network's), a row's a * x carries the
 unclipped x0 along. `use_clipped_model_output=True` leaves it there: the noise is in effect
 re-derived from the sample and the clipped x0, the step converges to the ODE of the clipped
 denoiser, and this is diffusers' DDPM, DPM-Solver++, UniPC, Euler and Heun. False moves that part
-of the sample to the clipped x0 as well (the op's r term, r = -a * alpha): the step sees
-alpha clamp(x0) + sigma eps, the network's own noise estimate, as diffusers' DDIM does by default.
-That is a full projection every step, whatever the step size, so it does not converge: measured
-with benchmarks.nfe (tiny model, 4,000 steps, KID x 1e3 of 128 samples; RESULTS.md, "Clipping"),
-it helps short deterministic chains and hurts long ones (DPM-Solver++(2M) Karras 71 -> 39 at 20
-evaluations but 71 -> 176 at 100; DDIM 120 -> 71 at 20, 79 -> 141 at 100), while
-SDE-DPM-Solver++, whose fresh noise each step keeps the projections from piling up, gains or ties
-at every count measured (Karras: 51 -> 40 at 10, 24 -> 21 at 20, 25 -> 21 at 50, 28 -> 20 at 100). Hence the default (None):
-False for dpmpp_2m_sde (KEEP_NOISE_BY_DEFAULT), True for the rest. DDPM (Ho et al.'s clipped
-sampler), Heun and UniPC (whose rows stand for a stored earlier sample) only re-derive.
+of the sample to the clipped x0 as well (the op's r term, r = -a * alpha): the step sees alpha
+clamp(x0) + sigma eps, the network's own noise estimate, as diffusers' DDIM does by default. That
+is a full projection every step, whatever the step size, so it does not converge: measured with
+benchmarks.nfe (tiny model, 4,000 steps, KID x 1e3 of 128 samples; RESULTS.md, "Clipping"), it
+helps short deterministic chains and hurts long ones (DPM-Solver++(2M) Karras 71 -> 39 at 20
+evaluations but 71 -> 176 at 100; DDIM 120 -> 71 at 20, 79 -> 141 at 100), while SDE-DPM-Solver++,
+whose fresh noise each step keeps the projections from piling up, gains or ties at every count
+measured (Karras: 51 -> 40 at 10, 24 -> 21 at 20, 25 -> 21 at 50, 28 -> 20 at 100). Hence the
+default (None): False for dpmpp_2m_sde (KEEP_NOISE_BY_DEFAULT), True for the rest. DDPM (Ho et
+al.'s clipped sampler), Heun and UniPC (whose rows stand for a stored earlier sample) only
+re-derive.
 
 Everything stays in VP space: the model always sees x_t = alpha_t x0 + sigma_t eps as trained, so
 there is no input scaling. The sigma-space solvers (s = sigma_t / alpha_t, x_s = x_t / alpha_t) are
@@ -55,7 +56,7 @@ import torch
 
 from . import ops
 from .diffusion import VARIANCES, GaussianDiffusion
-from .ops.reference import MAX_HISTORY, coef_row, memory_format_of
+from .ops.reference import COEF_NAMES, MAX_HISTORY, coef_row, memory_format_of
 
 METHODS = ("ddpm", "ddim", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc", "euler", "heun")
 SPACINGS = ("linspace", "leading", "trailing", "karras")
@@ -208,7 +209,7 @@ class Scheduler:
         # thresholding's x0 read-out and the r term's alpha, applied in step (not by the op)
         self._x0_coefs = torch.cat([table[:, :2], table.new_tensor(alphas)[:, None]], 1).float().to(device)
         if self.thresholding:  # the row then takes the thresholded x0 as its model output, and the
-            table[:, 0], table[:, 1], table[:, 8] = 0.0, -1.0, 0.0  # r term is in the base step passes
+            table[:, 0], table[:, 1], table[:, COEF_NAMES.index("r")] = 0.0, -1.0, 0.0  # r term: step's base
         self.coefs = table.float().to(device)
         self.grid_t = [float(e[0]) if self.method in _INTERPOLATING else int(e[0]) for e in evals]
         times = np.interp(self.grid_t, np.arange(T), self.diffusion.model_time(torch.arange(T)).double().numpy())
