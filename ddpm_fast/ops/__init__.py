@@ -60,11 +60,12 @@ def sampling_update(x: torch.Tensor, model_out: torch.Tensor, coef: torch.Tensor
                     history: tuple[torch.Tensor, ...] | list[torch.Tensor] = (), base: torch.Tensor | None = None,
                     noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
                     backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """One solver step in one pass: (out, x0) from the coefficient row of reference.COEF_NAMES,
-    a float32 (8,) tensor on x's device (so a CUDA graph replays it with another row):
+    """One solver step in one pass: (out, xc) from the coefficient row of reference.COEF_NAMES,
+    a float32 (9,) tensor on x's device (so a CUDA graph replays it with another row):
 
-        x0  = c1 * x - c2 * model_out            (clamped to [-1, 1] if clip_x0)
-        out = a * base + b0 * x0 + b1 * history[0] + b2 * history[1] + b3 * history[2] + sigma * z
+        x0  = c1 * x - c2 * model_out;   xc = x0 clamped to [-1, 1] if clip_x0, else x0
+        out = a * base + b0 * xc + r * (x0 - xc) + b1 * history[0] + b2 * history[1] + b3 * history[2]
+              + sigma * z
 
     `base` defaults to x; `history` holds up to three earlier x0 predictions, each shaped and laid
     out like x. With noise=None, z is drawn from `generator`: by the reference with torch.randn,
