@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
 import sys
 import traceback
 from typing import Callable
@@ -51,8 +52,8 @@ def run(prog: str, body: Callable[[], object], debug: bool = False) -> int:
         if debug:
             traceback.print_exc()
         return 2
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as e:  # the shell's convention: 128 + the signal (training's Interrupted names it)
+        return 128 + getattr(e, "signum", signal.SIGINT)
     return 0
 
 

@@ -134,7 +134,7 @@ def test_resume_from_another_device_kinds_checkpoint(tmp_path):
 
 
 def test_sigterm_checkpoints_at_a_step_boundary(tmp_path, monkeypatch):
-    """A scheduler's preemption (SIGTERM) stops like Ctrl-C: finish the step, save, exit 130."""
+    """A scheduler's preemption (SIGTERM) stops like Ctrl-C: finish the step, save, exit 143."""
     out = tmp_path / "run"
     real_update = EMA.update
     calls = {"n": 0}
@@ -146,7 +146,7 @@ def test_sigterm_checkpoints_at_a_step_boundary(tmp_path, monkeypatch):
             signal.raise_signal(signal.SIGTERM)
 
     monkeypatch.setattr(EMA, "update", terminating_update)
-    assert train_cli.main(SMALL + ["--steps", "10", "--out", str(out)]) == 130
+    assert train_cli.main(SMALL + ["--steps", "10", "--out", str(out)]) == 143
     assert ckpt_mod.load_checkpoint(out)["step"] == 3
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handler restored
 

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-from ..files import remove_stale_tmp
+from ..files import TMP_SUFFIX, remove_stale_tmp
 from .checkpoint import CHECKPOINT_NAME
 
 LOCK_NAME = "train.lock"
@@ -64,7 +64,8 @@ def locked(folder: Path) -> Iterator[str | None]:
 def claim(out: Path, resuming: Path | None) -> Iterator[None]:
     """The run folder, locked for this run: checked again under the lock (another run may have
     finished there since), and cleared of the temporary files of writes a kill cut short. A
-    folder this run created is removed again if the run fails before its first checkpoint."""
+    folder this run created is removed again if the run fails while the folder holds nothing
+    but the lock and this run's temporary files: never one a run has written to."""
     created = not out.exists()
     with locked(out) as stale:
         if stale:
@@ -77,6 +78,6 @@ def claim(out: Path, resuming: Path | None) -> Iterator[None]:
         try:
             yield
         except BaseException:
-            if created and not (out / CHECKPOINT_NAME).exists():
+            if created and all(p.name == LOCK_NAME or p.name.endswith(TMP_SUFFIX) for p in out.iterdir()):
                 shutil.rmtree(out, ignore_errors=True)
             raise

@@ -3,6 +3,7 @@ progress bar (tqdm: img/s, loss, ETA) with the loss meter behind it."""
 from __future__ import annotations
 
 import csv
+import io
 import math
 import sys
 import time
@@ -13,6 +14,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from ..files import atomic_write
 from .distributed import all_sum
 
 # skipped: steps since the previous row whose loss or gradient was not finite (left out of loss).
@@ -21,19 +23,21 @@ METRIC_FIELDS = ("step", "epoch", "loss", "train_loss", "val_loss", "lr", "img_p
 
 
 class MetricsCSV:
-    """Append-only metrics.csv; on resume, rows past the checkpoint's step are dropped so the
-    file matches the state the run continues from."""
+    """Append-only metrics.csv; on resume, it starts with the rows of `source` (default: `path`)
+    up to the checkpoint's step, so the file matches the state the run continues from."""
 
-    def __init__(self, path: Path, resume_step: int | None = None):
+    def __init__(self, path: Path, resume_step: int | None = None, source: Path | None = None):
         self.path = path
         rows = []
-        if resume_step is not None and path.exists():
-            with path.open() as f:
+        source = source or path
+        if resume_step is not None and source.exists():
+            with source.open() as f:
                 rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
-        with path.open("w", newline="") as f:
-            w = csv.DictWriter(f, METRIC_FIELDS)
-            w.writeheader()
-            w.writerows(rows)
+        text = io.StringIO(newline="")
+        w = csv.DictWriter(text, METRIC_FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+        atomic_write(path, text.getvalue())  # a full disk leaves the resumed run's rows as they were
 
     def write(self, **row) -> None:
         with self.path.open("a", newline="") as f:

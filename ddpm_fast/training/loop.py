@@ -1,8 +1,9 @@
 """The training loop, readable top to bottom. `train(cfg)` builds the run (run.py: everything a
 run is made of, resumed when asked) and steps it, logging to metrics.csv, saving checkpoints
 atomically, drawing sample grids from the EMA model and evaluating each epoch on the val split.
-Ctrl-C or SIGTERM stops at a step boundary with a checkpoint. Under torchrun it is the same loop
-on every rank (distributed.py); rank 0 alone writes."""
+Ctrl-C or SIGTERM stops at a step boundary with a checkpoint, from the moment the run folder is
+claimed to the end of the final save; a save under way always finishes first. Under torchrun it
+is the same loop on every rank (distributed.py); rank 0 alone writes."""
 from __future__ import annotations
 
 import contextlib
@@ -11,7 +12,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 
@@ -35,61 +36,89 @@ def train(cfg: TrainConfig) -> Path:
         return fit(build_run(cfg, ctx))
 
 
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by a signal; the CLIs exit with the usual 128 + signal number (130 for
+    Ctrl-C, 143 for SIGTERM)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 def fit(run: Run) -> Path:
     """Train `run` to its end, its folder locked meanwhile (by rank 0, which alone writes it)."""
     with claim(run.out, run.cfg.checkpoint) if run.ctx.is_main else contextlib.nullcontext():
-        return train_steps(run)
+        with stop_at_step_boundary(run.ctx) as stop:
+            return train_steps(run, stop)
 
 
-def train_steps(run: Run) -> Path:
+def train_steps(run: Run, stop: StopRequest) -> Path:
     cfg, ctx, main = run.cfg, run.ctx, run.ctx.is_main
-    metrics = start_outputs(run) if main else None
+    if main:
+        announce(run)
+    # The run folder's files start with the first step done: a run that fails before it leaves
+    # nothing behind (claim then removes a folder it created), and a resume that fails before
+    # it leaves config.json and metrics.csv as they were.
+    metrics, first_step = None, run.step
     bar = progress_bar(run.total, run.step, disable=not main)
     meter = LossMeter(run.device)
     warming, warm_t0 = cfg.fast, time.time()
     run.model.train()
-    with stop_at_step_boundary(ctx) as should_stop:
-        while run.step < run.total:
-            run.loader.set_epoch(run.epoch, start_batch=run.batch_in_epoch)
-            for batch in run.loader:  # images, or (images, labels) of a class-conditional run
-                loss = run.step_fn(run.step, batch)
-                run.step += 1
-                run.batch_in_epoch += 1
-                meter.add(loss, len(batch[0] if isinstance(batch, tuple) else batch))
-                bar.update()
-                if warming and run.step_fn.ready:  # compile and graph capture: reported apart, not in img/s
-                    warming = False
-                    loss.item()  # wait for the device: the warm-up ends here
-                    if main:
-                        bar.write(f"fast path ready: {time.time() - warm_t0:.1f} s for its first "
-                                  f"{run.step_fn.calls} steps (torch.compile, CUDA-graph capture), not counted in img/s")
-                    meter.restart_clock()
-                if run.step % cfg.log_every == 0 or run.step == run.total:
-                    log_window(run, meter, metrics, bar)
-                if run.step % cfg.save_every == 0:
-                    run.save()
-                if main and run.step % cfg.sample_every == 0:
-                    save_grid(run, f"step_{run.step:07d}.png")
-                if cfg.eval_every and run.step % cfg.eval_every == 0:
-                    x0_mse = eval_loss(run, "x0_mse")  # collective
-                    if main:
-                        metrics.write(step=run.step, epoch=run.epoch, x0_mse=x0_mse, **evaluate_samples(run))
-                if should_stop():
-                    bar.close()
-                    run.save()
-                    if main:
-                        print(f"interrupted at step {run.step}: checkpoint saved; continue with --resume {run.out}")
-                    raise KeyboardInterrupt
-                if run.step >= run.total:
-                    break
-            else:  # the epoch ran to its end
-                val = eval_loss(run)
-                train_loss = meter.take_epoch(ctx)
+
+    def save() -> None:
+        with stop.holding():
+            run.save()
+
+    while run.step < run.total:
+        run.loader.set_epoch(run.epoch, start_batch=run.batch_in_epoch)
+        for batch in run.loader:  # images, or (images, labels) of a class-conditional run
+            loss = run.step_fn(run.step, batch)
+            run.step += 1
+            run.batch_in_epoch += 1
+            if main and metrics is None:
+                metrics = start_outputs(run, first_step)
+            meter.add(loss, len(batch[0] if isinstance(batch, tuple) else batch))
+            bar.update()
+            if warming and run.step_fn.ready:  # compile and graph capture: reported apart, not in img/s
+                warming = False
+                loss.item()  # wait for the device: the warm-up ends here
                 if main:
-                    metrics.write(step=run.step, epoch=run.epoch, train_loss=train_loss, val_loss=val)
-                run.epoch, run.batch_in_epoch = run.epoch + 1, 0
+                    bar.write(f"fast path ready: {time.time() - warm_t0:.1f} s for its first "
+                              f"{run.step_fn.calls} steps (torch.compile, CUDA-graph capture), not counted in img/s")
+                meter.restart_clock()
+            if run.step % cfg.log_every == 0 or run.step == run.total:
+                log_window(run, meter, metrics, bar)
+            if run.step % cfg.save_every == 0:
+                save()
+            if main and run.step % cfg.sample_every == 0:
+                save_grid(run, f"step_{run.step:07d}.png")
+            if cfg.eval_every and run.step % cfg.eval_every == 0:
+                x0_mse = eval_loss(run, "x0_mse")  # collective
+                if main:
+                    metrics.write(step=run.step, epoch=run.epoch, x0_mse=x0_mse, **evaluate_samples(run))
+            if stop():
+                bar.close()
+                save()
+                if main:
+                    print(f"interrupted at step {run.step}: checkpoint saved; continue with --resume {run.out}")
+                raise Interrupted(stop.signum)
+            if run.step >= run.total:
+                break
+        else:  # the epoch ran to its end
+            val = eval_loss(run)
+            train_loss = meter.take_epoch(ctx)
+            if main:
+                metrics.write(step=run.step, epoch=run.epoch, train_loss=train_loss, val_loss=val)
+            run.epoch, run.batch_in_epoch = run.epoch + 1, 0
     bar.close()
-    run.save()
+    if main and metrics is None:  # a resume with no step left to train
+        start_outputs(run, first_step)
+    save()
+    if stop.requested:  # during the last steps or the final save: the final grid can wait
+        if main:
+            print(f"{stop.name} at the end: the final checkpoint is saved, at step {run.step}; "
+                  f"the final sample grid and loss curve were skipped", flush=True)
+        raise Interrupted(stop.signum)
     if main:
         save_grid(run, "final.png")
         plot_losses(run.out / "metrics.csv", run.out / "loss.png")
@@ -98,12 +127,9 @@ def train_steps(run: Run) -> Path:
     return run.out
 
 
-def start_outputs(run: Run) -> MetricsCSV:
-    """The run folder, its config.json and metrics.csv (trimmed to the checkpoint on resume), and
-    the run's first log line."""
+def announce(run: Run) -> None:
+    """The run's first log lines: what trains on what, the plan, what a resume changed."""
     cfg, ctx = run.cfg, run.ctx
-    (run.out / "samples").mkdir(parents=True, exist_ok=True)
-    atomic_write(run.out / "config.json", json.dumps(cfg.to_dict(), indent=2))
     n_params = sum(p.numel() for p in run.net.parameters())
     batch = (f"global batch {cfg.batch_size} ({cfg.batch_size // ctx.world_size} per rank x {ctx.world_size} "
              f"processes; lr not rescaled)" if ctx.enabled else f"batch {cfg.batch_size}")
@@ -116,7 +142,18 @@ def start_outputs(run: Run) -> MetricsCSV:
     print(f"plan: {run.plan.describe()}", flush=True)
     for change in cfg.changes:
         print(f"resume: {change}", flush=True)
-    return MetricsCSV(run.out / "metrics.csv", resume_step=run.step if run.resumed else None)
+
+
+def start_outputs(run: Run, first_step: int) -> MetricsCSV:
+    """The run folder's samples/, config.json and metrics.csv; on resume, metrics.csv starts with
+    the resumed run's rows up to its checkpoint (`first_step`), from its own folder's file when
+    --out is another folder."""
+    (run.out / "samples").mkdir(parents=True, exist_ok=True)
+    atomic_write(run.out / "config.json", json.dumps(run.cfg.to_dict(), indent=2))
+    if not run.resumed:
+        return MetricsCSV(run.out / "metrics.csv")
+    return MetricsCSV(run.out / "metrics.csv", resume_step=first_step,
+                      source=Path(run.cfg.checkpoint).parent / "metrics.csv")
 
 
 def log_window(run: Run, meter: LossMeter, metrics: MetricsCSV | None, bar) -> None:
@@ -198,32 +235,61 @@ def evaluate_samples(run: Run) -> dict:
     return {"kid": r["kid_val"], "fid": r.get("fid_val")}
 
 
-@contextlib.contextmanager
-def stop_at_step_boundary(ctx: DistContext) -> Iterator[Callable[[], bool]]:
-    """Yields `should_stop()`, which the loop asks after each optimizer step (so the checkpoint
-    it then writes is consistent). The first Ctrl-C (or SIGTERM, a scheduler's preemption) makes
-    it true; a second interrupts at once.
-    Under torchrun, Ctrl-C reaches the agent, which forwards SIGINT to every worker: the ranks
+class StopRequest:
+    """What a Ctrl-C or SIGTERM asks of the loop. Calling it (after each optimizer step, so the
+    checkpoint then written is consistent) answers whether to stop; under torchrun the ranks
     agree through a StopVote, so all stop after the same step and rank 0's checkpoint is one
-    every rank can resume from (torchrun waits 30 s before it kills them)."""
-    flag = {"stop": False}
-    vote = StopVote(ctx)
+    every rank can resume from (torchrun forwards Ctrl-C to every worker and waits 30 s before
+    it kills them). The first signal asks for a stop; a second aborts at once, except while a
+    checkpoint is being written (`holding`): that write finishes first, so an interrupt never
+    costs the last good state."""
 
-    def handler(signum, frame):
-        if flag["stop"]:
-            raise KeyboardInterrupt
-        flag["stop"] = True
-        if ctx.is_main:
-            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-            print(f"\n{name}: stopping after this step (Ctrl-C again to abort without saving)", flush=True)
+    def __init__(self, ctx: DistContext):
+        self.ctx, self.vote = ctx, StopVote(ctx)
+        self.requested, self.signum = False, signal.SIGINT
+        self.saving = self.abort = False
 
+    @property
+    def name(self) -> str:
+        return "Ctrl-C" if self.signum == signal.SIGINT else signal.Signals(self.signum).name
+
+    def __call__(self) -> bool:
+        return self.vote(self.requested)
+
+    def handler(self, signum, frame) -> None:
+        if self.requested and not self.saving:
+            raise Interrupted(signum)
+        if self.requested:
+            self.abort = True
+            return
+        self.requested, self.signum = True, signum
+        if self.ctx.is_main:
+            later = " (the checkpoint being written is finished first)" if self.saving else ""
+            print(f"\n{self.name}: stopping after this step{later} (Ctrl-C again to abort without saving)", flush=True)
+
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[None]:
+        """A block no signal interrupts: one that comes meanwhile takes effect after it."""
+        self.saving = True
+        try:
+            yield
+        finally:
+            self.saving = False
+        if self.abort:
+            raise Interrupted(self.signum)
+
+
+@contextlib.contextmanager
+def stop_at_step_boundary(ctx: DistContext) -> Iterator[StopRequest]:
+    """Ctrl-C and SIGTERM, for the block, become a StopRequest the loop asks."""
+    stop = StopRequest(ctx)
     # Python installs signal handlers only from the main thread; elsewhere the defaults stay.
     in_main_thread = threading.current_thread() is threading.main_thread()
     signals = (signal.SIGINT, signal.SIGTERM)
-    previous = {s: signal.signal(s, handler) for s in signals} if in_main_thread else {}
+    previous = {s: signal.signal(s, stop.handler) for s in signals} if in_main_thread else {}
     try:
-        yield lambda: vote(flag["stop"])
-        vote.settle()  # not on an exception: the other ranks may never answer it
+        yield stop
+        stop.vote.settle()  # not on an exception: the other ranks may never answer it
     finally:
         for sig, prev in previous.items():
             signal.signal(sig, prev)
