@@ -17,24 +17,43 @@ def int_tuple(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,2,4, got {text!r}") from None
 
 
-def positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
+def number(kind: type, low: float | None = None, high: float | None = None, *, low_open: bool = False,
+           high_open: bool = False) -> Callable[[str], int | float]:
+    """An argparse type: a finite int or float within [low, high] (open where said). Its refusal
+    is one line that argparse prefixes with the flag: "argument --warmup: expected an integer
+    >= 0, got -1"; exit status 2."""
+    noun = "an integer" if kind is int else "a number"
+    if low is not None and high is not None:
+        want = f"{noun} in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    elif low is not None:
+        want = f"{noun} {'>' if low_open else '>='} {low:g}"
+    elif high is not None:
+        want = f"{noun} {'<' if high_open else '<='} {high:g}"
+    else:
+        want = f"a finite {noun[2:]}" if kind is float else noun
+
+    def parse(text: str) -> int | float:
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}") from None
+        if (not math.isfinite(v) or (low is not None and (v < low or (low_open and v == low)))
+                or (high is not None and (v > high or (high_open and v == high)))):
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text}")
+        return v
+
+    parse.__name__ = want  # argparse's fallback names the type by it
+    return parse
 
 
-def finite_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return v
+positive_int = number(int, 0, low_open=True)
+non_negative_int = number(int, 0)
+finite_float = number(float)
+positive_float = number(float, 0, low_open=True)
+non_negative_float = number(float, 0)
+probability = number(float, 0, 1)               # a decay, a share of labels
+below_one = number(float, 0, 1, high_open=True)  # Adam's betas, dropout
+seed_int = number(int, 0, 2**32 - 1)            # every generator takes it (numpy's legacy ones the narrowest)
 
 
 def add_debug_argument(p: argparse.ArgumentParser) -> None:
@@ -92,7 +111,7 @@ def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spacing", choices=SPACINGS,
                    help="timestep spacing, diffusers' meanings (default: karras for dpmpp_2m_sde, else linspace)")
     p.add_argument("--order", type=positive_int, help="solver order (dpmpp: 2 or 3; unipc: 2 or 3)")
-    p.add_argument("--eta", type=finite_float, default=0.0, help="DDIM eta")
+    p.add_argument("--eta", type=non_negative_float, default=0.0, help="DDIM eta")
     p.add_argument("--variance", default="beta", choices=("beta", "posterior"),
                    help="DDPM reverse variance: beta_t or beta-tilde_t")
     p.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=True,

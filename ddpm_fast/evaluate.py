@@ -10,8 +10,8 @@ import argparse
 import json
 import math
 
-from .cli import (add_debug_argument, add_plan_arguments, add_sampler_arguments, plan_from_args, positive_int, run,
-                  sampler_from_args)
+from .cli import (add_debug_argument, add_plan_arguments, add_sampler_arguments, non_negative_int, plan_from_args,
+                  positive_int, run, sampler_from_args, seed_int)
 from .files import atomic_write
 
 
@@ -25,15 +25,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=positive_int, help="evaluate on at most this many images of the split")
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--mse-draws", type=positive_int, default=4, help="(t, noise) draws per image for the MSE")
-    p.add_argument("--bpd-images", type=int, default=64, help="images for bits/dim (0: skip)")
+    p.add_argument("--bpd-images", type=non_negative_int, default=64, help="images for bits/dim (0: skip)")
     p.add_argument("--bpd-t", type=positive_int, help="t values for bits/dim's sum (default: all T-1)")
-    p.add_argument("--fid", type=int, default=0, metavar="N", help="FID on N samples (needs [eval])")
-    p.add_argument("--kid", type=int, default=0, metavar="N", help="KID on N samples (needs [eval])")
+    p.add_argument("--fid", type=non_negative_int, default=0, metavar="N", help="FID on N samples (needs [eval])")
+    p.add_argument("--kid", type=non_negative_int, default=0, metavar="N", help="KID on N samples (needs [eval])")
     p.add_argument("--ref-images", type=positive_int, default=10000,
                    help="at most this many images of a split for its FID/KID reference statistics")
     p.add_argument("--splits", default="test", help="comma-separated splits to compare samples with")
     add_sampler_arguments(p)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     add_plan_arguments(p)
     add_debug_argument(p)
     p.add_argument("--json", help="also write the results here")

@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", default="ddpm", choices=tuple(SCHEDULERS), help="the folder's diffusers scheduler")
     p.add_argument("--variance", choices=tuple(VARIANCE_TYPES),
                    help="DDPM variance: beta (fixed_large) or posterior (fixed_small); default: the run's, else beta")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --out folder or an existing --safetensors file (written beside, then "
+                        "swapped in: the old one stays whole should the export fail)")
     p.add_argument("--clip-x0", action=argparse.BooleanOptionalAction,
                    help="the scheduler's clip_sample (default: the run's sample_clip_x0, else on)")
     return p
@@ -40,10 +43,11 @@ def _export(args) -> None:
 
     model, diffusion, cfg = load_model(args.ckpt, ema=args.ema)
     if args.safetensors:
-        save_safetensors(model, cfg, args.safetensors)
+        save_safetensors(model, cfg, args.safetensors, overwrite=args.overwrite)
     else:
         clip = cfg.get("sample_clip_x0", True) if args.clip_x0 is None else args.clip_x0
-        export_pipeline(model, diffusion, args.out, args.scheduler, args.variance or cfg.get("variance", "beta"), clip)
+        export_pipeline(model, diffusion, args.out, args.scheduler, args.variance or cfg.get("variance", "beta"), clip,
+                        overwrite=args.overwrite)
     print(f"wrote {args.safetensors or args.out}")
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .diffusion import PREDICTIONS, GaussianDiffusion
+from .files import atomic_dir, atomic_write
 from .model import AttnBlock, ResBlock, UNet
 
 VARIANCE_TYPES = {"beta": "fixed_large", "posterior": "fixed_small"}
@@ -226,21 +227,39 @@ def schedule_of(scheduler) -> dict:
 
 # -- files -----------------------------------------------------------------------------------------
 def export_pipeline(model: UNet, diffusion: GaussianDiffusion, out: str | Path, scheduler: str = "ddpm",
-                    variance: str = "beta", clip_x0: bool = True) -> None:
-    """A folder DDPMPipeline.from_pretrained loads: model_index.json, unet/ (safetensors), scheduler/."""
+                    variance: str = "beta", clip_x0: bool = True, overwrite: bool = False) -> None:
+    """A folder DDPMPipeline.from_pretrained loads: model_index.json, unet/ (safetensors), scheduler/.
+    Written beside `out` and swapped in whole; a non-empty `out` is refused unless `overwrite`."""
     from diffusers import DDPMPipeline
 
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file: give a folder for the pipeline")
+    if not overwrite and out.is_dir() and any(out.iterdir()):
+        held = ", ".join(sorted(p.name for p in out.iterdir())[:4])
+        raise FileExistsError(f"--out {out} is not empty (it holds {held}): pass --overwrite to replace it, "
+                              "or give another --out")
     unet, sched = to_diffusers(model, diffusion, scheduler, variance, clip_x0)
-    DDPMPipeline(unet=unet, scheduler=sched).save_pretrained(out, safe_serialization=True)
+    with atomic_dir(out, _weight_bytes(model)) as tmp:
+        DDPMPipeline(unet=unet, scheduler=sched).save_pretrained(tmp, safe_serialization=True)
 
 
-def save_safetensors(model: UNet, config: dict, path: str | Path) -> None:
-    """Our weights, our layout, with `config` (a run's, its model part made complete) as metadata."""
-    from safetensors.torch import save_file
+def save_safetensors(model: UNet, config: dict, path: str | Path, overwrite: bool = False) -> None:
+    """Our weights, our layout, with `config` (a run's, its model part made complete) as metadata.
+    Written atomically; an existing file is refused unless `overwrite`."""
+    from safetensors.torch import save
 
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"--safetensors {path} exists: pass --overwrite to replace it, or give another file")
+    if path.is_dir():
+        raise FileExistsError(f"--safetensors {path} is a folder: give a file name")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata={CONFIG_KEY: json.dumps({**config, "model": model.config})})
+    atomic_write(path, save(state, metadata={CONFIG_KEY: json.dumps({**config, "model": model.config})}))
+
+
+def _weight_bytes(model: UNet) -> int:
+    return sum(v.numel() * v.element_size() for v in model.state_dict().values())
 
 
 def is_interop_path(path: str | Path) -> bool:

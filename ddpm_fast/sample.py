@@ -14,8 +14,8 @@ import sys
 import types
 from pathlib import Path
 
-from .cli import (add_debug_argument, add_plan_arguments, add_sampler_arguments, plan_from_args, positive_int, run,
-                  sampler_from_args)
+from .cli import (add_debug_argument, add_plan_arguments, add_sampler_arguments, non_negative_int, plan_from_args,
+                  positive_int, run, sampler_from_args, seed_int)
 
 
 class _CallableModule(types.ModuleType):
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="class to sample, of a class-conditional model (repeatable; all: --n of each class, "
                         "a grid row per class)")
     add_sampler_arguments(p)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     add_plan_arguments(p)
     add_debug_argument(p)
     p.add_argument("--out", default="samples.png", help="output PNG/GIF, or a folder with --individual")
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--process", type=positive_int, metavar="K", help="K chains x --snapshots snapshots")
     p.add_argument("--snapshots", type=positive_int, default=10)
     p.add_argument("--gif", action="store_true", help="an animated GIF of the chain of --n images")
-    p.add_argument("--recover", type=int, metavar="T",
+    p.add_argument("--recover", type=non_negative_int, metavar="T",
                    help="noise --n test images to step T and denoise them with both variances")
     p.add_argument("--data", help="image folder for --recover (default: the run's data)")
     return p
@@ -65,11 +65,16 @@ def main(argv: list[str] | None = None) -> int:
 def _sample(args) -> None:
     import torch
 
+    from .files import save_image
     from .training.checkpoint import load_model
     from .training.logging import image_grid, to_uint8
 
+    out = check_out(args)
     plan = plan_from_args(args)
     model, diffusion, cfg = load_model(args.ckpt, ema=args.ema, device=plan.device)
+    if args.recover is not None and args.recover >= diffusion.timesteps:
+        raise ValueError(f"--recover {args.recover}: {args.ckpt} has T = {diffusion.timesteps} diffusion steps, "
+                         f"so T may be 0 to {diffusion.timesteps - 1}")
     model = plan.prepare(model)
     size = cfg["model"]["image_size"]
     if plan.cuda_graphs:
@@ -79,8 +84,6 @@ def _sample(args) -> None:
     else:
         gen = torch.Generator(device=plan.device).manual_seed(args.seed)
     make = lambda **kw: sampler_from_args(model, diffusion, args, plan, **kw)  # noqa: E731
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
 
     if args.recover is not None:
         from .data import load_images
@@ -94,7 +97,7 @@ def _sample(args) -> None:
             rows.append(make(method="ddpm", steps=None, spacing=None, order=None, variance=variance).sample(
                 x0.shape[0], size, generator=gen, x_start=noisy, start_t=args.recover))
         # Columns: original | noisy | variance beta | variance beta-tilde, one row per image.
-        image_grid(torch.stack(rows, 1).flatten(0, 1), nrow=4).save(out)
+        save_image(image_grid(torch.stack(rows, 1).flatten(0, 1), nrow=4), out)
     elif args.process or args.gif:
         k = args.process or args.n
         images, traj = make().sample(k, size, generator=gen, return_trajectory=True)
@@ -102,25 +105,60 @@ def _sample(args) -> None:
             frames = [image_grid(traj[i], nrow=args.nrow) for i in
                       torch.linspace(0, len(traj) - 1, 60).round().long().tolist()]
             frames += [image_grid(images, nrow=args.nrow)] * 10  # hold the result
-            frames[0].save(out, save_all=True, append_images=frames[1:], duration=80, loop=0)
+            save_image(frames[0], out, save_all=True, append_images=frames[1:], duration=80, loop=0)
         else:
             idx = torch.linspace(0, len(traj) - 1, args.snapshots).round().long()
             strip = traj[idx].clamp(-1, 1).transpose(0, 1).flatten(0, 1)  # chain-major rows
-            image_grid(strip, nrow=args.snapshots).save(out)
+            save_image(image_grid(strip, nrow=args.snapshots), out)
     else:
         labels, nrow = class_labels(args.classes, cfg, args.n, args.ckpt)
         n = args.n if labels is None else len(labels)
         images = make().sample(n, size, generator=gen, classes=labels)
         args.nrow = args.nrow or nrow
         if args.individual:
-            from PIL import Image
-
-            out.mkdir(parents=True, exist_ok=True)
-            for i, arr in enumerate(to_uint8(images)):
-                Image.fromarray(arr).save(out / f"{i:06d}.png")
+            save_individual(to_uint8(images), out)
         else:
-            image_grid(images, nrow=args.nrow).save(out)
+            save_image(image_grid(images, nrow=args.nrow), out)
     print(f"wrote {out}")
+
+
+def check_out(args) -> Path:
+    """--out, refused before anything is computed when it cannot take what is asked for: a file
+    for --individual, a folder or a name without an image extension otherwise."""
+    from PIL import Image
+
+    out = Path(args.out)
+    if args.individual:
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} is a file: --individual writes one PNG per image into a folder")
+        return out
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder: give an image file (grid.png), or --individual for one PNG "
+                         "per image in it")
+    if out.suffix.lower() not in Image.registered_extensions():
+        raise ValueError(f"--out {out}: not an image file name (give .png, .jpg, .gif, ...)")
+    return out
+
+
+def save_individual(images, out: Path) -> None:
+    """One PNG per image into `out`; should one fail (a full disk), the new files this call wrote
+    are removed again (no run of files that stops part way; a file it replaced stays replaced)."""
+    from PIL import Image
+
+    from .files import save_image
+
+    out.mkdir(parents=True, exist_ok=True)
+    new = []
+    try:
+        for i, arr in enumerate(images):
+            path = out / f"{i:06d}.png"
+            if not path.exists():
+                new.append(path)
+            save_image(Image.fromarray(arr), path)
+    except BaseException:
+        for p in new:
+            p.unlink(missing_ok=True)
+        raise
 
 
 def class_labels(wanted: list[str] | None, cfg: dict, n: int, ckpt) -> tuple[list[int] | None, int | None]:

@@ -28,7 +28,7 @@ log = logging.getLogger("ddpm_fast.data")
 
 MAGIC = b"DDPM-FAST-CACHE\n"
 HEADER_BYTES = 4096
-VERSION = 1
+VERSION = 2  # 2: images upright by their EXIF orientation (a version-1 cache is rebuilt)
 
 
 @dataclass

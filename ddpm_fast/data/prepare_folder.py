@@ -15,6 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..files import save_image
 from .listing import ValidatedListing
 from .transforms import load_uint8
 
@@ -38,7 +39,7 @@ def output_names(listing: ValidatedListing) -> list[Path]:
 
 def _write_one(job: tuple[str, str, int]) -> None:
     src, dst, size = job
-    Image.fromarray(load_uint8(src, size)).save(dst, format="PNG", compress_level=1)
+    save_image(Image.fromarray(load_uint8(src, size)), dst, compress_level=1)
 
 
 def write_processed(listing: ValidatedListing, out: Path, image_size: int,

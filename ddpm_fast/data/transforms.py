@@ -1,4 +1,5 @@
-"""Preprocessing shared by every backend: RGB, shorter side to S, centre crop, [-1, 1].
+"""Preprocessing shared by every backend: upright (a JPEG's EXIF orientation applied, as DALI's
+decoder does), RGB, shorter side to S, centre crop, [-1, 1].
 
 Sizes and the crop offset round half up (the longer side `floor(L * S / l + 1/2)`, the offset
 `(W - S + 1) // 2`), as DALI's resize_shorter and centre crop do, so the PIL and DALI paths
@@ -9,7 +10,7 @@ import os
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -51,7 +52,7 @@ def load_uint8(path: str | os.PathLike, size: int) -> np.ndarray:
     try:
         with Image.open(path) as img:
             img.load()
-            out = resize_crop(to_rgb(img), size)
+            out = resize_crop(to_rgb(ImageOps.exif_transpose(img)), size)
             return np.asarray(out, dtype=np.uint8).copy()
     except Exception as e:
         raise RuntimeError(f"cannot load image {path}: {type(e).__name__}: {e} "

@@ -17,8 +17,19 @@ _PREFIXES = ("_orig_mod.", "module.")
 def save_checkpoint(obj: dict, path: str | Path) -> None:
     # Through a Python file, unbuffered: a failed write (a full disk) then surfaces as its OSError
     # (ENOSPC), where torch.save to a path reports only "file write failed".
-    with atomic_path(path) as tmp, open(tmp, "wb", buffering=0) as f:
+    with atomic_path(path, tensor_bytes(obj)) as tmp, open(tmp, "wb", buffering=0) as f:
         torch.save(obj, f)
+
+
+def tensor_bytes(obj) -> int:
+    """The bytes of the tensors in `obj` (nested dicts, lists, tuples): about a checkpoint's size."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
 
 
 def all_finite(tensors) -> bool:

@@ -14,7 +14,8 @@ import math
 from dataclasses import MISSING, InitVar, asdict, dataclass, field, fields
 from pathlib import Path
 
-from ..cli import finite_float, int_tuple, positive_int
+from ..cli import (below_one, int_tuple, non_negative_float, non_negative_int, positive_float, positive_int,
+                   probability, seed_int)
 from ..presets import MODEL_FIELDS, PRESETS, preset_config
 from ..schedulers import DEFAULT_METHOD, DEFAULT_STEPS, METHODS
 
@@ -52,35 +53,37 @@ class TrainConfig:
     ch_mult: tuple | None = flag(None, "width multipliers per level, e.g. 1,2,4,4", "data and model", type=int_tuple)
     attn_res: tuple | None = flag(None, "resolutions with self-attention, e.g. 16", "data and model", type=int_tuple)
     num_res_blocks: int | None = flag(None, "residual blocks per level", "data and model", type=positive_int)
-    dropout: float | None = flag(None, "dropout in the residual blocks", "data and model", type=finite_float)
+    dropout: float | None = flag(None, "dropout in the residual blocks", "data and model", type=below_one)
     act: str | None = flag(None, "activation", "data and model", choices=("silu", "hardswish"))
     norm: str | None = flag(None, "normalisation layers (default: group, the DDPM's)", "data and model",
                             choices=("group", "batch"))
     class_cond: bool = flag(False, "class-conditional: each image's class is its first folder under --data (the "
                                    "embedded set: face, circle, square, triangle)", "data and model")
     cond_drop: float = flag(0.1, "share of labels replaced by the null class in training (classifier-free "
-                                 "guidance's unconditional model)", "data and model", type=finite_float)
+                                 "guidance's unconditional model)", "data and model", type=below_one)
     flip: bool = flag(True, "mirror training images at random (--no-flip for digits, text, logos)", "data and model")
     loader: str = flag("auto", "data loader backend", "data and model", choices=("auto", "torch", "cache", "dali"))
-    workers: int = flag(4, "DataLoader workers (torch loader)", "data and model", type=int)
+    workers: int = flag(4, "DataLoader workers (torch loader; 0: in the main process)", "data and model",
+                      type=non_negative_int)
     # optimisation
     batch_size: int | None = flag(None, "global batch; under torchrun each of the N processes takes batch / N",
                                   "optimisation", type=positive_int)
     epochs: int | None = flag(None, "epochs to train", "optimisation", type=positive_int)
     steps: int | None = flag(None, "total optimizer steps (overrides --epochs)", "optimisation", type=positive_int)
-    lr: float | None = flag(None, "peak learning rate", "optimisation", type=finite_float)
+    lr: float | None = flag(None, "peak learning rate", "optimisation", type=positive_float)
     lr_schedule: str = flag("constant", "after the warm-up", "optimisation", choices=("constant", "cosine"))
-    warmup: int | None = flag(None, "linear warm-up steps", "optimisation", type=int)
+    warmup: int | None = flag(None, "linear warm-up steps", "optimisation", type=non_negative_int)
     optimizer: str = flag("adam", "the optimizer", "optimisation", choices=("adam", "adamw"))
-    adam_beta1: float = flag(0.9, "Adam's beta1", "optimisation", type=finite_float)
-    adam_beta2: float = flag(0.999, "Adam's beta2", "optimisation", type=finite_float)
-    weight_decay: float = flag(0.0, "weight decay (AdamW's decoupled, Adam's L2)", "optimisation", type=finite_float)
+    adam_beta1: float = flag(0.9, "Adam's beta1", "optimisation", type=below_one)
+    adam_beta2: float = flag(0.999, "Adam's beta2", "optimisation", type=below_one)
+    weight_decay: float = flag(0.0, "weight decay (AdamW's decoupled, Adam's L2)", "optimisation", type=non_negative_float)
     ema_decay: float = flag(0.9999, "EMA decay (warmed up as min(decay, (1+n)/(10+n)))", "optimisation",
-                            type=finite_float)
-    grad_clip: float = flag(1.0, "max gradient norm (0: off)", "optimisation", type=finite_float)
+                            type=probability)
+    grad_clip: float = flag(1.0, "max gradient norm (0: off)", "optimisation", type=non_negative_float)
     max_skips: int = flag(20, "stop after this many consecutive steps skipped for a non-finite loss or gradient "
                               "(checked at each --log-every)", "optimisation", type=positive_int)
-    seed: int = flag(0, "seed of the weights, the noise and the data order", "optimisation", type=int)
+    seed: int = flag(0, "seed of the weights, the noise and the data order", "optimisation",
+                    type=seed_int)
     # diffusion
     schedule: str = flag("linear", "noise schedule", "diffusion", choices=("linear", "cosine", "continuous"))
     timesteps: int = flag(1000, "diffusion steps T", "diffusion", type=positive_int)
@@ -90,9 +93,9 @@ class TrainConfig:
     loss_weight: str = flag("uniform", "weight of each t's loss: uniform (Ho et al.'s simple loss), min_snr "
                                        "(min(SNR, gamma) on the x0 error) or elbo (the variational bound's)",
                             "diffusion", choices=("uniform", "min_snr", "elbo"))
-    snr_gamma: float = flag(5.0, "gamma of --loss-weight min_snr", "diffusion", type=finite_float)
+    snr_gamma: float = flag(5.0, "gamma of --loss-weight min_snr", "diffusion", type=positive_float)
     offset_noise: float = flag(0.0, "per-image, per-channel constant added to the noise, times N(0, 1)",
-                               "diffusion", type=finite_float)
+                               "diffusion", type=non_negative_float)
     zero_terminal_snr: bool = flag(False, "rescale the schedule so x_T holds no signal (needs --prediction v or x0)",
                                    "diffusion")
     # run
@@ -119,7 +122,7 @@ class TrainConfig:
     sample_steps: int | None = flag(None, f"sampler steps of the grids and of --eval-every (default: {DEFAULT_STEPS}, "
                                           "at most T // 2 on a short schedule; ddpm: all T)", type=positive_int)
     sample_clip_x0: bool = flag(True, "clamp the predicted x0 to [-1, 1] in the grids and --eval-every")
-    eval_every: int = flag(0, "steps between KID/FID evaluations (0: off)", type=int)
+    eval_every: int = flag(0, "steps between KID/FID evaluations (0: off)", type=non_negative_int)
     eval_samples: int = flag(256, "samples of each KID/FID evaluation", type=positive_int)
     # The fields given explicitly (the CLI's typed flags); None: those that differ from their default.
     explicit: InitVar[frozenset | None] = None

@@ -78,7 +78,9 @@ def plot_losses(csv_path: Path, png_path: Path) -> None:
         axes[0][1].plot(*zip(*kid), "o-", color="C3")
         axes[0][1].set_xlabel("step"), axes[0][1].set_ylabel("KID (EMA model)"), axes[0][1].grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    atomic_write(png_path, buf.getvalue())
     plt.close(fig)
 
 

@@ -16,7 +16,7 @@ from typing import Iterator
 
 import torch
 
-from ..files import atomic_write
+from ..files import atomic_write, save_image
 from ..plan import resolve_device
 from ..sampling import FastSampler
 from .checkpoint import CHECKPOINT_NAME
@@ -218,7 +218,7 @@ def save_grid(run: Run, name: str) -> None:
     classes, per_row = grid_classes(run, run.cfg.sample_n)
     n = run.cfg.sample_n if classes is None else len(classes)
     images = grid_sampler(run).sample(n, run.cfg.model["image_size"], generator=gen, classes=classes)
-    image_grid(images, nrow=per_row).save(run.out / "samples" / name)
+    save_image(image_grid(images, nrow=per_row), run.out / "samples" / name)
 
 
 def evaluate_samples(run: Run) -> dict:
@@ -276,6 +276,8 @@ class StopRequest:
         finally:
             self.saving = False
         if self.abort:
+            if self.ctx.is_main:
+                print(f"{self.name} again: stopped once the checkpoint under way was written", flush=True)
             raise Interrupted(self.signum)
 
 
