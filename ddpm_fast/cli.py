@@ -7,6 +7,7 @@ import math
 import signal
 import sys
 import traceback
+import warnings
 from typing import Callable
 
 
@@ -63,9 +64,15 @@ def add_debug_argument(p: argparse.ArgumentParser) -> None:
 def run(prog: str, body: Callable[[], object], debug: bool = False) -> int:
     """Run a CLI body; expected failures (bad input, a file system's refusal: a full disk, a
     read-only folder) become one line, `prog: error: ...`, and exit status 2; with `debug`
-    the traceback follows."""
+    the traceback follows. Warnings (skipped files) are one line too, `prog: warning: ...`; an
+    interrupt exits 128 + its signal."""
+    def show(message, category, filename, lineno, file=None, line=None):  # not Python's source-line format
+        print(f"{prog}: warning: {message}", file=sys.stderr, flush=True)
+
     try:
-        body()
+        with warnings.catch_warnings():
+            warnings.showwarning = show
+            body()
     except (ValueError, OSError, ImportError) as e:
         print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
         if debug:

@@ -385,3 +385,18 @@ def test_resume_into_another_folder_keeps_the_runs_metrics(tiny_run, tmp_path):
     a = copy_run(tiny_run, tmp_path / "a")
     assert train_cli.main(["--resume", str(a), "--out", str(tmp_path / "b"), "--steps", "3"]) == 0
     assert metrics_steps(tmp_path / "b") == [1, 2, 3] and metrics_steps(a) == [1, 2]
+
+
+def test_a_skipped_file_warning_is_one_line(tiny_run, tmp_path, capsys, monkeypatch):
+    """main printed Python's warning format: the source file, line number and code line."""
+    monkeypatch.setenv("DDPM_FAST_CACHE", str(tmp_path / "state"))
+    data = tmp_path / "imgs"
+    data.mkdir()
+    for i in range(6):
+        Image.new("RGB", (8, 8), (40 * i, 90, 30)).save(data / f"ok{i}.png")
+    (data / "broken.png").write_bytes(b"not a png")
+    assert evaluate_cli.main(["--ckpt", str(tiny_run), "--data", str(data), "--split", "train", "--images", "2",
+                              "--bpd-images", "0"]) == 0
+    [line] = [line for line in capsys.readouterr().err.splitlines() if "skipped" in line]
+    assert line.startswith("ddpm_fast.evaluate: warning: skipped 1 of 7 files under ") and "broken.png" in line
+    assert ".py:" not in line

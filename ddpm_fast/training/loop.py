@@ -108,6 +108,7 @@ def train_steps(run: Run, stop: StopRequest) -> Path:
             val = eval_loss(run)
             train_loss = meter.take_epoch(ctx)
             if main:
+                metrics = metrics or start_outputs(run, first_step)  # a resume at an epoch's very end
                 metrics.write(step=run.step, epoch=run.epoch, train_loss=train_loss, val_loss=val)
             run.epoch, run.batch_in_epoch = run.epoch + 1, 0
     bar.close()
