@@ -10,9 +10,9 @@ import argparse
 import json
 import math
 
-from .cli import (add_debug_argument, add_plan_arguments, add_sampler_arguments, plan_from_args, positive_int, run,
-                  sampler_from_args)
-from .files import atomic_write
+from ..argtypes import positive_int
+from ..files import atomic_write
+from .cli import add_debug_argument, add_plan_arguments, add_sampler_arguments, plan_from_args, run, sampler_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,9 +46,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _evaluate(args) -> dict:
-    from .data import load_images
-    from .evaluation import bits_per_dim, heldout_mse
-    from .training.checkpoint import load_model
+    from ..data import load_images
+    from ..evaluation import bits_per_dim, heldout_mse
+    from ..checkpoint import load_model
 
     plan = plan_from_args(args)
     model, diffusion, cfg = load_model(args.ckpt, ema=args.ema, device=plan.device)
@@ -63,7 +63,7 @@ def _evaluate(args) -> dict:
         result["bits_per_dim"] = bits_per_dim(model, diffusion, images[: args.bpd_images], args.batch_size,
                                               args.bpd_t, seed=args.seed)
     if args.fid or args.kid:
-        from .evaluation import sample_quality
+        from ..evaluation import sample_quality
 
         sampler = sampler_from_args(model, diffusion, args, plan)
         result.update(sample_quality(sampler, data, size, plan.device, fid_n=args.fid, kid_n=args.kid,

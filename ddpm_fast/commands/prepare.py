@@ -14,9 +14,9 @@ import sys
 import warnings
 from pathlib import Path
 
-from .data.cache import build_cache
-from .data.listing import state_dir, validate_images
-from .data.prepare_folder import write_processed
+from ..data.cache import build_cache
+from ..data.listing import state_dir, validate_images
+from ..data.prepare_folder import write_processed
 
 
 def _parser() -> argparse.ArgumentParser:

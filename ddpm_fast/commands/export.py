@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..interop import SCHEDULERS, VARIANCE_TYPES
 from .cli import run
-from .interop import SCHEDULERS, VARIANCE_TYPES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,8 +35,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _export(args) -> None:
-    from .interop import export_pipeline, save_safetensors
-    from .training.checkpoint import load_model
+    from ..interop import export_pipeline, save_safetensors
+    from ..checkpoint import load_model
 
     model, diffusion, cfg = load_model(args.ckpt, ema=args.ema)
     if args.safetensors:

@@ -20,7 +20,7 @@ from .cli import add_debug_argument, run
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .training.config import TrainConfig
+    from ..training.config import TrainConfig
 
     p = argparse.ArgumentParser(prog="python -m ddpm_fast.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -33,8 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body():
-        from .training.config import TrainConfig
-        from .training.loop import train
+        from ..training.config import TrainConfig
+        from ..training.loop import train
 
         train(TrainConfig.from_args(args))
 

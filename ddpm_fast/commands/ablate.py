@@ -58,7 +58,7 @@ class Plan:
 
 
 def load_spec(path: str | Path) -> Plan:
-    from .training.config import TrainConfig
+    from ..training.config import TrainConfig
 
     try:
         spec = tomllib.loads(Path(path).read_text())
@@ -92,7 +92,7 @@ def _text(v) -> str:
 
 
 def train_config(plan: Plan, name: str, seed: int, resume: bool):
-    from .training.config import TrainConfig
+    from ..training.config import TrainConfig
 
     out = plan.out / name / f"seed{seed}"
     kw = plan.base | plan.configs[name] | dict(
@@ -104,14 +104,14 @@ def train_config(plan: Plan, name: str, seed: int, resume: bool):
 
 
 def steps_done(folder: Path) -> int:
-    from .training.checkpoint import CHECKPOINT_NAME, load_checkpoint
+    from ..checkpoint import CHECKPOINT_NAME, load_checkpoint
 
     return load_checkpoint(folder)["step"] if (folder / CHECKPOINT_NAME).exists() else 0
 
 
 def run_all(plan: Plan) -> None:
     """Train what is not done yet, config by config, seed by seed."""
-    from .training.loop import train
+    from ..training.loop import train
 
     for name, seed in itertools.product(plan.configs, plan.seeds):
         folder = plan.out / name / f"seed{seed}"
@@ -211,9 +211,9 @@ def plot(plan: Plan, summary: dict) -> None:
 
 def estimate_seconds(plan: Plan) -> float:
     """Seconds for the whole plan: a few timed steps and one timed evaluation of the base config."""
-    from .evaluation import generate
-    from .training.loop import grid_sampler
-    from .training.run import build_run
+    from ..evaluation import generate
+    from ..training.loop import grid_sampler
+    from ..training.run import build_run
 
     cfg = train_config(plan, "base", plan.seeds[0], resume=False)
     cfg.out = str(plan.out / "_estimate")

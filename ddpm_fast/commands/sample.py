@@ -10,26 +10,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
-import types
 from pathlib import Path
 
-from .cli import (add_debug_argument, add_plan_arguments, add_sampler_arguments, plan_from_args, positive_int, run,
-                  sampler_from_args)
-
-
-class _CallableModule(types.ModuleType):
-    """Importing this submodule rebinds the package attribute `ddpm_fast.sample` from the
-    function to the module (docs/DESIGN.md); calling the module calls the function, so
-    `ddpm_fast.sample(model, diffusion, ...)` keeps working either way."""
-
-    def __call__(self, *args, **kwargs):
-        from .sampling import sample
-
-        return sample(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+from ..argtypes import positive_int
+from .cli import add_debug_argument, add_plan_arguments, add_sampler_arguments, plan_from_args, run, sampler_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
 def _sample(args) -> None:
     import torch
 
-    from .training.checkpoint import load_model
-    from .training.logging import image_grid, to_uint8
+    from ..checkpoint import load_model
+    from ..images import image_grid, to_uint8
 
     plan = plan_from_args(args)
     model, diffusion, cfg = load_model(args.ckpt, ema=args.ema, device=plan.device)
@@ -83,7 +67,7 @@ def _sample(args) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
 
     if args.recover is not None:
-        from .data import load_images
+        from ..data import load_images
 
         data = args.data if args.data is not None else cfg.get("data")
         x0 = load_images(data, size, split="test", limit=args.n).to(plan.device)
