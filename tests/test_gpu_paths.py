@@ -46,7 +46,7 @@ def test_graphed_ddpm_draws_fresh_reproducible_noise():
     """With in-graph noise, two samples from one sampler differ (fresh noise on every replay), and
     the same CUDA seed gives the same images again."""
     model, diffusion = tiny_model(), GaussianDiffusion("linear", 50)
-    sampler = FastSampler(model, diffusion, cuda_graph=True, clip_x0=True)
+    sampler = FastSampler(model, diffusion, method="ddpm", cuda_graph=True, clip_x0=True)
 
     def draw():
         torch.cuda.manual_seed(7)
