@@ -98,19 +98,3 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
     with atomic_path(path, len(data)) as tmp:
         tmp.write_bytes(data)
 
-
-def save_image(img, path: str | os.PathLike, **params) -> None:
-    """A PIL image written atomically, in the format its file name's extension names (PIL's
-    save `params`: append_images, duration, ...); a ValueError naming the file for an extension
-    no image format has. Encoded in memory first: the bytes are known before the disk is asked."""
-    import io
-
-    from PIL import Image
-
-    path = Path(path)
-    fmt = Image.registered_extensions().get(path.suffix.lower())
-    if fmt is None:
-        raise ValueError(f"{path}: not an image file name (give .png, .jpg, .gif, ...)")
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **params)
-    atomic_write(path, buf.getvalue())

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..files import save_image
+from ..images import save_image
 from .listing import ValidatedListing
 from .transforms import load_uint8
 

@@ -14,8 +14,8 @@ import math
 from dataclasses import MISSING, InitVar, asdict, dataclass, field, fields
 from pathlib import Path
 
-from ..cli import (below_one, int_tuple, non_negative_float, non_negative_int, positive_float, positive_int,
-                   probability, seed_int)
+from ..argtypes import (below_one, int_tuple, non_negative_float, non_negative_int, positive_float, positive_int,
+                        probability, seed_int)
 from ..presets import MODEL_FIELDS, PRESETS, preset_config
 from ..schedulers import DEFAULT_METHOD, DEFAULT_STEPS, METHODS
 

@@ -11,8 +11,8 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
+from ..checkpoint import CHECKPOINT_NAME
 from ..files import TMP_SUFFIX, remove_stale_tmp
-from .checkpoint import CHECKPOINT_NAME
 
 LOCK_NAME = "train.lock"
 

@@ -1,0 +1,46 @@
+"""Images as files see them: [-1, 1] tensors to uint8 arrays, tiled grids, and image files
+written atomically. Below both the trainer (its sample grids) and the sample command."""
+from __future__ import annotations
+
+import io
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .files import atomic_write
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, 3, H, W) in [-1, 1] -> (N, H, W, 3) uint8."""
+    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> Image.Image:
+    """Tile (N, 3, H, W) images in [-1, 1] into one PIL image, nrow images per row."""
+    arr = to_uint8(images)
+    n, h, w, _ = arr.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / nrow)
+    canvas = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, 3), 255, np.uint8)
+    for i in range(n):
+        r, c = divmod(i, nrow)
+        canvas[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = arr[i]
+    return Image.fromarray(canvas)
+
+
+def save_image(img: Image.Image, path: str | os.PathLike, **params) -> None:
+    """A PIL image written atomically, in the format its file name's extension names (PIL's
+    save `params`: append_images, duration, ...); a ValueError naming the file for an extension
+    no image format has. Encoded in memory first: the bytes are known before the disk is asked."""
+    path = Path(path)
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"{path}: not an image file name (give .png, .jpg, .gif, ...)")
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **params)
+    atomic_write(path, buf.getvalue())
