@@ -20,13 +20,13 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm_fast.training import checkpoint as ckpt_mod
+from ddpm_fast import checkpoint as ckpt_mod
 from ddpm_fast.training.folder import LOCK_NAME
 
-train_cli = importlib.import_module("ddpm_fast.train")
-sample_cli = importlib.import_module("ddpm_fast.sample")
-evaluate_cli = importlib.import_module("ddpm_fast.evaluate")
-export_cli = importlib.import_module("ddpm_fast.export")
+train_cli = importlib.import_module("ddpm_fast.commands.train")
+sample_cli = importlib.import_module("ddpm_fast.commands.sample")
+evaluate_cli = importlib.import_module("ddpm_fast.commands.evaluate")
+export_cli = importlib.import_module("ddpm_fast.commands.export")
 
 FAST = ["--image-size", "8", "--batch-size", "4", "--workers", "0", "--timesteps", "20", "--log-every", "1",
         "--sample-every", "100000", "--sample-n", "2", "--sample-method", "ddim", "--sample-steps", "2"]
@@ -67,7 +67,7 @@ SLOW_SAVE_CHILD = textwrap.dedent("""
         return real_save(obj, f, *args, **kwargs)
 
     torch.save = slow_save
-    from ddpm_fast.train import main
+    from ddpm_fast.commands.train import main
     raise SystemExit(main(argv))
 """)
 
