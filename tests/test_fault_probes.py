@@ -400,3 +400,14 @@ def test_a_skipped_file_warning_is_one_line(tiny_run, tmp_path, capsys, monkeypa
     [line] = [line for line in capsys.readouterr().err.splitlines() if "skipped" in line]
     assert line.startswith("ddpm_fast.evaluate: warning: skipped 1 of 7 files under ") and "broken.png" in line
     assert ".py:" not in line
+
+
+def test_full_disk_at_a_metrics_row_leaves_whole_rows(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    FullDisk(monkeypatch, "metrics.csv", free=400)  # the header and a few rows, then the disk is full
+    assert train_cli.main(FAST + ["--steps", "50", "--out", str(out)]) == 2
+    line = one_error_line(capsys.readouterr().err, "ddpm_fast.train")
+    assert f"could not write {out / 'metrics.csv'}: No space left on device (" in line
+    text = (out / "metrics.csv").read_text()
+    assert text.endswith("\n") and 1 <= len(metrics_steps(out)) < 10
+    assert all(len(row.split(",")) == len(text.splitlines()[0].split(",")) for row in text.splitlines())

@@ -70,10 +70,13 @@ def build_cache(listing: ValidatedListing, image_size: int, workers: int | None 
     if _read_header(path) == header:
         return _open(path, header, 0.0)
     start = time.perf_counter()
-    with atomic_path(path) as tmp:
+    size = HEADER_BYTES + n * image_size * image_size * 3
+    with atomic_path(path, size) as tmp:
         with open(tmp, "wb") as f:
             f.write((MAGIC + json.dumps(header).encode()).ljust(HEADER_BYTES, b" "))  # a few fields: it fits
-            f.truncate(HEADER_BYTES + n * image_size * image_size * 3)
+            # Allocated now, not as the memory map fills it: a full disk is then an ENOSPC here
+            # rather than a SIGBUS that kills the process part way.
+            os.posix_fallocate(f.fileno(), 0, size)
         out = np.memmap(tmp, dtype=np.uint8, mode="r+", offset=HEADER_BYTES,
                         shape=(n, image_size, image_size, 3))
         # PIL releases the GIL in decode and resize, so threads scale without forking a

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..files import atomic_write
+from ..files import atomic_write, write_failure
 from .distributed import all_sum
 
 # skipped: steps since the previous row whose loss or gradient was not finite (left out of loss).
@@ -37,8 +37,19 @@ class MetricsCSV:
         atomic_write(path, text.getvalue())  # a full disk leaves the resumed run's rows as they were
 
     def write(self, **row) -> None:
-        with self.path.open("a", newline="") as f:
-            csv.DictWriter(f, METRIC_FIELDS).writerow({k: _fmt(row.get(k)) for k in METRIC_FIELDS})
+        """Append a row, whole or not at all: a failed write (a full disk) is cut back off."""
+        text = io.StringIO(newline="")
+        csv.DictWriter(text, METRIC_FIELDS).writerow({k: _fmt(row.get(k)) for k in METRIC_FIELDS})
+        data = text.getvalue().encode()
+        with self.path.open("ab", buffering=0) as f:
+            end = f.tell()
+            try:
+                view = memoryview(data)
+                while view:  # an unbuffered write may take part of it
+                    view = view[f.write(view):]
+            except OSError as e:
+                f.truncate(end)
+                raise write_failure(e, self.path, len(data), "its earlier rows are as they were") from e
 
     def read(self) -> list[dict]:
         with self.path.open() as f:
