@@ -363,7 +363,7 @@ def test_a_real_full_disk_surfaces_as_enospc(monkeypatch):
     save_checkpoint opens raises the OSError of the failed write."""
     import contextlib
 
-    monkeypatch.setattr(ckpt_mod, "atomic_path", lambda path: contextlib.nullcontext(Path("/dev/full")))
+    monkeypatch.setattr(ckpt_mod, "atomic_path", lambda path, size=None: contextlib.nullcontext(Path("/dev/full")))
     with pytest.raises(OSError) as e:
         ckpt_mod.save_checkpoint({"w": torch.ones(10000)}, "unused")
     assert e.value.errno == errno.ENOSPC
