@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 def _evaluate(args) -> dict:
     from .data import load_images
     from .evaluation import bits_per_dim, heldout_mse
+    from .sampling import model_channels
     from .training.checkpoint import load_model
 
     plan = plan_from_args(args)
@@ -55,7 +56,7 @@ def _evaluate(args) -> dict:
     model = plan.prepare(model)
     data = args.data if args.data is not None else cfg.get("data")
     size = cfg["model"]["image_size"]
-    images = load_images(data, size, split=args.split, limit=args.images)
+    images = load_images(data, size, split=args.split, limit=args.images, channels=model_channels(model))
     result = {"checkpoint": str(args.ckpt), "ema": args.ema, "split": args.split, "images": len(images),
               "eps_mse": heldout_mse(model, diffusion, images, args.batch_size, args.mse_draws, args.seed)}
     result["bits_per_dim"] = None  # null in the JSON when not computed

@@ -85,7 +85,8 @@ def sample_quality(sampler, data, image_size: int, device: torch.device, fid_n: 
     feats = metrics.inception_features(samples, device=device)
     out: dict = {"samples": len(samples), "method": sampler.method, "evaluations": sampler.num_evaluations}
     for split in splits:
-        ref = metrics.reference_stats(data, image_size, split, load_images, limit=ref_limit, device=device)
+        ref = metrics.reference_stats(data, image_size, split, load_images, limit=ref_limit,
+                                      channels=sampler.channels, device=device)
         if fid_n:
             out[f"fid_{split}"] = metrics.fid_from_stats(ref.mu, ref.sigma, *metrics.mean_cov(feats[:fid_n]))
         if kid_n:

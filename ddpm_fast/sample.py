@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 def _sample(args) -> None:
     import torch
 
+    from .sampling import model_channels
     from .training.checkpoint import load_model
     from .training.logging import image_grid, to_uint8
 
@@ -86,7 +87,7 @@ def _sample(args) -> None:
         from .data import load_images
 
         data = args.data if args.data is not None else cfg.get("data")
-        x0 = load_images(data, size, split="test", limit=args.n).to(plan.device)
+        x0 = load_images(data, size, split="test", limit=args.n, channels=model_channels(model)).to(plan.device)
         t = torch.full((x0.shape[0],), args.recover, device=plan.device, dtype=torch.long)
         noisy = diffusion.q_sample(x0, t, torch.randn(x0.shape, generator=gen, device=plan.device))
         rows = [x0, noisy]
