@@ -101,8 +101,10 @@ def run_ours(data: Path, args, changes: dict) -> dict:
     from ddpm_fast.training.run import build_run
 
     with tempfile.TemporaryDirectory() as out:
-        cfg = TrainConfig(data=str(data), preset="tiny", batch_size=args.batch_size, steps=args.steps, lr=args.lr,
-                          seed=args.seed, out=out, workers=0, sample_every=10**9, save_every=10**9, **changes)
+        # --channels 3: the cast of an RGB model of grey data is what is measured (auto would train 1 channel)
+        cfg = TrainConfig(data=str(data), preset="tiny", channels="3", batch_size=args.batch_size, steps=args.steps,
+                          lr=args.lr, seed=args.seed, out=out, workers=0, sample_every=10**9, save_every=10**9,
+                          **changes)
         run = build_run(cfg)
         fit(run)
         return measure(sample_all(run.ema.model, run.diffusion, args.samples, 32, args.seed))
