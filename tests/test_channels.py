@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw
 
 from ddpm_fast.data import build_loader, data_channels, load_images, validate_images
 from ddpm_fast.data.transforms import to_channels
-from ddpm_fast.training.checkpoint import load_checkpoint, load_model
+from ddpm_fast.checkpoint import load_checkpoint, load_model
 
 train_cli = importlib.import_module("ddpm_fast.train")
 sample_cli = importlib.import_module("ddpm_fast.sample")

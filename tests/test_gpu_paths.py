@@ -10,11 +10,11 @@ import torch
 from conftest import requires_cuda
 from ddpm_fast import FastSampler, GaussianDiffusion, UNet
 from ddpm_fast.data import build_loader, load_images
-from ddpm_fast.training import checkpoint as ckpt_mod
+from ddpm_fast import checkpoint as ckpt_mod
 
 pytestmark = requires_cuda
 
-train_cli = importlib.import_module("ddpm_fast.train")
+train_cli = importlib.import_module("ddpm_fast.commands.train")
 
 
 def tiny_model(device="cuda"):
