@@ -18,11 +18,12 @@ import torch
 from ..files import atomic_write
 from ..plan import resolve_device
 from ..sampling import FastSampler
-from .checkpoint import CHECKPOINT_NAME
+from ..checkpoint import CHECKPOINT_NAME
 from .config import TrainConfig
 from .distributed import DistContext, StopVote, all_sum, distributed_session
 from .folder import claim
-from .logging import LossMeter, MetricsCSV, image_grid, plot_losses, progress_bar
+from ..images import image_grid
+from .logging import LossMeter, MetricsCSV, plot_losses, progress_bar
 from .run import Run, build_run, resume_config
 from .step import Diverged
 
