@@ -142,7 +142,7 @@ def test_exported_run_is_a_ddpm_pipeline_that_samples_like_ddpm_fast(tmp_path, s
     # The same noise stream: the start noise, then one draw per step (diffusers skips the last, noiseless one).
     images = pipe(batch_size=2, generator=torch.Generator().manual_seed(5), num_inference_steps=20,
                   output_type="pt").images
-    ours = ddpm_fast.sample(ema.set_backend("torch"), diffusion, 2, 16, variance=variance, clip_x0=clip,
+    ours = ddpm_fast.sample(ema.set_backend("torch"), diffusion, 2, 16, method="ddpm", variance=variance, clip_x0=clip,
                             generator=torch.Generator().manual_seed(5))
     # atol: diffusers forms beta_t = 1 - abar_t / abar_(t-1) in float32, ~1e-3 off for the cosine schedule's
     # small early betas; a wrong variance or noise order is off by ~0.1 and more.
