@@ -32,7 +32,7 @@ GENERIC_DEFAULTS = dict(batch_size=64, epochs=100, lr=2e-4, warmup=1000)
 # lr they only shape the steps still to come, and a lower lr with tighter clipping is what a run
 # that stopped diverging is resumed with.
 RESUME_MAY_CHANGE = frozenset({
-    "lr", "lr_schedule", "warmup", "ema_decay", "grad_clip", "max_skips", "steps", "epochs", "batch_size",
+    "lr", "lr_schedule", "warmup", "ema_decay", "grad_clip", "max_skips", "steps", "epochs", "batch_size", "grad_accum",
     "save_every", "sample_every", "log_every", "sample_n", "sample_method", "sample_steps", "sample_clip_x0",
     "eval_every", "eval_samples", "kernels", "fast", "compile", "workers", "loader", "device"})
 
@@ -66,6 +66,9 @@ class TrainConfig:
     # optimisation
     batch_size: int | None = flag(None, "global batch; under torchrun each of the N processes takes batch / N",
                                   "optimisation", type=positive_int)
+    grad_accum: int = flag(1, "gradient accumulation (diffusers' --gradient_accumulation_steps): each optimizer step "
+                              "runs its batch as this many micro-batches of batch / N, for memory; the step is the "
+                              "same", "optimisation", type=positive_int)
     epochs: int | None = flag(None, "epochs to train", "optimisation", type=positive_int)
     steps: int | None = flag(None, "total optimizer steps (overrides --epochs)", "optimisation", type=positive_int)
     lr: float | None = flag(None, "peak learning rate", "optimisation", type=finite_float)
@@ -134,7 +137,7 @@ class TrainConfig:
         for k, v in defaults.items():
             if getattr(self, k) is None:
                 setattr(self, k, v)
-        for name in ("batch_size", "epochs", "timesteps", "save_every", "sample_every", "log_every", "sample_n",
+        for name in ("batch_size", "grad_accum", "epochs", "timesteps", "save_every", "sample_every", "log_every", "sample_n",
                      "max_skips"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")

@@ -90,13 +90,19 @@ def build_run(cfg: TrainConfig, ctx: DistContext | None = None, plan: ExecutionP
     (a single-process run when None). `plan` overrides the plan resolved from cfg (benchmarks
     profile the fast path without graphs). Nothing is written: that is the loop's."""
     cfg = resume_config(cfg)
+    # --grad-accum runs the fast path without its whole-step CUDA graph (compiled, eager): the graph
+    # of an accumulating step (and of DDP's no_sync in it) has not been run on a GPU yet.
     plan = plan or ExecutionPlan.resolve(ctx.device if ctx else cfg.device, fast=cfg.fast, kernels=cfg.kernels,
-                                         compile=cfg.compile)
+                                         compile=cfg.compile, cuda_graphs=False if cfg.grad_accum > 1 else None)
     ctx = ctx or DistContext(rank=0, world_size=1, device=plan.device)
     out = Path(cfg.out)
     check_out(out, cfg.checkpoint)
     ckpt = load_checkpoint(cfg.checkpoint, map_location=plan.device) if cfg.checkpoint else None
     batch = per_rank_batch(cfg.batch_size, ctx.world_size)
+    if batch % cfg.grad_accum:
+        raise ValueError(f"--grad-accum {cfg.grad_accum} does not divide the batch of {batch} images"
+                         + (f" per process (--batch-size {cfg.batch_size} over {ctx.world_size})" if ctx.enabled
+                            else f" (--batch-size {cfg.batch_size})"))
     # Each rank its own dropout draws (rank 0's are a single-process run's). The ranks' initial
     # weights differ too, until wrapping in DDP replaces them with rank 0's.
     torch.manual_seed(cfg.seed + ctx.rank)
@@ -142,7 +148,8 @@ def build_run(cfg: TrainConfig, ctx: DistContext | None = None, plan: ExecutionP
     sched = make_lr_scheduler(opt, cfg.lr, cfg.warmup, cfg.lr_schedule, total, step)
     # DDP needs 11 eager iterations before a whole-step CUDA graph may capture it.
     step_fn = TrainStep(model, diffusion, opt, sched, ema, plan, cfg.grad_clip, gen,
-                        warmup=11 if ctx.enabled else 3, cond_drop=cfg.cond_drop if cfg.class_cond else 0.0)
+                        warmup=11 if ctx.enabled else 3, cond_drop=cfg.cond_drop if cfg.class_cond else 0.0,
+                        grad_accum=cfg.grad_accum)
     return Run(cfg, plan, ctx, net, model, diffusion, ema, opt, sched, loader, val_loader, step_fn, gen, total,
                out, step, epoch, batch_in_epoch, resumed=ckpt is not None,
                saved=(cfg.checkpoint, step) if ckpt is not None else None)
