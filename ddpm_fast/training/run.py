@@ -15,15 +15,16 @@ from pathlib import Path
 import torch
 
 from ..data import build_loader
+from ..data.hf import image_folder
 from ..diffusion import GaussianDiffusion
 from ..model import UNet
 from ..plan import ExecutionPlan
-from .checkpoint import (CHECKPOINT_NAME, all_finite, checkpoint_config, load_checkpoint, resolve_checkpoint,
-                         save_checkpoint)
+from .checkpoint import CHECKPOINT_NAME, all_finite, checkpoint_config, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .distributed import DistContext, derived_seed, gather_to_main, per_rank_batch, wrap_model
 from .ema import EMA
 from .folder import check_out
+from .kept import keep_checkpoint, resume_point
 from .step import Diverged, TrainStep, make_lr_scheduler, make_optimizer, match_optimizer_to_path
 
 
@@ -49,6 +50,7 @@ class Run:
     batch_in_epoch: int = 0     # global batches: batch k of every rank together is the k-th of the epoch's order
     resumed: bool = False
     saved: tuple[Path, int] | None = None  # the last checkpoint written (or resumed from) and its step
+    data: str | None = None     # the image folder of --data (a dataset's, written out: data/hf.py)
 
     @property
     def device(self) -> torch.device:
@@ -70,6 +72,8 @@ class Run:
             "config": self.cfg.to_dict(), "world_size": self.ctx.world_size, "rng": states[0],
             **({"rng_per_rank": states} if self.ctx.enabled else {}),
         }, self.out / CHECKPOINT_NAME)
+        if self.cfg.keep_checkpoints and self.step % self.cfg.save_every == 0:
+            keep_checkpoint(self.out, self.step, self.cfg.keep_checkpoints)
 
     def last_checkpoint(self) -> str:
         return f"the last checkpoint, {self.saved[0]} at step {self.saved[1]}, is as it was" if self.saved \
@@ -81,7 +85,7 @@ def resume_config(cfg: TrainConfig) -> TrainConfig:
     flags may make (TrainConfig.resumed). Reads the config alone, not the weights."""
     if not cfg.resume or cfg.checkpoint is not None:
         return cfg
-    path = resolve_checkpoint(cfg.resume)
+    path = resume_point(cfg.resume, cfg.from_step)
     return cfg.resumed(checkpoint_config(path), path)
 
 
@@ -107,13 +111,14 @@ def build_run(cfg: TrainConfig, ctx: DistContext | None = None, plan: ExecutionP
     # weights differ too, until wrapping in DDP replaces them with rank 0's.
     torch.manual_seed(cfg.seed + ctx.rank)
 
+    data = image_folder(cfg.data, cfg.image_column, cfg.label_column if cfg.class_cond else None)
     shard = dict(backend=cfg.loader, device=plan.device, seed=cfg.seed, num_workers=cfg.workers,
                  rank=ctx.rank, world_size=ctx.world_size)
     init = start_weights(cfg) if cfg.init_from and ckpt is None else None
     shard |= dict(class_cond=cfg.class_cond)
-    loader = build_loader(cfg.data, cfg.model["image_size"], batch, split="train", drop_last=True, flip=cfg.flip,
+    loader = build_loader(data, cfg.model["image_size"], batch, split="train", drop_last=True, flip=cfg.flip,
                           **shard)
-    val_loader = build_loader(cfg.data, cfg.model["image_size"], batch, split="val", drop_last=False, **shard)
+    val_loader = build_loader(data, cfg.model["image_size"], batch, split="val", drop_last=False, **shard)
     if len(loader) == 0:
         raise ValueError(f"--batch-size {cfg.batch_size} is larger than the {loader.num_images} training images")
     if cfg.class_cond:
@@ -152,7 +157,7 @@ def build_run(cfg: TrainConfig, ctx: DistContext | None = None, plan: ExecutionP
                         grad_accum=cfg.grad_accum)
     return Run(cfg, plan, ctx, net, model, diffusion, ema, opt, sched, loader, val_loader, step_fn, gen, total,
                out, step, epoch, batch_in_epoch, resumed=ckpt is not None,
-               saved=(cfg.checkpoint, step) if ckpt is not None else None)
+               saved=(cfg.checkpoint, step) if ckpt is not None else None, data=data)
 
 
 def start_weights(cfg: TrainConfig) -> dict:
