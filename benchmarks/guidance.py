@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from ddpm_fast import FastSampler, metrics
-    from ddpm_fast.training.checkpoint import load_model
-    from ddpm_fast.training.logging import image_grid
+    from ddpm_fast.checkpoint import load_model
+    from ddpm_fast.images import image_grid
 
     model, diffusion, cfg = load_model(args.ckpt, device=DEVICE)
     names = cfg.get("class_names")

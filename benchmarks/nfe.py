@@ -30,7 +30,7 @@ from ddpm_fast.data import load_images
 from ddpm_fast.evaluation import FID_MIN_SAMPLES
 from ddpm_fast.plan import KERNELS, ExecutionPlan, resolve_device
 from ddpm_fast.sampling import METHODS, FastSampler
-from ddpm_fast.training.checkpoint import load_model
+from ddpm_fast.checkpoint import load_model
 
 from .common import result_path, write_result
 from .report_parts import md_table

@@ -104,7 +104,7 @@ def sample_workload(path: str, args, device: torch.device) -> Callable[[], objec
     if fast:
         model = model.to(memory_format=torch.channels_last)
     diffusion = GaussianDiffusion("linear", 1000)
-    sampler = FastSampler(model, diffusion, dtype=torch.bfloat16 if fast and device.type == "cuda" else None,
+    sampler = FastSampler(model, diffusion, method="ddpm", dtype=torch.bfloat16 if fast and device.type == "cuda" else None,
                           compile=fast and args.sample_compile, cuda_graph=False,
                           backend=args.kernels if fast else "torch")
     x = torch.randn(args.sample_n, 3, args.image_size, args.image_size, device=device)

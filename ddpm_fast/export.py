@@ -1,52 +1,5 @@
-"""python -m ddpm_fast.export: a run as a diffusers DDPMPipeline folder, or its model alone as a
-.safetensors file; every --ckpt (sample, evaluate, export) loads both back.
-
-    python -m ddpm_fast.export --ckpt runs/default --out ddpm-pipeline/
-    python -m ddpm_fast.export --ckpt runs/default --out ddpm-pipeline/ --scheduler dpmpp_2m
-    python -m ddpm_fast.export --ckpt runs/default --safetensors model.safetensors
-"""
-from __future__ import annotations
-
-import argparse
-
-from .cli import run
-from .interop import SCHEDULERS, VARIANCE_TYPES
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ddpm_fast.export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="run folder, checkpoint file (a kept one: RUN/checkpoints/"
-                                                 "step_N.pt), diffusers folder or .safetensors file")
-    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="export the EMA weights")
-    dest = p.add_mutually_exclusive_group(required=True)
-    dest.add_argument("--out", metavar="DIR", help="write a DDPMPipeline folder (unet/, scheduler/, model_index.json)")
-    dest.add_argument("--safetensors", metavar="FILE", help="write the model alone, with the run's config as metadata")
-    p.add_argument("--scheduler", default="ddpm", choices=tuple(SCHEDULERS), help="the folder's diffusers scheduler")
-    p.add_argument("--variance", choices=tuple(VARIANCE_TYPES),
-                   help="DDPM variance: beta (fixed_large) or posterior (fixed_small); default: the run's, else beta")
-    p.add_argument("--clip-x0", action=argparse.BooleanOptionalAction,
-                   help="the scheduler's clip_sample (default: the run's sample_clip_x0, else on)")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return run("ddpm_fast.export", lambda: _export(args))
-
-
-def _export(args) -> None:
-    from .interop import export_pipeline, save_safetensors
-    from .training.checkpoint import load_model
-
-    model, diffusion, cfg = load_model(args.ckpt, ema=args.ema)
-    if args.safetensors:
-        save_safetensors(model, cfg, args.safetensors)
-    else:
-        clip = cfg.get("sample_clip_x0", True) if args.clip_x0 is None else args.clip_x0
-        export_pipeline(model, diffusion, args.out, args.scheduler, args.variance or cfg.get("variance", "beta"), clip)
-    print(f"wrote {args.safetensors or args.out}")
-
+"""`python -m ddpm_fast.export`: runs ddpm_fast/commands/export.py (the command lives there)."""
+from .commands.export import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -290,14 +290,3 @@ def _read_folder(p: Path):
             raise _unmapped("_class_name", name, "not a diffusers scheduler")
         scheduler = cls.from_pretrained(p / "scheduler")
     return unet, scheduler
-
-
-def load_weights_for_init(path: str | Path) -> tuple[dict, dict, dict]:
-    """What `train --init-from PATH` starts from: (model config, weights, {"schedule", "timesteps"}) of
-    a diffusers folder, a .safetensors file or a ddpm-fast run (its EMA weights)."""
-    from .training.checkpoint import load_model
-
-    model, diffusion, _ = load_model(path)
-    return model.config, model.state_dict(), {"schedule": diffusion.schedule, "timesteps": diffusion.timesteps,
-                                              "prediction": diffusion.prediction,
-                                              "zero_terminal_snr": diffusion.zero_terminal_snr}

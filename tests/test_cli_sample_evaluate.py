@@ -12,9 +12,9 @@ import importlib
 import ddpm_fast
 
 # CLI modules by import path: `from ddpm_fast import sample` is the sampling function.
-train_cli = importlib.import_module("ddpm_fast.train")
-sample_cli = importlib.import_module("ddpm_fast.sample")
-evaluate_cli = importlib.import_module("ddpm_fast.evaluate")
+train_cli = importlib.import_module("ddpm_fast.commands.train")
+sample_cli = importlib.import_module("ddpm_fast.commands.sample")
+evaluate_cli = importlib.import_module("ddpm_fast.commands.evaluate")
 
 
 @pytest.fixture(scope="module")

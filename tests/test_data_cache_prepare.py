@@ -84,7 +84,7 @@ def test_cache_too_big_for_memory_reads_the_memory_map(folder, monkeypatch):
 
 @pytest.mark.filterwarnings("ignore:skipped 1 of 31")
 def test_prepare_writes_processed_copy_and_cache(folder, tmp_path, capsys):
-    from ddpm_fast.prepare import main
+    from ddpm_fast.commands.prepare import main
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff" + b"\0" * 10)
     out = tmp_path / "processed"
     assert main(["--data", str(folder), "--out", str(out), "--image-size", str(S),
@@ -110,6 +110,6 @@ def test_prepare_cli_errors(tmp_path):
                          capture_output=True, text=True, env=env, timeout=120)
     assert run.returncode == 2
     assert "missing" in run.stderr and "--data" in run.stderr
-    from ddpm_fast.prepare import main
+    from ddpm_fast.commands.prepare import main
     with pytest.raises(SystemExit):
         main(["--data", str(tmp_path), "--image-size", "8"])  # neither --out nor --cache

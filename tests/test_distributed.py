@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddpm_fast.training import checkpoint as ckpt_mod
+from ddpm_fast import checkpoint as ckpt_mod
 from ddpm_fast.training.distributed import distributed_session, per_rank_batch, rank_device
 
-train_cli = importlib.import_module("ddpm_fast.train")
+train_cli = importlib.import_module("ddpm_fast.commands.train")
 
 SMALL = ["--preset", "tiny", "--image-size", "16", "--workers", "0", "--warmup", "0", "--log-every", "1",
          "--sample-every", "100000", "--sample-n", "4", "--sample-steps", "5", "--timesteps", "100",
@@ -40,7 +40,7 @@ def capture(*args, **kwargs):
     return seen["run"]
 
 loop.build_run = capture
-code = importlib.import_module("ddpm_fast.train").main(sys.argv[2:])
+code = importlib.import_module("ddpm_fast.commands.train").main(sys.argv[2:])
 net = seen["run"].model
 torch.save({"wrapper": type(net).__name__, "model": getattr(net, "module", net).state_dict(),
             "ema": seen["run"].ema.state_dict()}, os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.pt"))

@@ -10,11 +10,11 @@ import torch
 from conftest import requires_cuda
 from ddpm_fast import FastSampler, GaussianDiffusion, UNet
 from ddpm_fast.data import build_loader, load_images
-from ddpm_fast.training import checkpoint as ckpt_mod
+from ddpm_fast import checkpoint as ckpt_mod
 
 pytestmark = requires_cuda
 
-train_cli = importlib.import_module("ddpm_fast.train")
+train_cli = importlib.import_module("ddpm_fast.commands.train")
 
 
 def tiny_model(device="cuda"):
@@ -46,7 +46,7 @@ def test_graphed_ddpm_draws_fresh_reproducible_noise():
     """With in-graph noise, two samples from one sampler differ (fresh noise on every replay), and
     the same CUDA seed gives the same images again."""
     model, diffusion = tiny_model(), GaussianDiffusion("linear", 50)
-    sampler = FastSampler(model, diffusion, cuda_graph=True, clip_x0=True)
+    sampler = FastSampler(model, diffusion, method="ddpm", cuda_graph=True, clip_x0=True)
 
     def draw():
         torch.cuda.manual_seed(7)

@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ddpm_fast.diffusion import GaussianDiffusion
 from ddpm_fast.model import UNet
 from ddpm_fast.plan import ExecutionPlan
-from ddpm_fast.training import checkpoint as ckpt_mod
+from ddpm_fast import checkpoint as ckpt_mod
 from ddpm_fast.training.ema import EMA
 from ddpm_fast.training.step import TrainStep, lr_factor, make_lr_scheduler, make_optimizer
 

@@ -13,7 +13,7 @@ datasets = pytest.importorskip("datasets")
 
 from ddpm_fast.data import build_loader  # noqa: E402
 from ddpm_fast.data.hf import image_folder  # noqa: E402
-from ddpm_fast.training import checkpoint as ckpt_mod  # noqa: E402
+from ddpm_fast import checkpoint as ckpt_mod  # noqa: E402
 
 train_cli = importlib.import_module("ddpm_fast.train")
 

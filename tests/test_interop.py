@@ -16,11 +16,11 @@ from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, DPMSolverMulti
 import ddpm_fast  # noqa: E402
 from ddpm_fast import PRESETS, GaussianDiffusion, UNet, interop  # noqa: E402
 from ddpm_fast.presets import preset_config  # noqa: E402
-from ddpm_fast.training.checkpoint import load_model  # noqa: E402
+from ddpm_fast.checkpoint import load_model, load_weights_for_init  # noqa: E402
 
-export_cli = importlib.import_module("ddpm_fast.export")
-sample_cli = importlib.import_module("ddpm_fast.sample")
-evaluate_cli = importlib.import_module("ddpm_fast.evaluate")
+export_cli = importlib.import_module("ddpm_fast.commands.export")
+sample_cli = importlib.import_module("ddpm_fast.commands.sample")
+evaluate_cli = importlib.import_module("ddpm_fast.commands.evaluate")
 
 # google/ddpm-cifar10-32's unet/config.json and scheduler/scheduler_config.json, written out (no network).
 GOOGLE_UNET = dict(sample_size=32, in_channels=3, out_channels=3, act_fn="silu", attention_head_dim=None,
@@ -142,7 +142,7 @@ def test_exported_run_is_a_ddpm_pipeline_that_samples_like_ddpm_fast(tmp_path, s
     # The same noise stream: the start noise, then one draw per step (diffusers skips the last, noiseless one).
     images = pipe(batch_size=2, generator=torch.Generator().manual_seed(5), num_inference_steps=20,
                   output_type="pt").images
-    ours = ddpm_fast.sample(ema.set_backend("torch"), diffusion, 2, 16, variance=variance, clip_x0=clip,
+    ours = ddpm_fast.sample(ema.set_backend("torch"), diffusion, 2, 16, method="ddpm", variance=variance, clip_x0=clip,
                             generator=torch.Generator().manual_seed(5))
     # atol: diffusers forms beta_t = 1 - abar_t / abar_(t-1) in float32, ~1e-3 off for the cosine schedule's
     # small early betas; a wrong variance or noise order is off by ~0.1 and more.
@@ -179,7 +179,7 @@ def test_round_trips_are_bit_identical(tmp_path):
     again, _ = interop.to_diffusers(*interop.from_diffusers(theirs))
     assert all(torch.equal(again.state_dict()[k], v) for k, v in theirs.state_dict().items())
 
-    config, state, schedule = interop.load_weights_for_init(tmp_path / "pipe")
+    config, state, schedule = load_weights_for_init(tmp_path / "pipe")
     assert config == ema.config and schedule == {"schedule": "linear", "timesteps": 20, "prediction": "epsilon",
                                                  "zero_terminal_snr": False}
     assert all(torch.equal(state[k], v) for k, v in ema.state_dict().items())
@@ -303,7 +303,7 @@ def test_train_init_from_a_diffusers_folder_fine_tunes_its_weights(tmp_path, cap
     assert (run.diffusion.schedule, run.diffusion.timesteps) == ("cosine", 30)
     assert run.net.config == ema.config and run.step == 0 and not run.opt.state
     assert all(torch.equal(run.net.state_dict()[k], v) for k, v in ema.state_dict().items())
-    train_cli = importlib.import_module("ddpm_fast.train")
+    train_cli = importlib.import_module("ddpm_fast.commands.train")
     assert train_cli.main(["--init-from", str(tmp_path / "pipe"), "--batch-size", "4", "--steps", "2", "--workers",
                            "0", "--sample-n", "2", "--class-cond", "--out", str(tmp_path / "ft2")]) == 0
     model, _, cfg = load_model(tmp_path / "ft2")

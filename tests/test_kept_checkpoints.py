@@ -4,7 +4,7 @@ import importlib
 
 import torch
 
-from ddpm_fast.training import checkpoint as ckpt_mod
+from ddpm_fast import checkpoint as ckpt_mod
 from ddpm_fast.training.kept import keep_checkpoint, kept_checkpoints
 
 train_cli = importlib.import_module("ddpm_fast.train")

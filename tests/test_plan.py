@@ -12,9 +12,9 @@ import torch
 
 from ddpm_fast.plan import ExecutionPlan, resolve_device
 
-train_cli = importlib.import_module("ddpm_fast.train")
-sample_cli = importlib.import_module("ddpm_fast.sample")
-evaluate_cli = importlib.import_module("ddpm_fast.evaluate")
+train_cli = importlib.import_module("ddpm_fast.commands.train")
+sample_cli = importlib.import_module("ddpm_fast.commands.sample")
+evaluate_cli = importlib.import_module("ddpm_fast.commands.evaluate")
 HAVE_CPP = importlib.util.find_spec("ddpm_fast._C") is not None
 
 

@@ -20,15 +20,15 @@ from ddpm_fast import GaussianDiffusion, UNet
 from ddpm_fast.data import build_loader, validate_images
 from ddpm_fast.data import listing as listing_mod
 from ddpm_fast.plan import ExecutionPlan
-from ddpm_fast.training import checkpoint as ckpt_mod
+from ddpm_fast import checkpoint as ckpt_mod
 from ddpm_fast.training.config import TrainConfig
 from ddpm_fast.training.ema import EMA
 from ddpm_fast.training.folder import LOCK_NAME, locked
 from ddpm_fast.training.step import TrainStep, make_lr_scheduler, make_optimizer
 
-train_cli = importlib.import_module("ddpm_fast.train")
-sample_cli = importlib.import_module("ddpm_fast.sample")
-evaluate_cli = importlib.import_module("ddpm_fast.evaluate")
+train_cli = importlib.import_module("ddpm_fast.commands.train")
+sample_cli = importlib.import_module("ddpm_fast.commands.sample")
+evaluate_cli = importlib.import_module("ddpm_fast.commands.evaluate")
 
 # Cheap runs: 8x8 images, T = 20, grids of 2 images in 2 DDIM steps.
 FAST = ["--image-size", "8", "--batch-size", "4", "--workers", "0", "--timesteps", "20", "--log-every", "1",

@@ -35,6 +35,31 @@ def test_methods_run(model, method, kw):
     assert x.shape == (2, 3, 8, 8) and torch.isfinite(x).all()
 
 
+def test_default_sampler_is_the_measured_one(model):
+    """FastSampler, ddpm_fast.sample, the sample CLI and the training grids default to one sampler,
+    schedulers.DEFAULT_METHOD (DPM-Solver++(2M) SDE, Karras, DEFAULT_STEPS evaluations); DDPM is one
+    argument away."""
+    from ddpm_fast.commands.sample import build_parser
+    from ddpm_fast.schedulers import DEFAULT_METHOD, DEFAULT_STEPS
+    from ddpm_fast.training.config import TrainConfig
+
+    assert (DEFAULT_METHOD, DEFAULT_STEPS) == ("dpmpp_2m_sde", 20)
+    d = GaussianDiffusion("linear", 1000)
+    s = FastSampler(model, d)
+    assert (s.method, s.scheduler.spacing, s.num_evaluations) == ("dpmpp_2m_sde", "karras", 20)
+    assert s.scheduler.use_clipped_model_output is False and s.scheduler.clip_x0 is True
+    x_T = torch.randn(2, 3, 8, 8)
+    explicit = FastSampler(model, d, method="dpmpp_2m_sde", steps=20, spacing="karras", clip_x0=True,
+                           use_clipped_model_output=False).sample(2, 8, x_T=x_T, generator=torch.Generator().manual_seed(4))
+    implicit = ddpm_fast.sample(model, d, 2, 8, x_T=x_T, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(implicit, explicit, rtol=0, atol=0)
+    args = build_parser().parse_args(["--ckpt", "run"])
+    assert (args.method, args.steps, args.spacing, args.clip_x0) == (DEFAULT_METHOD, None, None, True)
+    cfg = TrainConfig()
+    assert (cfg.sample_method, cfg.sample_steps, cfg.sample_clip_x0) == (DEFAULT_METHOD, None, True)
+    assert FastSampler(model, d, method="ddpm").num_evaluations == 1000
+
+
 def test_ddim_eta0_is_deterministic_given_x_T(model):
     d = GaussianDiffusion("linear", 50)
     s = FastSampler(model, d, method="ddim", steps=10)
@@ -65,7 +90,7 @@ def test_loop_matches_manual_eq11_chain(model):
     orig = torch.randn
     try:
         ops_mod.torch.randn = lambda shape, **k: fixed_noise() if tuple(shape) == (2, 3, 8, 8) else orig(shape, **k)
-        out = FastSampler(m, d, clip_x0=False).sample(2, 8, x_start=x_T, start_t=9)
+        out = FastSampler(m, d, method="ddpm", clip_x0=False).sample(2, 8, x_start=x_T, start_t=9)
     finally:
         ops_mod.torch.randn = orig
     torch.testing.assert_close(out, x.clamp(-1, 1), rtol=1e-4, atol=1e-4)
@@ -86,7 +111,7 @@ def test_model_returning_object_with_sample_and_plain_callable():
 
 def test_trajectory_and_errors(model):
     d = GaussianDiffusion("linear", 12)
-    x, traj = FastSampler(model, d).sample(2, 8, return_trajectory=True)
+    x, traj = FastSampler(model, d, method="ddpm").sample(2, 8, return_trajectory=True)
     assert traj.shape == (13, 2, 3, 8, 8)
     torch.testing.assert_close(traj[-1].clamp(-1, 1), x)
     x, traj = FastSampler(model, d, method="heun", steps=3).sample(2, 8, return_trajectory=True)
@@ -183,7 +208,7 @@ def test_graphed_ddpm_from_start_t_and_its_noise(model, monkeypatch):
     """In-graph noise without host reads; a start_t chain replays from its own first evaluation."""
     calls = []
     monkeypatch.setattr(graphs, "capture", _capture_on_cpu(calls))
-    sampler = FastSampler(model, GaussianDiffusion("linear", 5), cuda_graph=True, backend="torch")
+    sampler = FastSampler(model, GaussianDiffusion("linear", 5), method="ddpm", cuda_graph=True, backend="torch")
     x = torch.randn(2, 3, 8, 8)
     torch.manual_seed(3)
     out = sampler.sample(2, 8, x_T=x)  # captures (its warm-up draws noise, then the RNG is put back)

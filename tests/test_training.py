@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import ddpm_fast
-from ddpm_fast.training import checkpoint as ckpt_mod
+from ddpm_fast import checkpoint as ckpt_mod
 from ddpm_fast.training import step as step_mod
 from ddpm_fast.training.ema import EMA
 
-train_cli = importlib.import_module("ddpm_fast.train")
+train_cli = importlib.import_module("ddpm_fast.commands.train")
 
 SMALL = ["--preset", "tiny", "--image-size", "16", "--batch-size", "8", "--workers", "0", "--warmup", "0",
          "--log-every", "1", "--sample-every", "100000", "--sample-n", "4", "--sample-steps", "5",
@@ -212,7 +212,7 @@ def test_lr_scheduler_sets_the_lr_of_each_step_and_resumes(tensor_lr):
 
 
 def test_cli_help_runs_as_module():
-    for mod in ("train", "sample", "evaluate"):
+    for mod in ("train", "sample", "evaluate", "export", "prepare", "ablate"):
         r = subprocess.run([sys.executable, "-m", f"ddpm_fast.{mod}", "--help"], capture_output=True, text=True)
         assert r.returncode == 0 and "usage" in r.stdout
     assert callable(ddpm_fast.sample)  # the CLI module never hides the function (docs/DESIGN.md)

@@ -14,7 +14,7 @@ import math
 from dataclasses import MISSING, InitVar, asdict, dataclass, field, fields
 from pathlib import Path
 
-from ..cli import finite_float, int_tuple, positive_int
+from ..argtypes import finite_float, int_tuple, positive_int
 from ..presets import MODEL_FIELDS, PRESETS, preset_config
 from ..schedulers import DEFAULT_METHOD, DEFAULT_STEPS, METHODS
 from .kept import run_folder

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..files import remove_stale_tmp
-from .checkpoint import CHECKPOINT_NAME
+from ..checkpoint import CHECKPOINT_NAME
 from .kept import KEPT_DIRNAME, is_kept_of
 
 LOCK_NAME = "train.lock"

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..files import atomic_path
-from .checkpoint import CHECKPOINT_NAME, resolve_checkpoint
+from ..checkpoint import CHECKPOINT_NAME, resolve_checkpoint
 
 KEPT_DIRNAME = "checkpoints"
 _KEPT = re.compile(r"step_(\d+)\.pt")

@@ -3,12 +3,10 @@ progress bar (tqdm: img/s, loss, ETA) with the loss meter behind it."""
 from __future__ import annotations
 
 import csv
-import math
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
@@ -106,25 +104,6 @@ def smooth(values: list[float], alpha: float = 0.05) -> list[float]:
         avg = (1 - alpha) * avg + alpha * v
         out.append(avg / (1 - (1 - alpha) ** i))
     return out
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(N, 3, H, W) in [-1, 1] -> (N, H, W, 3) uint8."""
-    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).numpy()
-
-
-def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> Image.Image:
-    """Tile (N, 3, H, W) images in [-1, 1] into one PIL image, nrow images per row."""
-    arr = to_uint8(images)
-    n, h, w, _ = arr.shape
-    nrow = nrow or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / nrow)
-    canvas = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, 3), 255, np.uint8)
-    for i in range(n):
-        r, c = divmod(i, nrow)
-        canvas[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = arr[i]
-    return Image.fromarray(canvas)
 
 
 class _Lines:

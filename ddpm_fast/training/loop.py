@@ -15,15 +15,16 @@ from typing import Callable, Iterator
 
 import torch
 
+from ..checkpoint import CHECKPOINT_NAME
 from ..files import atomic_write
+from ..images import image_grid
 from ..plan import resolve_device
 from ..sampling import FastSampler
-from .checkpoint import CHECKPOINT_NAME
 from .config import TrainConfig
 from .distributed import DistContext, StopVote, all_sum, distributed_session
 from .folder import claim
 from .kept import keep_resume_point
-from .logging import LossMeter, Metrics, MetricsCSV, image_grid, plot_losses, progress_bar
+from .logging import LossMeter, Metrics, MetricsCSV, plot_losses, progress_bar
 from .run import Run, build_run, resume_config
 from .step import Diverged
 from .tensorboard import TensorBoardLog

@@ -19,7 +19,7 @@ from ..data.hf import image_folder
 from ..diffusion import GaussianDiffusion
 from ..model import UNet
 from ..plan import ExecutionPlan
-from .checkpoint import CHECKPOINT_NAME, all_finite, checkpoint_config, load_checkpoint, save_checkpoint
+from ..checkpoint import CHECKPOINT_NAME, all_finite, checkpoint_config, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .distributed import DistContext, derived_seed, gather_to_main, per_rank_batch, wrap_model
 from .ema import EMA
@@ -163,7 +163,7 @@ def build_run(cfg: TrainConfig, ctx: DistContext | None = None, plan: ExecutionP
 def start_weights(cfg: TrainConfig) -> dict:
     """The weights `--init-from` names (a run, a diffusers folder, a .safetensors file); the run takes
     their model config and schedule (a fine-tune), its own optimizer starting fresh."""
-    from ..interop import load_weights_for_init
+    from ..checkpoint import load_weights_for_init
 
     model_config, weights, schedule = load_weights_for_init(cfg.init_from)
     cfg.model = dict(model_config, num_classes=cfg.model.get("num_classes", 0))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..files import atomic_path
+from .files import atomic_path
 
 CHECKPOINT_NAME = "checkpoint.pt"
 _PREFIXES = ("_orig_mod.", "module.")
@@ -85,9 +85,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 def load_model(path: str | Path, ema: bool = True, device: str | torch.device = "cpu"):
     """(model, diffusion, config) from a checkpoint; the EMA weights when `ema` and present. A diffusers
     folder or a .safetensors file of ddpm_fast.export loads too (one set of weights: `ema` does not apply)."""
-    from ..diffusion import GaussianDiffusion
-    from ..interop import is_interop_path, load
-    from ..model import UNet
+    from .diffusion import GaussianDiffusion
+    from .interop import is_interop_path, load
+    from .model import UNet
 
     if is_interop_path(path):
         model, diffusion, cfg = load(path)
@@ -98,3 +98,12 @@ def load_model(path: str | Path, ema: bool = True, device: str | torch.device = 
     weights = ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["model"]
     model.load_state_dict(weights)
     return model.to(device).eval(), GaussianDiffusion.from_config(cfg), cfg
+
+
+def load_weights_for_init(path: str | Path) -> tuple[dict, dict, dict]:
+    """What `train --init-from PATH` starts from: (model config, weights, {"schedule", "timesteps"}) of
+    a diffusers folder, a .safetensors file or a ddpm-fast run (its EMA weights)."""
+    model, diffusion, _ = load_model(path)
+    return model.config, model.state_dict(), {"schedule": diffusion.schedule, "timesteps": diffusion.timesteps,
+                                              "prediction": diffusion.prediction,
+                                              "zero_terminal_snr": diffusion.zero_terminal_snr}

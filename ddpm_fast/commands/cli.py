@@ -1,39 +1,13 @@
 """What the thin CLIs share: clear one-line errors (naming the flag or path) instead of
-tracebacks for bad input, and the argument types of their flags."""
+tracebacks for bad input, and the flags sample and evaluate both take."""
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import traceback
 from typing import Callable
 
-
-def int_tuple(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.replace(" ", "").split(",") if v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,2,4, got {text!r}") from None
-
-
-def positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
-def finite_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return v
+from ..argtypes import finite_float, positive_int
 
 
 def add_debug_argument(p: argparse.ArgumentParser) -> None:
@@ -74,14 +48,14 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def plan_from_args(args: argparse.Namespace):
-    from .plan import ExecutionPlan
+    from ..plan import ExecutionPlan
 
     return ExecutionPlan.resolve(args.device, fast=args.fast, kernels=args.kernels,
                                  compile="default" if args.compile else None)
 
 
 def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
-    from .schedulers import DEFAULT_METHOD, DEFAULT_STEPS, METHODS, SPACINGS
+    from ..schedulers import DEFAULT_METHOD, DEFAULT_STEPS, METHODS, SPACINGS
 
     p.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS,
                    help=f"sampler (default: {DEFAULT_METHOD}, measured against DDPM-1000)")
@@ -107,7 +81,7 @@ def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
 
 def sampler_from_args(model, diffusion, args: argparse.Namespace, plan, **overrides):
     """The FastSampler the sampler flags describe, on `plan`."""
-    from .sampling import FastSampler
+    from ..sampling import FastSampler
 
     kw = dict(method=args.method, steps=args.steps, spacing=args.spacing, order=args.order, eta=args.eta,
               variance=args.variance, clip_x0=args.clip_x0 and not args.thresholding, thresholding=args.thresholding,

@@ -1,0 +1,93 @@
+"""python -m ddpm_fast.evaluate: held-out eps-MSE and bits/dim of a trained run (and FID/KID
+with the [eval] extra).
+
+    python -m ddpm_fast.evaluate --ckpt runs/default
+    python -m ddpm_fast.evaluate --ckpt runs/default --kid 256 --method ddim --steps 50 --json eval.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+from ..argtypes import positive_int
+from ..files import atomic_write
+from .cli import add_debug_argument, add_plan_arguments, add_sampler_arguments, plan_from_args, run, sampler_from_args
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ddpm_fast.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True,
+                   help="run folder or checkpoint file (a kept one: RUN/checkpoints/step_N.pt)")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights")
+    p.add_argument("--data", help="image folder (default: the run's data)")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--images", type=positive_int, help="evaluate on at most this many images of the split")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--mse-draws", type=positive_int, default=4, help="(t, noise) draws per image for the MSE")
+    p.add_argument("--bpd-images", type=int, default=64, help="images for bits/dim (0: skip)")
+    p.add_argument("--bpd-t", type=positive_int, help="t values for bits/dim's sum (default: all T-1)")
+    p.add_argument("--fid", type=int, default=0, metavar="N", help="FID on N samples (needs [eval])")
+    p.add_argument("--kid", type=int, default=0, metavar="N", help="KID on N samples (needs [eval])")
+    p.add_argument("--ref-images", type=positive_int, default=10000,
+                   help="at most this many images of a split for its FID/KID reference statistics")
+    p.add_argument("--splits", default="test", help="comma-separated splits to compare samples with")
+    add_sampler_arguments(p)
+    p.add_argument("--seed", type=int, default=0)
+    add_plan_arguments(p)
+    add_debug_argument(p)
+    p.add_argument("--json", help="also write the results here")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run("ddpm_fast.evaluate", lambda: _evaluate(args), debug=args.debug)
+
+
+def _evaluate(args) -> dict:
+    from ..data import load_images
+    from ..data.hf import image_folder
+    from ..evaluation import bits_per_dim, heldout_mse
+    from ..checkpoint import load_model
+
+    plan = plan_from_args(args)
+    model, diffusion, cfg = load_model(args.ckpt, ema=args.ema, device=plan.device)
+    model = plan.prepare(model)
+    data = args.data if args.data is not None else cfg.get("data")
+    data = image_folder(data, cfg.get("image_column", "image"))  # a dataset's images, written out once
+    size = cfg["model"]["image_size"]
+    images = load_images(data, size, split=args.split, limit=args.images)
+    result = {"checkpoint": str(args.ckpt), "ema": args.ema, "split": args.split, "images": len(images),
+              "eps_mse": heldout_mse(model, diffusion, images, args.batch_size, args.mse_draws, args.seed)}
+    result["bits_per_dim"] = None  # null in the JSON when not computed
+    if args.bpd_images > 0 and diffusion.schedule != "continuous":
+        result["bits_per_dim"] = bits_per_dim(model, diffusion, images[: args.bpd_images], args.batch_size,
+                                              args.bpd_t, seed=args.seed)
+    if args.fid or args.kid:
+        from ..evaluation import sample_quality
+
+        sampler = sampler_from_args(model, diffusion, args, plan)
+        result.update(sample_quality(sampler, data, size, plan.device, fid_n=args.fid, kid_n=args.kid,
+                                     seed=args.seed, splits=tuple(s for s in args.splits.split(",") if s),
+                                     ref_limit=args.ref_images))
+    text = json.dumps(finite_or_null(result), indent=2, allow_nan=False)
+    print(text)
+    if args.json:
+        atomic_write(args.json, text + "\n")
+    return result
+
+
+def finite_or_null(value):
+    """`value` with every non-finite float None: JSON has no NaN or Infinity (json.dumps would
+    write them, and a strict reader then rejects the whole file)."""
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

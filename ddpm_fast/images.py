@@ -1,0 +1,28 @@
+"""Images as files see them: [-1, 1] tensors to uint8 arrays and tiled grids. Below both the
+trainer (its sample grids) and the sample command."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, 3, H, W) in [-1, 1] -> (N, H, W, 3) uint8."""
+    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> Image.Image:
+    """Tile (N, 3, H, W) images in [-1, 1] into one PIL image, nrow images per row."""
+    arr = to_uint8(images)
+    n, h, w, _ = arr.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / nrow)
+    canvas = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, 3), 255, np.uint8)
+    for i in range(n):
+        r, c = divmod(i, nrow)
+        canvas[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = arr[i]
+    return Image.fromarray(canvas)
