@@ -51,6 +51,7 @@ def _sample(args) -> None:
     import torch
 
     from ..checkpoint import load_model
+    from ..sampling import model_channels
     from ..images import image_grid, to_uint8
 
     plan = plan_from_args(args)
@@ -73,7 +74,7 @@ def _sample(args) -> None:
 
         data = args.data if args.data is not None else cfg.get("data")
         data = image_folder(data, cfg.get("image_column", "image"))  # a dataset's images, written out once
-        x0 = load_images(data, size, split="test", limit=args.n).to(plan.device)
+        x0 = load_images(data, size, split="test", limit=args.n, channels=model_channels(model)).to(plan.device)
         t = torch.full((x0.shape[0],), args.recover, device=plan.device, dtype=torch.long)
         noisy = diffusion.q_sample(x0, t, torch.randn(x0.shape, generator=gen, device=plan.device))
         rows = [x0, noisy]
