@@ -16,17 +16,19 @@ from typing import Iterator
 
 import torch
 
+from ..checkpoint import CHECKPOINT_NAME
 from ..files import atomic_write
+from ..images import image_grid, save_image
 from ..plan import resolve_device
 from ..sampling import FastSampler
-from ..checkpoint import CHECKPOINT_NAME
 from .config import TrainConfig
 from .distributed import DistContext, StopVote, all_sum, distributed_session
 from .folder import claim
-from ..images import image_grid, save_image
-from .logging import LossMeter, MetricsCSV, plot_losses, progress_bar
+from .kept import keep_resume_point
+from .logging import LossMeter, Metrics, MetricsCSV, plot_losses, progress_bar
 from .run import Run, build_run, resume_config
 from .step import Diverged
+from .tensorboard import TensorBoardLog
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -92,7 +94,7 @@ def train_steps(run: Run, stop: StopRequest) -> Path:
             if run.step % cfg.save_every == 0:
                 save()
             if main and run.step % cfg.sample_every == 0:
-                save_grid(run, f"step_{run.step:07d}.png")
+                save_grid(run, f"step_{run.step:07d}.png", metrics)
             if cfg.eval_every and run.step % cfg.eval_every == 0:
                 x0_mse = eval_loss(run, "x0_mse")  # collective
                 if main:
@@ -114,7 +116,7 @@ def train_steps(run: Run, stop: StopRequest) -> Path:
             run.epoch, run.batch_in_epoch = run.epoch + 1, 0
     bar.close()
     if main and metrics is None:  # a resume with no step left to train
-        start_outputs(run, first_step)
+        metrics = start_outputs(run, first_step)
     save()
     if stop.requested:  # during the last steps or the final save: the final grid can wait
         if main:
@@ -122,8 +124,9 @@ def train_steps(run: Run, stop: StopRequest) -> Path:
                   f"the final sample grid and loss curve were skipped", flush=True)
         raise Interrupted(stop.signum)
     if main:
-        save_grid(run, "final.png")
+        save_grid(run, "final.png", metrics)
         plot_losses(run.out / "metrics.csv", run.out / "loss.png")
+        metrics.close()
         print(f"done: {run.step} steps; checkpoint {run.out / CHECKPOINT_NAME}, samples {run.out / 'samples'}, "
               f"metrics {run.out / 'metrics.csv'}, loss curve {run.out / 'loss.png'}")
     return run.out
@@ -146,19 +149,25 @@ def announce(run: Run) -> None:
         print(f"resume: {change}", flush=True)
 
 
-def start_outputs(run: Run, first_step: int) -> MetricsCSV:
-    """The run folder's samples/, config.json and metrics.csv; on resume, metrics.csv starts with
-    the resumed run's rows up to its checkpoint (`first_step`), from its own folder's file when
-    --out is another folder."""
+def start_outputs(run: Run, first_step: int) -> Metrics:
+    """The run folder's samples/, config.json and metrics.csv (with --log-to tensorboard the
+    event file too); on resume, metrics.csv starts with the resumed run's rows up to its
+    checkpoint (`first_step`), from its own folder's file when --out is another folder, and a
+    later checkpoint in --out is kept aside before this run overwrites it."""
+    cfg = run.cfg
     (run.out / "samples").mkdir(parents=True, exist_ok=True)
-    atomic_write(run.out / "config.json", json.dumps(run.cfg.to_dict(), indent=2))
-    if not run.resumed:
-        return MetricsCSV(run.out / "metrics.csv")
-    return MetricsCSV(run.out / "metrics.csv", resume_step=first_step,
-                      source=Path(run.cfg.checkpoint).parent / "metrics.csv")
+    atomic_write(run.out / "config.json", json.dumps(cfg.to_dict(), indent=2))
+    kept = keep_resume_point(run.out, cfg.checkpoint)
+    if kept is not None:
+        print(f"resume: kept {run.out / CHECKPOINT_NAME} (a later step than {cfg.checkpoint.name}) as {kept}, "
+              f"before this run overwrites it", flush=True)
+    resume_step = first_step if run.resumed else None
+    board = TensorBoardLog(run.out, cfg.to_dict(), resume_step) if cfg.log_to == "tensorboard" else None
+    source = Path(cfg.checkpoint).parent / "metrics.csv" if run.resumed else None
+    return Metrics(MetricsCSV(run.out / "metrics.csv", resume_step=resume_step, source=source), board)
 
 
-def log_window(run: Run, meter: LossMeter, metrics: MetricsCSV | None, bar) -> None:
+def log_window(run: Run, meter: LossMeter, metrics: Metrics | None, bar) -> None:
     """A metrics.csv row and the progress bar's postfix (collective: the loss is reduced over the
     ranks), and the divergence check."""
     mean, rate, skipped = meter.take_window(run.ctx, run.cfg.batch_size)
@@ -215,12 +224,15 @@ def grid_classes(run: Run, n: int) -> tuple[torch.Tensor | None, int | None]:
     return torch.arange(len(names), device=run.device).repeat_interleave(per), per
 
 
-def save_grid(run: Run, name: str) -> None:
+def save_grid(run: Run, name: str, metrics: Metrics | None = None) -> None:
     gen = torch.Generator(device=run.device).manual_seed(run.cfg.seed)
     classes, per_row = grid_classes(run, run.cfg.sample_n)
     n = run.cfg.sample_n if classes is None else len(classes)
     images = grid_sampler(run).sample(n, run.cfg.model["image_size"], generator=gen, classes=classes)
-    save_image(image_grid(images, nrow=per_row), run.out / "samples" / name)
+    grid = image_grid(images, nrow=per_row)
+    save_image(grid, run.out / "samples" / name)
+    if metrics is not None:
+        metrics.image("samples", grid, run.step)
 
 
 def evaluate_samples(run: Run) -> dict:
@@ -231,7 +243,7 @@ def evaluate_samples(run: Run) -> dict:
     n = run.cfg.eval_samples
     classes = None if not run.cfg.class_names else torch.arange(n, device=run.device) % len(run.cfg.class_names)
     # Against up to 2n val images: as many as the comparison can use, and a cache built once.
-    r = sample_quality(grid_sampler(run), run.cfg.data, run.cfg.model["image_size"], run.device, kid_n=n,
+    r = sample_quality(grid_sampler(run), run.data, run.cfg.model["image_size"], run.device, kid_n=n,
                        fid_n=n if n >= FID_MIN_SAMPLES else 0, seed=run.cfg.seed, splits=("val",), ref_limit=2 * n,
                        classes=classes)
     return {"kid": r["kid_val"], "fid": r.get("fid_val")}
