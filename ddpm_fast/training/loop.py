@@ -24,7 +24,7 @@ from ..sampling import FastSampler
 from .config import TrainConfig
 from .distributed import DistContext, StopVote, all_sum, distributed_session
 from .folder import claim
-from .kept import keep_resume_point
+from .kept import KEPT_DIRNAME, keep_resume_point
 from .logging import LossMeter, Metrics, MetricsCSV, plot_losses, progress_bar
 from .run import Run, build_run, resume_config
 from .step import Diverged
@@ -163,7 +163,10 @@ def start_outputs(run: Run, first_step: int) -> Metrics:
               f"before this run overwrites it", flush=True)
     resume_step = first_step if run.resumed else None
     board = TensorBoardLog(run.out, cfg.to_dict(), resume_step) if cfg.log_to == "tensorboard" else None
-    source = Path(cfg.checkpoint).parent / "metrics.csv" if run.resumed else None
+    source = None
+    if run.resumed:  # the resumed run's folder: the checkpoint's, or above it for a kept one
+        home = Path(cfg.checkpoint).parent
+        source = (home.parent if home.name == KEPT_DIRNAME else home) / "metrics.csv"
     return Metrics(MetricsCSV(run.out / "metrics.csv", resume_step=resume_step, source=source), board)
 
 
