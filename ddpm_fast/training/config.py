@@ -15,8 +15,9 @@ from dataclasses import MISSING, InitVar, asdict, dataclass, field, fields
 from pathlib import Path
 
 from ..argtypes import finite_float, int_tuple, positive_int
+from ..plan import COMPILE_HELP, KERNELS
 from ..presets import MODEL_FIELDS, PRESETS, preset_config
-from ..schedulers import DEFAULT_METHOD, DEFAULT_STEPS, METHODS
+from ..schedulers import DEFAULT_CLIP_X0, DEFAULT_METHOD, DEFAULT_STEPS, METHODS
 
 # Training defaults per preset (a flag overrides any of them).
 TRAIN_DEFAULTS: dict[str, dict] = {
@@ -99,11 +100,11 @@ class TrainConfig:
     device: str = flag("auto", "auto, cpu, cuda, cuda:1, ... (under torchrun: auto, cuda or cpu; rank i of a "
                                "node uses cuda:LOCAL_RANK)")
     kernels: str = flag("auto", "backend of the fused ops, in training, grids and evaluation (auto: the "
-                                "reference unless measured faster)", choices=("auto", "torch", "triton", "cpp"))
+                                "reference unless measured faster)", choices=KERNELS)
     fast: bool = flag(False, "the fast path: bf16 autocast (fp32 master weights), channels_last, torch.compile "
                              "and, on a GPU, the whole step in one CUDA graph")
-    compile: str = flag("default", "torch.compile mode of --fast (default, max-autotune-no-cudagraphs, ...) "
-                                   "or none", metavar="MODE")
+    compile: str = flag("default", COMPILE_HELP + " (--compile alone: default)", nargs="?", const="default",
+                        metavar="MODE")
     out: str = flag("runs/default", "run folder")
     init_from: str | None = flag(None, "start from these weights and their schedule, with a fresh optimizer: a run, "
                                        "a diffusers folder or a .safetensors file of ddpm_fast.export", metavar="PATH")
@@ -118,7 +119,7 @@ class TrainConfig:
     sample_method: str = flag(DEFAULT_METHOD, "sampler of the grids and of --eval-every", choices=METHODS)
     sample_steps: int | None = flag(None, f"sampler steps of the grids and of --eval-every (default: {DEFAULT_STEPS}, "
                                           "at most T // 2 on a short schedule; ddpm: all T)", type=positive_int)
-    sample_clip_x0: bool = flag(True, "clamp the predicted x0 to [-1, 1] in the grids and --eval-every")
+    sample_clip_x0: bool = flag(DEFAULT_CLIP_X0, "clamp the predicted x0 to [-1, 1] in the grids and --eval-every")
     eval_every: int = flag(0, "steps between KID/FID evaluations (0: off)", type=int)
     eval_samples: int = flag(256, "samples of each KID/FID evaluation", type=positive_int)
     # The fields given explicitly (the CLI's typed flags); None: those that differ from their default.
