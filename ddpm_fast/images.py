@@ -3,6 +3,7 @@ trainer (its sample grids) and the sample command."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,3 +27,21 @@ def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> I
         r, c = divmod(i, nrow)
         canvas[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = arr[i]
     return Image.fromarray(canvas)
+
+
+# A grid of images smaller than this is also written scaled up, so that its pixels can be seen.
+UPSCALED_SIDE = 128
+
+
+def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path | None:
+    """image_grid(images, nrow) written to `path` at the images' own size and, for images smaller
+    than UPSCALED_SIDE, also scaled up k times beside it (`<stem>_x<k><suffix>`; nearest neighbour:
+    the same pixels, only larger). Returns the scaled copy's path, or None."""
+    grid, path = image_grid(images, nrow=nrow), Path(path)
+    grid.save(path)
+    k = UPSCALED_SIDE // images.shape[-1]
+    if k < 2:
+        return None
+    big = path.with_name(f"{path.stem}_x{k}{path.suffix}")
+    grid.resize((grid.width * k, grid.height * k), Image.Resampling.NEAREST).save(big)
+    return big

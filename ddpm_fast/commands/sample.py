@@ -50,7 +50,7 @@ def _sample(args) -> None:
     import torch
 
     from ..checkpoint import load_model
-    from ..images import image_grid, to_uint8
+    from ..images import image_grid, save_image_grid, to_uint8
 
     plan = plan_from_args(args)
     model, diffusion, cfg = load_model(args.ckpt, ema=args.ema, device=plan.device)
@@ -103,7 +103,7 @@ def _sample(args) -> None:
             for i, arr in enumerate(to_uint8(images)):
                 Image.fromarray(arr).save(out / f"{i:06d}.png")
         else:
-            image_grid(images, nrow=args.nrow).save(out)
+            save_image_grid(images, out, nrow=args.nrow)
     print(f"wrote {out}")
 
 

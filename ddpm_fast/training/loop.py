@@ -22,7 +22,7 @@ from ..checkpoint import CHECKPOINT_NAME
 from .config import TrainConfig
 from .distributed import DistContext, StopVote, all_sum, distributed_session
 from .folder import claim
-from ..images import image_grid
+from ..images import save_image_grid
 from .logging import LossMeter, MetricsCSV, plot_losses, progress_bar
 from .run import Run, build_run, resume_config
 from .step import Diverged
@@ -182,7 +182,7 @@ def save_grid(run: Run, name: str) -> None:
     classes, per_row = grid_classes(run, run.cfg.sample_n)
     n = run.cfg.sample_n if classes is None else len(classes)
     images = grid_sampler(run).sample(n, run.cfg.model["image_size"], generator=gen, classes=classes)
-    image_grid(images, nrow=per_row).save(run.out / "samples" / name)
+    save_image_grid(images, run.out / "samples" / name, nrow=per_row)
 
 
 def evaluate_samples(run: Run) -> dict:
