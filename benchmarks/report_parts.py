@@ -43,6 +43,32 @@ def sample(rows: list[dict], env: dict) -> str:
     return f"{head}\n\n{body}"
 
 
+def cpu_speed(result: dict) -> str:
+    """benchmarks.cpu_speed's tables: training and sampling img/s, median (min-max) over rounds."""
+    env = result["env"]
+
+    def rate(r: dict) -> str:
+        v = r["img_per_s"]
+        return f"{v['median']:g} ({v['min']:g}-{v['max']:g})"
+
+    head = (f"`python -m benchmarks.cpu_speed` on {env.get('device', '?')} ({env.get('cpu_count', '?')} cores, "
+            f"{env.get('threads', '?')} threads), torch {env.get('torch', '?')}: batch {env.get('batch_size', '?')}, "
+            f"median (min-max) over {env.get('rounds', '?')} rounds after {env.get('warmup', '?')} warm-up steps; "
+            "each row in its own process.")
+    train = md_table(["preset", "row", "img/s", "x reference", "x diffusers", "warm-up s", "peak RSS MiB"],
+                     [[r["preset"], r["row"], rate(r), _x(r.get("vs_reference")), _x(r.get("vs_diffusers")),
+                       r["warmup_s"], r["peak_rss_mib"]] for r in result.get("train", [])])
+    out = f"{head}\n\nTraining:\n\n{train}"
+    if result.get("sample"):
+        n = result["sample"][0]["n"]
+        sample = md_table(["preset", "row", f"img/s ({n} images, 20 evaluations)", "x reference", "x diffusers",
+                           "warm-up s", "peak RSS MiB"],
+                          [[r["preset"], r["row"], rate(r), _x(r.get("vs_reference")), _x(r.get("vs_diffusers")),
+                            r["warmup_s"], r["peak_rss_mib"]] for r in result["sample"]])
+        out += f"\n\nSampling (the default sampler; diffusers: DDPMPipeline, the same solver):\n\n{sample}"
+    return out
+
+
 def profile(rows: list[dict], env: dict, top: int = 8) -> str:
     head = (f"`python -m benchmarks.profile_step` on {env.get('device', '?')}: torch.profiler, preset "
             f"{env.get('preset', '?')}, batch {env.get('batch_size', '?')} (sampling: {env.get('sample_n', '?')}), "

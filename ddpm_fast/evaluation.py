@@ -78,14 +78,25 @@ def sample_quality(sampler, data, image_size: int, device: torch.device, fid_n: 
                    classes: torch.Tensor | None = None) -> dict:
     """FID (on fid_n samples) and KID (on kid_n) of a FastSampler's samples against each split's
     cached reference statistics (at most ref_limit images of a split). Needs the [eval] extra."""
+    samples = generate(sampler, max(fid_n, kid_n), image_size, device, seed, classes=classes)
+    out: dict = {"samples": len(samples), "method": sampler.method, "evaluations": sampler.num_evaluations}
+    return out | score_samples(samples, data, image_size, device, fid_n, kid_n, seed, splits, ref_limit)
+
+
+def score_samples(samples: torch.Tensor, data, image_size: int, device: torch.device, fid_n: int = 0,
+                  kid_n: int = 0, seed: int = 0, splits: tuple[str, ...] = ("test",),
+                  ref_limit: int | None = 10000) -> dict:
+    """FID (first fid_n) and KID (first kid_n) of given samples in [-1, 1] against each split's
+    reference statistics: samples made elsewhere (a GPU machine without the Inception weights) are
+    scored here the same way as sample_quality's."""
     from . import metrics
     from .data import load_images
 
-    samples = generate(sampler, max(fid_n, kid_n), image_size, device, seed, classes=classes)
     feats = metrics.inception_features(samples, device=device)
-    out: dict = {"samples": len(samples), "method": sampler.method, "evaluations": sampler.num_evaluations}
+    out: dict = {}
     for split in splits:
-        ref = metrics.reference_stats(data, image_size, split, load_images, limit=ref_limit, device=device)
+        ref = metrics.reference_stats(data, image_size, split, load_images, limit=ref_limit,
+                                      channels=sampler.channels, device=device)
         if fid_n:
             out[f"fid_{split}"] = metrics.fid_from_stats(ref.mu, ref.sigma, *metrics.mean_cov(feats[:fid_n]))
         if kid_n:

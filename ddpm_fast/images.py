@@ -11,18 +11,21 @@ from PIL import Image
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(N, 3, H, W) in [-1, 1] -> (N, H, W, 3) uint8."""
+    """(N, 3, H, W) in [-1, 1] -> (N, H, W, 3) uint8; (N, 1, H, W) -> (N, H, W), which PIL writes
+    as a greyscale (mode L) image."""
     x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).numpy()
+    x = x.permute(0, 2, 3, 1)
+    return (x.squeeze(-1) if x.shape[-1] == 1 else x).numpy()
 
 
 def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> Image.Image:
-    """Tile (N, 3, H, W) images in [-1, 1] into one PIL image, nrow images per row."""
+    """Tile (N, C, H, W) images in [-1, 1] (C = 3, or 1: a greyscale grid) into one PIL image,
+    nrow images per row."""
     arr = to_uint8(images)
-    n, h, w, _ = arr.shape
+    n, h, w = arr.shape[:3]
     nrow = nrow or math.ceil(math.sqrt(n))
     rows = math.ceil(n / nrow)
-    canvas = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, 3), 255, np.uint8)
+    canvas = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, *arr.shape[3:]), 255, np.uint8)
     for i in range(n):
         r, c = divmod(i, nrow)
         canvas[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = arr[i]

@@ -29,7 +29,7 @@ SCHEDULERS = {"ddpm": "DDPMScheduler", "ddim": "DDIMScheduler", "dpmpp_2m": "DPM
 CONFIG_KEY = "ddpm_fast_config"  # the run's config, in a .safetensors file's metadata
 
 # UNet2DModel settings our UNet has one value (or two) of.
-_FIXED = (("in_channels", (3,)), ("out_channels", (3,)), ("center_input_sample", (False,)),
+_FIXED = (("in_channels", (1, 3)), ("out_channels", (1, 3)), ("center_input_sample", (False,)),
           ("time_embedding_type", ("positional",)), ("class_embed_type", (None,)),
           ("mid_block_type", ("UNetMidBlock2D",)), ("mid_block_scale_factor", (1,)), ("downsample_type", ("conv",)),
           ("upsample_type", ("conv",)), ("resnet_time_scale_shift", ("default",)), ("add_attention", (True,)),
@@ -55,7 +55,8 @@ def diffusers_config(model: UNet) -> dict:
         raise ValueError(f"num_groups={c['num_groups']} does not divide every width {widths}: diffusers' GroupNorm "
                          "has that many groups everywhere, ours fewer where it does not divide")
     attn = [c["image_size"] // 2**i in c["attn_res"] for i in range(len(widths))]
-    return dict(sample_size=c["image_size"], in_channels=3, out_channels=3, block_out_channels=tuple(widths),
+    channels = c.get("in_ch", 3)
+    return dict(sample_size=c["image_size"], in_channels=channels, out_channels=channels, block_out_channels=tuple(widths),
                 layers_per_block=c["num_res_blocks"], dropout=c["dropout"], act_fn="silu",
                 down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
                 up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
@@ -70,6 +71,9 @@ def unet_config(cfg: dict) -> dict:
     for field, ok in _FIXED:
         if cfg.get(field, ok[0]) not in ok:
             raise _unmapped(field, cfg[field], f"ddpm-fast's UNet has {' or '.join(map(repr, ok))}")
+    channels = cfg.get("in_channels", 3)
+    if cfg.get("out_channels", 3) != channels:
+        raise _unmapped("out_channels", cfg["out_channels"], f"ddpm-fast's UNet predicts its in_channels ({channels})")
     size, widths = cfg["sample_size"], list(cfg["block_out_channels"])
     if isinstance(size, (list, tuple)) and len(set(size)) == 1:
         size = size[0]
@@ -95,7 +99,7 @@ def unet_config(cfg: dict) -> dict:
                 attn_res=tuple(size // 2**i for i, a in enumerate(attn) if a), num_res_blocks=cfg["layers_per_block"],
                 dropout=cfg.get("dropout", 0.0), act="silu", num_groups=cfg["norm_num_groups"],
                 norm_eps=cfg["norm_eps"], downsample_padding=cfg["downsample_padding"], attn_head_dim=head,
-                freq_shift=cfg["freq_shift"], num_classes=(cfg.get("num_class_embeds") or 1) - 1)
+                freq_shift=cfg["freq_shift"], num_classes=(cfg.get("num_class_embeds") or 1) - 1, in_ch=channels)
 
 
 def _key_map(model: UNet) -> dict[str, tuple[str, ...]]:

@@ -152,11 +152,12 @@ def _preprocess(images: torch.Tensor) -> torch.Tensor:
 
 def inception_features(images: torch.Tensor, batch_size: int = 50,
                        device: str | torch.device | None = None) -> torch.Tensor:
-    """(N, 2048) float64 CPU features of `images` ((N, 3, H, W) in [-1, 1], any H, W) from the
-    standard FID Inception's pool layer. `device` defaults to the images' device; batches are
-    moved there one at a time, so `images` may stay on the CPU."""
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"images must be (N, 3, H, W), got {tuple(images.shape)}")
+    """(N, 2048) float64 CPU features of `images` ((N, 3, H, W) in [-1, 1], any H, W; or (N, 1, H, W)
+    greyscale, seen as the RGB image with that value in every channel) from the standard FID
+    Inception's pool layer. `device` defaults to the images' device; batches are moved there one at
+    a time, so `images` may stay on the CPU."""
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"images must be (N, 3, H, W) or greyscale (N, 1, H, W), got {tuple(images.shape)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     dev = torch.device(device) if device is not None else images.device
@@ -170,7 +171,7 @@ def inception_features(images: torch.Tensor, batch_size: int = 50,
         allow_tf32=False,
     ):
         for start in range(0, images.shape[0], batch_size):
-            batch = _preprocess(images[start:start + batch_size].to(dev))
+            batch = _preprocess(images[start:start + batch_size].to(dev).expand(-1, 3, -1, -1))
             feats = net(batch)
             out[start:start + feats.shape[0]] = feats.reshape(feats.shape[0], -1).double().cpu()
     return out
@@ -306,18 +307,22 @@ def _read_cache(path: Path, fingerprint: str) -> ReferenceStats | None:
 
 def reference_stats(root: str | os.PathLike | None, image_size: int, split: str,
                     load_fn: Callable[..., torch.Tensor], *, limit: int | None = None,
-                    batch_size: int = 50,
+                    batch_size: int = 50, channels: int = 3,
                     device: str | torch.device | None = None) -> ReferenceStats:
     """Inception statistics of a data split, computed once and cached (see the module doc).
 
     `load_fn(root, image_size, split=split, limit=limit)` must return (N, 3, S, S) images in
-    [-1, 1]; it is called only when no valid cache exists. The features are computed on
-    `device` (default: CUDA when available, else CPU).
+    [-1, 1]; it is called only when no valid cache exists. With channels=1 (a greyscale model's
+    reference) it is called with channels=1 as well, and the statistics are cached apart. The
+    features are computed on `device` (default: CUDA when available, else CPU).
     """
     from .data.listing import fingerprint, list_images, state_dir
 
     name = f"fid-ref-{split}-{image_size}-{'all' if limit is None else limit}.npz"
     params = f"{_FEATURE_VERSION}|split={split}|size={image_size}|limit={limit}"
+    grey = {"channels": 1} if channels == 1 else {}  # 3-channel keys and files stay as they were
+    if grey:
+        params, name = params + "|channels=1", name.replace(".npz", "-grey.npz")
     if root is None:
         key = "embedded"
         path = Path(os.environ.get("DDPM_FAST_CACHE", Path.home() / ".cache" / "ddpm_fast")) / "embedded" / name
@@ -332,7 +337,7 @@ def reference_stats(root: str | os.PathLike | None, image_size: int, split: str,
     if cached is not None:
         return cached
 
-    images = load_fn(root, image_size, split=split, limit=limit)
+    images = load_fn(root, image_size, split=split, limit=limit, **grey)
     if device is None:
         device = resolve_device("auto")
     feats = inception_features(images, batch_size=batch_size, device=device)

@@ -132,7 +132,7 @@ class Upsample(nn.Module):
 
 
 class UNet(nn.Module):
-    """model(x, t, y=None) -> the prediction (noise, v or x0: the diffusion's); x (B, 3, S, S) in
+    """model(x, t, y=None) -> the prediction (noise, v or x0: the diffusion's); x (B, in_ch, S, S) in
     [-1, 1], t (B,) int64 step indices (or float times, for the continuous schedule). With
     num_classes > 0 a learned class embedding is added to the time embedding, as diffusers'
     UNet2DModel(num_class_embeds) does; label num_classes (also y=None) is the null class that
@@ -161,7 +161,7 @@ class UNet(nn.Module):
         self.config = dict(image_size=image_size, ch=ch, ch_mult=tuple(ch_mult), attn_res=tuple(attn_res),
                            num_res_blocks=num_res_blocks, dropout=dropout, act=act, num_groups=num_groups,
                            norm_eps=norm_eps, downsample_padding=downsample_padding, attn_head_dim=attn_head_dim,
-                           freq_shift=freq_shift, norm=norm, num_classes=num_classes)
+                           freq_shift=freq_shift, norm=norm, num_classes=num_classes, in_ch=in_ch)
         self.ch, self.freq_shift, temb_dim = ch, freq_shift, 4 * ch
         self.temb = nn.Sequential(nn.Linear(ch, temb_dim), _act(act), nn.Linear(temb_dim, temb_dim))
         self.num_classes = num_classes

@@ -28,6 +28,16 @@ def _model_device(model: Callable) -> torch.device:
     return torch.device("cpu")
 
 
+def model_channels(model: Callable) -> int:
+    """The image channels a model takes: ours (config in_ch), diffusers' (config.in_channels), a
+    compiled or DDP-wrapped one's; 3 for a plain callable."""
+    inner = getattr(model, "_orig_mod", getattr(model, "module", model))
+    config = getattr(inner, "config", None)
+    if isinstance(config, dict):
+        return config.get("in_ch", 3)
+    return getattr(config, "in_channels", 3)
+
+
 class FastSampler:
     """Images from a model `(x, t) -> out` (or a module whose output has `.sample`), where out is what
     `prediction_type` names (default: what the diffusion was trained for). `method` defaults to the
@@ -48,7 +58,8 @@ class FastSampler:
     graphs and the update's backend; without one they come from dtype/compile/cuda_graph/backend and
     the model's device. cuda_graph: "auto" (graphs on CUDA when no generator is given and no trajectory
     asked for), True (graphs whenever a trajectory is not asked for; a generator is refused) or False.
-    A plan's cuda_graphs acts as "auto"."""
+    A plan's cuda_graphs acts as "auto". `channels`: of the images (default: the model's,
+    model_channels)."""
 
     def __init__(self, model: Callable, diffusion: GaussianDiffusion, *, method: str = DEFAULT_METHOD,
                  steps: int | None = None, spacing: str | None = None, eta: float = 0.0, variance: str = "beta",
@@ -56,7 +67,7 @@ class FastSampler:
                  use_clipped_model_output: bool | None = None, order: int | None = None,
                  prediction_type: str | None = None, cfg_scale: float = 1.0, dtype: torch.dtype | None = None,
                  compile: bool = False, cuda_graph: str | bool = "auto", backend: str = "auto",
-                 plan: ExecutionPlan | None = None):
+                 plan: ExecutionPlan | None = None, channels: int | None = None):
         if cuda_graph not in ("auto", True, False):
             raise ValueError(f"cuda_graph must be 'auto', True or False, got {cuda_graph!r}")
         if plan is None:
@@ -66,6 +77,7 @@ class FastSampler:
         elif (dtype, compile, cuda_graph, backend) != (None, False, "auto", "auto"):
             raise ValueError("give a plan or dtype/compile/cuda_graph/backend, not both")
         self.model, self.diffusion, self.method, self.plan, self.cfg_scale = model, diffusion, method, plan, cfg_scale
+        self.channels = channels or model_channels(model)
         self._refuse_generator = cuda_graph is True
         self._call = torch.compile(model, mode=plan.compile) if plan.compile else model
         self.scheduler = Scheduler(diffusion, method, spacing=spacing, order=order, eta=eta, variance=variance,
@@ -130,8 +142,8 @@ class FastSampler:
     def sample(self, n: int, image_size: int, generator: torch.Generator | None = None,
                return_trajectory: bool = False, x_T: torch.Tensor | None = None,
                x_start: torch.Tensor | None = None, start_t: int | None = None, classes=None):
-        """n images (n, 3, S, S) in [-1, 1] (clamped); with return_trajectory also the chain
-        (evaluations + 1, n, 3, S, S) on the CPU. x_T: the starting noise (so that solvers compare
+        """n images (n, C, S, S) in [-1, 1] (clamped; C = self.channels); with return_trajectory also
+        the chain (evaluations + 1, n, C, S, S) on the CPU. x_T: the starting noise (so that solvers compare
         image by image). x_start/start_t: denoise a given x_t from step start_t (ddpm, ddim); x_start
         without start_t is x_T. classes: a class index for all n samples, or one per sample."""
         if x_T is not None and x_start is not None:
@@ -140,7 +152,7 @@ class FastSampler:
         device = self.plan.device
         x = x_T if x_T is not None else x_start
         if x is None:
-            x = torch.randn((n, 3, image_size, image_size), generator=generator, device=device)
+            x = torch.randn((n, self.channels, image_size, image_size), generator=generator, device=device)
         x = x.to(device=device, dtype=torch.float32).contiguous(memory_format=self.plan.memory_format)
         y = self._labels(classes, x.shape[0])
         if self._refuse_generator and generator is not None:

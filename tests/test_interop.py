@@ -225,7 +225,7 @@ def test_sample_and_evaluate_clis_on_exported_folder(tmp_path):
 
 # -- what does not map -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("field,value", [
-    ("in_channels", 1), ("center_input_sample", True), ("time_embedding_type", "fourier"),
+    ("in_channels", 2), ("out_channels", 1), ("center_input_sample", True), ("time_embedding_type", "fourier"),
     ("class_embed_type", "timestep"), ("mid_block_scale_factor", 2.0),
     ("resnet_time_scale_shift", "scale_shift"), ("add_attention", False), ("act_fn", "mish"),
     ("block_out_channels", (16, 24)), ("time_embedding_dim", 32),

@@ -447,7 +447,7 @@ except ImportError:
 def test_dali_names_a_file_it_cannot_decode(disguised, monkeypatch):
     """Should a file pass validation that DALI cannot decode (here: validation switched off),
     the loader names it instead of DALI's anonymous pipeline error."""
-    monkeypatch.setattr(listing_mod, "check_image", lambda path, max_pixels=0: None)
+    monkeypatch.setattr(listing_mod, "check_image", lambda path, max_pixels=0: (None, False))
     loader = build_loader(disguised, 8, 5, split="all", backend="dali", device="cpu", num_workers=1,
                           drop_last=False)
     loader.set_epoch(0)

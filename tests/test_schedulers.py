@@ -12,17 +12,20 @@ divide T. lower_order_final=True, final_sigmas_type="zero" and set_alpha_to_one=
 defaults and ours, so they are left to the default.
 
 Also: the step makes no host read (CUDA-graph safe), the rows reduce to diffusion.py's DDPM and
-DDIM, and on a GPU the graphed sampler equals the eager one for every solver."""
-import diffusers
+DDIM. (The graphed sampler against the eager one on a GPU: test_gpu_paths.py.)"""
 import numpy as np
 import pytest
 import torch
 
-from conftest import NoHostSync, requires_cuda
+from conftest import NoHostSync
 from ddpm_fast import FastSampler, GaussianDiffusion, UNet
 from ddpm_fast.ops import COEF_NAMES
 from ddpm_fast.schedulers import (CAN_KEEP_NOISE, DEFAULT_STEPS, KEEP_NOISE_BY_DEFAULT, METHODS, Scheduler,
                                   spacing_timesteps)
+
+# diffusers is the oracle of every test here: without it (the GPU machine's image) the module skips
+# rather than stopping collection. The graphed sampler's GPU test lives in test_gpu_paths.py.
+diffusers = pytest.importorskip("diffusers")
 
 # diffusers' schedulers build numpy arrays from tensors the way numpy 2 deprecates
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -342,24 +345,3 @@ def test_step_makes_no_host_read(method, kw):
         for _ in range(s.num_evaluations):
             x = s.step(model(x, s.model_time(len(x)).float()), x)
     assert torch.isfinite(x).all()
-
-
-@requires_cuda
-@pytest.mark.parametrize("method, kw", [("ddim", {}), ("dpmpp_2m", {"spacing": "karras"}), ("dpmpp_3m", {}),
-                                        ("unipc", {"order": 3}), ("euler", {}), ("heun", {"spacing": "karras"}),
-                                        ("dpmpp_3m", {"thresholding": True})])
-def test_graphed_equals_eager_on_gpu(method, kw):
-    """One captured evaluation replayed over the chain gives the eager loop's images, and a second
-    call of the same shape replays the same graph (no new capture) with the same result."""
-    torch.manual_seed(0)
-    model = UNet.from_preset("tiny", image_size=16).cuda().eval()
-    d = GaussianDiffusion("linear", 100)
-    x = torch.randn(3, 3, 16, 16, device="cuda")
-    eager = FastSampler(model, d, method=method, steps=8, cuda_graph=False, **kw).sample(3, 16, x_T=x)
-    graphed = FastSampler(model, d, method=method, steps=8, cuda_graph=True, **kw)
-    first = graphed.sample(3, 16, x_T=x)
-    assert len(graphed._graphs) == 1
-    second = graphed.sample(3, 16, x_T=x)
-    assert len(graphed._graphs) == 1
-    torch.testing.assert_close(first, eager, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(second, first, rtol=0, atol=0)

@@ -49,13 +49,14 @@ def _evaluate(args) -> dict:
     from ..data import load_images
     from ..evaluation import bits_per_dim, heldout_mse
     from ..checkpoint import load_model
+    from ..sampling import model_channels
 
     plan = plan_from_args(args)
     model, diffusion, cfg = load_model(args.ckpt, ema=args.ema, device=plan.device)
     model = plan.prepare(model)
     data = args.data if args.data is not None else cfg.get("data")
     size = cfg["model"]["image_size"]
-    images = load_images(data, size, split=args.split, limit=args.images)
+    images = load_images(data, size, split=args.split, limit=args.images, channels=model_channels(model))
     result = {"checkpoint": str(args.ckpt), "ema": args.ema, "split": args.split, "images": len(images),
               "eps_mse": heldout_mse(model, diffusion, images, args.batch_size, args.mse_draws, args.seed)}
     result["bits_per_dim"] = None  # null in the JSON when not computed

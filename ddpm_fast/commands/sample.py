@@ -51,6 +51,7 @@ def _sample(args) -> None:
 
     from ..checkpoint import load_model
     from ..images import image_grid, save_image_grid, to_uint8
+    from ..sampling import model_channels
 
     plan = plan_from_args(args)
     model, diffusion, cfg = load_model(args.ckpt, ema=args.ema, device=plan.device)
@@ -70,7 +71,7 @@ def _sample(args) -> None:
         from ..data import load_images
 
         data = args.data if args.data is not None else cfg.get("data")
-        x0 = load_images(data, size, split="test", limit=args.n).to(plan.device)
+        x0 = load_images(data, size, split="test", limit=args.n, channels=model_channels(model)).to(plan.device)
         t = torch.full((x0.shape[0],), args.recover, device=plan.device, dtype=torch.long)
         noisy = diffusion.q_sample(x0, t, torch.randn(x0.shape, generator=gen, device=plan.device))
         rows = [x0, noisy]

@@ -23,7 +23,7 @@ from .split import check_split, split_file_keys, split_files
 from .tensor_loader import TensorLoader
 from .torch_loader import TorchFileLoader
 from ..plan import resolve_device
-from .transforms import load_uint8
+from .transforms import load_uint8, to_channels
 
 log = logging.getLogger("ddpm_fast.data")
 
@@ -57,6 +57,12 @@ def dali_installed() -> bool:
     return True
 
 
+def data_channels(root: str | os.PathLike | None) -> int:
+    """1 when every image of the folder `root` is greyscale (R = G = B in every pixel, or a grey
+    PIL mode; validation's record says so, no second decode), else 3; the embedded set is in colour."""
+    return 1 if root is not None and validate_images(root).greyscale else 3
+
+
 def _split_of(root, split: str, seed: int, class_cond: bool):
     """(listing, the split's files, their labels, the class names); for the embedded set
     (root None) the files are indices. Without class_cond the labels and names are None."""
@@ -82,8 +88,9 @@ def build_loader(root: str | os.PathLike | None, image_size: int, batch_size: in
                  device: str | torch.device | None = None, seed: int = 0,
                  drop_last: bool = True, rank: int = 0, world_size: int = 1,
                  num_workers: int | None = None, split_seed: int = 0, flip: bool = True,
-                 class_cond: bool = False) -> EpochLoader:
-    """A loader of float (B, 3, S, S) batches in [-1, 1] on `device` (channels_last on CUDA).
+                 class_cond: bool = False, channels: int = 3) -> EpochLoader:
+    """A loader of float (B, C, S, S) batches in [-1, 1] on `device` (channels_last on CUDA), C =
+    `channels`: 3 (RGB) or 1 (the luma; a greyscale image's own value).
 
     The train split is shuffled and (unless flip=False) randomly mirrored; other splits come in a
     fixed order without flips. The order of an epoch is a pure function of (seed, epoch, rank,
@@ -101,7 +108,7 @@ def build_loader(root: str | os.PathLike | None, image_size: int, batch_size: in
     device = resolve_device(device)
     # what every backend passes on to EpochLoader
     order = dict(device=device, seed=seed, shuffle=split == "train", flip=flip and split == "train",
-                 drop_last=drop_last, rank=rank, world_size=world_size)
+                 drop_last=drop_last, rank=rank, world_size=world_size, channels=channels)
     listing, files, labels, names = _split_of(root, split, split_seed, class_cond)
     if root is None:
         images = embedded_images(EMBEDDED_SIZE, image_size).index_select(0, torch.tensor(files)).to(device)
@@ -149,14 +156,16 @@ def _file_loader(listing, files, image_size: int, batch_size: int, backend: str,
 
 
 def load_images(root: str | os.PathLike | None, image_size: int, split: str = "test",
-                limit: int | None = None, split_seed: int = 0) -> torch.Tensor:
-    """The images of `split` as float (N, 3, S, S) in [-1, 1] on the CPU, unflipped, in a
-    fixed order (sorted paths; embedded index order), at most `limit` of them."""
-    return load_labelled(root, image_size, split, limit, split_seed, class_cond=False)[0]
+                limit: int | None = None, split_seed: int = 0, channels: int = 3) -> torch.Tensor:
+    """The images of `split` as float (N, C, S, S) in [-1, 1] on the CPU (C = `channels`, as
+    build_loader's), unflipped, in a fixed order (sorted paths; embedded index order), at most
+    `limit` of them."""
+    return load_labelled(root, image_size, split, limit, split_seed, class_cond=False, channels=channels)[0]
 
 
 def load_labelled(root: str | os.PathLike | None, image_size: int, split: str = "test", limit: int | None = None,
-                  split_seed: int = 0, class_cond: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, tuple | None]:
+                  split_seed: int = 0, class_cond: bool = True,
+                  channels: int = 3) -> tuple[torch.Tensor, torch.Tensor | None, tuple | None]:
     """(images as load_images gives them, their class labels, the class names) of the stratified
     split of a class-conditional run; labels and names are None without class_cond."""
     if limit is not None and limit < 1:
@@ -170,5 +179,5 @@ def load_labelled(root: str | os.PathLike | None, image_size: int, split: str = 
         with ThreadPoolExecutor(workers) as pool:
             arrays = list(pool.map(lambda f: load_uint8(f, image_size), files))
         nhwc = torch.from_numpy(np.stack(arrays))
-    images = nhwc.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0).contiguous()
+    images = to_channels(nhwc.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0), channels).contiguous()
     return images, None if labels is None else torch.tensor(labels[:limit], dtype=torch.long), names

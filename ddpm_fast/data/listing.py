@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from ..files import atomic_write
@@ -23,12 +24,16 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
 # extra frames, a plain JPEG to every decoder. A GIF or TIFF renamed .png is skipped here rather
 # than stopping a DALI pipeline mid-epoch.
 DECODABLE_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP"})
-# Bumped when check_image's verdicts change, so records of older checks are not trusted.
-CHECK_VERSION = 2
+# Bumped when check_image's verdicts change, so records of older checks are not trusted
+# (3: the record also says whether every image is greyscale).
+CHECK_VERSION = 3
 # Larger images are skipped: decoding one would take seconds and gigabytes (PIL's own
 # decompression-bomb limit is about 179M pixels; anything near it is not a training image).
 MAX_PIXELS = 8192 * 8192
 STATE_DIRNAME = ".ddpm_fast"
+# PIL modes with one intensity channel (and maybe alpha, which every loader drops): greyscale
+# whatever the pixels. Any other mode is greyscale when its RGB conversion has R = G = B everywhere.
+GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 
 
 class EmptyDatasetError(ValueError):
@@ -84,30 +89,41 @@ def state_dir(root: Path) -> Path:
     return fallback
 
 
-def check_image(path: Path, max_pixels: int = MAX_PIXELS) -> str | None:
-    """None when `path` decodes fully as an image, else why it does not."""
+def is_grey(im: Image.Image) -> bool:
+    """Whether a decoded image is greyscale as the loaders see it: R = G = B in every pixel of its
+    RGB conversion (exact: a JPEG's chroma noise of one level makes it colour)."""
+    if im.mode in GREY_MODES:
+        return True
+    rgb = np.asarray(im.convert("RGB"))
+    return bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
+
+
+def check_image(path: Path, max_pixels: int = MAX_PIXELS) -> tuple[str | None, bool]:
+    """(None when `path` decodes fully as an image, else why it does not; whether it is greyscale).
+    The grey check rides on the decode validation does anyway, so a folder's channel count
+    (--channels auto) costs no second pass."""
     try:
         if path.stat().st_size == 0:
-            return "zero-byte file"
+            return "zero-byte file", False
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 if im.format not in DECODABLE_FORMATS:
                     return (f"{im.format} data in a {path.suffix} file (the loaders decode "
-                            f"{', '.join(sorted(DECODABLE_FORMATS - {'MPO'}))})")
+                            f"{', '.join(sorted(DECODABLE_FORMATS - {'MPO'}))})"), False
                 w, h = im.size
                 if w * h > max_pixels:
-                    return f"too large ({w}x{h} pixels, limit {max_pixels})"
+                    return f"too large ({w}x{h} pixels, limit {max_pixels})", False
                 if w == 0 or h == 0:
-                    return f"empty image ({w}x{h})"
+                    return f"empty image ({w}x{h})", False
                 im.load()
+                return None, is_grey(im)
     except PermissionError as e:
-        return f"unreadable: {e.strerror or e}"
+        return f"unreadable: {e.strerror or e}", False
     except Image.DecompressionBombError:
-        return "too large (PIL decompression-bomb limit)"
+        return "too large (PIL decompression-bomb limit)", False
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
-        return f"cannot decode: {type(e).__name__}: {e}"
-    return None
+        return f"cannot decode: {type(e).__name__}: {e}", False
 
 
 @dataclass
@@ -119,6 +135,12 @@ class ValidatedListing:
     fingerprint: str
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     log_path: Path | None = None
+    colour_example: Path | None = None  # a usable file that is not greyscale; None: every one is
+
+    @property
+    def greyscale(self) -> bool:
+        """Whether every usable file is greyscale (R = G = B in every pixel)."""
+        return self.colour_example is None
 
 
 def validate_images(root: str | os.PathLike, max_pixels: int = MAX_PIXELS, strict: bool = False) -> ValidatedListing:
@@ -133,14 +155,17 @@ def validate_images(root: str | os.PathLike, max_pixels: int = MAX_PIXELS, stric
     rel = {f: f.relative_to(root).as_posix() for f in files}
     try:
         saved = json.loads(record.read_text())
-        bad = dict(saved["skipped"]) if saved.get("fingerprint") == fp else None
+        bad, colour = (dict(saved["skipped"]), saved["colour"]) if saved.get("fingerprint") == fp else (None, None)
     except (OSError, ValueError, KeyError, TypeError):
         bad = None
     if bad is None:
         # PIL releases the GIL while decoding, so threads scale without pickling.
         with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-            bad = {rel[f]: why for f, why in zip(files, pool.map(lambda f: check_image(f, max_pixels), files)) if why}
-        atomic_write(record, json.dumps({"fingerprint": fp, "skipped": [[r, why] for r, why in bad.items()]}))
+            verdicts = list(pool.map(lambda f: check_image(f, max_pixels), files))
+        bad = {rel[f]: why for f, (why, _) in zip(files, verdicts) if why}
+        colour = next((rel[f] for f, (why, grey) in zip(files, verdicts) if not why and not grey), None)
+        atomic_write(record, json.dumps({"fingerprint": fp, "skipped": [[r, why] for r, why in bad.items()],
+                                         "colour": colour}))
     skipped = [(f, bad[rel[f]]) for f in files if rel[f] in bad]
     log_path = sdir / "skipped.txt"
     atomic_write(log_path, "".join(f"{f}\t{why}\n" for f, why in skipped))
@@ -155,5 +180,5 @@ def validate_images(root: str | os.PathLike, max_pixels: int = MAX_PIXELS, stric
     if not good:
         raise EmptyDatasetError(f"none of the {len(files)} image files under --data {root} "
                                 f"could be decoded; see {log_path}")
-    return ValidatedListing(root, good, fp, skipped, log_path)
+    return ValidatedListing(root, good, fp, skipped, log_path, None if colour is None else root / colour)
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..plan import resolve_device
+from .transforms import to_channels
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ class EpochLoader(abc.ABC):
     class_names: tuple[str, ...] | None = None
 
     def __init__(self, num_images: int, batch_size: int, *, device: str | torch.device | None, seed: int,
-                 shuffle: bool, flip: bool, drop_last: bool, rank: int, world_size: int) -> None:
+                 shuffle: bool, flip: bool, drop_last: bool, rank: int, world_size: int, channels: int = 3) -> None:
         if batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_size} (--batch-size)")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -84,6 +85,7 @@ class EpochLoader(abc.ABC):
         self.num_images, self.batch_size, self.device = num_images, batch_size, resolve_device(device)
         self.seed, self.shuffle, self.flip, self.drop_last = seed, shuffle, flip, drop_last
         self.rank, self.world_size = rank, world_size
+        self.channels = channels  # of the batches: the backends decode RGB, __iter__ reduces it once for all
         self.epoch, self.start_batch = 0, 0
         if len(self) == 0:
             raise ValueError(f"{num_images} images give no full batch of {batch_size} per rank with "
@@ -107,11 +109,12 @@ class EpochLoader(abc.ABC):
     def __iter__(self) -> Iterator[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
         epoch, start = self.epoch, self.start_batch
         plan = self.plan(epoch)
+        batches = (to_channels(x, self.channels) for x in self._batches(plan, start))
         if self.labels is None:
-            yield from self._batches(plan, start)
+            yield from batches
         else:  # every backend yields the plan's batches in order, so the labels follow the same indices
             order = torch.from_numpy(plan.indices).to(self.labels.device)
-            for b, x in enumerate(self._batches(plan, start), start):
+            for b, x in enumerate(batches, start):
                 yield x, self.labels.index_select(0, order[b * plan.batch_size:(b + 1) * plan.batch_size])
         self.epoch, self.start_batch = epoch + 1, 0
 

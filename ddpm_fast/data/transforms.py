@@ -58,6 +58,20 @@ def load_uint8(path: str | os.PathLike, size: int) -> np.ndarray:
                            "(was it changed after validation?)") from e
 
 
+# ITU-R 601-2 luma, PIL's convert("L"): what --channels 1 trains on when an image is in colour.
+# They sum to 1, so a grey pixel (R = G = B) is its own value.
+LUMA = (0.299, 0.587, 0.114)
+
+
+def to_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """float (B, 3, S, S) model input as `channels` channels: itself for 3, its luma for 1."""
+    if channels == x.shape[1]:
+        return x
+    if channels != 1 or x.shape[1] != 3:
+        raise ValueError(f"cannot turn {x.shape[1]}-channel images into {channels} channels")
+    return torch.einsum("bchw,c->bhw", x, x.new_tensor(LUMA)).unsqueeze(1)
+
+
 def to_model_range(batch_nhwc: torch.Tensor, device: torch.device) -> torch.Tensor:
     """uint8 (B, S, S, 3) -> float (B, 3, S, S) in [-1, 1] on `device`, moved as uint8 (a quarter
     of the float bytes). The permuted view of an NHWC tensor already has the channels_last strides

@@ -57,6 +57,9 @@ class TrainConfig:
     act: str | None = flag(None, "activation", "data and model", choices=("silu", "hardswish"))
     norm: str | None = flag(None, "normalisation layers (default: group, the DDPM's)", "data and model",
                             choices=("group", "batch"))
+    channels: str = flag("auto", "image channels: 3 (RGB) or 1 (greyscale; colour images train on their luma); "
+                                 "auto: 1 when every image of --data is greyscale (R = G = B in every pixel), else "
+                                 "3. The run records the number it chose", "data and model", choices=("auto", "1", "3"))
     class_cond: bool = flag(False, "class-conditional: each image's class is its first folder under --data (the "
                                    "embedded set: face, circle, square, triangle)", "data and model")
     cond_drop: float = flag(0.1, "share of labels replaced by the null class in training (classifier-free "
@@ -215,7 +218,10 @@ def _show(value) -> str:
 
 
 def _same(name: str, a, b) -> bool:
-    """Whether a flag's value is the run's: tuples and lists alike, a data folder by where it is."""
+    """Whether a flag's value is the run's: tuples and lists alike, a data folder by where it is,
+    --channels auto whatever the run chose (it chose from the same data)."""
+    if name == "channels" and a == "auto":
+        return True
     if name == "data" and a is not None and b is not None:
         return Path(a).resolve() == Path(b).resolve()
     if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):

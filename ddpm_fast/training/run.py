@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..data import build_loader
+from ..data import build_loader, data_channels
 from ..diffusion import GaussianDiffusion
 from ..model import UNet
 from ..plan import ExecutionPlan
@@ -106,7 +106,8 @@ def build_run(cfg: TrainConfig, ctx: DistContext | None = None, plan: ExecutionP
     shard = dict(backend=cfg.loader, device=plan.device, seed=cfg.seed, num_workers=cfg.workers,
                  rank=ctx.rank, world_size=ctx.world_size)
     init = start_weights(cfg) if cfg.init_from and ckpt is None else None
-    shard |= dict(class_cond=cfg.class_cond)
+    resolve_channels(cfg, ctx.is_main)
+    shard |= dict(class_cond=cfg.class_cond, channels=cfg.model["in_ch"])
     loader = build_loader(cfg.data, cfg.model["image_size"], batch, split="train", drop_last=True, flip=cfg.flip,
                           **shard)
     val_loader = build_loader(cfg.data, cfg.model["image_size"], batch, split="val", drop_last=False, **shard)
@@ -162,6 +163,25 @@ def start_weights(cfg: TrainConfig) -> dict:
     print(f"initialised from {cfg.init_from}: {sum(w.numel() for w in weights.values()) / 1e6:.2f}M weights, "
           f"schedule {cfg.schedule}, T {cfg.timesteps}", flush=True)
     return weights
+
+
+def resolve_channels(cfg: TrainConfig, main: bool) -> None:
+    """The run's image channels, decided once into cfg.model["in_ch"] and cfg.channels: a resumed
+    run's or --init-from weights' own (an explicit --channels must agree), else --channels, auto
+    being 1 when every image of --data is greyscale."""
+    if cfg.checkpoint is not None or cfg.init_from:  # the weights decide; a checkpoint before --channels: RGB
+        channels = cfg.model.get("in_ch", 3)
+        if cfg.channels not in ("auto", str(channels)):
+            raise ValueError(f"--channels {cfg.channels}: the weights of {cfg.checkpoint or cfg.init_from} take "
+                             f"{channels}-channel images")
+    elif cfg.channels == "auto":
+        channels = data_channels(cfg.data)
+        if main and channels == 1:
+            print(f"channels: 1 (every image of --data {cfg.data} is greyscale; --channels 3 trains in RGB)",
+                  flush=True)
+    else:
+        channels = int(cfg.channels)
+    cfg.channels, cfg.model = str(channels), dict(cfg.model, in_ch=channels)
 
 
 def take_classes(cfg: TrainConfig, loader, main: bool) -> None:

@@ -1,0 +1,207 @@
+"""python -m benchmarks.cpu_speed: training and sampling speed on the CPU, ddpm-fast's reference
+path, each part of its fast path alone and all together, against the plain diffusers loop of the
+same model, in one run.
+
+Training rows (TRAIN_ROWS), each in a process of its own (a clean peak RSS, no compile cache or
+thread pool shared between rows), on the built-in data at the preset's size and the same batches:
+  reference      fp32 eager: `python -m ddpm_fast.train`'s default
+  bf16           bf16 autocast alone (fp32 master weights)
+  channels_last  channels_last alone
+  compile        torch.compile alone (fp32)
+  fast_eager     bf16 and channels_last: `--fast --compile none`
+  fast           all three: `--fast`
+  diffusers      benchmarks/diffusers_loop.py: UNet2DModel of the same parameters, AdamW, EMA, fp32
+Each row runs --warmup steps (the compile, reported apart as warmup_s), then --rounds rounds of the
+preset's timed steps; img/s is the median over rounds with its min and max.
+
+Sampling rows (SAMPLE_ROWS), --sample-n images with the default sampler (DPM-Solver++(2M) SDE on
+Karras sigmas, 20 evaluations) on the same random weights: ddpm-fast's reference (fp32 eager),
+fast_eager (bf16 + channels_last) and fast (+ torch.compile), and diffusers' DDPMPipeline with
+DPMSolverMultistepScheduler(sde-dpmsolver++, Karras), the same solver. A first call of each is its
+warm-up (compile included); then --rounds timed calls.
+
+JSON to $OUT/cpu_speed.json when OUT is set, else benchmarks/results/; a table on stdout."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from . import report_parts
+from .common import bench_env, forever, write_result
+
+TRAIN_ROWS = ("reference", "bf16", "channels_last", "compile", "fast_eager", "fast", "diffusers")
+SAMPLE_ROWS = ("reference", "fast_eager", "fast", "diffusers")
+STEPS = {"tiny": 60, "cifar32": 8}  # timed steps per round: ~10 s of the reference on 2 cores
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def spread(values: list[float]) -> dict:
+    return {"median": round(statistics.median(values), 2), "min": round(min(values), 2),
+            "max": round(max(values), 2), "rounds": len(values)}
+
+
+def plan_of(row: str):
+    """The execution plan of a ddpm-fast row: the reference with one part switched on, or all."""
+    from ddpm_fast.plan import ExecutionPlan
+
+    ref, fast = ExecutionPlan.resolve("cpu"), ExecutionPlan.resolve("cpu", fast=True)
+    return {"reference": ref, "bf16": replace(ref, autocast_dtype=torch.bfloat16),
+            "channels_last": replace(ref, channels_last=True), "compile": replace(ref, compile="default"),
+            "fast_eager": replace(fast, compile=None), "fast": fast}[row]
+
+
+def train_row(row: str, args) -> dict:
+    """One training row, in this process."""
+    from ddpm_fast.training.config import TrainConfig
+    from ddpm_fast.training.run import build_run
+
+    steps = args.steps or STEPS.get(args.preset, 10)
+    total = args.warmup + args.rounds * steps
+    size = {"image_size": args.image_size} if args.image_size else {}
+    if row == "diffusers":
+        from ddpm_fast.data import build_loader
+
+        from .diffusers_loop import DiffusersLoop
+
+        peer = DiffusersLoop(args.preset, args.image_size, lr=2e-4, steps=total, seed=0)
+        loader = build_loader(None, peer.unet.config.sample_size, args.batch_size, seed=0, num_workers=0,
+                              device="cpu")
+        step = lambda s, x0: peer.step(x0)  # noqa: E731
+    else:
+        with tempfile.TemporaryDirectory() as out:
+            cfg = TrainConfig(preset=args.preset, batch_size=args.batch_size, lr=2e-4, warmup=0, steps=total,
+                              workers=0, out=out, **size)
+            run = build_run(cfg, plan=plan_of(row))
+        loader, step = run.loader, run.step_fn
+    batches = forever(loader)
+    t0 = time.perf_counter()
+    for s in range(args.warmup):
+        step(s, next(batches))
+    warm_s = time.perf_counter() - t0
+    rates = []
+    for r in range(args.rounds):
+        t0 = time.perf_counter()
+        for s in range(steps):
+            step(args.warmup + r * steps + s, next(batches))
+        rates.append(steps * args.batch_size / (time.perf_counter() - t0))
+    return {"row": row, "preset": args.preset, "img_per_s": spread(rates), "warmup_s": round(warm_s, 2),
+            "timed_steps": steps, "peak_rss_mib": round(peak_rss_mib(), 1)}
+
+
+def sample_row(row: str, args) -> dict:
+    """One sampling row, in this process: --sample-n images, default sampler, random weights."""
+    from ddpm_fast import FastSampler, GaussianDiffusion, UNet
+    from ddpm_fast.schedulers import DEFAULT_STEPS
+
+    torch.manual_seed(0)
+    size = {"image_size": args.image_size} if args.image_size else {}
+    model = UNet.from_preset(args.preset, **size).eval()
+    s = model.config["image_size"]
+    diffusion = GaussianDiffusion("linear", 1000)
+    if row == "diffusers":
+        from diffusers import DDPMPipeline, DPMSolverMultistepScheduler
+
+        from ddpm_fast.interop import to_diffusers
+
+        unet, _ = to_diffusers(model, diffusion)
+        sched = DPMSolverMultistepScheduler(num_train_timesteps=1000, algorithm_type="sde-dpmsolver++",
+                                            use_karras_sigmas=True)
+        pipe = DDPMPipeline(unet=unet.eval(), scheduler=sched)
+        pipe.set_progress_bar_config(disable=True)
+        go = lambda: pipe(batch_size=args.sample_n, num_inference_steps=DEFAULT_STEPS,  # noqa: E731
+                          generator=torch.Generator().manual_seed(0), output_type="np")
+    else:
+        plan = plan_of(row)
+        sampler = FastSampler(plan.prepare(model), diffusion, plan=plan)
+        go = lambda: sampler.sample(args.sample_n, s, generator=torch.Generator().manual_seed(0))  # noqa: E731
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        go()
+        warm_s = time.perf_counter() - t0
+        times = []
+        for _ in range(args.rounds):
+            t0 = time.perf_counter()
+            go()
+            times.append(time.perf_counter() - t0)
+    return {"row": row, "preset": args.preset, "n": args.sample_n, "evaluations": DEFAULT_STEPS,
+            "s": spread(times), "img_per_s": spread([args.sample_n / t for t in times]),
+            "warmup_s": round(warm_s, 2), "peak_rss_mib": round(peak_rss_mib(), 1)}
+
+
+def child(kind: str, row: str, preset: str, args) -> dict:
+    """Run one row in a fresh process and return its JSON."""
+    cmd = [sys.executable, "-m", "benchmarks.cpu_speed", "--one", f"{kind}:{row}", "--presets", preset,
+           "--batch-size", str(args.batch_size), "--warmup", str(args.warmup), "--rounds", str(args.rounds),
+           "--sample-n", str(args.sample_n)]
+    cmd += ["--steps", str(args.steps)] if args.steps else []
+    cmd += ["--image-size", str(args.image_size)] if args.image_size else []
+    r = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+    if r.returncode != 0:
+        raise RuntimeError(f"{kind} row {row} ({preset}) failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def ratios(rows: list[dict]) -> None:
+    """Each row's median img/s against the same preset's reference and diffusers rows."""
+    for r in rows:
+        for base in ("reference", "diffusers"):
+            b = next((q for q in rows if q["preset"] == r["preset"] and q["row"] == base), None)
+            r[f"vs_{base}"] = round(r["img_per_s"]["median"] / b["img_per_s"]["median"], 2) if b else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.cpu_speed", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--presets", default="tiny,cifar32")
+    p.add_argument("--train-rows", default=",".join(TRAIN_ROWS))
+    p.add_argument("--sample-rows", default=",".join(SAMPLE_ROWS), help="empty: no sampling rows")
+    p.add_argument("--sample-presets", default="tiny")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--image-size", type=int, help="default: the preset's")
+    p.add_argument("--steps", type=int, help=f"timed steps per round (default: {STEPS})")
+    p.add_argument("--warmup", type=int, default=3, help="steps before timing (compile, allocator, oneDNN plans)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--sample-n", type=int, default=64)
+    p.add_argument("--one", help=argparse.SUPPRESS)  # KIND:ROW, run in this process (the children)
+    args = p.parse_args(argv)
+    for name, allowed in (("--train-rows", TRAIN_ROWS), ("--sample-rows", SAMPLE_ROWS)):
+        bad = [r for r in getattr(args, name[2:].replace("-", "_")).split(",") if r and r not in allowed]
+        if bad:
+            p.error(f"{name}: unknown row(s) {', '.join(bad)} (of {', '.join(allowed)})")
+    if args.one:
+        kind, row = args.one.split(":")
+        args.preset = args.presets
+        print(json.dumps((train_row if kind == "train" else sample_row)(row, args)))
+        return 0
+
+    env = bench_env(threads=torch.get_num_threads(), batch_size=args.batch_size, warmup=args.warmup,
+                    rounds=args.rounds, sample_n=args.sample_n, cpu_count=os.cpu_count())
+    result: dict = {"env": env, "train": [], "sample": []}
+    for kind, presets, rows in (("train", args.presets, args.train_rows),
+                                ("sample", args.sample_presets, args.sample_rows)):
+        for preset in (x for x in presets.split(",") if x):
+            for row in (x for x in rows.split(",") if x):
+                result[kind].append(child(kind, row, preset, args))
+                ratios(result[kind])
+                print(json.dumps(result[kind][-1]), flush=True)
+                write_result("cpu_speed", result)  # after each row: a cut-off run keeps the rest
+    print(report_parts.cpu_speed(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,34 @@
+"""benchmarks.cpu_speed at smoke size: every row in its own process, the JSON the README's CPU
+table is made from, ratios against the same preset's reference and diffusers rows (the figures
+themselves need an idle machine: benchmarks/RESULTS.md)."""
+import json
+
+import pytest
+
+from benchmarks import cpu_speed, report_parts
+
+pytest.importorskip("diffusers")
+
+
+def test_rows_against_reference_and_diffusers(tmp_path, monkeypatch):
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert cpu_speed.main(["--presets", "tiny", "--sample-presets", "tiny", "--image-size", "16", "--batch-size", "4",
+                           "--steps", "1", "--warmup", "1", "--rounds", "2", "--sample-n", "2",
+                           "--train-rows", "reference,diffusers", "--sample-rows", "fast_eager,diffusers"]) == 0
+    r = json.loads((tmp_path / "cpu_speed.json").read_text())
+    assert [(x["row"], x["preset"]) for x in r["train"]] == [("reference", "tiny"), ("diffusers", "tiny")]
+    assert [x["row"] for x in r["sample"]] == ["fast_eager", "diffusers"]
+    ref, peer = r["train"]
+    assert ref["vs_reference"] == 1.0 and peer["vs_diffusers"] == 1.0
+    assert ref["vs_diffusers"] == pytest.approx(ref["img_per_s"]["median"] / peer["img_per_s"]["median"], abs=0.01)
+    for x in r["train"] + r["sample"]:
+        v = x["img_per_s"]
+        assert v["rounds"] == 2 and 0 < v["min"] <= v["median"] <= v["max"] and x["peak_rss_mib"] > 100
+    assert r["sample"][0]["vs_reference"] is None  # no reference row was asked for
+    text = report_parts.cpu_speed(r)
+    assert "| tiny | diffusers |" in text and "Sampling" in text
+
+
+def test_unknown_row_is_refused():
+    with pytest.raises(SystemExit):
+        cpu_speed.main(["--train-rows", "reference,turbo"])
