@@ -96,7 +96,7 @@ def score_samples(samples: torch.Tensor, data, image_size: int, device: torch.de
     out: dict = {}
     for split in splits:
         ref = metrics.reference_stats(data, image_size, split, load_images, limit=ref_limit,
-                                      channels=sampler.channels, device=device)
+                                      channels=samples.shape[1], device=device)
         if fid_n:
             out[f"fid_{split}"] = metrics.fid_from_stats(ref.mu, ref.sigma, *metrics.mean_cov(feats[:fid_n]))
         if kid_n:
