@@ -202,7 +202,13 @@ class GaussianDiffusion:
              y: torch.Tensor | None = None) -> torch.Tensor:
         """The MSE of the model's output against its target, t drawn uniformly, weighted per t; `y`:
         the class labels of a class-conditional model."""
-        x_t, t, noise, abar = self.training_inputs(x0, generator)
+        return self.loss_on(model, x0, self.training_inputs(x0, generator), y)
+
+    def loss_on(self, model, x0: torch.Tensor, inputs: tuple, y: torch.Tensor | None = None) -> torch.Tensor:
+        """`loss` at given `training_inputs` (x_t, t, noise, alpha-bar): gradient accumulation draws
+        them for the whole batch once and takes its micro-batches' slices, so its draws are the
+        same whatever the number of micro-batches."""
+        x_t, t, noise, abar = inputs
         out = (model(x_t, t) if y is None else model(x_t, t, y)).float()
         target = self.target(x0, noise, abar).float()
         if self.loss_weight == "uniform":

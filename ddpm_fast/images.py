@@ -36,15 +36,14 @@ def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> I
 UPSCALED_SIDE = 128
 
 
-def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path | None:
+def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Image.Image:
     """image_grid(images, nrow) written to `path` at the images' own size and, for images smaller
     than UPSCALED_SIDE, also scaled up k times beside it (`<stem>_x<k><suffix>`; nearest neighbour:
-    the same pixels, only larger). Returns the scaled copy's path, or None."""
+    the same pixels, only larger). Returns the raw-size grid."""
     grid, path = image_grid(images, nrow=nrow), Path(path)
     grid.save(path)
     k = UPSCALED_SIDE // images.shape[-1]
-    if k < 2:
-        return None
-    big = path.with_name(f"{path.stem}_x{k}{path.suffix}")
-    grid.resize((grid.width * k, grid.height * k), Image.Resampling.NEAREST).save(big)
-    return big
+    if k >= 2:
+        grid.resize((grid.width * k, grid.height * k), Image.Resampling.NEAREST).save(
+            path.with_name(f"{path.stem}_x{k}{path.suffix}"))
+    return grid

@@ -18,7 +18,8 @@ from .cli import add_debug_argument, add_plan_arguments, add_sampler_arguments, 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ddpm_fast.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="run folder or checkpoint file")
+    p.add_argument("--ckpt", required=True,
+                   help="run folder or checkpoint file (a kept one: RUN/checkpoints/step_N.pt)")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights")
     p.add_argument("--data", help="image folder (default: the run's data)")
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _evaluate(args) -> dict:
     from ..data import load_images
+    from ..data.hf import image_folder
     from ..evaluation import bits_per_dim, heldout_mse
     from ..checkpoint import load_model
     from ..sampling import model_channels
@@ -55,6 +57,7 @@ def _evaluate(args) -> dict:
     model, diffusion, cfg = load_model(args.ckpt, ema=args.ema, device=plan.device)
     model = plan.prepare(model)
     data = args.data if args.data is not None else cfg.get("data")
+    data = image_folder(data, cfg.get("image_column", "image"))  # a dataset's images, written out once
     size = cfg["model"]["image_size"]
     images = load_images(data, size, split=args.split, limit=args.images, channels=model_channels(model))
     result = {"checkpoint": str(args.ckpt), "ema": args.ema, "split": args.split, "images": len(images),

@@ -17,7 +17,8 @@ from .cli import run
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ddpm_fast.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="run folder, checkpoint file, diffusers folder or .safetensors file")
+    p.add_argument("--ckpt", required=True, help="run folder, checkpoint file (a kept one: RUN/checkpoints/"
+                                                 "step_N.pt), diffusers folder or .safetensors file")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="export the EMA weights")
     dest = p.add_mutually_exclusive_group(required=True)
     dest.add_argument("--out", metavar="DIR", help="write a DDPMPipeline folder (unet/, scheduler/, model_index.json)")

@@ -19,7 +19,8 @@ from .cli import add_debug_argument, add_plan_arguments, add_sampler_arguments, 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ddpm_fast.sample", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="run folder or checkpoint file")
+    p.add_argument("--ckpt", required=True,
+                   help="run folder or checkpoint file (a kept one: RUN/checkpoints/step_N.pt)")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights")
     p.add_argument("--n", type=positive_int, default=16, help="number of images")
     p.add_argument("--nrow", type=positive_int, help="images per grid row")
@@ -69,8 +70,10 @@ def _sample(args) -> None:
 
     if args.recover is not None:
         from ..data import load_images
+        from ..data.hf import image_folder
 
         data = args.data if args.data is not None else cfg.get("data")
+        data = image_folder(data, cfg.get("image_column", "image"))  # a dataset's images, written out once
         x0 = load_images(data, size, split="test", limit=args.n, channels=model_channels(model)).to(plan.device)
         t = torch.full((x0.shape[0],), args.recover, device=plan.device, dtype=torch.long)
         noisy = diffusion.q_sample(x0, t, torch.randn(x0.shape, generator=gen, device=plan.device))

@@ -18,6 +18,7 @@ from ..argtypes import finite_float, int_tuple, positive_int
 from ..plan import COMPILE_HELP, KERNELS
 from ..presets import MODEL_FIELDS, PRESETS, preset_config
 from ..schedulers import DEFAULT_CLIP_X0, DEFAULT_METHOD, DEFAULT_STEPS, METHODS
+from .kept import run_folder
 
 # Training defaults per preset (a flag overrides any of them).
 TRAIN_DEFAULTS: dict[str, dict] = {
@@ -34,8 +35,9 @@ GENERIC_DEFAULTS = dict(batch_size=64, epochs=100, lr=2e-4, warmup=1000)
 # that stopped diverging is resumed with.
 RESUME_MAY_CHANGE = frozenset({
     "lr", "lr_schedule", "warmup", "ema_decay", "grad_clip", "max_skips", "steps", "epochs", "batch_size",
-    "save_every", "sample_every", "log_every", "sample_n", "sample_method", "sample_steps", "sample_clip_x0",
-    "eval_every", "eval_samples", "kernels", "fast", "compile", "workers", "loader", "device"})
+    "grad_accum", "save_every", "keep_checkpoints", "sample_every", "log_every", "log_to", "sample_n",
+    "sample_method", "sample_steps", "sample_clip_x0", "eval_every", "eval_samples", "kernels", "fast", "compile",
+    "workers", "loader", "device"})
 
 
 def flag(default, help: str, group: str = "run", **argparse_kw):
@@ -46,7 +48,8 @@ def flag(default, help: str, group: str = "run", **argparse_kw):
 @dataclass
 class TrainConfig:
     # data and model
-    data: str | None = flag(None, "image folder, searched recursively (default: the embedded set)", "data and model")
+    data: str | None = flag(None, "image folder, searched recursively, or a Hugging Face dataset (save_to_disk, or "
+                                  "a folder of parquet/arrow files) (default: the embedded set)", "data and model")
     preset: str = flag("tiny", "model preset", "data and model", choices=sorted(PRESETS))
     image_size: int | None = flag(None, "image size (default: the preset's)", "data and model", type=positive_int)
     ch: int | None = flag(None, "base channel width", "data and model", type=positive_int)
@@ -57,11 +60,16 @@ class TrainConfig:
     act: str | None = flag(None, "activation", "data and model", choices=("silu", "hardswish"))
     norm: str | None = flag(None, "normalisation layers (default: group, the DDPM's)", "data and model",
                             choices=("group", "batch"))
+    image_column: str = flag("image", "the image column of a Hugging Face dataset --data (diffusers' --image_column)",
+                             "data and model")
+    label_column: str = flag("label", "the class column of a Hugging Face dataset --data, with --class-cond "
+                                      "(ClassLabel names become the class names)", "data and model")
     channels: str = flag("auto", "image channels: 3 (RGB) or 1 (greyscale; colour images train on their luma); "
                                  "auto: 1 when every image of --data is greyscale (R = G = B in every pixel), else "
                                  "3. The run records the number it chose", "data and model", choices=("auto", "1", "3"))
-    class_cond: bool = flag(False, "class-conditional: each image's class is its first folder under --data (the "
-                                   "embedded set: face, circle, square, triangle)", "data and model")
+    class_cond: bool = flag(False, "class-conditional: each image's class is its first folder under --data, or a "
+                                   "dataset's --label-column (the embedded set: face, circle, square, triangle)",
+                            "data and model")
     cond_drop: float = flag(0.1, "share of labels replaced by the null class in training (classifier-free "
                                  "guidance's unconditional model)", "data and model", type=finite_float)
     flip: bool = flag(True, "mirror training images at random (--no-flip for digits, text, logos)", "data and model")
@@ -70,6 +78,9 @@ class TrainConfig:
     # optimisation
     batch_size: int | None = flag(None, "global batch; under torchrun each of the N processes takes batch / N",
                                   "optimisation", type=positive_int)
+    grad_accum: int = flag(1, "gradient accumulation (diffusers' --gradient_accumulation_steps): each optimizer step "
+                              "runs its batch as this many micro-batches of batch / N, for memory; the step is the "
+                              "same", "optimisation", type=positive_int)
     epochs: int | None = flag(None, "epochs to train", "optimisation", type=positive_int)
     steps: int | None = flag(None, "total optimizer steps (overrides --epochs)", "optimisation", type=positive_int)
     lr: float | None = flag(None, "peak learning rate", "optimisation", type=finite_float)
@@ -115,9 +126,17 @@ class TrainConfig:
                                     "its own settings; flags may change its lr, length, intervals and how it "
                                     "computes, not its model, schedule, data or seed",
                               nargs="?", const="", metavar="RUN")
+    from_step: int | None = flag(None, "with --resume RUN: continue from RUN's kept checkpoint of this step "
+                                       "(--keep-checkpoints) instead of its last", type=positive_int, metavar="S")
     save_every: int = flag(1000, "steps between checkpoints", type=positive_int)
+    keep_checkpoints: int = flag(0, "besides checkpoint.pt, keep the checkpoint of every --save-every step as "
+                                    "checkpoints/step_N.pt, the oldest deleted beyond K (diffusers' "
+                                    "--checkpoints_total_limit; 0: none kept)", type=int, metavar="K")
     sample_every: int = flag(500, "steps between sample grids", type=positive_int)
     log_every: int = flag(10, "steps between metrics.csv rows", type=positive_int)
+    log_to: str = flag("csv", "where the metrics go (diffusers' --logger): csv (metrics.csv, loss.png) or "
+                              "tensorboard (those, and TensorBoard events of the metrics, sample grids and config "
+                              "in RUN/tensorboard; needs the tensorboard package)", choices=("csv", "tensorboard"))
     sample_n: int = flag(16, "images per sample grid", type=positive_int)
     sample_method: str = flag(DEFAULT_METHOD, "sampler of the grids and of --eval-every", choices=METHODS)
     sample_steps: int | None = flag(None, f"sampler steps of the grids and of --eval-every (default: {DEFAULT_STEPS}, "
@@ -138,10 +157,15 @@ class TrainConfig:
         for k, v in defaults.items():
             if getattr(self, k) is None:
                 setattr(self, k, v)
-        for name in ("batch_size", "epochs", "timesteps", "save_every", "sample_every", "log_every", "sample_n",
-                     "max_skips"):
+        for name in ("batch_size", "grad_accum", "epochs", "timesteps", "save_every", "sample_every", "log_every",
+                     "sample_n", "max_skips"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.keep_checkpoints < 0:
+            raise ValueError(f"--keep-checkpoints must be 0 (none kept) or more, got {self.keep_checkpoints}")
+        if self.from_step is not None and not self.resume:
+            raise ValueError(f"--from-step {self.from_step} needs --resume RUN: the run whose kept checkpoint "
+                             f"to continue")
         if self.steps is not None and self.steps <= 0:
             raise ValueError(f"--steps must be positive, got {self.steps}")
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -160,10 +184,10 @@ class TrainConfig:
         or, if it differs from the run's value, is a ValueError naming both. Without --out the
         run continues in the checkpoint's folder."""
         kw = {f.name: saved.get(f.name, f.default) for f in fields(self)}  # an older checkpoint lacks newer fields
-        kw["resume"] = self.resume
-        kw["out"] = self.out if "out" in self.explicit else str(checkpoint.parent)
+        kw["resume"], kw["from_step"] = self.resume, self.from_step  # where this resume starts, not a setting
+        kw["out"] = self.out if "out" in self.explicit else str(run_folder(checkpoint))
         changes = []
-        for name in sorted(self.explicit - {"resume", "out"}):
+        for name in sorted(self.explicit - {"resume", "out", "from_step"}):
             new = getattr(self, name)
             old = saved["model"][name] if name in saved["model"] else kw[name]
             if _same(name, new, old):

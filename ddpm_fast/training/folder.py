@@ -13,6 +13,7 @@ from typing import Iterator
 
 from ..files import remove_stale_tmp
 from ..checkpoint import CHECKPOINT_NAME
+from .kept import KEPT_DIRNAME, is_kept_of
 
 LOCK_NAME = "train.lock"
 
@@ -24,7 +25,7 @@ def check_out(out: Path, resuming: Path | None) -> None:
         return
     if resuming is None:
         raise FileExistsError(f"--out {out} already holds a run: pass --resume to continue it, or another --out")
-    if held.resolve() != resuming.resolve():
+    if held.resolve() != resuming.resolve() and not is_kept_of(resuming, out):
         raise FileExistsError(f"--out {out} holds another run than {resuming}, which --resume continues: "
                               f"pick an --out without a checkpoint")
 
@@ -70,7 +71,7 @@ def claim(out: Path, resuming: Path | None) -> Iterator[None]:
         if stale:
             print(f"took over the lock of process {stale} in {out}, which is no longer running", flush=True)
         check_out(out, resuming)
-        removed = remove_stale_tmp(out)
+        removed = remove_stale_tmp(out) + remove_stale_tmp(out / KEPT_DIRNAME)
         if removed:
             print(f"removed {len(removed)} temporary file(s) of an interrupted write: "
                   f"{', '.join(p.name for p in removed)}", flush=True)

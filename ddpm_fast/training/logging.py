@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from .distributed import all_sum
@@ -40,6 +41,27 @@ class MetricsCSV:
     def read(self) -> list[dict]:
         with self.path.open() as f:
             return list(csv.DictReader(f))
+
+
+class Metrics:
+    """Where a run's figures go: metrics.csv always (loss.png and a resume's trimming read it),
+    and with --log-to tensorboard the same rows, the sample grids and the config to TensorBoard."""
+
+    def __init__(self, csv_log: MetricsCSV, board=None):
+        self.csv, self.board = csv_log, board
+
+    def write(self, **row) -> None:
+        self.csv.write(**row)
+        if self.board is not None:
+            self.board.write(**row)
+
+    def image(self, tag: str, image: Image.Image, step: int) -> None:
+        if self.board is not None:
+            self.board.image(tag, image, step)
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
 
 
 def _fmt(v):

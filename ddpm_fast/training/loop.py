@@ -15,17 +15,19 @@ from typing import Callable, Iterator
 
 import torch
 
+from ..checkpoint import CHECKPOINT_NAME
 from ..files import atomic_write
+from ..images import save_image_grid
 from ..plan import resolve_device
 from ..sampling import FastSampler
-from ..checkpoint import CHECKPOINT_NAME
 from .config import TrainConfig
 from .distributed import DistContext, StopVote, all_sum, distributed_session
 from .folder import claim
-from ..images import save_image_grid
-from .logging import LossMeter, MetricsCSV, plot_losses, progress_bar
+from .kept import keep_resume_point
+from .logging import LossMeter, Metrics, MetricsCSV, plot_losses, progress_bar
 from .run import Run, build_run, resume_config
 from .step import Diverged
+from .tensorboard import TensorBoardLog
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -70,7 +72,7 @@ def train_steps(run: Run) -> Path:
                 if run.step % cfg.save_every == 0:
                     run.save()
                 if main and run.step % cfg.sample_every == 0:
-                    save_grid(run, f"step_{run.step:07d}.png")
+                    save_grid(run, f"step_{run.step:07d}.png", metrics)
                 if cfg.eval_every and run.step % cfg.eval_every == 0:
                     x0_mse = eval_loss(run, "x0_mse")  # collective
                     if main:
@@ -92,16 +94,17 @@ def train_steps(run: Run) -> Path:
     bar.close()
     run.save()
     if main:
-        save_grid(run, "final.png")
+        save_grid(run, "final.png", metrics)
         plot_losses(run.out / "metrics.csv", run.out / "loss.png")
+        metrics.close()
         print(f"done: {run.step} steps; checkpoint {run.out / CHECKPOINT_NAME}, samples {run.out / 'samples'}, "
               f"metrics {run.out / 'metrics.csv'}, loss curve {run.out / 'loss.png'}")
     return run.out
 
 
-def start_outputs(run: Run) -> MetricsCSV:
-    """The run folder, its config.json and metrics.csv (trimmed to the checkpoint on resume), and
-    the run's first log line."""
+def start_outputs(run: Run) -> Metrics:
+    """The run folder, its config.json and metrics.csv (trimmed to the checkpoint on resume; with
+    --log-to tensorboard the event file too), and the run's first log line."""
     cfg, ctx = run.cfg, run.ctx
     (run.out / "samples").mkdir(parents=True, exist_ok=True)
     atomic_write(run.out / "config.json", json.dumps(cfg.to_dict(), indent=2))
@@ -117,10 +120,16 @@ def start_outputs(run: Run) -> MetricsCSV:
     print(f"plan: {run.plan.describe()}", flush=True)
     for change in cfg.changes:
         print(f"resume: {change}", flush=True)
-    return MetricsCSV(run.out / "metrics.csv", resume_step=run.step if run.resumed else None)
+    kept = keep_resume_point(run.out, cfg.checkpoint)
+    if kept is not None:
+        print(f"resume: kept {run.out / CHECKPOINT_NAME} (a later step than {cfg.checkpoint.name}) as {kept}, "
+              f"before this run overwrites it", flush=True)
+    resume_step = run.step if run.resumed else None
+    board = TensorBoardLog(run.out, cfg.to_dict(), resume_step) if cfg.log_to == "tensorboard" else None
+    return Metrics(MetricsCSV(run.out / "metrics.csv", resume_step=resume_step), board)
 
 
-def log_window(run: Run, meter: LossMeter, metrics: MetricsCSV | None, bar) -> None:
+def log_window(run: Run, meter: LossMeter, metrics: Metrics | None, bar) -> None:
     """A metrics.csv row and the progress bar's postfix (collective: the loss is reduced over the
     ranks), and the divergence check."""
     mean, rate, skipped = meter.take_window(run.ctx, run.cfg.batch_size)
@@ -177,12 +186,14 @@ def grid_classes(run: Run, n: int) -> tuple[torch.Tensor | None, int | None]:
     return torch.arange(len(names), device=run.device).repeat_interleave(per), per
 
 
-def save_grid(run: Run, name: str) -> None:
+def save_grid(run: Run, name: str, metrics: Metrics | None = None) -> None:
     gen = torch.Generator(device=run.device).manual_seed(run.cfg.seed)
     classes, per_row = grid_classes(run, run.cfg.sample_n)
     n = run.cfg.sample_n if classes is None else len(classes)
     images = grid_sampler(run).sample(n, run.cfg.model["image_size"], generator=gen, classes=classes)
-    save_image_grid(images, run.out / "samples" / name, nrow=per_row)
+    grid = save_image_grid(images, run.out / "samples" / name, nrow=per_row)
+    if metrics is not None:
+        metrics.image("samples", grid, run.step)
 
 
 def evaluate_samples(run: Run) -> dict:
@@ -193,7 +204,7 @@ def evaluate_samples(run: Run) -> dict:
     n = run.cfg.eval_samples
     classes = None if not run.cfg.class_names else torch.arange(n, device=run.device) % len(run.cfg.class_names)
     # Against up to 2n val images: as many as the comparison can use, and a cache built once.
-    r = sample_quality(grid_sampler(run), run.cfg.data, run.cfg.model["image_size"], run.device, kid_n=n,
+    r = sample_quality(grid_sampler(run), run.data, run.cfg.model["image_size"], run.device, kid_n=n,
                        fid_n=n if n >= FID_MIN_SAMPLES else 0, seed=run.cfg.seed, splits=("val",), ref_limit=2 * n,
                        classes=classes)
     return {"kid": r["kid_val"], "fid": r.get("fid_val")}

@@ -15,15 +15,16 @@ from pathlib import Path
 import torch
 
 from ..data import build_loader, data_channels
+from ..data.hf import image_folder
 from ..diffusion import GaussianDiffusion
 from ..model import UNet
 from ..plan import ExecutionPlan
-from ..checkpoint import (CHECKPOINT_NAME, all_finite, checkpoint_config, load_checkpoint, resolve_checkpoint,
-                         save_checkpoint)
+from ..checkpoint import CHECKPOINT_NAME, all_finite, checkpoint_config, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .distributed import DistContext, derived_seed, gather_to_main, per_rank_batch, wrap_model
 from .ema import EMA
 from .folder import check_out
+from .kept import keep_checkpoint, resume_point
 from .step import Diverged, TrainStep, make_lr_scheduler, make_optimizer, match_optimizer_to_path
 
 
@@ -49,6 +50,7 @@ class Run:
     batch_in_epoch: int = 0     # global batches: batch k of every rank together is the k-th of the epoch's order
     resumed: bool = False
     saved: tuple[Path, int] | None = None  # the last checkpoint written (or resumed from) and its step
+    data: str | None = None     # the image folder of --data (a dataset's, written out: data/hf.py)
 
     @property
     def device(self) -> torch.device:
@@ -70,6 +72,8 @@ class Run:
             "config": self.cfg.to_dict(), "world_size": self.ctx.world_size, "rng": states[0],
             **({"rng_per_rank": states} if self.ctx.enabled else {}),
         }, self.out / CHECKPOINT_NAME)
+        if self.cfg.keep_checkpoints and self.step % self.cfg.save_every == 0:
+            keep_checkpoint(self.out, self.step, self.cfg.keep_checkpoints)
 
     def last_checkpoint(self) -> str:
         return f"the last checkpoint, {self.saved[0]} at step {self.saved[1]}, is as it was" if self.saved \
@@ -81,7 +85,7 @@ def resume_config(cfg: TrainConfig) -> TrainConfig:
     flags may make (TrainConfig.resumed). Reads the config alone, not the weights."""
     if not cfg.resume or cfg.checkpoint is not None:
         return cfg
-    path = resolve_checkpoint(cfg.resume)
+    path = resume_point(cfg.resume, cfg.from_step)
     return cfg.resumed(checkpoint_config(path), path)
 
 
@@ -92,25 +96,32 @@ def build_run(cfg: TrainConfig, ctx: DistContext | None = None, plan: ExecutionP
     graphs). Nothing is written: that is the loop's."""
     if cfg.resume and cfg.checkpoint is None:
         raise ValueError("build_run takes a resolved config: pass resume_config(cfg) when resuming")
+    # --grad-accum runs the fast path without its whole-step CUDA graph (compiled, eager): the graph
+    # of an accumulating step (and of DDP's no_sync in it) has not been run on a GPU yet.
     plan = plan or ExecutionPlan.resolve(ctx.device if ctx else cfg.device, fast=cfg.fast, kernels=cfg.kernels,
-                                         compile=cfg.compile)
+                                         compile=cfg.compile, cuda_graphs=False if cfg.grad_accum > 1 else None)
     ctx = ctx or DistContext(rank=0, world_size=1, device=plan.device)
     out = Path(cfg.out)
     check_out(out, cfg.checkpoint)
     ckpt = load_checkpoint(cfg.checkpoint, map_location=plan.device) if cfg.checkpoint else None
     batch = per_rank_batch(cfg.batch_size, ctx.world_size)
+    if batch % cfg.grad_accum:
+        raise ValueError(f"--grad-accum {cfg.grad_accum} does not divide the batch of {batch} images"
+                         + (f" per process (--batch-size {cfg.batch_size} over {ctx.world_size})" if ctx.enabled
+                            else f" (--batch-size {cfg.batch_size})"))
     # Each rank its own dropout draws (rank 0's are a single-process run's). The ranks' initial
     # weights differ too, until wrapping in DDP replaces them with rank 0's.
     torch.manual_seed(cfg.seed + ctx.rank)
 
+    data = image_folder(cfg.data, cfg.image_column, cfg.label_column if cfg.class_cond else None)
     shard = dict(backend=cfg.loader, device=plan.device, seed=cfg.seed, num_workers=cfg.workers,
                  rank=ctx.rank, world_size=ctx.world_size)
     init = start_weights(cfg) if cfg.init_from and ckpt is None else None
-    resolve_channels(cfg, ctx.is_main)
+    resolve_channels(cfg, data, ctx.is_main)
     shard |= dict(class_cond=cfg.class_cond, channels=cfg.model["in_ch"])
-    loader = build_loader(cfg.data, cfg.model["image_size"], batch, split="train", drop_last=True, flip=cfg.flip,
+    loader = build_loader(data, cfg.model["image_size"], batch, split="train", drop_last=True, flip=cfg.flip,
                           **shard)
-    val_loader = build_loader(cfg.data, cfg.model["image_size"], batch, split="val", drop_last=False, **shard)
+    val_loader = build_loader(data, cfg.model["image_size"], batch, split="val", drop_last=False, **shard)
     if len(loader) == 0:
         raise ValueError(f"--batch-size {cfg.batch_size} is larger than the {loader.num_images} training images")
     if cfg.class_cond:
@@ -145,10 +156,11 @@ def build_run(cfg: TrainConfig, ctx: DistContext | None = None, plan: ExecutionP
     sched = make_lr_scheduler(opt, cfg.lr, cfg.warmup, cfg.lr_schedule, total, step)
     # DDP needs 11 eager iterations before a whole-step CUDA graph may capture it.
     step_fn = TrainStep(model, diffusion, opt, sched, ema, plan, cfg.grad_clip, gen,
-                        warmup=11 if ctx.enabled else 3, cond_drop=cfg.cond_drop if cfg.class_cond else 0.0)
+                        warmup=11 if ctx.enabled else 3, cond_drop=cfg.cond_drop if cfg.class_cond else 0.0,
+                        grad_accum=cfg.grad_accum)
     return Run(cfg, plan, ctx, net, model, diffusion, ema, opt, sched, loader, val_loader, step_fn, gen, total,
                out, step, epoch, batch_in_epoch, resumed=ckpt is not None,
-               saved=(cfg.checkpoint, step) if ckpt is not None else None)
+               saved=(cfg.checkpoint, step) if ckpt is not None else None, data=data)
 
 
 def start_weights(cfg: TrainConfig) -> dict:
@@ -165,17 +177,17 @@ def start_weights(cfg: TrainConfig) -> dict:
     return weights
 
 
-def resolve_channels(cfg: TrainConfig, main: bool) -> None:
+def resolve_channels(cfg: TrainConfig, data: str | None, main: bool) -> None:
     """The run's image channels, decided once into cfg.model["in_ch"] and cfg.channels: a resumed
     run's or --init-from weights' own (an explicit --channels must agree), else --channels, auto
-    being 1 when every image of --data is greyscale."""
+    being 1 when every image of --data (its image folder `data`) is greyscale."""
     if cfg.checkpoint is not None or cfg.init_from:  # the weights decide; a checkpoint before --channels: RGB
         channels = cfg.model.get("in_ch", 3)
         if cfg.channels not in ("auto", str(channels)):
             raise ValueError(f"--channels {cfg.channels}: the weights of {cfg.checkpoint or cfg.init_from} take "
                              f"{channels}-channel images")
     elif cfg.channels == "auto":
-        channels = data_channels(cfg.data)
+        channels = data_channels(data)
         if main and channels == 1:
             print(f"channels: 1 (every image of --data {cfg.data} is greyscale; --channels 3 trains in RGB)",
                   flush=True)

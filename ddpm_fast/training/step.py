@@ -9,12 +9,18 @@ the batch into the static input, and replays.
 With graphs, the first `warmup` steps run eagerly on a side stream (they are real training
 steps): they let torch.compile and cuDNN settle and allocate the gradients before capture.
 
+With --grad-accum N the step runs its batch as N equal micro-batches, forward and backward one at
+a time (under DDP in no_sync but the last, so the gradients are reduced once), t and the noise
+drawn for the whole batch first: the step is the N=1 step up to float rounding. Such a step is not
+captured (build_run resolves its plan without graphs): an accumulating graph is untried on a GPU.
+
 Divergence guard, on the device (no host read, so the graph captures it): a step whose loss or
 gradient is not finite changes nothing (parameters, Adam's moments, EMA), its returned loss is
 NaN, and `streak` counts such steps in a row; the loop reads it when it logs and stops the run
 (Diverged) after --max-skips of them."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -82,11 +88,22 @@ def make_lr_scheduler(opt: torch.optim.Optimizer, lr: float, warmup: int, schedu
                                              last_epoch=step - 1)
 
 
+def micro_batches(x0: torch.Tensor, inputs: tuple, y: torch.Tensor | None, n: int):
+    """The n equal slices of (images, their training inputs, labels) that one step with
+    --grad-accum n runs forward and backward one at a time."""
+    size = x0.shape[0] // n
+    for i in range(n):
+        cut = slice(i * size, (i + 1) * size)
+        yield x0[cut], tuple(v[cut] for v in inputs), None if y is None else y[cut]
+
+
 class TrainStep:
     def __init__(self, model: torch.nn.Module, diffusion: GaussianDiffusion, opt: torch.optim.Optimizer,
                  sched: torch.optim.lr_scheduler.LRScheduler, ema: EMA, plan: ExecutionPlan, grad_clip: float,
-                 generator: torch.Generator | None = None, warmup: int = 3, cond_drop: float = 0.0):
+                 generator: torch.Generator | None = None, warmup: int = 3, cond_drop: float = 0.0,
+                 grad_accum: int = 1):
         self.model, self.diffusion, self.opt, self.sched, self.ema = model, diffusion, opt, sched, ema
+        self.grad_accum = grad_accum  # micro-batches per optimizer step (the batch must divide evenly)
         self.cond_drop = cond_drop  # share of a class-conditional batch's labels replaced by the null class
         self.plan, self.grad_clip, self.warmup = plan, grad_clip, warmup
         # In a CUDA graph the noise comes from the default CUDA generator, which PyTorch keeps graph-safe.
@@ -108,12 +125,21 @@ class TrainStep:
         if y is not None and self.cond_drop > 0:  # label dropout: the same network learns the unconditional model
             drop = torch.rand(y.shape, generator=self.generator, device=y.device) < self.cond_drop
             y = torch.where(drop, self.model_num_classes, y)
-        with self.plan.autocast():
-            loss = self.diffusion.loss(self.forward, x0, self.generator, y)
         self.opt.zero_grad(set_to_none=set_to_none)
-        # x (x * 0 + 1): exactly x's gradient when finite, NaN gradients when not. So a non-finite
-        # loss on any rank poisons the gradients DDP averages, and all ranks skip the same steps.
-        (loss * (loss.detach() * 0 + 1)).backward()
+        n = self.grad_accum
+        with self.plan.autocast():  # t and noise for the whole batch, so the draws do not depend on n
+            inputs = self.diffusion.training_inputs(x0, self.generator)
+        loss = 0.0
+        for i, part in enumerate(micro_batches(x0, inputs, y, n)):
+            # Under DDP the gradients are reduced once, in the last micro-batch's backward.
+            with self.model.no_sync() if i < n - 1 and hasattr(self.model, "no_sync") else contextlib.nullcontext():
+                with self.plan.autocast():
+                    # The mean over equal micro-batches of their means is the batch's mean.
+                    micro = self.diffusion.loss_on(self.forward, part[0], part[1], part[2]) / n
+                # x (x * 0 + 1): exactly x's gradient when finite, NaN gradients when not. So a non-finite
+                # loss on any rank poisons the gradients DDP averages, and all ranks skip the same steps.
+                (micro * (micro.detach() * 0 + 1)).backward()
+            loss = loss + micro.detach()
         grads = [p.grad for p in self.params if p.grad is not None]
         norm = (torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True) if self.grad_clip > 0
                 else torch.nn.utils.get_total_norm(grads, foreach=True))
