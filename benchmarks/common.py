@@ -21,11 +21,13 @@ from typing import Callable, Iterable, Iterator
 import torch
 import torch._dynamo
 
-ON_GPU = torch.cuda.is_available()
+from ddpm_fast.plan import resolve_device
+
+DEVICE = resolve_device("auto")
+ON_GPU = DEVICE.type == "cuda"
 # Each shape compiles the reference anew (dynamic=False): past Dynamo's default of 8 recompiles
 # of one function it would silently run it eagerly and the "compile" rows would time eager code.
 torch._dynamo.config.recompile_limit = 64
-DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 NUM_GROUPS = 32
 
 # GroupNorm+SiLU inputs of the anime64 UNet: the down path, then the up path's concatenated widths

@@ -96,17 +96,14 @@ def train_workload(path: str, args, device: torch.device) -> Callable[[], object
 
 
 def sample_workload(path: str, args, device: torch.device) -> Callable[[], object]:
-    """One DDPM sampling step of `path` (model forward + update) on a batch of `--sample-n`."""
+    """One DDPM sampling step of `path` (model forward + update) on a batch of `--sample-n`, on the
+    plan of the path without CUDA graphs."""
     torch.manual_seed(0)
     fast = path == "fast"
-    model = UNet.from_preset(args.preset, image_size=args.image_size).to(device).eval()
-    model.set_backend(args.kernels if fast else "torch")
-    if fast:
-        model = model.to(memory_format=torch.channels_last)
-    diffusion = GaussianDiffusion("linear", 1000)
-    sampler = FastSampler(model, diffusion, method="ddpm", dtype=torch.bfloat16 if fast and device.type == "cuda" else None,
-                          compile=fast and args.sample_compile, cuda_graph=False,
-                          backend=args.kernels if fast else "torch")
+    plan = ExecutionPlan.resolve(device, fast=fast, kernels=args.kernels if fast else "torch",
+                                 compile="default" if args.sample_compile else None, cuda_graphs=False)
+    model = plan.prepare(UNet.from_preset(args.preset, image_size=args.image_size).eval())
+    sampler = FastSampler(model, GaussianDiffusion("linear", 1000), method="ddpm", plan=plan)
     x = torch.randn(args.sample_n, 3, args.image_size, args.image_size, device=device)
     return lambda: sampler.sample(args.sample_n, args.image_size, x_start=x, start_t=0)  # one step: t = 0
 

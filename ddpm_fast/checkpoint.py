@@ -1,7 +1,11 @@
 """Checkpoints: written atomically (files.atomic_path: a kill or a full disk never leaves a torn
 file), loaded without executing pickled code (weights_only=True), refused with a one-line
 ValueError naming the file when torn, foreign or holding non-finite weights, and portable across
-the reference and fast paths, compiled (`_orig_mod.`) and DDP (`module.`) models, GPU and CPU."""
+the reference and fast paths, compiled (`_orig_mod.`) and DDP (`module.`) models, GPU and CPU.
+
+Every checkpoint carries its format version ("format"), checked on load: a file of a newer format
+is refused with a one-line error rather than misread. Files written before the field existed have
+the layout of format 1 and load as format 1."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,14 +15,18 @@ import torch
 from .files import atomic_path
 
 CHECKPOINT_NAME = "checkpoint.pt"
+# The layout of a checkpoint's dict: model, ema, optimizer, step, epoch, batch_in_epoch, config,
+# world_size, rng (and rng_per_rank). Raise it when that layout changes, and teach _read the old one.
+FORMAT_VERSION = 1
 _PREFIXES = ("_orig_mod.", "module.")
 
 
 def save_checkpoint(obj: dict, path: str | Path) -> None:
+    """`obj` and the format version, written atomically to `path`."""
     # Through a Python file, unbuffered: a failed write (a full disk) then surfaces as its OSError
     # (ENOSPC), where torch.save to a path reports only "file write failed".
     with atomic_path(path, tensor_bytes(obj)) as tmp, open(tmp, "wb", buffering=0) as f:
-        torch.save(obj, f)
+        torch.save({**obj, "format": FORMAT_VERSION}, f)
 
 
 def tensor_bytes(obj) -> int:
@@ -73,6 +81,10 @@ def _read(p: Path, map_location, mmap: bool = False) -> dict:
         raise ValueError(f"could not read checkpoint {p} (truncated, or not a checkpoint): {first}") from e
     if not isinstance(ckpt, dict) or not {"model", "config"} <= ckpt.keys():
         raise ValueError(f"{p} is not a ddpm-fast checkpoint (no model and config in it)")
+    version = ckpt.get("format", 1)  # no field: written before it existed, in format 1's layout
+    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+        raise ValueError(f"checkpoint {p} is in format {version!r}; this ddpm-fast reads formats 1 to {FORMAT_VERSION} "
+                         "(a newer ddpm-fast wrote it: upgrade ddpm-fast to load it)")
     return ckpt
 
 

@@ -36,6 +36,23 @@ def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> I
     return Image.fromarray(canvas)
 
 
+# A grid of images smaller than this is also written scaled up, so that its pixels can be seen.
+UPSCALED_SIDE = 128
+
+
+def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Image.Image:
+    """image_grid(images, nrow) written to `path` at the images' own size and, for images smaller
+    than UPSCALED_SIDE, also scaled up k times beside it (`<stem>_x<k><suffix>`; nearest neighbour:
+    the same pixels, only larger). Returns the raw-size grid."""
+    grid, path = image_grid(images, nrow=nrow), Path(path)
+    save_image(grid, path)
+    k = UPSCALED_SIDE // images.shape[-1]
+    if k >= 2:
+        save_image(grid.resize((grid.width * k, grid.height * k), Image.Resampling.NEAREST),
+                   path.with_name(f"{path.stem}_x{k}{path.suffix}"))
+    return grid
+
+
 def save_image(img: Image.Image, path: str | os.PathLike, **params) -> None:
     """A PIL image written atomically, in the format its file name's extension names (PIL's
     save `params`: append_images, duration, ...); a ValueError naming the file for an extension

@@ -20,6 +20,7 @@ import torch
 from .diffusion import PREDICTIONS, GaussianDiffusion
 from .files import atomic_dir, atomic_write
 from .model import AttnBlock, ResBlock, UNet
+from .schedulers import DEFAULT_CLIP_X0, clipped_model_output
 
 VARIANCE_TYPES = {"beta": "fixed_large", "posterior": "fixed_small"}
 # Our sampler names -> diffusers' classes. No Euler: its inputs need scaling (init_noise_sigma,
@@ -131,7 +132,7 @@ def _key_map(model: UNet) -> dict[str, tuple[str, ...]]:
 
 
 def to_diffusers(model: UNet, diffusion: GaussianDiffusion, scheduler: str = "ddpm", variance: str = "beta",
-                 clip_x0: bool = True):
+                 clip_x0: bool = DEFAULT_CLIP_X0, use_clipped_model_output: bool | None = None):
     """(UNet2DModel with our weights, the scheduler `scheduler` of our schedule)."""
     from diffusers import UNet2DModel
 
@@ -142,7 +143,7 @@ def to_diffusers(model: UNet, diffusion: GaussianDiffusion, scheduler: str = "dd
         for name, piece in zip(names, state[ours].detach().cpu().chunk(len(names))):
             theirs[name] = piece.reshape(shapes[name])  # our 1x1 attention convs are diffusers' linears
     unet.load_state_dict(theirs)
-    return unet.eval(), make_scheduler(diffusion, scheduler, variance, clip_x0)
+    return unet.eval(), make_scheduler(diffusion, scheduler, variance, clip_x0, use_clipped_model_output)
 
 
 def from_diffusers(path_or_unet, scheduler=None) -> tuple[UNet, GaussianDiffusion]:
@@ -175,8 +176,12 @@ def _import(unet, scheduler) -> tuple[UNet, GaussianDiffusion, dict]:
 
 
 # -- schedules -------------------------------------------------------------------------------------
-def make_scheduler(diffusion: GaussianDiffusion, name: str = "ddpm", variance: str = "beta", clip_x0: bool = True):
-    """The diffusers scheduler `name` (SCHEDULERS) on our betas, set up as our sampler of that name."""
+def make_scheduler(diffusion: GaussianDiffusion, name: str = "ddpm", variance: str = "beta",
+                   clip_x0: bool = DEFAULT_CLIP_X0, use_clipped_model_output: bool | None = None):
+    """The diffusers scheduler `name` (SCHEDULERS) on our betas, set up to sample in a DDPMPipeline as
+    our sampler of that name does, the reading under a clip included: x0 clamped to [-1, 1], and
+    beside it the eps re-derived from it or the network's (`use_clipped_model_output`, None: our
+    default for `name`). A reading the scheduler cannot carry is a ValueError naming the flag."""
     import diffusers
 
     if name not in SCHEDULERS:
@@ -192,11 +197,24 @@ def make_scheduler(diffusion: GaussianDiffusion, name: str = "ddpm", variance: s
     betas = (dict(beta_schedule="squaredcos_cap_v2") if plain_cosine else
              dict(beta_schedule="linear", beta_start=diffusion.betas[0].item(), beta_end=diffusion.betas[-1].item(),
                   trained_betas=diffusion.betas.tolist()))
+    rederive = clipped_model_output(name, use_clipped_model_output)  # refuses a reading ours has not
+    if clip_x0 and name == "ddim" and rederive:
+        # DDPMPipeline calls step() without it, and DDIMScheduler.step's default keeps the network's eps
+        raise ValueError("--scheduler ddim: a DDPMPipeline's DDIMScheduler keeps the network's eps beside the "
+                         "clipped x0 (diffusers has no setting to re-derive it), where ddpm-fast's ddim re-derives "
+                         "it by default: export with --no-use-clipped-model-output (ddpm-fast samples so with "
+                         "--method ddim --no-use-clipped-model-output), or --no-clip-x0")
+    if clip_x0 and name == "dpmpp_2m" and not rederive:
+        raise ValueError("--scheduler dpmpp_2m: diffusers' DPMSolverMultistepScheduler re-derives eps from the "
+                         "clipped x0 and cannot keep the network's: export with --use-clipped-model-output")
+    # DPM-Solver++ and UniPC have no clip_sample: dynamic thresholding at sample_max_value 1 is the
+    # clip (its threshold s = clamp(quantile, 1, 1) = 1), and their steps then re-derive.
+    clip = dict(thresholding=True, sample_max_value=1.0) if clip_x0 else {}
     settings = {"ddpm": dict(variance_type=VARIANCE_TYPES[variance], clip_sample=clip_x0),
                 # ours: steps at linspace(0, T - 1).round(), the last one to alpha-bar 1
                 "ddim": dict(clip_sample=clip_x0, set_alpha_to_one=True, timestep_spacing="linspace"),
-                "dpmpp_2m": dict(algorithm_type="dpmsolver++", solver_order=2),
-                "unipc": {}}[name]
+                "dpmpp_2m": dict(algorithm_type="dpmsolver++", solver_order=2, **clip),
+                "unipc": clip}[name]
     return getattr(diffusers, SCHEDULERS[name])(num_train_timesteps=diffusion.timesteps,
                                                 prediction_type=diffusion.prediction, **betas, **settings)
 
@@ -208,9 +226,10 @@ def schedule_of(scheduler) -> dict:
     prediction = c.get("prediction_type", "epsilon")
     if prediction not in PREDICTIONS:
         raise _unmapped("prediction_type", prediction, f"ddpm-fast's models predict {', '.join(PREDICTIONS)}")
-    if c.get("thresholding"):
-        raise _unmapped("thresholding", True, "ddpm-fast clips x0 to [-1, 1] or not at all")
-    clip = bool(c.get("clip_sample", True))
+    if c.get("thresholding") and c.get("sample_max_value", 1.0) != 1.0:
+        raise _unmapped("sample_max_value", c["sample_max_value"], "ddpm-fast clips x0 to [-1, 1] or not at all "
+                        "(dynamic thresholding is that clip at sample_max_value 1 only)")
+    clip = bool(c.get("thresholding") or c.get("clip_sample", False))  # DPM-Solver, UniPC: no clip_sample
     if clip and c.get("clip_sample_range", 1.0) != 1.0:
         raise _unmapped("clip_sample_range", c["clip_sample_range"], "ddpm-fast clips x0 to [-1, 1]")
     variance = {v: k for k, v in VARIANCE_TYPES.items()}.get(c.get("variance_type") or "fixed_large")
@@ -231,7 +250,8 @@ def schedule_of(scheduler) -> dict:
 
 # -- files -----------------------------------------------------------------------------------------
 def export_pipeline(model: UNet, diffusion: GaussianDiffusion, out: str | Path, scheduler: str = "ddpm",
-                    variance: str = "beta", clip_x0: bool = True, overwrite: bool = False) -> None:
+                    variance: str = "beta", clip_x0: bool = DEFAULT_CLIP_X0,
+                    use_clipped_model_output: bool | None = None, overwrite: bool = False) -> None:
     """A folder DDPMPipeline.from_pretrained loads: model_index.json, unet/ (safetensors), scheduler/.
     Written beside `out` and swapped in whole; a non-empty `out` is refused unless `overwrite`."""
     from diffusers import DDPMPipeline
@@ -243,7 +263,7 @@ def export_pipeline(model: UNet, diffusion: GaussianDiffusion, out: str | Path, 
         held = ", ".join(sorted(p.name for p in out.iterdir())[:4])
         raise FileExistsError(f"--out {out} is not empty (it holds {held}): pass --overwrite to replace it, "
                               "or give another --out")
-    unet, sched = to_diffusers(model, diffusion, scheduler, variance, clip_x0)
+    unet, sched = to_diffusers(model, diffusion, scheduler, variance, clip_x0, use_clipped_model_output)
     with atomic_dir(out, _weight_bytes(model)) as tmp:
         DDPMPipeline(unet=unet, scheduler=sched).save_pretrained(tmp, safe_serialization=True)
 

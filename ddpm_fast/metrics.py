@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from .files import atomic_write
+from .plan import resolve_device
 
 __all__ = [
     "inception_features",
@@ -338,7 +339,7 @@ def reference_stats(root: str | os.PathLike | None, image_size: int, split: str,
 
     images = load_fn(root, image_size, split=split, limit=limit, **grey)
     if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = resolve_device("auto")
     feats = inception_features(images, batch_size=batch_size, device=device)
     mu, sigma = mean_cov(feats)
     features = feats.numpy().astype(np.float32)

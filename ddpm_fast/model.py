@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops
-from .presets import preset_config
+from .presets import DEFAULT_PRESET, preset_config
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, freq_shift: float = 1) -> torch.Tensor:
@@ -138,12 +138,19 @@ class UNet(nn.Module):
     UNet2DModel(num_class_embeds) does; label num_classes (also y=None) is the null class that
     classifier-free guidance trains and samples the unconditional model with."""
 
-    def __init__(self, image_size: int = 64, ch: int = 64, ch_mult=(1, 2, 4, 4), attn_res=(16,),
-                 num_res_blocks: int = 2, dropout: float = 0.1, act: str = "silu", num_groups: int = 32,
+    def __init__(self, image_size: int | None = None, ch: int | None = None, ch_mult=None, attn_res=None,
+                 num_res_blocks: int | None = None, dropout: float | None = None, act: str | None = None,
+                 num_groups: int | None = None,
                  in_ch: int = 3, norm_eps: float = 1e-5, downsample_padding: int = 1,
                  attn_head_dim: int | None = None, freq_shift: float = 1, norm: str = "group",
                  num_classes: int = 0):
         super().__init__()
+        # What is not given comes from the default preset: the presets are the one source of them.
+        given = preset_config(DEFAULT_PRESET, image_size=image_size, ch=ch, ch_mult=ch_mult, attn_res=attn_res,
+                              num_res_blocks=num_res_blocks, dropout=dropout, act=act, num_groups=num_groups)
+        image_size, ch, ch_mult, attn_res = given["image_size"], given["ch"], given["ch_mult"], given["attn_res"]
+        num_res_blocks, dropout, act, num_groups = (given["num_res_blocks"], given["dropout"], given["act"],
+                                                    given["num_groups"])
         if norm not in ("group", "batch"):
             raise ValueError(f"--norm must be group or batch, got {norm!r}")
         if act not in ("silu", "hardswish"):

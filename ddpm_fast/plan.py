@@ -16,7 +16,9 @@ from dataclasses import dataclass, field, replace
 import torch
 
 OPS = ("group_norm_act", "attention", "sampling_update")
-KERNELS = ("auto", "torch", "triton", "cpp")
+KERNELS = ("auto", "torch", "triton", "cpp")  # the --kernels choices of every command
+# --compile MODE, the same flag in every command: a torch.compile mode for the fast path, or none.
+COMPILE_HELP = "torch.compile mode of --fast (default, max-autotune-no-cudagraphs, ...) or none"
 
 
 def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
@@ -73,6 +75,16 @@ class ExecutionPlan:
         mode = compile if fast and compile not in (None, "none") else None
         return cls(device=dev, autocast_dtype=dtype, channels_last=fast, backends=op_backends(kernels, dev, dtype),
                    compile=mode, cuda_graphs=graphs)
+
+    @classmethod
+    def from_options(cls, device: torch.device, *, dtype: torch.dtype | None = None, compile: bool = False,
+                     cuda_graphs: bool = False, backend: str = "auto") -> "ExecutionPlan":
+        """The plan of a caller that gives its options one by one (FastSampler without a plan): fp32
+        is no autocast, and channels_last goes with a reduced-precision autocast, as on the fast path."""
+        dtype = None if dtype == torch.float32 else dtype
+        return cls(device=device, autocast_dtype=dtype, channels_last=dtype is not None,
+                   backends=dict.fromkeys(OPS, backend), compile="default" if compile else None,
+                   cuda_graphs=cuda_graphs)
 
     def with_graphs(self, on: bool) -> "ExecutionPlan":
         """This plan with CUDA graphs on or off (the training grids draw from a seeded generator)."""

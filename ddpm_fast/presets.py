@@ -18,6 +18,9 @@ PRESETS: dict[str, dict] = {
     "tiny": dict(image_size=32, ch=32, ch_mult=(1, 2, 2), attn_res=(8,), num_res_blocks=1, dropout=0.0),
 }
 
+# The model UNet() builds with no arguments; each field it is not given comes from here.
+DEFAULT_PRESET = "anime64"
+
 MODEL_FIELDS = ("image_size", "ch", "ch_mult", "attn_res", "num_res_blocks", "dropout", "act", "num_groups",
                 "norm_eps", "downsample_padding", "attn_head_dim", "freq_shift", "norm", "num_classes", "in_ch")
 

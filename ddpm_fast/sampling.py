@@ -14,8 +14,8 @@ import torch
 
 from . import graphs
 from .diffusion import GaussianDiffusion
-from .plan import OPS, ExecutionPlan
-from .schedulers import DEFAULT_METHOD, METHODS, SPACINGS, Scheduler
+from .plan import ExecutionPlan
+from .schedulers import DEFAULT_CLIP_X0, DEFAULT_METHOD, METHODS, SPACINGS, Scheduler
 
 __all__ = ["FastSampler", "sample", "METHODS", "SPACINGS"]
 
@@ -63,8 +63,8 @@ class FastSampler:
 
     def __init__(self, model: Callable, diffusion: GaussianDiffusion, *, method: str = DEFAULT_METHOD,
                  steps: int | None = None, spacing: str | None = None, eta: float = 0.0, variance: str = "beta",
-                 clip_x0: bool = True, thresholding: bool = False, use_clipped_model_output: bool | None = None,
-                 order: int | None = None,
+                 clip_x0: bool = DEFAULT_CLIP_X0, thresholding: bool = False,
+                 use_clipped_model_output: bool | None = None, order: int | None = None,
                  prediction_type: str | None = None, cfg_scale: float = 1.0, dtype: torch.dtype | None = None,
                  compile: bool = False, cuda_graph: str | bool = "auto", backend: str = "auto",
                  plan: ExecutionPlan | None = None, channels: int | None = None):
@@ -72,10 +72,8 @@ class FastSampler:
             raise ValueError(f"cuda_graph must be 'auto', True or False, got {cuda_graph!r}")
         if plan is None:
             device = _model_device(model)
-            plan = ExecutionPlan(device=device, autocast_dtype=None if dtype == torch.float32 else dtype,
-                                 channels_last=device.type == "cuda", backends=dict.fromkeys(OPS, backend),
-                                 compile="default" if compile else None,
-                                 cuda_graphs=cuda_graph is True or (cuda_graph == "auto" and device.type == "cuda"))
+            graphs = cuda_graph is True or (cuda_graph == "auto" and device.type == "cuda")
+            plan = ExecutionPlan.from_options(device, dtype=dtype, compile=compile, cuda_graphs=graphs, backend=backend)
         elif (dtype, compile, cuda_graph, backend) != (None, False, "auto", "auto"):
             raise ValueError("give a plan or dtype/compile/cuda_graph/backend, not both")
         self.model, self.diffusion, self.method, self.plan, self.cfg_scale = model, diffusion, method, plan, cfg_scale

@@ -76,6 +76,17 @@ _TO_SIGMA_ZERO = ("dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc")  # spacing_ti
 CAN_KEEP_NOISE = ("ddim", "euler", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde")
 KEEP_NOISE_BY_DEFAULT = ("dpmpp_2m_sde",)
 
+def clipped_model_output(method: str, use_clipped_model_output: bool | None = None) -> bool:
+    """What a step of `method` keeps beside a clipped x0: None is the measured default (False for
+    KEEP_NOISE_BY_DEFAULT, else True); False is refused for a solver that can only re-derive."""
+    if use_clipped_model_output is None:
+        return method not in KEEP_NOISE_BY_DEFAULT
+    if use_clipped_model_output is False and method not in CAN_KEEP_NOISE:
+        raise ValueError(f"--no-use-clipped-model-output is for {', '.join(CAN_KEEP_NOISE)}: --method {method} "
+                         "re-derives eps from the clipped x0")
+    return use_clipped_model_output
+
+
 X = "x"  # the current sample, as a basis vector of a row's linear combination (others: x0 indices)
 
 
@@ -138,8 +149,8 @@ class Scheduler:
     measured default, False for KEEP_NOISE_BY_DEFAULT, else True (module docstring).
     """
 
-    def __init__(self, diffusion: GaussianDiffusion, method: str = "ddpm", *, spacing: str | None = None,
-                 order: int | None = None, eta: float = 0.0, variance: str = "beta", clip_x0: bool = False,
+    def __init__(self, diffusion: GaussianDiffusion, method: str = DEFAULT_METHOD, *, spacing: str | None = None,
+                 order: int | None = None, eta: float = 0.0, variance: str = "beta", clip_x0: bool = DEFAULT_CLIP_X0,
                  thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
                  sample_max_value: float = 1.0, use_clipped_model_output: bool | None = None,
                  prediction_type: str = "epsilon", backend: str = "auto"):
@@ -156,14 +167,11 @@ class Scheduler:
                              f" for --method {method}")
         if eta < 0:
             raise ValueError(f"--eta must be >= 0, got {eta}")
-        if use_clipped_model_output is False and method not in CAN_KEEP_NOISE:
-            raise ValueError(f"--no-use-clipped-model-output is for {', '.join(CAN_KEEP_NOISE)}: --method {method} "
-                             "re-derives eps from the clipped x0")
-        if use_clipped_model_output is None:
-            use_clipped_model_output = method not in KEEP_NOISE_BY_DEFAULT
+        use_clipped_model_output = clipped_model_output(method, use_clipped_model_output)
         self.diffusion, self.method, self.spacing = diffusion, method, spacing
         self.order = order or (3 if method == "dpmpp_3m" else 2)
-        self.eta, self.variance, self.clip_x0, self.thresholding = eta, variance, clip_x0, thresholding
+        self.eta, self.variance, self.thresholding = eta, variance, thresholding
+        self.clip_x0 = clip_x0 and not thresholding  # thresholding replaces the clip (at sample_max_value 1 it is one)
         self.dynamic_thresholding_ratio, self.sample_max_value = dynamic_thresholding_ratio, sample_max_value
         self.use_clipped_model_output = use_clipped_model_output
         self.prediction_type, self.backend = prediction_type, backend

@@ -155,7 +155,9 @@ def test_exported_run_is_a_ddpm_pipeline_that_samples_like_ddpm_fast(tmp_path, s
 @pytest.mark.parametrize("name,cls", [("ddim", DDIMScheduler), ("dpmpp_2m", DPMSolverMultistepScheduler)])
 def test_export_with_another_scheduler(tmp_path, name, cls):
     _, _, diffusion = make_run(tmp_path / "run", "cosine")
-    assert export_cli.main(["--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "pipe"), "--scheduler", name]) == 0
+    keep = ["--no-use-clipped-model-output"] if name == "ddim" else []  # all a DDPMPipeline's DDIM can do
+    assert export_cli.main(["--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "pipe"), "--scheduler", name,
+                            *keep]) == 0
     sched = DDPMPipeline.from_pretrained(tmp_path / "pipe").scheduler
     assert isinstance(sched, cls) and torch.equal(sched.betas, diffusion.betas.float())
     assert sched.config.prediction_type == "epsilon"
@@ -236,11 +238,17 @@ def test_unmapped_unet_config_names_the_field(field, value):
 
 
 @pytest.mark.parametrize("field,value", [("prediction_type", "score"), ("beta_schedule", "scaled_linear"),
-                                         ("variance_type", "learned_range"), ("thresholding", True),
+                                         ("variance_type", "learned_range"), ("sample_max_value", 2.0),
                                          ("clip_sample_range", 2.0)])
 def test_unmapped_scheduler_names_the_field(field, value):
+    thresholding = {"thresholding": True} if field == "sample_max_value" else {}  # a threshold above 1: no clip
     with pytest.raises(ValueError, match=f"field {field}="):
-        interop.from_diffusers(UNet2DModel(**SMALL), DDPMScheduler(**{field: value}))
+        interop.from_diffusers(UNet2DModel(**SMALL), DDPMScheduler(**{field: value}, **thresholding))
+
+
+def test_thresholding_at_one_imports_as_the_clip():
+    assert interop.schedule_of(DDPMScheduler(thresholding=True, clip_sample=False))["sample_clip_x0"] is True
+    assert interop.schedule_of(DPMSolverMultistepScheduler())["sample_clip_x0"] is False
 
 
 def test_class_conditional_model_maps_both_ways():
@@ -308,3 +316,39 @@ def test_train_init_from_a_diffusers_folder_fine_tunes_its_weights(tmp_path, cap
                            "0", "--sample-n", "2", "--class-cond", "--out", str(tmp_path / "ft2")]) == 0
     model, _, cfg = load_model(tmp_path / "ft2")
     assert model.num_classes == 4 and cfg["init_from"] == str(tmp_path / "pipe")
+
+
+@pytest.mark.parametrize("name,keep,steps", [("dpmpp_2m", None, 8), ("ddim", False, 20)])
+def test_exported_scheduler_samples_like_ddpm_fast_clip_reading_included(tmp_path, name, keep, steps):
+    """The clip reading travels with the folder: DPM-Solver++ clips x0 (thresholding at 1) and
+    re-derives eps, as ddpm-fast's dpmpp_2m does by default; a DDPMPipeline's DDIM keeps the
+    network's eps, as ddpm-fast's ddim with use_clipped_model_output=False. The other reading
+    samples measurably differently, so the comparison can fail."""
+    _, ema, diffusion = make_run(tmp_path / "run")
+    flags = [] if keep is None else ["--no-use-clipped-model-output"]
+    assert export_cli.main(["--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "pipe"), "--scheduler", name,
+                            *flags]) == 0
+    pipe = DDPMPipeline.from_pretrained(tmp_path / "pipe")
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(batch_size=2, generator=torch.Generator().manual_seed(5), num_inference_steps=steps,
+                  output_type="pt").images
+    x_T = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))  # the pipeline's start noise
+    model = ema.set_backend("torch")
+    ours = ddpm_fast.FastSampler(model, diffusion, method=name, steps=steps, use_clipped_model_output=keep)
+    ours = ours.sample(2, 16, x_T=x_T)
+    # atol: diffusers' float32 schedule arithmetic, ~1e-3 over 20 steps; the other reading is off by ~1
+    torch.testing.assert_close(images, (ours + 1) / 2, rtol=0, atol=5e-3)
+    rederived = keep is None  # dpmpp_2m's default re-derives
+    other = ddpm_fast.FastSampler(model, diffusion, method=name, steps=steps, use_clipped_model_output=not rederived)
+    assert (images - (other.sample(2, 16, x_T=x_T) + 1) / 2).abs().max() > 1e-2
+
+
+def test_export_refuses_a_reading_the_folder_cannot_carry(tmp_path, capsys):
+    make_run(tmp_path / "run")
+    base = ["--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "pipe"), "--scheduler"]
+    assert export_cli.main([*base, "ddim"]) == 2  # ddpm-fast's ddim re-derives; diffusers' cannot
+    assert "--no-use-clipped-model-output" in capsys.readouterr().err
+    assert export_cli.main([*base, "dpmpp_2m", "--no-use-clipped-model-output"]) == 2
+    assert "cannot keep the network's" in capsys.readouterr().err
+    assert not (tmp_path / "pipe").exists()
+    assert export_cli.main([*base, "ddim", "--no-clip-x0"]) == 0  # no clip: nothing to read

@@ -42,3 +42,13 @@ def test_time_embedding_matters():
     m = UNet.from_preset("tiny", image_size=16).eval()
     x = torch.randn(1, 3, 16, 16)
     assert (m(x, torch.tensor([5])) - m(x, torch.tensor([900]))).abs().max() > 1e-4
+
+
+def test_unet_takes_what_it_is_not_given_from_the_default_preset():
+    from ddpm_fast.presets import DEFAULT_PRESET, PRESETS
+
+    model = UNet(ch=8, num_groups=4)
+    assert model.config == UNet.from_preset(DEFAULT_PRESET, ch=8, num_groups=4).config
+    assert {k: model.config[k] for k in PRESETS[DEFAULT_PRESET] if k != "ch"} == {
+        k: v for k, v in PRESETS[DEFAULT_PRESET].items() if k != "ch"}
+    assert UNet(ch=8, num_groups=4, act="hardswish").config["act"] == "hardswish"

@@ -92,3 +92,31 @@ def test_kernels_flag_reaches_every_op(tmp_path):
         seen = ops_called(lambda: evaluate_cli.main(["--ckpt", str(run), "--images", "4", "--bpd-images", "0",
                                                      "--kid", "4", "--ref-images", "8", "--kernels", "cpp"]))
         assert "ddpm_fast::sampling_update" in seen
+
+
+def test_compile_is_one_flag_in_every_command():
+    """--compile [MODE] reads the same in train, sample and evaluate; --compile alone is "default"."""
+    from ddpm_fast.commands.cli import plan_from_args
+    from ddpm_fast.training.config import TrainConfig
+
+    train = lambda *a: TrainConfig.from_args(train_cli.build_parser().parse_args(list(a))).compile  # noqa: E731
+    assert (train(), train("--compile"), train("--compile", "none")) == ("default", "default", "none")
+    for cli in (sample_cli, evaluate_cli):
+        parse = lambda *a: cli.build_parser().parse_args(["--ckpt", "run", "--device", "cpu", *a])  # noqa: E731
+        assert [parse(*a).compile for a in ((), ("--compile",), ("--compile", "max-autotune-no-cudagraphs"))] == [
+            "none", "default", "max-autotune-no-cudagraphs"]
+        assert plan_from_args(parse("--fast", "--compile")).compile == "default"
+        assert plan_from_args(parse("--fast")).compile is None  # a sampling run does not repay a compile
+        assert plan_from_args(parse("--compile")).compile is None  # compile belongs to the fast path
+
+
+def test_a_sampler_given_options_not_a_plan_gets_the_plans_decisions():
+    from ddpm_fast import FastSampler, GaussianDiffusion, UNet
+
+    model, d = UNet.from_preset("tiny", image_size=8, ch_mult=(1, 2), attn_res=()), GaussianDiffusion("linear", 10)
+    bf16 = FastSampler(model, d, dtype=torch.bfloat16, backend="torch").plan
+    assert bf16 == ExecutionPlan.from_options(torch.device("cpu"), dtype=torch.bfloat16, backend="torch")
+    assert (bf16.autocast_dtype, bf16.channels_last, bf16.backends["sampling_update"]) == (
+        torch.bfloat16, True, "torch")
+    fp32 = FastSampler(model, d, dtype=torch.float32).plan
+    assert (fp32.autocast_dtype, fp32.channels_last, fp32.compile, fp32.cuda_graphs) == (None, False, None, False)

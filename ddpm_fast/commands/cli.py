@@ -10,6 +10,7 @@ import warnings
 from typing import Callable
 
 from ..argtypes import finite_float, non_negative_float, positive_int
+from ..plan import COMPILE_HELP, KERNELS, ExecutionPlan
 
 
 def add_debug_argument(p: argparse.ArgumentParser) -> None:
@@ -48,22 +49,21 @@ def _one_line(e: BaseException) -> str:
 # to sample.
 def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--kernels", default="auto", choices=("auto", "torch", "triton", "cpp"),
+    p.add_argument("--kernels", default="auto", choices=KERNELS,
                    help="backend of the fused ops (auto: the reference unless measured faster)")
     p.add_argument("--fast", action="store_true",
                    help="the fast path: bf16 autocast and channels_last, each step a CUDA-graph replay on a GPU")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (with --fast)")
+    # train's flag, but off by default: a sampling run is too short to repay the compile.
+    p.add_argument("--compile", default="none", nargs="?", const="default", metavar="MODE",
+                   help=COMPILE_HELP + " (default here: none; --compile alone: default)")
 
 
-def plan_from_args(args: argparse.Namespace):
-    from ..plan import ExecutionPlan
-
-    return ExecutionPlan.resolve(args.device, fast=args.fast, kernels=args.kernels,
-                                 compile="default" if args.compile else None)
+def plan_from_args(args: argparse.Namespace) -> ExecutionPlan:
+    return ExecutionPlan.resolve(args.device, fast=args.fast, kernels=args.kernels, compile=args.compile)
 
 
 def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
-    from ..schedulers import DEFAULT_METHOD, DEFAULT_STEPS, METHODS, SPACINGS
+    from ..schedulers import DEFAULT_CLIP_X0, DEFAULT_METHOD, DEFAULT_STEPS, METHODS, SPACINGS
 
     p.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS,
                    help=f"sampler (default: {DEFAULT_METHOD}, measured against DDPM-1000)")
@@ -76,7 +76,7 @@ def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eta", type=non_negative_float, default=0.0, help="DDIM eta")
     p.add_argument("--variance", default="beta", choices=("beta", "posterior"),
                    help="DDPM reverse variance: beta_t or beta-tilde_t")
-    p.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=DEFAULT_CLIP_X0,
                    help="clamp the predicted x0 to [-1, 1] each step (--no-clip-x0: the plain update)")
     p.add_argument("--thresholding", action="store_true", help="dynamic thresholding of x0 (Imagen's) instead")
     p.add_argument("--use-clipped-model-output", action=argparse.BooleanOptionalAction,
@@ -92,6 +92,6 @@ def sampler_from_args(model, diffusion, args: argparse.Namespace, plan, **overri
     from ..sampling import FastSampler
 
     kw = dict(method=args.method, steps=args.steps, spacing=args.spacing, order=args.order, eta=args.eta,
-              variance=args.variance, clip_x0=args.clip_x0 and not args.thresholding, thresholding=args.thresholding,
+              variance=args.variance, clip_x0=args.clip_x0, thresholding=args.thresholding,
               use_clipped_model_output=args.use_clipped_model_output, cfg_scale=args.cfg_scale)
     return FastSampler(model, diffusion, **(kw | overrides), plan=plan)

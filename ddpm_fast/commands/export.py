@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from ..interop import SCHEDULERS, VARIANCE_TYPES
+from ..schedulers import DEFAULT_CLIP_X0
 from .cli import run
 
 
@@ -29,7 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace a non-empty --out folder or an existing --safetensors file (written beside, then "
                         "swapped in: the old one stays whole should the export fail)")
     p.add_argument("--clip-x0", action=argparse.BooleanOptionalAction,
-                   help="the scheduler's clip_sample (default: the run's sample_clip_x0, else on)")
+                   help="clamp x0 as the run's sampler does (default: the run's sample_clip_x0, else on)")
+    p.add_argument("--use-clipped-model-output", action=argparse.BooleanOptionalAction,
+                   help="beside the clipped x0, re-derive eps or (--no-...) keep the network's, as ddpm-fast's "
+                        "sampler of that name (default: its default; ddim in a DDPMPipeline can only keep it)")
     return p
 
 
@@ -46,9 +50,9 @@ def _export(args) -> None:
     if args.safetensors:
         save_safetensors(model, cfg, args.safetensors, overwrite=args.overwrite)
     else:
-        clip = cfg.get("sample_clip_x0", True) if args.clip_x0 is None else args.clip_x0
+        clip = cfg.get("sample_clip_x0", DEFAULT_CLIP_X0) if args.clip_x0 is None else args.clip_x0
         export_pipeline(model, diffusion, args.out, args.scheduler, args.variance or cfg.get("variance", "beta"), clip,
-                        overwrite=args.overwrite)
+                        args.use_clipped_model_output, overwrite=args.overwrite)
     print(f"wrote {args.safetensors or args.out}")
 
 

@@ -51,7 +51,7 @@ def _sample(args) -> None:
     import torch
 
     from ..checkpoint import load_model
-    from ..images import image_grid, save_image, to_uint8
+    from ..images import image_grid, save_image, save_image_grid, to_uint8
     from ..sampling import model_channels
 
     out = check_out(args)
@@ -105,7 +105,7 @@ def _sample(args) -> None:
         if args.individual:
             save_individual(to_uint8(images), out)
         else:
-            save_image(image_grid(images, nrow=args.nrow), out)
+            save_image_grid(images, out, nrow=args.nrow)
     print(f"wrote {out}")
 
 

@@ -16,8 +16,9 @@ from pathlib import Path
 
 from ..argtypes import (below_one, int_tuple, non_negative_float, non_negative_int, positive_float, positive_int,
                         probability, seed_int)
+from ..plan import COMPILE_HELP, KERNELS
 from ..presets import MODEL_FIELDS, PRESETS, preset_config
-from ..schedulers import DEFAULT_METHOD, DEFAULT_STEPS, METHODS
+from ..schedulers import DEFAULT_CLIP_X0, DEFAULT_METHOD, DEFAULT_STEPS, METHODS
 from .kept import run_folder
 
 # Training defaults per preset (a flag overrides any of them).
@@ -116,11 +117,11 @@ class TrainConfig:
     device: str = flag("auto", "auto, cpu, cuda, cuda:1, ... (under torchrun: auto, cuda or cpu; rank i of a "
                                "node uses cuda:LOCAL_RANK)")
     kernels: str = flag("auto", "backend of the fused ops, in training, grids and evaluation (auto: the "
-                                "reference unless measured faster)", choices=("auto", "torch", "triton", "cpp"))
+                                "reference unless measured faster)", choices=KERNELS)
     fast: bool = flag(False, "the fast path: bf16 autocast (fp32 master weights), channels_last, torch.compile "
                              "and, on a GPU, the whole step in one CUDA graph")
-    compile: str = flag("default", "torch.compile mode of --fast (default, max-autotune-no-cudagraphs, ...) "
-                                   "or none", metavar="MODE")
+    compile: str = flag("default", COMPILE_HELP + " (--compile alone: default)", nargs="?", const="default",
+                        metavar="MODE")
     out: str = flag("runs/default", "run folder")
     init_from: str | None = flag(None, "start from these weights and their schedule, with a fresh optimizer: a run, "
                                        "a diffusers folder or a .safetensors file of ddpm_fast.export", metavar="PATH")
@@ -133,7 +134,7 @@ class TrainConfig:
     save_every: int = flag(1000, "steps between checkpoints", type=positive_int)
     keep_checkpoints: int = flag(0, "besides checkpoint.pt, keep the checkpoint of every --save-every step as "
                                     "checkpoints/step_N.pt, the oldest deleted beyond K (diffusers' "
-                                    "--checkpoints_total_limit; 0: none kept)", type=int, metavar="K")
+                                    "--checkpoints_total_limit; 0: none kept)", type=non_negative_int, metavar="K")
     sample_every: int = flag(500, "steps between sample grids", type=positive_int)
     log_every: int = flag(10, "steps between metrics.csv rows", type=positive_int)
     log_to: str = flag("csv", "where the metrics go (diffusers' --logger): csv (metrics.csv, loss.png) or "
@@ -143,7 +144,7 @@ class TrainConfig:
     sample_method: str = flag(DEFAULT_METHOD, "sampler of the grids and of --eval-every", choices=METHODS)
     sample_steps: int | None = flag(None, f"sampler steps of the grids and of --eval-every (default: {DEFAULT_STEPS}, "
                                           "at most T // 2 on a short schedule; ddpm: all T)", type=positive_int)
-    sample_clip_x0: bool = flag(True, "clamp the predicted x0 to [-1, 1] in the grids and --eval-every")
+    sample_clip_x0: bool = flag(DEFAULT_CLIP_X0, "clamp the predicted x0 to [-1, 1] in the grids and --eval-every")
     eval_every: int = flag(0, "steps between KID/FID evaluations (0: off)", type=non_negative_int)
     eval_samples: int = flag(256, "samples of each KID/FID evaluation", type=positive_int)
     # The fields given explicitly (the CLI's typed flags); None: those that differ from their default.

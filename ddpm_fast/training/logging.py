@@ -1,4 +1,4 @@
-"""What a run writes besides checkpoints: metrics.csv, the loss-curve PNG, sample grids, and the
+"""What a run writes besides checkpoints and sample grids: metrics.csv, the loss-curve PNG, and the
 progress bar (tqdm: img/s, loss, ETA) with the loss meter behind it."""
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
@@ -99,7 +100,7 @@ def plot_losses(csv_path: Path, png_path: Path) -> None:
     if step_loss:
         s, v = zip(*step_loss)
         ax.plot(s, v, alpha=0.3, label="step loss")
-        ax.plot(s, smooth(list(v)), label="smoothed")
+        ax.plot(s, smooth_log(v), label="smoothed")
     for series, label in ((train, "epoch train"), (val, "epoch val")):
         if series:
             ax.plot(*zip(*series), "o-", label=label)
@@ -112,6 +113,26 @@ def plot_losses(csv_path: Path, png_path: Path) -> None:
     fig.savefig(buf, format="png", dpi=100)
     atomic_write(png_path, buf.getvalue())
     plt.close(fig)
+
+
+def smooth_log(values: list[float], window: int | None = None) -> list[float]:
+    """The loss curve for a log axis: at each point, a straight line fitted by least squares to
+    log(values) over a centred window (default: 5% of the points; cut short at the ends) and read
+    there. A trailing average of a loss that falls by decades lags far above it; a centred line
+    follows the fall, at the ends too, and averages the noise."""
+    y = np.log(np.maximum(np.asarray(values, dtype=np.float64), np.finfo(np.float64).tiny))
+    n, half = len(y), max(1, (window or len(y) // 20) // 2)
+    x = np.arange(n, dtype=np.float64)
+    lo, hi = np.clip(np.arange(n) - half, 0, n), np.clip(np.arange(n) + half + 1, 0, n)
+
+    def window_sum(v: np.ndarray) -> np.ndarray:
+        c = np.concatenate([[0.0], np.cumsum(v)])
+        return c[hi] - c[lo]
+
+    m, sx, sy = window_sum(np.ones(n)), window_sum(x), window_sum(y)
+    sxx, sxy = window_sum(x * x) - sx * sx / m, window_sum(x * y) - sx * sy / m
+    slope = np.divide(sxy, sxx, out=np.zeros(n), where=sxx > 0)  # a one-point window: its mean
+    return np.exp(sy / m + slope * (x - sx / m)).tolist()
 
 
 def smooth(values: list[float], alpha: float = 0.05) -> list[float]:

@@ -18,7 +18,7 @@ import torch
 
 from ..checkpoint import CHECKPOINT_NAME
 from ..files import atomic_write
-from ..images import image_grid, save_image
+from ..images import save_image_grid
 from ..plan import resolve_device
 from ..sampling import FastSampler
 from .config import TrainConfig
@@ -232,8 +232,7 @@ def save_grid(run: Run, name: str, metrics: Metrics | None = None) -> None:
     classes, per_row = grid_classes(run, run.cfg.sample_n)
     n = run.cfg.sample_n if classes is None else len(classes)
     images = grid_sampler(run).sample(n, run.cfg.model["image_size"], generator=gen, classes=classes)
-    grid = image_grid(images, nrow=per_row)
-    save_image(grid, run.out / "samples" / name)
+    grid = save_image_grid(images, run.out / "samples" / name, nrow=per_row)
     if metrics is not None:
         metrics.image("samples", grid, run.step)
 

@@ -90,10 +90,12 @@ def resume_config(cfg: TrainConfig) -> TrainConfig:
 
 
 def build_run(cfg: TrainConfig, ctx: DistContext | None = None, plan: ExecutionPlan | None = None) -> Run:
-    """The run `cfg` describes (resumed from its checkpoint when cfg.resume), on `ctx`'s device
-    (a single-process run when None). `plan` overrides the plan resolved from cfg (benchmarks
-    profile the fast path without graphs). Nothing is written: that is the loop's."""
-    cfg = resume_config(cfg)
+    """The run `cfg` describes (resumed from its checkpoint when cfg.resume: cfg is then
+    resume_config's, resolved once by the caller), on `ctx`'s device (a single-process run when
+    None). `plan` overrides the plan resolved from cfg (benchmarks profile the fast path without
+    graphs). Nothing is written: that is the loop's."""
+    if cfg.resume and cfg.checkpoint is None:
+        raise ValueError("build_run takes a resolved config: pass resume_config(cfg) when resuming")
     # --grad-accum runs the fast path without its whole-step CUDA graph (compiled, eager): the graph
     # of an accumulating step (and of DDP's no_sync in it) has not been run on a GPU yet.
     plan = plan or ExecutionPlan.resolve(ctx.device if ctx else cfg.device, fast=cfg.fast, kernels=cfg.kernels,
