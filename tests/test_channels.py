@@ -12,10 +12,10 @@ from ddpm_fast.data import build_loader, data_channels, load_images, validate_im
 from ddpm_fast.data.transforms import to_channels
 from ddpm_fast.checkpoint import load_checkpoint, load_model
 
-train_cli = importlib.import_module("ddpm_fast.train")
-sample_cli = importlib.import_module("ddpm_fast.sample")
-evaluate_cli = importlib.import_module("ddpm_fast.evaluate")
-export_cli = importlib.import_module("ddpm_fast.export")
+train_cli = importlib.import_module("ddpm_fast.commands.train")
+sample_cli = importlib.import_module("ddpm_fast.commands.sample")  # ddpm_fast.sample is the function
+evaluate_cli = importlib.import_module("ddpm_fast.commands.evaluate")
+export_cli = importlib.import_module("ddpm_fast.commands.export")
 
 TRAIN = ["--image-size", "16", "--batch-size", "8", "--workers", "0", "--timesteps", "50", "--sample-steps", "3",
          "--sample-n", "4", "--save-every", "2"]

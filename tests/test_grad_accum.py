@@ -18,7 +18,7 @@ from ddpm_fast import checkpoint as ckpt_mod
 from ddpm_fast.training.ema import EMA
 from ddpm_fast.training.step import TrainStep, lr_factor, make_lr_scheduler, make_optimizer
 
-train_cli = importlib.import_module("ddpm_fast.train")
+train_cli = importlib.import_module("ddpm_fast.commands.train")
 
 SMALL = ["--preset", "tiny", "--image-size", "16", "--batch-size", "8", "--workers", "0", "--warmup", "3",
          "--log-every", "1", "--sample-every", "100000", "--sample-n", "4", "--sample-steps", "5",

@@ -15,7 +15,7 @@ from ddpm_fast.data import build_loader  # noqa: E402
 from ddpm_fast.data.hf import image_folder  # noqa: E402
 from ddpm_fast import checkpoint as ckpt_mod  # noqa: E402
 
-train_cli = importlib.import_module("ddpm_fast.train")
+train_cli = importlib.import_module("ddpm_fast.commands.train")
 
 SMALL = ["--preset", "tiny", "--image-size", "16", "--batch-size", "8", "--workers", "0", "--warmup", "0",
          "--log-every", "1", "--sample-every", "100000", "--sample-n", "4", "--sample-steps", "2",

@@ -7,8 +7,8 @@ import torch
 from ddpm_fast import checkpoint as ckpt_mod
 from ddpm_fast.training.kept import keep_checkpoint, kept_checkpoints
 
-train_cli = importlib.import_module("ddpm_fast.train")
-export_cli = importlib.import_module("ddpm_fast.export")
+train_cli = importlib.import_module("ddpm_fast.commands.train")
+export_cli = importlib.import_module("ddpm_fast.commands.export")
 
 SMALL = ["--preset", "tiny", "--image-size", "16", "--batch-size", "8", "--workers", "0", "--warmup", "0",
          "--log-every", "1", "--sample-every", "100000", "--sample-n", "4", "--sample-steps", "5",

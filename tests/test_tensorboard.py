@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
-train_cli = importlib.import_module("ddpm_fast.train")
+train_cli = importlib.import_module("ddpm_fast.commands.train")
 
 SMALL = ["--preset", "tiny", "--image-size", "16", "--batch-size", "8", "--workers", "0", "--warmup", "2",
          "--log-every", "1", "--sample-every", "2", "--sample-n", "4", "--sample-steps", "2",
