@@ -22,34 +22,17 @@ from PIL import Image
 
 from ddpm_fast import checkpoint as ckpt_mod
 from ddpm_fast.training.folder import LOCK_NAME
+from test_run_safety import FAST, copy_run, tiny_run  # noqa: F401  (the same small run: a fixture)
 
 train_cli = importlib.import_module("ddpm_fast.commands.train")
 sample_cli = importlib.import_module("ddpm_fast.commands.sample")
 evaluate_cli = importlib.import_module("ddpm_fast.commands.evaluate")
 export_cli = importlib.import_module("ddpm_fast.commands.export")
 
-FAST = ["--image-size", "8", "--batch-size", "4", "--workers", "0", "--timesteps", "20", "--log-every", "1",
-        "--sample-every", "100000", "--sample-n", "2", "--sample-method", "ddim", "--sample-steps", "2"]
-
 
 def metrics_steps(run: Path) -> list[int]:
     with open(run / "metrics.csv") as f:
         return [int(r["step"]) for r in csv.DictReader(f)]
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> Path:
-    """A finished 2-step tiny run; tests copy it before changing anything."""
-    out = tmp_path_factory.mktemp("tiny") / "run"
-    assert train_cli.main(FAST + ["--steps", "2", "--out", str(out)]) == 0
-    return out
-
-
-def copy_run(run: Path, to: Path) -> Path:
-    to.mkdir(parents=True)
-    for name in ("checkpoint.pt", "metrics.csv", "config.json"):
-        (to / name).write_bytes((run / name).read_bytes())
-    return to
 
 
 # -- 1. a signal during the final save --------------------------------------------------------
