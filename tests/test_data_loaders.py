@@ -41,6 +41,21 @@ def test_unknown_backend_names_the_flag(folder):
 
 
 @pytest.mark.parametrize("backend", ["torch", "cache"])
+@pytest.mark.parametrize("channels", [3, 1])
+def test_batches_come_in_the_memory_format_asked(folder, backend, channels):
+    # The layout is the trainer's plan's decision, handed down; the loader only applies it.
+    fmt = {"plain": torch.contiguous_format, "channels_last": torch.channels_last}
+    got = {name: next(iter(build_loader(folder, S, 4, backend=backend, seed=2, num_workers=0, channels=channels,
+                                        memory_format=f))) for name, f in fmt.items()}
+    assert got["plain"].is_contiguous()
+    assert got["channels_last"].is_contiguous(memory_format=torch.channels_last)
+    if channels == 3:  # one channel has both layouts at once
+        assert not got["channels_last"].is_contiguous() and not got["plain"].is_contiguous(
+            memory_format=torch.channels_last)
+    torch.testing.assert_close(got["plain"], got["channels_last"], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cache"])
 def test_batches_match_reference_with_flips(folder, backend):
     loader = build_loader(folder, S, 8, backend=backend, seed=5, num_workers=0)
     assert loader.backend == backend

@@ -67,7 +67,7 @@ def test_cache_loader_on_gpu_matches_the_cpu_loader(tmp_path):
     from ddpm_fast.data.embedded import embedded_images
     for i, a in enumerate(embedded_images(41, 24, seed=5).numpy()):
         Image.fromarray(a).save(tmp_path / f"{i:02d}.png")
-    gpu = build_loader(tmp_path, 16, 5, backend="cache", device="cuda", seed=3)
+    gpu = build_loader(tmp_path, 16, 5, backend="cache", device="cuda", seed=3, memory_format=torch.channels_last)
     cpu = build_loader(tmp_path, 16, 5, backend="torch", device="cpu", seed=3, num_workers=0)
     for loader in (gpu, cpu):
         loader.set_epoch(1)

@@ -88,9 +88,11 @@ def build_loader(root: str | os.PathLike | None, image_size: int, batch_size: in
                  device: str | torch.device | None = None, seed: int = 0,
                  drop_last: bool = True, rank: int = 0, world_size: int = 1,
                  num_workers: int | None = None, split_seed: int = 0, flip: bool = True,
-                 class_cond: bool = False, channels: int = 3) -> EpochLoader:
-    """A loader of float (B, C, S, S) batches in [-1, 1] on `device` (channels_last on CUDA), C =
-    `channels`: 3 (RGB) or 1 (the luma; a greyscale image's own value).
+                 class_cond: bool = False, channels: int = 3,
+                 memory_format: torch.memory_format = torch.contiguous_format) -> EpochLoader:
+    """A loader of float (B, C, S, S) batches in [-1, 1] on `device`, laid out in `memory_format`
+    (the trainer passes its ExecutionPlan's), C = `channels`: 3 (RGB) or 1 (the luma; a greyscale
+    image's own value).
 
     The train split is shuffled and (unless flip=False) randomly mirrored; other splits come in a
     fixed order without flips. The order of an epoch is a pure function of (seed, epoch, rank,
@@ -108,7 +110,8 @@ def build_loader(root: str | os.PathLike | None, image_size: int, batch_size: in
     device = resolve_device(device)
     # what every backend passes on to EpochLoader
     order = dict(device=device, seed=seed, shuffle=split == "train", flip=flip and split == "train",
-                 drop_last=drop_last, rank=rank, world_size=world_size, channels=channels)
+                 drop_last=drop_last, rank=rank, world_size=world_size, channels=channels,
+                 memory_format=memory_format)
     listing, files, labels, names = _split_of(root, split, split_seed, class_cond)
     if root is None:
         images = embedded_images(EMBEDDED_SIZE, image_size).index_select(0, torch.tensor(files)).to(device)

@@ -89,12 +89,8 @@ class DaliLoader(EpochLoader):
             batches = pytorch.DALIGenericIterator(pipeline, ["images"], reader_name="reader",  # decodes first batches
                                                   last_batch_policy=pytorch.LastBatchPolicy.PARTIAL, auto_reset=False)
             for out in batches:
-                x = out[0]["images"].permute(0, 3, 1, 2)  # NHWC storage: channels_last strides
-                done += 1
-                if self.device.type == "cpu":
-                    yield x.contiguous()
-                else:
-                    yield x.to(self.device).contiguous(memory_format=torch.channels_last)
+                done += 1  # NHWC storage viewed as NCHW; EpochLoader.__iter__ lays it out
+                yield out[0]["images"].permute(0, 3, 1, 2).to(self.device)
         except RuntimeError as e:  # DALI's error names no file: find it among the batches in flight
             size = plan.batch_size
             bad = next((f for f in files[done * size:(done + 3) * size] if not self._decodes(f)), None)

@@ -77,7 +77,8 @@ class EpochLoader(abc.ABC):
     class_names: tuple[str, ...] | None = None
 
     def __init__(self, num_images: int, batch_size: int, *, device: str | torch.device | None, seed: int,
-                 shuffle: bool, flip: bool, drop_last: bool, rank: int, world_size: int, channels: int = 3) -> None:
+                 shuffle: bool, flip: bool, drop_last: bool, rank: int, world_size: int, channels: int = 3,
+                 memory_format: torch.memory_format = torch.contiguous_format) -> None:
         if batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_size} (--batch-size)")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -86,6 +87,7 @@ class EpochLoader(abc.ABC):
         self.seed, self.shuffle, self.flip, self.drop_last = seed, shuffle, flip, drop_last
         self.rank, self.world_size = rank, world_size
         self.channels = channels  # of the batches: the backends decode RGB, __iter__ reduces it once for all
+        self.memory_format = memory_format  # the plan's (ExecutionPlan.memory_format), laid out in __iter__
         self.epoch, self.start_batch = 0, 0
         if len(self) == 0:
             raise ValueError(f"{num_images} images give no full batch of {batch_size} per rank with "
@@ -109,7 +111,8 @@ class EpochLoader(abc.ABC):
     def __iter__(self) -> Iterator[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
         epoch, start = self.epoch, self.start_batch
         plan = self.plan(epoch)
-        batches = (to_channels(x, self.channels) for x in self._batches(plan, start))
+        batches = (to_channels(x, self.channels).contiguous(memory_format=self.memory_format)
+                   for x in self._batches(plan, start))
         if self.labels is None:
             yield from batches
         else:  # every backend yields the plan's batches in order, so the labels follow the same indices

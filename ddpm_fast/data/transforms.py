@@ -75,7 +75,6 @@ def to_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
 
 def to_model_range(batch_nhwc: torch.Tensor, device: torch.device) -> torch.Tensor:
     """uint8 (B, S, S, 3) -> float (B, 3, S, S) in [-1, 1] on `device`, moved as uint8 (a quarter
-    of the float bytes). The permuted view of an NHWC tensor already has the channels_last strides
-    the GPU model wants; on the CPU the batch is made plainly contiguous."""
-    x = batch_nhwc.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-    return x.contiguous(memory_format=torch.contiguous_format if x.device.type == "cpu" else torch.channels_last)
+    of the float bytes). The result is the permuted view of NHWC storage (channels_last strides);
+    the loader lays it out once, in the plan's memory format (EpochLoader.__iter__)."""
+    return batch_nhwc.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)

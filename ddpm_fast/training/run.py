@@ -114,8 +114,8 @@ def build_run(cfg: TrainConfig, ctx: DistContext | None = None, plan: ExecutionP
     torch.manual_seed(cfg.seed + ctx.rank)
 
     data = image_folder(cfg.data, cfg.image_column, cfg.label_column if cfg.class_cond else None)
-    shard = dict(backend=cfg.loader, device=plan.device, seed=cfg.seed, num_workers=cfg.workers,
-                 rank=ctx.rank, world_size=ctx.world_size)
+    shard = dict(backend=cfg.loader, device=plan.device, memory_format=plan.memory_format, seed=cfg.seed,
+                 num_workers=cfg.workers, rank=ctx.rank, world_size=ctx.world_size)
     init = start_weights(cfg) if cfg.init_from and ckpt is None else None
     resolve_channels(cfg, data, ctx.is_main)
     shard |= dict(class_cond=cfg.class_cond, channels=cfg.model["in_ch"])

@@ -187,6 +187,7 @@ class TrainStep:
         """One step on a batch of images, or of (images, class labels) for a class-conditional model."""
         x0, y = batch if isinstance(batch, tuple) else (batch, None)
         self.ema.set_step(step)
+        # a no-op for the trainer's loader, built with the plan's device and memory format
         x0 = x0.to(self.plan.device, non_blocking=True).contiguous(memory_format=self.plan.memory_format)
         self.calls += 1
         if not self.plan.cuda_graphs:
