@@ -37,35 +37,32 @@ class Diverged(ValueError):
 
 def make_optimizer(model: torch.nn.Module, lr: float, plan: ExecutionPlan, name: str = "adam",
                    betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    """Adam or AdamW; in a CUDA graph fused and capturable with a tensor learning rate, so the step
-    (and its lr schedule, which fills that tensor in place) can live inside the graph."""
+    """Adam or AdamW, fused on every path: one kernel for all parameters (on the CPU too), and it
+    takes `found_inf`, so a non-finite step is skipped whole, its step count included. In a CUDA
+    graph also capturable with a tensor learning rate, so the step (and its lr schedule, which fills
+    that tensor in place) can live inside the graph."""
     cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name]
-    if plan.cuda_graphs:
-        return cls(model.parameters(), lr=torch.tensor(lr, device=plan.device), betas=betas,
-                   weight_decay=weight_decay, fused=True, capturable=True)
-    return cls(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
+    graphed = plan.cuda_graphs
+    return cls(model.parameters(), lr=torch.tensor(lr, device=plan.device) if graphed else lr, betas=betas,
+               weight_decay=weight_decay, fused=True, capturable=graphed)
 
 
 def match_optimizer_to_path(opt: torch.optim.Optimizer, graphed: bool) -> None:
     """After opt.load_state_dict, which takes each param group whole from the checkpoint: a
-    checkpoint of the other path brings its lr type, Adam flags and step tensors along. Make them
-    what make_optimizer gives this path. A float lr inside a captured graph would freeze the
-    schedule, and capture refuses a non-capturable Adam; a tensor lr or a capturable Adam on
-    the CPU breaks the reference step."""
-    device = next(p.device for g in opt.param_groups for p in g["params"])
+    checkpoint of the other path (or of a version whose CPU Adam was not fused) brings its lr type,
+    Adam flags and step tensors along. Make them what make_optimizer gives this path. A float lr
+    inside a captured graph would freeze the schedule, and capture refuses a non-capturable Adam;
+    a tensor lr or a capturable Adam outside a graph breaks the eager step."""
     for g in opt.param_groups:
-        if graphed:
-            g.update(fused=True, capturable=True, foreach=None)
-            if not isinstance(g["lr"], torch.Tensor):
-                g["lr"] = torch.tensor(float(g["lr"]), device=device)
-        else:
-            g.update(fused=None, capturable=False, foreach=None)
-            if isinstance(g["lr"], torch.Tensor):
-                g["lr"] = float(g["lr"])
-        for p in g["params"]:  # capturable and fused Adam keep `step` on the device, the others on the CPU
+        g.update(fused=True, capturable=graphed, foreach=None)
+        if graphed and not isinstance(g["lr"], torch.Tensor):
+            g["lr"] = torch.tensor(float(g["lr"]), device=g["params"][0].device)
+        if not graphed and isinstance(g["lr"], torch.Tensor):
+            g["lr"] = float(g["lr"])
+        for p in g["params"]:  # fused Adam keeps `step` as a float32 tensor beside its parameter
             state = opt.state.get(p, {})
             if "step" in state:
-                state["step"] = state["step"].to(device=p.device if graphed else "cpu", dtype=torch.float32)
+                state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
 
 
 def lr_factor(step: int, warmup: int, schedule: str, total: int) -> float:
@@ -144,33 +141,12 @@ class TrainStep:
         norm = (torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True) if self.grad_clip > 0
                 else torch.nn.utils.get_total_norm(grads, foreach=True))
         ok = torch.isfinite(norm)
-        if self.opt.param_groups[0].get("fused"):
-            self.opt.found_inf = (~ok).float()  # fused Adam skips the update (and its step count) where set
-            self.opt.step()
-        else:
-            self._masked_step(ok, grads)
+        self.opt.found_inf = (~ok).float()  # fused Adam skips the update (and its step count) where set
+        self.opt.step()
         self.ema.weight.mul_(ok)  # a zero EMA weight leaves the EMA as it was
         self.ema.update(self.model)
         self.streak.copy_(torch.where(ok, 0, self.streak + 1))
         return torch.where(ok, loss.detach(), float("nan"))
-
-    @torch.no_grad()
-    def _masked_step(self, ok: torch.Tensor, grads: list[torch.Tensor]) -> None:
-        """opt.step() where `ok`, else nothing, for plain Adam (only fused Adam takes found_inf):
-        step on zeroed gradients (finite moments; a moment created now is then Adam's zero init)
-        and put back the parameters and moments it moved. Adam's step count, a host number here,
-        still advances: its bias correction runs one step ahead per skip."""
-        for g in grads:
-            g.masked_fill_(~ok, 0.0)
-        before = {id(t): t.clone() for t in self._adam_tensors()}
-        self.opt.step()
-        for t in self._adam_tensors():
-            if id(t) in before:  # Adam updates in place: the same tensors, bar the moments created now
-                t.copy_(torch.where(ok, t, before[id(t)]))
-
-    def _adam_tensors(self) -> list[torch.Tensor]:
-        states = [self.opt.state.get(p, {}) for p in self.params]
-        return self.params + [s[k] for s in states for k in ("exp_avg", "exp_avg_sq") if k in s]
 
     @property
     def ready(self) -> bool:
