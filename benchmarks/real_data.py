@@ -217,8 +217,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.image_size % 8:
         p.error(f"--image-size must be a multiple of 8 (the presets halve it up to 3 times), got {args.image_size}")
-    if not args.seeds:
-        p.error("--seeds: give at least one seed")
+    if not args.seeds or min(args.seeds) < 0:
+        p.error(f"--seeds: give one or more seeds >= 0, like 0,1; got {args.seeds}")
     if args.data_dir is None:
         root = Path(__file__).resolve().parents[1] / "build"
         args.data_dir = root / (f"emoji{args.image_size}" + (f"-{args.limit}" if args.limit else ""))
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     try:
         emoji = build_emoji_set(args.data_dir, args.image_size, args.limit)
-    except FontMissing as e:
+    except (FontMissing, ValueError) as e:
         raise SystemExit(f"benchmarks.real_data: {e}") from None
     files = list_images(emoji.folder)
     splits = {split: len(split_files(files, split)) for split in ("train", "val", "test")}
