@@ -28,6 +28,7 @@ beside it (real_data.png); a markdown table on stdout."""
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 import os
 import statistics
@@ -37,14 +38,15 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from tqdm import tqdm
 
 from ddpm_fast import FastSampler
+from ddpm_fast.argtypes import int_tuple, number, positive_float, positive_int
 from ddpm_fast.data.listing import list_images
 from ddpm_fast.data.split import split_files
-from ddpm_fast.argtypes import int_tuple, number, positive_float, positive_int
 from ddpm_fast.evaluation import FID_MIN_SAMPLES, generate, score_samples
 from ddpm_fast.presets import PRESETS
-from ddpm_fast.training.config import GENERIC_DEFAULTS, TRAIN_DEFAULTS, TrainConfig
+from ddpm_fast.training.config import TrainConfig
 from ddpm_fast.training.run import build_run
 
 from .common import bench_env, environment, forever, result_path, write_result
@@ -58,14 +60,14 @@ SAMPLE_SEED = 1234  # every evaluation's noise: each point and system is scored 
 DDIM_STEPS = 50  # DDIMPipeline's default, train_unconditional's sampler
 MIN_IMAGES = 40  # the fewest glyphs whose 5% test split holds the 2 images KID needs
 DEVICE = torch.device("cpu")
-DIFFUSERS_WARMUP = 500  # DiffusersLoop's warm-up steps (at most half the run), train_unconditional's default
 
 
-def ddim_samples(unet: torch.nn.Module, n: int, seed: int) -> torch.Tensor:
-    """n images of diffusers' DDIMPipeline (DDIM_STEPS steps, eta 0) in [-1, 1], (N, 3, S, S)."""
-    from diffusers import DDIMPipeline, DDPMScheduler
+def ddim_samples(peer: DiffusersLoop, unet: torch.nn.Module, n: int, seed: int) -> torch.Tensor:
+    """n images of diffusers' DDIMPipeline (DDIM_STEPS steps, eta 0) on the loop's own scheduler, as
+    train_unconditional builds it, in [-1, 1], (N, 3, S, S)."""
+    from diffusers import DDIMPipeline
 
-    pipe = DDIMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000))
+    pipe = DDIMPipeline(unet=unet, scheduler=peer.scheduler)
     pipe.set_progress_bar_config(disable=True)
     images = pipe(batch_size=n, generator=torch.Generator().manual_seed(seed), num_inference_steps=DDIM_STEPS,
                   output_type="np").images
@@ -88,7 +90,7 @@ def evaluate(run, peer, step: int, seed: int, train_s: dict, args) -> list[dict]
     draws = {
         ("ddpm-fast", "default"): (f"{ours.method}, {ours.num_evaluations} evaluations",
                                    lambda: generate(ours, n, args.image_size, DEVICE, seed=SAMPLE_SEED)),
-        ("diffusers", "default"): (f"DDIMPipeline, {DDIM_STEPS} steps", lambda: ddim_samples(unet, n, SAMPLE_SEED)),
+        ("diffusers", "default"): (f"DDIMPipeline, {DDIM_STEPS} steps", lambda: ddim_samples(peer, unet, n, SAMPLE_SEED)),
         ("diffusers", "common"): (f"{common.method}, {common.num_evaluations} evaluations",
                                   lambda: generate(common, n, args.image_size, DEVICE, seed=SAMPLE_SEED)),
     }
@@ -126,7 +128,7 @@ def run_seed(seed: int, args, on_eval: Callable[[list[dict], float], None]) -> N
     run, peer = build_pair(seed, args)
     train_s = dict.fromkeys(SYSTEMS, 0.0)
     batches = forever(run.loader)
-    for step in range(1, args.steps + 1):
+    for step in tqdm(range(1, args.steps + 1), desc=f"seed {seed}: both systems' steps", leave=False):
         x0 = next(batches)
         x_peer = x0.clone(memory_format=torch.contiguous_format)  # its own copy: neither step sees the other's
         t0 = time.perf_counter()
@@ -240,8 +242,9 @@ def main(argv: list[str] | None = None) -> int:
           + ", ".join(f"{k} {v}" for k, v in splits.items()), flush=True)
     data = {"set": "glyphs of Debian's fonts-noto-color-emoji", "folder": str(emoji.folder), "images": len(files),
             "splits": splits, "limit": args.limit}
-    warmup = {"ddpm-fast": TRAIN_DEFAULTS.get(args.preset, GENERIC_DEFAULTS)["warmup"],
-              "diffusers": min(DIFFUSERS_WARMUP, args.steps // 2)}
+    # each system's lr warm-up: the preset's, and DiffusersLoop's default (at most half the run)
+    warmup = {"ddpm-fast": TrainConfig(preset=args.preset).warmup,
+              "diffusers": min(inspect.signature(DiffusersLoop).parameters["warmup"].default, args.steps // 2)}
     env = bench_env(**environment(), device="cpu", cpu_count=os.cpu_count(), steps=args.steps,
                     eval_every=args.eval_every, seeds=list(args.seeds), batch_size=args.batch_size, lr=args.lr,
                     preset=args.preset, image_size=args.image_size, fast=args.fast, kid_samples=args.kid_samples,
