@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 import torch._dynamo
 
-from ddpm_fast.plan import resolve_device
+from ddpm_fast.plan import ExecutionPlan, resolve_device
 
 DEVICE = resolve_device("auto")
 ON_GPU = DEVICE.type == "cuda"
@@ -30,9 +30,17 @@ ON_GPU = DEVICE.type == "cuda"
 torch._dynamo.config.recompile_limit = 64
 NUM_GROUPS = 32
 
-# GroupNorm+SiLU inputs of the anime64 UNet: the down path, then the up path's concatenated widths
-GN_SHAPES = [(64, 64, 64), (128, 32, 32), (256, 16, 16), (256, 8, 8),
-             (512, 8, 8), (384, 16, 16), (192, 32, 32), (128, 64, 64)]  # (C, H, W)
+# GroupNorm+SiLU inputs (C, H, W) of the model a device trains: on a GPU the anime64 UNet (the down
+# path, then the up path's concatenated widths); on the CPU the tiny and cifar32 UNets, the presets
+# people train there. `auto` looks a case up by (C, H*W), so these are the cases it can pick for.
+GN_SHAPES = ([(64, 64, 64), (128, 32, 32), (256, 16, 16), (256, 8, 8),
+              (512, 8, 8), (384, 16, 16), (192, 32, 32), (128, 64, 64)] if ON_GPU else
+             [(32, 32, 32), (32, 16, 16), (64, 32, 32), (64, 16, 16), (64, 8, 8), (96, 32, 32), (96, 16, 16),
+              (128, 16, 16), (128, 8, 8),  # tiny
+              (128, 32, 32), (256, 32, 32), (256, 16, 16), (256, 8, 8), (256, 4, 4), (384, 32, 32),
+              (384, 16, 16), (512, 16, 16), (512, 8, 8), (512, 4, 4)])  # cifar32
+# The activations' layout on this device's fast path, as the trainer lays them out.
+MEMORY_FORMAT = ExecutionPlan.resolve(DEVICE, fast=True).memory_format
 ATTN_SHAPES = [(128, 1, 256, 256), (128, 4, 1024, 64), (32, 1, 4096, 128)]  # (B, heads, L, d)
 SAMPLING_SHAPES = [(256, 3, 64, 64)]
 # A mid-trajectory DDPM-like step with noise and the clip's r term: every weight of the row
@@ -112,7 +120,7 @@ def environment() -> dict:
             info["driver"] = None
     else:
         info.update(gpu=None, device_class="cpu", cpu=platform.processor() or platform.machine(),
-                    threads=torch.get_num_threads())
+                    threads=torch.get_num_threads(), batch=batch_size())
     return info
 
 
@@ -176,6 +184,8 @@ def backends(op: str) -> list[str]:
     """Backends measured for `op` here: the reference first, torch.compile last (its compiles are
     the slow part: a run cut off by its time cap has measured the kernels already)."""
     out = ["torch", *(["triton"] if ON_GPU else []), "cpp"]
+    if op == "group_norm_act" and not ON_GPU:
+        out.append("aten")  # the CPU's bf16 GroupNorm; a GPU run's minutes go to the kernels
     if op == "group_norm_act" and ON_GPU:
         out.append("compile")  # auto's pick must also beat the compiled reference
     return out
@@ -249,7 +259,7 @@ def _gated(row: dict, dtype: torch.dtype, outputs: Callable[[Callable], list[tor
 
 def bench_group_norm(backend: str, C: int, H: int, W: int, direction: str,
                      dtype: torch.dtype = torch.bfloat16) -> tuple[dict, Callable | None]:
-    """GroupNorm(32)+SiLU on (B, C, H, W) channels_last; returns the row and the timed callable."""
+    """GroupNorm(32)+SiLU on (B, C, H, W) in the fast path's layout; returns the row and the timed callable."""
     from ddpm_fast.ops.auto import shape_key
     shape = (batch_size(), C, H, W)
     n = math.prod(shape) * dtype.itemsize
@@ -257,7 +267,7 @@ def bench_group_norm(backend: str, C: int, H: int, W: int, direction: str,
     row = _row("group_norm_act", direction, shape, dtype, backend, shape_key("group_norm_act", shape),
                bytes=2 * n if direction == "fwd" else 5 * n)
     grad = direction != "fwd"
-    x = torch.randn(shape, device=DEVICE, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(shape, device=DEVICE, dtype=dtype).contiguous(memory_format=MEMORY_FORMAT)
     x.requires_grad_(grad)
     w = (1 + 0.1 * torch.randn(C, device=DEVICE)).requires_grad_(grad)
     b = (0.1 * torch.randn(C, device=DEVICE)).requires_grad_(grad)

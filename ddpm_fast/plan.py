@@ -4,8 +4,11 @@ to the model, the train step, the sampler and evaluation, none of which decides 
     plan = ExecutionPlan.resolve(device="auto", fast=True, kernels="triton")
     plan.device, plan.autocast_dtype, plan.channels_last, plan.backends, plan.compile, plan.cuda_graphs
 
-`fast` is the fast path: bf16 autocast (fp32 master weights), channels_last, torch.compile and,
-on a GPU, CUDA graphs. `kernels` is the backend of the fused ops; a backend that lacks an op for
+`fast` is the fast path: bf16 autocast (fp32 master weights), torch.compile and, on a GPU,
+channels_last and CUDA graphs. On the CPU the fast path keeps the plain NCHW layout: there
+channels_last measured slower, alone and with bf16 (ATen's channels_last GroupNorm and attention
+cost more than oneDNN's convolutions gain; benchmarks/RESULTS.md, "CPU speed against the
+diffusers loop"). `kernels` is the backend of the fused ops; a backend that lacks an op for
 this plan falls back to the reference for that op here, in one place (the extension has no
 attention; Triton's attention is fp16/bf16-only on a GPU)."""
 from __future__ import annotations
@@ -15,8 +18,10 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from .ops.auto import MISSING
+
 OPS = ("group_norm_act", "attention", "sampling_update")
-KERNELS = ("auto", "torch", "triton", "cpp")  # the --kernels choices of every command
+KERNELS = ("auto", "torch", "triton", "cpp", "aten")  # the --kernels choices of every command
 # --compile MODE, the same flag in every command: a torch.compile mode for the fast path, or none.
 COMPILE_HELP = "torch.compile mode of --fast (default, max-autotune-no-cudagraphs, ...) or none"
 
@@ -45,12 +50,16 @@ def op_backends(kernels: str, device: torch.device, autocast_dtype: torch.dtype 
     if kernels == "triton" and device.type != "cuda":
         # The interpreter runs Triton on a CPU for the tests, far too slowly to train or sample with.
         raise ValueError("--kernels triton needs a CUDA GPU (on a CPU use --kernels cpp, torch or auto)")
-    backends = dict.fromkeys(OPS, kernels)
-    if kernels == "cpp":
-        backends["attention"] = "torch"  # the extension has no attention
+    backends = {op: "torch" if op in MISSING.get(kernels, ()) else kernels for op in OPS}
     if kernels == "triton" and autocast_dtype is None:
         backends["attention"] = "torch"  # fp32 flash attention spills on a GPU: not shipped
     return backends
+
+
+def channels_last_pays(device: torch.device) -> bool:
+    """Whether the fast path lays activations out channels_last on this device: on a GPU (tensor
+    cores want NHWC), not on the CPU (see the module docstring)."""
+    return device.type == "cuda"
 
 
 @dataclass(frozen=True)
@@ -73,7 +82,8 @@ class ExecutionPlan:
         if graphs and dev.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
         mode = compile if fast and compile not in (None, "none") else None
-        return cls(device=dev, autocast_dtype=dtype, channels_last=fast, backends=op_backends(kernels, dev, dtype),
+        return cls(device=dev, autocast_dtype=dtype, channels_last=fast and channels_last_pays(dev),
+                   backends=op_backends(kernels, dev, dtype),
                    compile=mode, cuda_graphs=graphs)
 
     @classmethod
@@ -82,7 +92,7 @@ class ExecutionPlan:
         """The plan of a caller that gives its options one by one (FastSampler without a plan): fp32
         is no autocast, and channels_last goes with a reduced-precision autocast, as on the fast path."""
         dtype = None if dtype == torch.float32 else dtype
-        return cls(device=device, autocast_dtype=dtype, channels_last=dtype is not None,
+        return cls(device=device, autocast_dtype=dtype, channels_last=dtype is not None and channels_last_pays(device),
                    backends=dict.fromkeys(OPS, backend), compile="default" if compile else None,
                    cuda_graphs=cuda_graphs)
 

@@ -86,8 +86,9 @@ def test_graphed_step_matches_eager_step_on_gpu(monkeypatch):
 
 
 def test_optimizer_from_the_other_path_is_made_this_paths():
-    """A checkpoint of the graphed path (capturable fused Adam, tensor lr, steps on the device)
-    loaded for the reference path gets plain Adam's flags, a float lr and CPU steps, and steps."""
+    """A checkpoint of the graphed path (capturable fused Adam, tensor lr, float64 steps) loaded
+    for the eager path gets its non-capturable fused Adam, a float lr and float32 steps, and steps;
+    so does one saved before the eager Adam was fused (plain Adam's flags)."""
     model, _ = build()
     opt = make_optimizer(model, 1e-3, ExecutionPlan())
     model(torch.randn(2, 3, 8, 8), torch.tensor([1, 2])).square().mean().backward()
@@ -101,10 +102,19 @@ def test_optimizer_from_the_other_path_is_made_this_paths():
     opt2.load_state_dict(saved)
     match_optimizer_to_path(opt2, graphed=False)
     g = opt2.param_groups[0]
-    assert (g["fused"], g["capturable"], g["foreach"]) == (None, False, None) and isinstance(g["lr"], float)
+    assert (g["fused"], g["capturable"], g["foreach"]) == (True, False, None) and isinstance(g["lr"], float)
     assert all(st["step"].dtype == torch.float32 and st["step"].device.type == "cpu" for st in opt2.state.values())
     opt2.step()
     assert all(st["step"].item() == 2 for st in opt2.state.values())
+    older = opt2.state_dict()
+    for g in older["param_groups"]:  # as the plain (unfused) CPU Adam of earlier versions saved it
+        g.update(fused=None, capturable=False, foreach=None)
+    opt3 = make_optimizer(model, 1e-3, ExecutionPlan())
+    opt3.load_state_dict(older)
+    match_optimizer_to_path(opt3, graphed=False)
+    assert opt3.param_groups[0]["fused"] is True
+    opt3.step()
+    assert all(st["step"].item() == 3 for st in opt3.state.values())
 
 
 def test_captured_step_body_makes_no_host_read():

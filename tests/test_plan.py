@@ -23,12 +23,19 @@ def test_plan_of_the_flags():
     assert (ref.autocast_dtype, ref.channels_last, ref.compile, ref.cuda_graphs) == (None, False, None, False)
     assert set(ref.backends.values()) == {"auto"}
     fast = ExecutionPlan.resolve("cpu", fast=True, kernels="cpp", compile="default")
+    # no graphs off a GPU, and no channels_last: it measured slower on the CPU (plan.py)
     assert (fast.autocast_dtype, fast.channels_last, fast.compile, fast.cuda_graphs) == (
-        torch.bfloat16, True, "default", False)  # no graphs off a GPU
+        torch.bfloat16, False, "default", False)
     # The extension has no attention: decided here, once, for every layer.
     assert fast.backends == {"group_norm_act": "cpp", "attention": "torch", "sampling_update": "cpp"}
     assert ExecutionPlan.resolve("cpu", fast=True, compile="none").compile is None
     assert ExecutionPlan.resolve("cpu", compile="default").compile is None  # compile belongs to the fast path
+
+
+def test_channels_last_is_the_gpus_layout_only():
+    from ddpm_fast.plan import channels_last_pays
+    assert channels_last_pays(torch.device("cuda", 0)) and not channels_last_pays(torch.device("cpu"))
+    assert ExecutionPlan.resolve("cpu", fast=True).memory_format == torch.contiguous_format
 
 
 @pytest.mark.parametrize("call, needle", [
@@ -117,6 +124,6 @@ def test_a_sampler_given_options_not_a_plan_gets_the_plans_decisions():
     bf16 = FastSampler(model, d, dtype=torch.bfloat16, backend="torch").plan
     assert bf16 == ExecutionPlan.from_options(torch.device("cpu"), dtype=torch.bfloat16, backend="torch")
     assert (bf16.autocast_dtype, bf16.channels_last, bf16.backends["sampling_update"]) == (
-        torch.bfloat16, True, "torch")
+        torch.bfloat16, False, "torch")  # channels_last only where it pays: on a GPU
     fp32 = FastSampler(model, d, dtype=torch.float32).plan
     assert (fp32.autocast_dtype, fp32.channels_last, fp32.compile, fp32.cuda_graphs) == (None, False, None, False)

@@ -24,7 +24,10 @@ from pathlib import Path
 import torch
 
 TABLE_PATH = Path(__file__).with_name("backend_table.json")
-BACKENDS = ("torch", "triton", "cpp")
+BACKENDS = ("torch", "triton", "cpp", "aten")
+# The ops a backend has no version of run the reference: the extension has no attention, and
+# `aten` is a GroupNorm choice only (the reference's attention and update already are ATen).
+MISSING = {"cpp": ("attention",), "aten": ("attention", "sampling_update")}
 
 
 @functools.lru_cache(maxsize=1)
