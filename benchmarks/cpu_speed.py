@@ -4,19 +4,20 @@ same model, in one run.
 
 Training rows (TRAIN_ROWS), each in a process of its own (a clean peak RSS, no compile cache or
 thread pool shared between rows), on the built-in data at the preset's size and the same batches:
-  reference      fp32 eager: `python -m ddpm_fast.train`'s default
-  bf16           bf16 autocast alone (fp32 master weights)
+  reference      fp32 eager: `python -m ddpm_fast.train --no-fast`
+  bf16           bf16 autocast alone (fp32 master weights), the reference GroupNorm
   channels_last  channels_last alone
   compile        torch.compile alone (fp32)
-  fast_eager     bf16 and channels_last: `--fast --compile none`
-  fast           all three: `--fast`
+  fast_eager     the CPU's default, `python -m ddpm_fast.train`: bf16 and auto's kernels (on the CPU
+                 the `aten` GroupNorm where measured faster; no channels_last, no compile)
+  fast           fast_eager + torch.compile: `--compile`
   diffusers      benchmarks/diffusers_loop.py: UNet2DModel of the same parameters, AdamW, EMA, fp32
 Each row runs --warmup steps (the compile, reported apart as warmup_s), then --rounds rounds of the
 preset's timed steps; img/s is the median over rounds with its min and max.
 
 Sampling rows (SAMPLE_ROWS), --sample-n images with the default sampler (DPM-Solver++(2M) SDE on
 Karras sigmas, 20 evaluations) on the same random weights: ddpm-fast's reference (fp32 eager),
-fast_eager (bf16 + channels_last) and fast (+ torch.compile), and diffusers' DDPMPipeline with
+fast_eager (the CPU default: bf16, auto's kernels) and fast (+ torch.compile), and diffusers' DDPMPipeline with
 DPMSolverMultistepScheduler(sde-dpmsolver++, Karras), the same solver. A first call of each is its
 warm-up (compile included); then --rounds timed calls.
 
@@ -56,12 +57,14 @@ def spread(values: list[float]) -> dict:
 
 def plan_of(row: str):
     """The execution plan of a ddpm-fast row: the reference with one part switched on, or all."""
-    from ddpm_fast.plan import ExecutionPlan
+    from ddpm_fast.plan import OPS, ExecutionPlan
 
-    ref, fast = ExecutionPlan.resolve("cpu"), ExecutionPlan.resolve("cpu", fast=True)
-    return {"reference": ref, "bf16": replace(ref, autocast_dtype=torch.bfloat16),
+    ref = ExecutionPlan.resolve("cpu", fast=False)
+    fast_eager = ExecutionPlan.resolve("cpu", fast=True, compile="none")
+    return {"reference": ref,
+            "bf16": replace(ref, autocast_dtype=torch.bfloat16, backends=dict.fromkeys(OPS, "torch")),
             "channels_last": replace(ref, channels_last=True), "compile": replace(ref, compile="default"),
-            "fast_eager": replace(fast, compile=None), "fast": fast}[row]
+            "fast_eager": fast_eager, "fast": replace(fast_eager, compile="default")}[row]
 
 
 def train_row(row: str, args) -> dict:

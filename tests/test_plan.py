@@ -107,14 +107,34 @@ def test_compile_is_one_flag_in_every_command():
     from ddpm_fast.training.config import TrainConfig
 
     train = lambda *a: TrainConfig.from_args(train_cli.build_parser().parse_args(list(a))).compile  # noqa: E731
-    assert (train(), train("--compile"), train("--compile", "none")) == ("default", "default", "none")
+    assert (train(), train("--compile"), train("--compile", "none")) == ("auto", "default", "none")
     for cli in (sample_cli, evaluate_cli):
         parse = lambda *a: cli.build_parser().parse_args(["--ckpt", "run", "--device", "cpu", *a])  # noqa: E731
         assert [parse(*a).compile for a in ((), ("--compile",), ("--compile", "max-autotune-no-cudagraphs"))] == [
             "none", "default", "max-autotune-no-cudagraphs"]
         assert plan_from_args(parse("--fast", "--compile")).compile == "default"
         assert plan_from_args(parse("--fast")).compile is None  # a sampling run does not repay a compile
-        assert plan_from_args(parse("--compile")).compile is None  # compile belongs to the fast path
+        assert plan_from_args(parse("--no-fast", "--compile")).compile is None  # compile belongs to the fast path
+
+
+def test_the_fast_path_is_the_cpus_default_and_compile_the_gpus():
+    """Neither --fast nor --no-fast: the plan decides from the device, once (plan.fast_by_default,
+    compile_by_default), for train, sample and evaluate alike."""
+    from ddpm_fast.commands.cli import plan_from_args
+    from ddpm_fast.plan import compile_by_default, fast_by_default
+    from ddpm_fast.training.config import TrainConfig
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert (fast_by_default(cpu), fast_by_default(gpu)) == (True, False)
+    assert (compile_by_default(cpu), compile_by_default(gpu)) == (None, "default")
+    train = lambda *a: TrainConfig.from_args(train_cli.build_parser().parse_args(list(a)))  # noqa: E731
+    assert (train().fast, train("--fast").fast, train("--no-fast").fast) == (None, True, False)
+    default = ExecutionPlan.resolve("cpu", fast=train().fast, compile=train().compile)
+    assert (default.autocast_dtype, default.compile, default.channels_last) == (torch.bfloat16, None, False)
+    assert not ExecutionPlan.resolve("cpu", fast=train("--no-fast").fast).fast
+    for cli in (sample_cli, evaluate_cli):
+        parse = lambda *a: cli.build_parser().parse_args(["--ckpt", "run", "--device", "cpu", *a])  # noqa: E731
+        assert (plan_from_args(parse()).fast, plan_from_args(parse("--no-fast")).fast) == (True, False)
 
 
 def test_a_sampler_given_options_not_a_plan_gets_the_plans_decisions():

@@ -219,7 +219,7 @@ def test_cli_help_runs_as_module():
 
 
 def test_fast_path_trains_and_resumes(tmp_path, capsys):
-    """--fast on CPU: bf16 autocast and channels_last (no compile here: it is slow on 2 cores)."""
+    """--fast on CPU: bf16 autocast (no compile here: it is slow on 2 cores)."""
     out = tmp_path / "fast"
     assert train_cli.main(SMALL + ["--steps", "30", "--lr", "2e-3", "--fast", "--compile", "none",
                                    "--out", str(out)]) == 0
@@ -238,7 +238,7 @@ def test_fast_path_trains_and_resumes(tmp_path, capsys):
 
 def test_checkpoint_moves_between_reference_and_fast_paths(tmp_path):
     out = tmp_path / "run"
-    assert train_cli.main(SMALL + ["--steps", "2", "--out", str(out)]) == 0
+    assert train_cli.main(SMALL + ["--steps", "2", "--no-fast", "--out", str(out)]) == 0
     assert train_cli.main(SMALL + ["--steps", "4", "--fast", "--compile", "none", "--out", str(out),
                                    "--resume"]) == 0
     # A resume keeps the run's --fast unless told otherwise: back to the reference path.

@@ -10,7 +10,7 @@ import warnings
 from typing import Callable
 
 from ..argtypes import finite_float, non_negative_float, positive_int
-from ..plan import COMPILE_HELP, KERNELS, ExecutionPlan
+from ..plan import COMPILE_HELP, FAST_HELP, KERNELS, ExecutionPlan
 
 
 def add_debug_argument(p: argparse.ArgumentParser) -> None:
@@ -51,8 +51,8 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--kernels", default="auto", choices=KERNELS,
                    help="backend of the fused ops (auto: the reference unless measured faster)")
-    p.add_argument("--fast", action="store_true",
-                   help="the fast path: bf16 autocast and channels_last, each step a CUDA-graph replay on a GPU")
+    p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
+                   help=FAST_HELP.replace("CUDA graphs", "each step a CUDA-graph replay"))
     # train's flag, but off by default: a sampling run is too short to repay the compile.
     p.add_argument("--compile", default="none", nargs="?", const="default", metavar="MODE",
                    help=COMPILE_HELP + " (default here: none; --compile alone: default)")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..argtypes import (below_one, int_tuple, non_negative_float, non_negative_int, positive_float, positive_int,
                         probability, seed_int)
-from ..plan import COMPILE_HELP, KERNELS
+from ..plan import COMPILE_HELP, FAST_HELP, KERNELS
 from ..presets import MODEL_FIELDS, PRESETS, preset_config
 from ..schedulers import DEFAULT_CLIP_X0, DEFAULT_METHOD, DEFAULT_STEPS, METHODS
 from .kept import run_folder
@@ -118,9 +118,8 @@ class TrainConfig:
                                "node uses cuda:LOCAL_RANK)")
     kernels: str = flag("auto", "backend of the fused ops, in training, grids and evaluation (auto: the "
                                 "reference unless measured faster)", choices=KERNELS)
-    fast: bool = flag(False, "the fast path: bf16 autocast (fp32 master weights), channels_last, torch.compile "
-                             "and, on a GPU, the whole step in one CUDA graph")
-    compile: str = flag("default", COMPILE_HELP + " (--compile alone: default)", nargs="?", const="default",
+    fast: bool | None = flag(None, FAST_HELP)
+    compile: str = flag("auto", COMPILE_HELP + " (--compile alone: default)", nargs="?", const="default",
                         metavar="MODE")
     out: str = flag("runs/default", "run folder")
     init_from: str | None = flag(None, "start from these weights and their schedule, with a fresh optimizer: a run, "
@@ -220,7 +219,7 @@ class TrainConfig:
             title = meta.pop("group")
             if title not in groups:
                 groups[title] = parser.add_argument_group(title)
-            if isinstance(f.default, bool):
+            if isinstance(f.default, bool) or f.type == "bool | None":  # None: the plan decides
                 meta["action"] = argparse.BooleanOptionalAction
             elif "type" not in meta and "choices" not in meta and "nargs" not in meta:
                 meta["type"] = str

@@ -65,7 +65,7 @@ def train_steps(run: Run, stop: StopRequest) -> Path:
     metrics, first_step = None, run.step
     bar = progress_bar(run.total, run.step, disable=not main)
     meter = LossMeter(run.device)
-    warming, warm_t0 = cfg.fast, time.time()
+    warming, warm_t0 = run.plan.fast, time.time()
     run.model.train()
 
     def save() -> None:
