@@ -8,8 +8,8 @@ train on its train split, in the same batches (one loader, each batch given to b
 
 The two systems, from the same seed (the same initial weights: both build the preset's UNet after
 seeding), batch, lr and steps, each otherwise as its user gets it:
-  ddpm-fast  build_run(TrainConfig(...)): Adam, constant lr after the preset's warm-up, EMA
-             (--fast: its fast path)
+  ddpm-fast  build_run(TrainConfig(...)) on its default path for the device (on the CPU the fast path,
+             bf16 autocast; --fast/--no-fast choose): Adam, constant lr after the preset's warm-up, EMA
   diffusers  benchmarks/diffusers_loop.py, train_unconditional's loop on the same UNet: AdamW,
              cosine lr after its warm-up, EMA with power-3/4 warm-up
 Every --eval-every steps (and at the last) each EMA model draws --kid-samples images (the same noise
@@ -101,6 +101,7 @@ def evaluate(run, peer, step: int, seed: int, train_s: dict, args) -> list[dict]
             samples = draw()
         sample_s = time.perf_counter() - t0
         rows.append({"seed": seed, "step": step, "system": system, "sampler": sampler, "sampler_name": name,
+                     "path": run.plan.describe() if system == "ddpm-fast" else "fp32 eager",
                      "train_s": round(train_s[system], 3), "sample_s": round(sample_s, 3), **score(samples, args)})
     # ddpm-fast's default sampler is the common one: the same samples, scored once
     rows.append(dict(rows[0], sampler="common", same_samples_as="default"))
@@ -215,7 +216,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                                                  "with a limit build/emoji<SIZE>-<LIMIT>)")
     p.add_argument("--limit", type=number(int, MIN_IMAGES), help="render only this many glyphs, evenly spaced over "
                                                                  "the font (a smoke run)")
-    p.add_argument("--fast", action="store_true", help="train ddpm-fast on its fast path")
+    p.add_argument("--fast", action=argparse.BooleanOptionalAction,
+                   help="ddpm-fast on its fast path (--no-fast: its fp32 reference; default: its own default for the "
+                        "device)")
     args = p.parse_args(argv)
     if args.image_size % 8:
         p.error(f"--image-size must be a multiple of 8 (the presets halve it up to 3 times), got {args.image_size}")
