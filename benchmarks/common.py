@@ -120,7 +120,7 @@ def environment() -> dict:
             info["driver"] = None
     else:
         info.update(gpu=None, device_class="cpu", cpu=platform.processor() or platform.machine(),
-                    threads=torch.get_num_threads(), batch=batch_size())
+                    threads=torch.get_num_threads())
     return info
 
 
@@ -132,8 +132,9 @@ def write_json(path: str | os.PathLike, payload: dict) -> Path:
 
 
 def write_rows(path: str | os.PathLike, rows: list[dict]) -> None:
-    """The micro-benchmark part of the suite's JSON: {"env": ..., "micro": [rows]}."""
-    write_json(path, {"env": environment(), "micro": rows})
+    """The micro-benchmark part of the suite's JSON: {"env": ..., "micro": [rows]}, the env naming
+    the micro-benchmarks' batch."""
+    write_json(path, {"env": {**environment(), "batch": batch_size()}, "micro": rows})
 
 
 def result_path(name: str) -> Path:
