@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .ops.auto import MISSING
+from .ops.auto import implementing
 
 OPS = ("group_norm_act", "attention", "sampling_update")
 KERNELS = ("auto", "torch", "triton", "cpp", "aten")  # the --kernels choices of every command
@@ -53,7 +53,7 @@ def op_backends(kernels: str, device: torch.device, autocast_dtype: torch.dtype 
     if kernels == "triton" and device.type != "cuda":
         # The interpreter runs Triton on a CPU for the tests, far too slowly to train or sample with.
         raise ValueError("--kernels triton needs a CUDA GPU (on a CPU use --kernels cpp, torch or auto)")
-    backends = {op: "torch" if op in MISSING.get(kernels, ()) else kernels for op in OPS}
+    backends = {op: implementing(op, kernels) for op in OPS}
     if kernels == "triton" and autocast_dtype is None:
         backends["attention"] = "torch"  # fp32 flash attention spills on a GPU: not shipped
     return backends
@@ -61,7 +61,7 @@ def op_backends(kernels: str, device: torch.device, autocast_dtype: torch.dtype 
 
 def fast_by_default(device: torch.device) -> bool:
     """Whether a run that says neither --fast nor --no-fast takes the fast path: on the CPU, where
-    it measured 1.4-1.7x the reference's img/s and learns the same (held-out loss and KID within the
+    it measured 1.5-1.8x the reference's img/s and learns the same (held-out loss and KID within the
     seed-to-seed spread); not yet on a GPU, where its learning has not been measured (both:
     benchmarks/RESULTS.md)."""
     return device.type == "cpu"

@@ -4,7 +4,7 @@ backend: "torch" (the plain PyTorch reference), "triton" (ddpm_fast.kernels), "c
 compiled extension, CPU and CUDA kernels), "aten" (GroupNorm by ATen in the input's dtype), or
 "auto" (see auto.py: the reference unless a shipped measurement says another backend is faster
 for this device, dtype and shape). An op a backend has no version of runs the reference
-(auto.MISSING)."""
+(auto.MISSING, auto.implementing)."""
 from __future__ import annotations
 
 import importlib
@@ -12,7 +12,7 @@ import importlib
 import torch
 
 from . import reference
-from .auto import MISSING, resolve
+from .auto import implementing, resolve
 from .reference import ACTIVATIONS, COEF_NAMES, MAX_HISTORY, coef_row
 
 __all__ = ["group_norm_silu", "group_norm_act", "attention", "ddpm_step", "ddim_step", "sampling_update",
@@ -47,8 +47,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
     Triton kernels take head dims 32-256 only, and fp32 only under the interpreter (on a GPU its
     configurations spill): those calls run the reference, so a model-wide --kernels cpp|triton
     also runs fp32 evaluation and dogs64's d=512 middle block."""
-    name = resolve("attention", backend, q)
-    if "attention" in MISSING.get(name, ()) or (name == "triton" and not _triton_attention_takes(q)):
+    name = implementing("attention", resolve("attention", backend, q))
+    if name == "triton" and not _triton_attention_takes(q):
         name = "torch"
     return _backend_module(name).attention(q, k, v)
 
@@ -73,8 +73,7 @@ def sampling_update(x: torch.Tensor, model_out: torch.Tensor, coef: torch.Tensor
     out like x. With noise=None, z is drawn from `generator`: by the reference with torch.randn,
     by the kernels in-kernel from a Philox seed that is itself drawn from `generator` on the device
     (graph-safe)."""
-    name = resolve("sampling_update", backend, x)
-    name = "torch" if "sampling_update" in MISSING.get(name, ()) else name
+    name = implementing("sampling_update", resolve("sampling_update", backend, x))
     coef = coef.to(device=x.device, dtype=torch.float32)
     history = list(history)
     if name == "torch":

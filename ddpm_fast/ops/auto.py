@@ -30,6 +30,11 @@ BACKENDS = ("torch", "triton", "cpp", "aten")
 MISSING = {"cpp": ("attention",), "aten": ("attention", "sampling_update")}
 
 
+def implementing(op: str, backend: str) -> str:
+    """`backend`, or the reference where `backend` has no version of `op` (MISSING)."""
+    return "torch" if op in MISSING.get(backend, ()) else backend
+
+
 @functools.lru_cache(maxsize=1)
 def load_table(path: str = str(TABLE_PATH)) -> dict:
     p = Path(path)
