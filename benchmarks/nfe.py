@@ -137,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--fast", action="store_true", help="bf16 autocast and channels_last (CUDA graphs are on on a GPU)")
     p.add_argument("--kernels", default="auto", choices=KERNELS)
+    p.add_argument("--yardstick", action=argparse.BooleanOptionalAction, default=True,
+                   help="sample DDPM over every step from two seeds, the bar the solvers are read against "
+                        "(--no-yardstick: the solvers' cells alone, to set beside another model's table)")
     p.add_argument("--resume", action="store_true",
                    help="keep the rows of an earlier nfe.json of this checkpoint, --images and clip options")
     args = p.parse_args(argv)
@@ -148,10 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     size, T = cfg["model"]["image_size"], diffusion.timesteps
     data = args.data if args.data is not None else cfg.get("data")
     ref = metrics.reference_stats(data, size, "test", load_images, limit=args.ref_images, device=plan.device)
-    x_T = {s: torch.randn(args.images, 3, size, size, generator=torch.Generator().manual_seed(s))
+    channels = cfg["model"].get("in_ch", 3)
+    x_T = {s: torch.randn(args.images, channels, size, size, generator=torch.Generator().manual_seed(s))
            for s in YARDSTICK_SEEDS}
     runs = [{"solver": "ddpm", "method": "ddpm", "spacing": None, "order": None, "nfe": T, "seed": s,
-             "yardstick": True} for s in YARDSTICK_SEEDS]
+             "yardstick": True} for s in YARDSTICK_SEEDS if args.yardstick]
     for spec in args.solvers.split(","):
         for nfe in map(int, args.nfe.split(",")):
             run = {**parse_solver(spec), "nfe": nfe, "seed": 0}

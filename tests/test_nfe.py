@@ -74,6 +74,15 @@ def test_nfe_benchmark_on_a_tiny_checkpoint(run, capsys):
                   "--device", "cpu", "--resume"])
 
 
+def test_no_yardstick_samples_the_solvers_alone(run, capsys):
+    tmp_path, _ = run
+    assert nfe.main(["--ckpt", str(tmp_path), "--images", "4", "--solvers", "ddim", "--nfe", "4,5",
+                     "--ref-images", "20", "--device", "cpu", "--no-yardstick"]) == 0
+    report = json.loads((tmp_path / "out" / "nfe.json").read_text())
+    assert [(r["solver"], r["nfe"], r["seed"]) for r in report["rows"]] == [("ddim", 4, 0), ("ddim", 5, 0)]
+    assert report["reaches"] == {} and "no yardstick" in capsys.readouterr().out
+
+
 def test_reaches_picks_the_first_nfe_within_the_seed_spread():
     rows = [{"solver": "ddpm", "nfe": 1000, "seed": s, "kid": k, "yardstick": True}
             for s, k in ((0, 0.010), (1, 0.012))]
