@@ -6,11 +6,12 @@ For each run (a checkpoint of `train --channels 3` on a grey folder; its EMA wei
 - x0 against t: held-out grey images noised to step t (one seeded draw), the colour of the
   model's x0 prediction (clamped to [-1, 1], as the samplers read it) at each t;
 - the default sampler (dpmpp_2m_sde, Karras, 20) with one part changed at a time, every chain
-  from the same x_T and the same injected noise: x_T's per-channel means (its lowest frequency)
+  from the same x_T and the same injected noise: its colour means from the ODE's step
+  (--chroma-ode), x_T's per-channel means (its lowest frequency)
   made equal across the channels, the same for the SDE's injected noise, the x0 prediction
   projected onto grey (the channel mean) at the first k evaluations, the clip's other reading
-  (use_clipped_model_output=True), no clip, another spacing; and the reference samplers beside
-  it: DDIM-50 on leading steps with either reading (diffusers' DDIMPipeline keeps the network's
+  (use_clipped_model_output=True), no clip, another spacing; and the ODE (dpmpp_2m) and the
+  reference samplers beside it: DDIM-50 on leading steps with either reading (diffusers' DDIMPipeline keeps the network's
   eps) and DDPM-1000 (Ho et al.'s clipped ancestral sampler).
 
 The figures: cast = mean |channel - grey| over pixels in 0..255 (grey = the channel mean), hue =
@@ -98,16 +99,22 @@ def chain(model, diffusion, n: int, size: int, seed: int, *, method: str = DEFAU
 
 
 def variants(evals: int) -> dict[str, dict]:
+    """The default sampler (diffusers' update), the same with one part changed, the ODE of the same
+    solver, and the reference samplers."""
     default = f"{DEFAULT_METHOD}, {DEFAULT_SPACING[DEFAULT_METHOD]}, 20 (default)"
-    out = {default: {}, "  x_T per-channel means grey": dict(grey_xT=True),
+    out = {default: {}, "  colour means from the ODE's step (--chroma-ode)": dict(chroma_ode=True),
+           "  x_T per-channel means grey": dict(grey_xT=True),
            "  injected noise per-channel means grey": dict(grey_noise=True),
            "  both": dict(grey_xT=True, grey_noise=True)}
     for k in (1, 2, 4, 8, 12, 16):
         if k < evals:
             out[f"  x0 projected to grey at the first {k} of {evals}"] = dict(grey_x0=k)
-    out |= {"  eps re-derived from the clipped x0 (use_clipped_model_output)": dict(use_clipped_model_output=True),
+    out |= {"  eps re-derived from the clipped x0 (use_clipped_model_output)":
+            dict(use_clipped_model_output=True),
             "  no clip": dict(clip_x0=False),
             "  linspace spacing": dict(spacing="linspace"),
+            "dpmpp_2m, karras, 20, network eps (the ODE)": dict(method="dpmpp_2m", spacing="karras",
+                                                                use_clipped_model_output=False),
             "ddim, leading, 50, network eps (DDIMPipeline)": dict(method="ddim", steps=50, spacing="leading",
                                                                   use_clipped_model_output=False),
             "ddim, leading, 50, eps re-derived": dict(method="ddim", steps=50, spacing="leading",

@@ -29,7 +29,7 @@ def preset_config(name: str, **overrides) -> dict:
     """The preset's config with `overrides` applied (None values ignored)."""
     if name not in PRESETS:
         raise ValueError(f"unknown --preset {name!r}; choose one of {', '.join(PRESETS)}")
-    cfg = dict(PRESETS[name], act="silu", num_groups=32)
+    cfg = dict(act="silu", num_groups=32) | PRESETS[name]  # a preset may set its own groups
     for k, v in overrides.items():
         if v is None:
             continue

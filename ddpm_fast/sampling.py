@@ -48,7 +48,9 @@ class FastSampler:
     [-1, 1] each step (`clip_x0`, the one default of the library, the CLIs and the grids), as Ho et
     al.'s sampler and diffusers' DDPM/DDIM do; clip_x0=False gives the plain update.
     `use_clipped_model_output` says what the step keeps beside the clipped x0 (None: the measured
-    default of each solver; schedulers.py says which and why).
+    default of each solver; schedulers.py says which and why). `chroma_ode`: dpmpp_2m_sde takes each
+    image's colour means from its ODE counterpart's step (default: no, the plain update, diffusers';
+    schedulers.CHROMA_ODE says when it helps).
 
     Class-conditional models `(x, t, y) -> out` sample the classes given to `sample(classes=...)`;
     `cfg_scale` w is classifier-free guidance, out = u + w (c - u) from the conditional output c and
@@ -65,7 +67,8 @@ class FastSampler:
                  steps: int | None = None, spacing: str | None = None, eta: float = 0.0, variance: str = "beta",
                  clip_x0: bool = DEFAULT_CLIP_X0, thresholding: bool = False,
                  use_clipped_model_output: bool | None = None, order: int | None = None,
-                 prediction_type: str | None = None, cfg_scale: float = 1.0, dtype: torch.dtype | None = None,
+                 prediction_type: str | None = None, chroma_ode: bool | None = None, cfg_scale: float = 1.0,
+                 dtype: torch.dtype | None = None,
                  compile: bool = False, cuda_graph: str | bool = "auto", backend: str = "auto",
                  plan: ExecutionPlan | None = None, channels: int | None = None):
         if cuda_graph not in ("auto", True, False):
@@ -83,7 +86,7 @@ class FastSampler:
         self.scheduler = Scheduler(diffusion, method, spacing=spacing, order=order, eta=eta, variance=variance,
                                    clip_x0=clip_x0, thresholding=thresholding,
                                    use_clipped_model_output=use_clipped_model_output,
-                                   prediction_type=prediction_type or diffusion.prediction,
+                                   prediction_type=prediction_type or diffusion.prediction, chroma_ode=chroma_ode,
                                    backend=plan.backends["sampling_update"])
         self.scheduler.set_timesteps(steps, plan.device)
         self._graphs: dict = {}  # batch shape -> (static sample, replay)

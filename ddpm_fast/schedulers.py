@@ -75,6 +75,29 @@ _TO_SIGMA_ZERO = ("dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc")  # spacing_ti
 # those that do by default (module docstring).
 CAN_KEEP_NOISE = ("ddim", "euler", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde")
 KEEP_NOISE_BY_DEFAULT = ("dpmpp_2m_sde",)
+# The stochastic solver whose per-image colour means (each channel's spatial mean less their mean
+# over the channels: two numbers an RGB image) can follow its ODE counterpart's update instead
+# (chroma_ode). The noise it injects every step gives those means fresh values that an eps model of
+# one-channel GroupNorm groups cannot predict, and its x0 reading multiplies that error by
+# sigma / alpha into a per-sample hue: on grey data a tint (benchmarks/RESULTS.md, "Where the tint
+# comes from"). Taking that two-dimensional part from the probability-flow ODE's step keeps the
+# marginals of the exact chain (stochasticity may be chosen per orthogonal subspace) and removes
+# the tint, but it is off by default: on colour data it cost KID (the same RESULTS section).
+CHROMA_ODE = {"dpmpp_2m_sde": "dpmpp_2m"}
+
+
+def chroma_ode_of(method: str, chroma_ode: bool | None = None) -> bool:
+    """Whether a chain of `method` takes its colour means from the ODE: None is the default (no);
+    True is refused for a solver not in CHROMA_ODE."""
+    if chroma_ode and method not in CHROMA_ODE:
+        raise ValueError(f"--chroma-ode is for {', '.join(CHROMA_ODE)}, not --method {method}")
+    return bool(chroma_ode)
+
+
+def chroma_means(d: torch.Tensor) -> torch.Tensor:
+    """(N, C, 1, 1): each image's per-channel spatial means less their mean over the channels."""
+    m = d.mean((2, 3), keepdim=True)
+    return m - m.mean(1, keepdim=True)
 
 def clipped_model_output(method: str, use_clipped_model_output: bool | None = None) -> bool:
     """What a step of `method` keeps beside a clipped x0: None is the measured default (False for
@@ -130,6 +153,7 @@ def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7
 class _State:
     step: torch.Tensor           # (1,) long: the evaluation, read on the device
     history: list[torch.Tensor]  # the x0 predictions of the last evaluations, the latest first
+    zeros: torch.Tensor | None   # the ODE step's noise (chroma_ode): none, and no draw from the generator
 
 
 class Scheduler:
@@ -153,7 +177,7 @@ class Scheduler:
                  order: int | None = None, eta: float = 0.0, variance: str = "beta", clip_x0: bool = DEFAULT_CLIP_X0,
                  thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
                  sample_max_value: float = 1.0, use_clipped_model_output: bool | None = None,
-                 prediction_type: str = "epsilon", backend: str = "auto"):
+                 prediction_type: str = "epsilon", chroma_ode: bool | None = None, backend: str = "auto"):
         spacing = spacing or DEFAULT_SPACING.get(method, "linspace")
         for name, value, choices in (("method", method, METHODS), ("spacing", spacing, SPACINGS),
                                      ("variance", variance, VARIANCES),
@@ -174,6 +198,7 @@ class Scheduler:
         self.clip_x0 = clip_x0 and not thresholding  # thresholding replaces the clip (at sample_max_value 1 it is one)
         self.dynamic_thresholding_ratio, self.sample_max_value = dynamic_thresholding_ratio, sample_max_value
         self.use_clipped_model_output = use_clipped_model_output
+        self.chroma_ode = chroma_ode_of(method, chroma_ode)
         self.prediction_type, self.backend = prediction_type, backend
         self._abar = diffusion.alphas_cumprod.double().numpy()
         self._sigmas = np.sqrt((1 - self._abar) / self._abar)  # sigma-space sigma of each training step
@@ -200,6 +225,24 @@ class Scheduler:
             raise ValueError(f"{steps} steps with --spacing {self.spacing} repeat a noise level of the "
                              f"{T}-step schedule: take fewer")
         evals = getattr(self, "_" + self.method.split("_")[0])(t, s)  # _ddpm, _ddim, _dpmpp, _unipc, ...
+        table, alphas = self._table(evals)
+        self.history_len = max((k for k in range(1, 1 + MAX_HISTORY) if table[:, 3 + k].any()), default=0)
+        # thresholding's x0 read-out and the r term's alpha, applied in step (not by the op)
+        self._x0_coefs = torch.cat([table[:, :2], table.new_tensor(alphas)[:, None]], 1).float().to(device)
+        self.coefs = self._device_table(table, device)
+        # the ODE counterpart's rows on the same grid and x0 reading: the colour means' update
+        self.chroma_coefs = self._device_table(self._table(self._dpmpp(t, s, sde=False))[0], device) \
+            if self.chroma_ode else None
+        self.grid_t = [float(e[0]) if self.method in _INTERPOLATING else int(e[0]) for e in evals]
+        times = np.interp(self.grid_t, np.arange(T), self.diffusion.model_time(torch.arange(T)).double().numpy())
+        interpolated = self.method in _INTERPOLATING or self.diffusion.schedule == "continuous"
+        self.timesteps = torch.tensor(times, dtype=torch.float32 if interpolated else torch.long, device=device)
+        self.num_evaluations = len(evals)
+        self._states.clear()
+        self._state = None
+
+    def _table(self, evals: list) -> tuple[torch.Tensor, list[float]]:
+        """The (E, 9) float64 coefficient rows of a solver's evaluations, and each one's alpha."""
         rows, alphas = [], []
         for e, (_, s_e, row, noise) in enumerate(evals):
             assert set(row) <= {X, *range(e - MAX_HISTORY, e + 1)}, "a row reaches past the history"
@@ -212,20 +255,15 @@ class Scheduler:
             rows.append(coef_row(c1, c2, a=a, b=[row.get(e - k, 0.0) for k in range(1 + MAX_HISTORY)],
                                  sigma=noise, r=r))
             alphas.append(alpha)
-        table = torch.stack(rows)
-        self.history_len = max((k for k in range(1, 1 + MAX_HISTORY) if table[:, 3 + k].any()), default=0)
-        # thresholding's x0 read-out and the r term's alpha, applied in step (not by the op)
-        self._x0_coefs = torch.cat([table[:, :2], table.new_tensor(alphas)[:, None]], 1).float().to(device)
-        if self.thresholding:  # the row then takes the thresholded x0 as its model output, and the
-            table[:, 0], table[:, 1], table[:, COEF_NAMES.index("r")] = 0.0, -1.0, 0.0  # r term: step's base
-        self.coefs = table.float().to(device)
-        self.grid_t = [float(e[0]) if self.method in _INTERPOLATING else int(e[0]) for e in evals]
-        times = np.interp(self.grid_t, np.arange(T), self.diffusion.model_time(torch.arange(T)).double().numpy())
-        interpolated = self.method in _INTERPOLATING or self.diffusion.schedule == "continuous"
-        self.timesteps = torch.tensor(times, dtype=torch.float32 if interpolated else torch.long, device=device)
-        self.num_evaluations = len(evals)
-        self._states.clear()
-        self._state = None
+        return torch.stack(rows), alphas
+
+    def _device_table(self, table: torch.Tensor, device) -> torch.Tensor:
+        """The rows as the op takes them: float32 on the device; under thresholding each row takes the
+        thresholded x0 as its model output (c1 = 0, c2 = -1) and the r term is step's base."""
+        table = table.clone()
+        if self.thresholding:
+            table[:, 0], table[:, 1], table[:, COEF_NAMES.index("r")] = 0.0, -1.0, 0.0
+        return table.float().to(device)
 
     def _schedule(self, steps: int) -> tuple[np.ndarray, np.ndarray]:
         """(timesteps, their sigma-space sigmas) of the steps, descending; the final sigma 0 is implicit."""
@@ -288,12 +326,14 @@ class Scheduler:
                 out.append((t[i + 1], s[i + 1], {X: 1.0, e + 1: -w, e: w}, 0.0))
         return out
 
-    def _dpmpp(self, t, s):
+    def _dpmpp(self, t, s, sde: bool | None = None):
         """DPM-Solver++ multistep (Lu et al. 2022), data prediction: with h = lambda_t - lambda_s
         (lambda = log alpha / sigma = -log s) and D_k finite differences of the x0 predictions,
         (DPM-Solver++(2M), their Alg. 2) x_t = sigma_t / sigma_s x - alpha_t (e^-h - 1) (D0 + D1 / 2);
         3M adds the second difference as diffusers does; SDE-DPM-Solver++(2M) is
-        x_t = sigma_t / sigma_s e^-h x + alpha_t (1 - e^-2h) (D0 + D1 / 2) + sigma_t sqrt(1 - e^-2h) z."""
+        x_t = sigma_t / sigma_s e^-h x + alpha_t (1 - e^-2h) (D0 + D1 / 2) + sigma_t sqrt(1 - e^-2h) z.
+        `sde` (default: the method's) chooses between 2M SDE and 2M ODE rows."""
+        sde = self.method == "dpmpp_2m_sde" if sde is None else sde
         s = np.append(s, 0.0)
         n, lam = len(t), -np.log(s[:-1])
         out = []
@@ -315,7 +355,7 @@ class Scheduler:
                 D.append(_comb((1 / (r0 + r1), d10), (-1 / (r0 + r1), d11)))
             phi = math.expm1(-h)
             noise = 0.0
-            if self.method == "dpmpp_2m_sde":
+            if sde:
                 e2 = -math.expm1(-2 * h)
                 a, noise = sigma_t / sigma_s * math.exp(-h), sigma_t * math.sqrt(e2)
                 w = [alpha_t * e2, 0.5 * alpha_t * e2]
@@ -380,7 +420,8 @@ class Scheduler:
         key = (tuple(sample.shape), sample.dtype, sample.device, memory_format_of(sample))
         if key not in self._states:
             self._states[key] = _State(torch.zeros(1, dtype=torch.long, device=sample.device),
-                                       [torch.zeros_like(sample) for _ in range(self.history_len)])
+                                       [torch.zeros_like(sample) for _ in range(self.history_len)],
+                                       torch.zeros_like(sample) if self.chroma_ode else None)
         self._state = self._states[key]
         self._state.step.fill_(start)
         for h in self._state.history:
@@ -405,6 +446,11 @@ class Scheduler:
                 base = sample.float() - alpha * (x0 - model_output)
         out, x0 = ops.sampling_update(sample, model_output, coef, self.clip_x0, history=st.history, base=base,
                                       noise=noise, generator=generator, backend=self.backend)
+        if self.chroma_coefs is not None and sample.shape[1] > 1:  # the colour means from the ODE step
+            ode_coef = self.chroma_coefs.index_select(0, st.step).squeeze(0)
+            ode = ops.sampling_update(sample, model_output, ode_coef, self.clip_x0, history=st.history, base=base,
+                                      noise=st.zeros, backend=self.backend)[0]
+            out = out + chroma_means(ode - out)
         for k in range(len(st.history) - 1, 0, -1):
             st.history[k].copy_(st.history[k - 1])
         if st.history:

@@ -20,8 +20,8 @@ import torch
 from conftest import NoHostSync
 from ddpm_fast import FastSampler, GaussianDiffusion, UNet
 from ddpm_fast.ops import COEF_NAMES
-from ddpm_fast.schedulers import (CAN_KEEP_NOISE, DEFAULT_STEPS, KEEP_NOISE_BY_DEFAULT, METHODS, Scheduler,
-                                  spacing_timesteps)
+from ddpm_fast.schedulers import (CAN_KEEP_NOISE, CHROMA_ODE, DEFAULT_STEPS, KEEP_NOISE_BY_DEFAULT, METHODS,
+                                  Scheduler, spacing_timesteps)
 
 # diffusers is the oracle of every test here: without it (the GPU machine's image) the module skips
 # rather than stopping collection. The graphed sampler's GPU test lives in test_gpu_paths.py.
@@ -211,6 +211,72 @@ def test_which_solvers_keep_the_network_eps():
         else:
             with pytest.raises(ValueError, match=f"--method {method} re-derives"):
                 r_column(use_clipped_model_output=False)
+
+
+def colour_means(x):
+    m = x.mean((2, 3), keepdim=True)
+    return m - m.mean(1, keepdim=True)
+
+
+def theirs_chroma_ode(steps, x, model, generator, **config):
+    """diffusers' SDE-DPM-Solver++(2M) and its ODE, DPM-Solver++(2M), in lockstep on the same model
+    outputs, each image's colour means (per-channel spatial means less their mean over the channels)
+    taken from the ODE's step: chroma_ode built from diffusers' two plain updates."""
+    sde, ode = (D.DPMSolverMultistepScheduler(num_train_timesteps=T, trained_betas=LINEAR.betas.numpy(), **kind,
+                                              **config) for kind in ({"algorithm_type": "sde-dpmsolver++"}, {}))
+    sde.set_timesteps(steps), ode.set_timesteps(steps)
+    assert torch.equal(sde.timesteps, ode.timesteps)
+    for t in sde.timesteps:
+        out = model(x, torch.as_tensor(t).expand(len(x)))
+        xs = sde.step(out, t, x, generator=generator).prev_sample
+        x = xs + colour_means(ode.step(out, t, x).prev_sample - xs)
+    return x.clamp(-1, 1)
+
+
+@pytest.mark.parametrize("steps", [5, 12])
+@pytest.mark.parametrize("spacing, config", [("karras", {"use_karras_sigmas": True}), ("linspace", {})])
+def test_chroma_ode_is_diffusers_sde_and_ode_in_lockstep(steps, spacing, config):
+    model, x = Toy(LINEAR), x_T(seed=2, n=3, size=7)
+    gen = lambda: torch.Generator().manual_seed(11)  # noqa: E731
+    got = ours("dpmpp_2m_sde", steps, x, model, generator=gen(), spacing=spacing, chroma_ode=True)
+    assert rel(got, theirs_chroma_ode(steps, x, model, gen(), **config)) < 1e-3
+    plain = ours("dpmpp_2m_sde", steps, x, model, generator=gen(), spacing=spacing)  # the default: off
+    assert rel(colour_means(got), colour_means(plain)) > 1e-2  # the colour means move; the rest follows them
+
+
+def test_chroma_ode_under_the_default_clip_is_the_plain_updates_in_lockstep():
+    """The library's default sampler (clip, the network's eps kept) with chroma_ode against our two
+    plain updates (each checked against diffusers above) stepped in lockstep, on inputs where the clip
+    bites."""
+    model, x = Toy(LINEAR), 3 * x_T(seed=4, n=2, size=6)
+    got = FastSampler(model, LINEAR, chroma_ode=True, backend="torch", cuda_graph=False).sample(
+        2, 6, generator=torch.Generator().manual_seed(3), x_T=x)
+    sde = Scheduler(LINEAR, "dpmpp_2m_sde", chroma_ode=False, backend="torch")
+    ode = Scheduler(LINEAR, "dpmpp_2m", spacing="karras", use_clipped_model_output=False, backend="torch")
+    gen = torch.Generator().manual_seed(3)
+    for s in (sde, ode):
+        s.set_timesteps(DEFAULT_STEPS)
+        s.begin(x)
+    for _ in range(sde.num_evaluations):
+        out = model(x, sde.model_time(len(x)))
+        xs = sde.step(out, x, generator=gen)
+        x = xs + colour_means(ode.step(out, x) - xs)
+    assert rel(got, x.clamp(-1, 1)) < 1e-5
+
+
+def test_chroma_ode_is_off_by_default_dpmpp_2m_sde_s_alone_and_a_no_op_on_one_channel():
+    for method in METHODS:
+        assert Scheduler(LINEAR, method).chroma_ode is False
+        if method not in CHROMA_ODE:
+            with pytest.raises(ValueError, match=f"--chroma-ode is for dpmpp_2m_sde, not --method {method}"):
+                Scheduler(LINEAR, method, chroma_ode=True)
+    grey = x_T(seed=5, n=2, size=6)[:, :1]
+    half = lambda x, t: 0.5 * x  # noqa: E731
+
+    def sample(chroma_ode):
+        return FastSampler(half, LINEAR, chroma_ode=chroma_ode, backend="torch", cuda_graph=False, channels=1).sample(
+            2, 6, generator=torch.Generator().manual_seed(1), x_T=grey)
+    assert torch.equal(sample(True), sample(False))
 
 
 def test_full_ddpm_chain_matches_diffusers():

@@ -83,6 +83,10 @@ def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
                    help="with a clip, re-derive eps from the clipped x0 (diffusers' DPM-Solver, Euler) or, with "
                         "--no-..., keep the network's eps (diffusers' DDIM; ddim, euler and dpmpp only); default: "
                         "keep it for dpmpp_2m_sde, re-derive otherwise (measured; schedulers.py)")
+    p.add_argument("--chroma-ode", action=argparse.BooleanOptionalAction,
+                   help="dpmpp_2m_sde: take each image's colour means (per-channel means less their grey) from the "
+                        "ODE's step, not the SDE's: removes the per-sample hue of an RGB eps model of grey data, "
+                        "costs KID on colour data (default: off, the plain update, diffusers')")
     p.add_argument("--cfg-scale", type=finite_float, default=1.0,
                    help="classifier-free guidance scale w of a class-conditional model (1: no guidance)")
 
@@ -93,5 +97,6 @@ def sampler_from_args(model, diffusion, args: argparse.Namespace, plan, **overri
 
     kw = dict(method=args.method, steps=args.steps, spacing=args.spacing, order=args.order, eta=args.eta,
               variance=args.variance, clip_x0=args.clip_x0, thresholding=args.thresholding,
-              use_clipped_model_output=args.use_clipped_model_output, cfg_scale=args.cfg_scale)
+              use_clipped_model_output=args.use_clipped_model_output, chroma_ode=args.chroma_ode,
+              cfg_scale=args.cfg_scale)
     return FastSampler(model, diffusion, **(kw | overrides), plan=plan)
