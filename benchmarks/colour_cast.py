@@ -42,7 +42,7 @@ CHANGES = {
     "cosine_lr_warmup_500": dict(lr_schedule="cosine", warmup=500),
     "no_ema": dict(ema_decay=0.0),
     "no_grad_clip": dict(grad_clip=0.0),
-    "min_snr": dict(loss_weight="min_snr"),
+    "uniform_weight": dict(loss_weight="uniform"),  # Ho et al.'s; the default before min-SNR ("min_snr" then)
     "no_flip": dict(flip=False),
 }
 
