@@ -140,7 +140,7 @@ class UNet(nn.Module):
 
     def __init__(self, image_size: int | None = None, ch: int | None = None, ch_mult=None, attn_res=None,
                  num_res_blocks: int | None = None, dropout: float | None = None, act: str | None = None,
-                 num_groups: int | None = None,
+                 num_groups: int | None = None, norm_out_groups: int | None = None,
                  in_ch: int = 3, norm_eps: float = 1e-5, downsample_padding: int = 1,
                  attn_head_dim: int | None = None, freq_shift: float = 1, norm: str = "group",
                  num_classes: int = 0):
@@ -158,8 +158,13 @@ class UNet(nn.Module):
         if image_size % 2 ** (len(ch_mult) - 1):
             raise ValueError(f"--image-size {image_size} is not divisible by 2^{len(ch_mult) - 1} "
                              f"(the number of downsamplings of --ch-mult {tuple(ch_mult)})")
+        # The output norm's groups apart: a one-channel group there subtracts each feature's own mean,
+        # and the residual path carries the image's per-channel means up to it (benchmarks/RESULTS.md,
+        # "The cause, pinned"). Not given: num_groups, as everywhere else.
+        norm_out_groups = norm_out_groups or num_groups
         self.config = dict(image_size=image_size, ch=ch, ch_mult=tuple(ch_mult), attn_res=tuple(attn_res),
                            num_res_blocks=num_res_blocks, dropout=dropout, act=act, num_groups=num_groups,
+                           norm_out_groups=norm_out_groups,
                            norm_eps=norm_eps, downsample_padding=downsample_padding, attn_head_dim=attn_head_dim,
                            freq_shift=freq_shift, norm=norm, num_classes=num_classes, in_ch=in_ch)
         self.ch, self.freq_shift, temb_dim = ch, freq_shift, 4 * ch
@@ -194,7 +199,7 @@ class UNet(nn.Module):
             if i != 0:
                 self.up.append(Upsample(cur))
                 res *= 2
-        self.norm_out = _norm(norm, num_groups, cur, act, norm_eps)
+        self.norm_out = _norm(norm, norm_out_groups, cur, act, norm_eps)
         self.conv_out = nn.Conv2d(cur, in_ch, 3, padding=1)
 
     @classmethod

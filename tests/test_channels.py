@@ -211,6 +211,14 @@ def test_the_default_sampler_samples_grey_data_without_a_tint(default_hues):
     assert default_hues["default"] <= default_hues["ddim"] + 2, default_hues
 
 
+def test_more_channels_a_group_in_the_output_norm_alone_takes_most_of_the_tint(grey64, tmp_path, default_hues):
+    """The residual path carries the image's per-channel means up to the output layer, so four
+    channels a group in its norm alone (the rest one a group) gives most of them back: at this size
+    the default sampler's hue falls to about a third (27.6 -> 10.0 here when written), not to DDIM's."""
+    hues = grey_tints(grey64, tmp_path, norm_out_groups=8)
+    assert hues["default"] < default_hues["default"] / 2, (hues, default_hues)
+
+
 def test_v_prediction_samples_grey_data_without_a_tint(grey64, tmp_path):
     """v prediction reads x0 without multiplying the network's error on the noise's per-channel
     means by sigma / alpha: grey under the default sampler too."""

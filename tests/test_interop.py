@@ -290,6 +290,8 @@ def test_unmapped_folder_and_run_errors(tmp_path, capsys):
         interop.to_diffusers(UNet(**SMALL_OURS | dict(act="hardswish")), GaussianDiffusion())
     with pytest.raises(ValueError, match="num_groups=8"):
         interop.to_diffusers(UNet(**SMALL_OURS | dict(ch=4)), GaussianDiffusion())
+    with pytest.raises(ValueError, match="norm_out_groups=4 differs"):
+        interop.to_diffusers(UNet(**SMALL_OURS | dict(norm_out_groups=4)), GaussianDiffusion())
     with pytest.raises(ValueError, match="continuous"):
         interop.to_diffusers(model, GaussianDiffusion("continuous", 10))
     make_run(tmp_path / "run", "continuous")

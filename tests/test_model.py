@@ -52,3 +52,17 @@ def test_unet_takes_what_it_is_not_given_from_the_default_preset():
     assert {k: model.config[k] for k in PRESETS[DEFAULT_PRESET] if k != "ch"} == {
         k: v for k, v in PRESETS[DEFAULT_PRESET].items() if k != "ch"}
     assert UNet(ch=8, num_groups=4, act="hardswish").config["act"] == "hardswish"
+
+
+def test_norm_out_groups_sets_the_output_norm_alone():
+    from torch import nn
+
+    model = UNet.from_preset("tiny", image_size=16, norm_out_groups=8)
+    groups = {name: m.num_groups for name, m in model.named_modules() if isinstance(m, nn.GroupNorm)}
+    assert groups.pop("norm_out") == 8
+    assert groups and set(groups.values()) == {32}
+    # a config without the field (a checkpoint from before it) builds the output norm with num_groups
+    config = dict(model.config)
+    del config["norm_out_groups"]
+    assert UNet(**config).norm_out.num_groups == 32
+    assert UNet.from_preset("tiny", image_size=16).config["norm_out_groups"] == 32
