@@ -60,8 +60,8 @@ class TrainConfig:
     dropout: float | None = flag(None, "dropout in the residual blocks", "data and model", type=below_one)
     num_groups: int | None = flag(None, "GroupNorm groups (diffusers' norm_num_groups; default: the preset's)",
                                   "data and model", type=positive_int)
-    norm_out_groups: int | None = flag(None, "GroupNorm groups of the output layer's norm alone (default: --num-groups); "
-                                             "diffusers' UNet2DModel cannot record a different number",
+    norm_out_groups: int | None = flag(None, "GroupNorm groups of the output layer's norm alone (default: "
+                                             "--num-groups); diffusers' UNet2DModel cannot record a different number",
                                        "data and model", type=positive_int)
     act: str | None = flag(None, "activation", "data and model", choices=("silu", "hardswish"))
     norm: str | None = flag(None, "normalisation layers (default: group, the DDPM's)", "data and model",
