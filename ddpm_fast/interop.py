@@ -58,6 +58,9 @@ def diffusers_config(model: UNet) -> dict:
     if c.get("norm_out_groups", c["num_groups"]) != c["num_groups"]:
         raise ValueError(f"norm_out_groups={c['norm_out_groups']} differs from num_groups={c['num_groups']}: "
                          "diffusers' UNet2DModel has one norm_num_groups for every norm, its conv_norm_out's included")
+    if c.get("mean_skip"):
+        raise ValueError("mean_skip=True: diffusers' UNet2DModel has no path from the input's channel means to "
+                         "the output (train without --mean-skip to export)")
     attn = [c["image_size"] // 2**i in c["attn_res"] for i in range(len(widths))]
     channels = c.get("in_ch", 3)
     return dict(sample_size=c["image_size"], in_channels=channels, out_channels=channels, block_out_channels=tuple(widths),

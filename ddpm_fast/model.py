@@ -131,6 +131,27 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
+class MeanSkip(nn.Module):
+    """out += M(t) mean(x) + b(t): each image's per-channel means, mixed by a matrix the time embedding
+    gives, added to the output's. A one-channel GroupNorm group subtracts each feature's own spatial
+    mean, so without this path the output's per-channel means cannot follow the input's; the SDE's
+    fresh noise then piles the miss up into a per-sample tint (benchmarks/RESULTS.md, "The cause,
+    pinned"). Zero-initialised, as DiT's adaLN-zero: the model starts as the one without it."""
+
+    def __init__(self, channels: int, temb_dim: int, act: str):
+        super().__init__()
+        self.act = _act(act)
+        self.proj = nn.Linear(temb_dim, channels * (channels + 1))
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        c = x.shape[1]
+        mix = self.proj(self.act(temb)).view(-1, c, c + 1).to(x.dtype)
+        means = x.mean((2, 3)).unsqueeze(-1)
+        return torch.baddbmm(mix[..., c:], mix[..., :c], means)[..., None]
+
+
 class UNet(nn.Module):
     """model(x, t, y=None) -> the prediction (noise, v or x0: the diffusion's); x (B, in_ch, S, S) in
     [-1, 1], t (B,) int64 step indices (or float times, for the continuous schedule). With
@@ -140,7 +161,7 @@ class UNet(nn.Module):
 
     def __init__(self, image_size: int | None = None, ch: int | None = None, ch_mult=None, attn_res=None,
                  num_res_blocks: int | None = None, dropout: float | None = None, act: str | None = None,
-                 num_groups: int | None = None, norm_out_groups: int | None = None,
+                 num_groups: int | None = None, norm_out_groups: int | None = None, mean_skip: bool = False,
                  in_ch: int = 3, norm_eps: float = 1e-5, downsample_padding: int = 1,
                  attn_head_dim: int | None = None, freq_shift: float = 1, norm: str = "group",
                  num_classes: int = 0):
@@ -164,7 +185,7 @@ class UNet(nn.Module):
         norm_out_groups = norm_out_groups or num_groups
         self.config = dict(image_size=image_size, ch=ch, ch_mult=tuple(ch_mult), attn_res=tuple(attn_res),
                            num_res_blocks=num_res_blocks, dropout=dropout, act=act, num_groups=num_groups,
-                           norm_out_groups=norm_out_groups,
+                           norm_out_groups=norm_out_groups, mean_skip=mean_skip,
                            norm_eps=norm_eps, downsample_padding=downsample_padding, attn_head_dim=attn_head_dim,
                            freq_shift=freq_shift, norm=norm, num_classes=num_classes, in_ch=in_ch)
         self.ch, self.freq_shift, temb_dim = ch, freq_shift, 4 * ch
@@ -201,6 +222,7 @@ class UNet(nn.Module):
                 res *= 2
         self.norm_out = _norm(norm, norm_out_groups, cur, act, norm_eps)
         self.conv_out = nn.Conv2d(cur, in_ch, 3, padding=1)
+        self.mean_skip = MeanSkip(in_ch, temb_dim, act) if mean_skip else None
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "UNet":
@@ -241,4 +263,5 @@ class UNet(nn.Module):
                 h = m(torch.cat([h, hs.pop()], dim=1), temb)
             else:
                 h = m(h)
-        return self.conv_out(self.norm_out(h))
+        out = self.conv_out(self.norm_out(h))
+        return out if self.mean_skip is None else out + self.mean_skip(x, temb)

@@ -22,7 +22,7 @@ PRESETS: dict[str, dict] = {
 DEFAULT_PRESET = "anime64"
 
 MODEL_FIELDS = ("image_size", "ch", "ch_mult", "attn_res", "num_res_blocks", "dropout", "act", "num_groups",
-                "norm_out_groups", "norm_eps", "downsample_padding", "attn_head_dim", "freq_shift", "norm",
+                "norm_out_groups", "mean_skip", "norm_eps", "downsample_padding", "attn_head_dim", "freq_shift", "norm",
                 "num_classes", "in_ch")
 
 

@@ -219,6 +219,15 @@ def test_more_channels_a_group_in_the_output_norm_alone_takes_most_of_the_tint(g
     assert hues["default"] < default_hues["default"] / 2, (hues, default_hues)
 
 
+def test_the_mean_skip_samples_grey_data_without_a_tint(grey64, tmp_path, default_hues):
+    """The path from the input's per-channel means to the output's (--mean-skip) gives back what the
+    one-channel groups remove, every norm left as it is: the default sampler as grey as
+    DDIMPipeline's reading of the same weights, where without it the hue is several times that."""
+    hues = grey_tints(grey64, tmp_path, mean_skip=True)
+    assert hues["default"] <= hues["ddim"] + 2, hues
+    assert default_hues["default"] > hues["ddim"] + 2, default_hues
+
+
 def test_v_prediction_samples_grey_data_without_a_tint(grey64, tmp_path):
     """v prediction reads x0 without multiplying the network's error on the noise's per-channel
     means by sigma / alpha: grey under the default sampler too."""

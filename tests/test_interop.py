@@ -292,6 +292,8 @@ def test_unmapped_folder_and_run_errors(tmp_path, capsys):
         interop.to_diffusers(UNet(**SMALL_OURS | dict(ch=4)), GaussianDiffusion())
     with pytest.raises(ValueError, match="norm_out_groups=4 differs"):
         interop.to_diffusers(UNet(**SMALL_OURS | dict(norm_out_groups=4)), GaussianDiffusion())
+    with pytest.raises(ValueError, match="mean_skip=True"):
+        interop.to_diffusers(UNet(**SMALL_OURS | dict(mean_skip=True)), GaussianDiffusion())
     with pytest.raises(ValueError, match="continuous"):
         interop.to_diffusers(model, GaussianDiffusion("continuous", 10))
     make_run(tmp_path / "run", "continuous")

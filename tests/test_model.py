@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from ddpm_fast import PRESETS, UNet
+from ddpm_fast.model import timestep_embedding
 
 
 def n_params(m):
@@ -66,3 +67,34 @@ def test_norm_out_groups_sets_the_output_norm_alone():
     del config["norm_out_groups"]
     assert UNet(**config).norm_out.num_groups == 32
     assert UNet.from_preset("tiny", image_size=16).config["norm_out_groups"] == 32
+
+
+@pytest.mark.parametrize("in_ch", [1, 3])
+def test_mean_skip_adds_the_input_means_mixed_by_the_time_embedding(in_ch):
+    """Zero-initialised, the model is the one without the path; once trained, the path adds to each
+    output channel a constant over the image: M(t) mean(x) + b(t), M and b from the time embedding
+    (written out here with einsum, apart from the module's baddbmm). Gradients reach its weights."""
+    torch.manual_seed(0)
+    plain = UNet.from_preset("tiny", image_size=16, ch_mult=(1, 2), in_ch=in_ch)
+    model = UNet.from_preset("tiny", image_size=16, ch_mult=(1, 2), in_ch=in_ch, mean_skip=True)
+    assert model.config["mean_skip"] and not plain.config["mean_skip"]
+    missing = model.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == ["mean_skip.proj.bias", "mean_skip.proj.weight"]
+    x, t = torch.randn(5, in_ch, 16, 24), torch.randint(0, 1000, (5,))
+    torch.testing.assert_close(model(x, t), plain(x, t), rtol=0, atol=0)
+
+    with torch.no_grad():
+        model.mean_skip.proj.weight.normal_(0, 0.1), model.mean_skip.proj.bias.normal_(0, 0.1)
+    out = model(x, t)
+    temb = model.temb(timestep_embedding(t, model.ch, model.freq_shift))
+    mix = torch.nn.functional.linear(torch.nn.functional.silu(temb), model.mean_skip.proj.weight,
+                                     model.mean_skip.proj.bias).view(5, in_ch, in_ch + 1)
+    added = torch.einsum("bij,bj->bi", mix[..., :in_ch], x.mean((2, 3))) + mix[..., in_ch]
+    torch.testing.assert_close(out - plain(x, t), added[..., None, None].expand_as(out), rtol=1e-5, atol=1e-5)
+
+    out.square().mean().backward()
+    assert model.mean_skip.proj.weight.grad.abs().sum() > 0 and model.mean_skip.proj.bias.grad.abs().sum() > 0
+    # a config from before the field builds without the path
+    config = dict(model.config)
+    del config["mean_skip"]
+    assert UNet(**config).mean_skip is None

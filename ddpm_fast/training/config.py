@@ -63,6 +63,9 @@ class TrainConfig:
     norm_out_groups: int | None = flag(None, "GroupNorm groups of the output layer's norm alone (default: "
                                              "--num-groups); diffusers' UNet2DModel cannot record a different number",
                                        "data and model", type=positive_int)
+    mean_skip: bool = flag(False, "add a zero-initialised, time-conditioned path from each image's per-channel "
+                                  "means to the output's, which one-channel GroupNorm groups cannot pass; "
+                                  "diffusers' UNet2DModel has no such path", "data and model")
     act: str | None = flag(None, "activation", "data and model", choices=("silu", "hardswish"))
     norm: str | None = flag(None, "normalisation layers (default: group, the DDPM's)", "data and model",
                             choices=("group", "batch"))
