@@ -1,0 +1,74 @@
+"""python -m benchmarks.colour_stats --ckpt RUN [--ckpt RUN ...]: how far a colour model's samples are
+from its data's colour statistics, beside KID.
+
+The grey-tint fixes (--mean-skip, --norm-out-groups, --num-groups 8) take an RGB model's per-sample
+hue off grey data and cost KID on the emoji glyphs; this shows what changes in the colour of the
+samples. Each run's EMA model draws --samples with the default sampler from one seed; the data is
+the run's --data split (val, the ablation's KID reference). Every figure in 0..255 of (N, 3, H, W)
+images: saturation = mean |channel - grey| over pixels (grey = the channel mean: grey_tint's cast),
+hue = the same of each image's per-channel means, colour spread = the standard deviation over
+images of those means (mean over the channels), contrast = the pixels' standard deviation, and the
+border's cast = the saturation of each image's two-pixel frame (the glyphs' background is grey).
+
+Writes colour_stats.json and .md to $OUT when set, else benchmarks/results/."""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from ddpm_fast import FastSampler
+from ddpm_fast.checkpoint import load_model
+from ddpm_fast.data import load_images
+
+from .common import write_result
+from .grey_tint import cast, contrast, hue
+from .report_parts import md_table
+
+
+def border(images: torch.Tensor, width: int = 2) -> torch.Tensor:
+    """The pixels of each image's frame `width` wide, as (N, C, P, 1)."""
+    mask = torch.ones(images.shape[-2:], dtype=torch.bool)
+    mask[width:-width, width:-width] = False
+    return images[..., mask].unsqueeze(-1)
+
+
+def figures(images: torch.Tensor) -> dict:
+    means = (images.clamp(-1, 1).mean((2, 3)) + 1) * 127.5
+    return {"saturation": round(cast(images), 2), "hue": round(hue(images), 2),
+            "colour_spread": round(float(means.std(0).mean()), 2), "contrast": round(contrast(images), 1),
+            "border_cast": round(cast(border(images)), 2)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.colour_stats", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", action="append", required=True, help="a run (its EMA weights); repeat for more")
+    p.add_argument("--samples", type=int, default=256)
+    p.add_argument("--split", default="val", choices=("train", "val", "test"), help="the data's split")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    result = {"env": vars(args), "data": {}, "runs": {}}
+    for ckpt in args.ckpt:
+        model, diffusion, cfg = load_model(ckpt)
+        size, data = cfg["model"]["image_size"], cfg["data"] or "the embedded set"
+        if data not in result["data"]:
+            result["data"][data] = figures(load_images(cfg["data"], size, split=args.split,
+                                                       channels=cfg["model"].get("in_ch", 3)))
+        samples = FastSampler(model, diffusion).sample(args.samples, size,
+                                                       generator=torch.Generator().manual_seed(args.seed))
+        result["runs"][ckpt] = figures(samples) | {"data": data}
+        print(ckpt, result["runs"][ckpt], flush=True)
+        write_result("colour_stats", result)
+    names = list(next(iter(result["data"].values())))
+    rows = [[f"the data ({d}, {args.split})", *v.values()] for d, v in result["data"].items()]
+    rows += [[k, *(v[n] for n in names)] for k, v in result["runs"].items()]
+    md = md_table(["run", *names], rows)
+    path = write_result("colour_stats", result)
+    path.with_suffix(".md").write_text(md + "\n")
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
