@@ -203,7 +203,8 @@ def test_chroma_ode_samples_grey_data_without_a_tint(default_hues):
 
 @pytest.mark.xfail(strict=True, reason="the default sampler's plain SDE tints an eps model of one-channel GroupNorm "
                                        "groups (benchmarks/RESULTS.md, 'Where the tint comes from'); the fixes "
-                                       "measured (--chroma-ode, --num-groups 8, --prediction v) cost colour KID")
+                                       "measured (--chroma-ode, --num-groups 8, --prediction v, --mean-skip) cost "
+                                       "colour KID")
 def test_the_default_sampler_samples_grey_data_without_a_tint(default_hues):
     """Those groups remove every feature's spatial mean, so the model cannot give back the noise's
     per-channel means; its x0 reading multiplies that error by sigma / alpha and the SDE's fresh
