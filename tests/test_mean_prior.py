@@ -1,0 +1,83 @@
+"""benchmarks.mean_prior: the posterior against a regression fitted to draws from the model it assumes,
+the wrapped model's x0 reading against what the prior says of grey data, and the command's rows."""
+import itertools
+import json
+
+import pytest
+import torch
+
+from benchmarks import mean_prior
+from ddpm_fast import UNet
+from ddpm_fast.diffusion import GaussianDiffusion
+from ddpm_fast.presets import preset_config
+
+
+def test_the_posterior_is_the_best_linear_reading_of_draws_from_the_prior():
+    """E[m0 | m_t] of a joint Gaussian is linear in m_t: least squares on many draws of
+    m_t = alpha m0 + sigma n recovers its gain and offset."""
+    g = torch.Generator().manual_seed(0)
+    mu = torch.tensor([0.2, -0.1, 0.05], dtype=torch.float64)
+    root = torch.randn(3, 3, generator=g, dtype=torch.float64) * 0.3
+    cov = root @ root.T
+    alpha, sigma, pixels, n = 0.6, 0.8, 7, 400_000
+    m0 = mu + torch.randn(n, 3, generator=g, dtype=torch.float64) @ root.T
+    m_t = alpha * m0 + sigma * torch.randn(n, 3, generator=g, dtype=torch.float64) / pixels ** 0.5
+    design = torch.cat([m_t, torch.ones(n, 1, dtype=torch.float64)], 1)
+    fitted = torch.linalg.lstsq(design, m0).solution  # (4, 3): gain^T over the offset
+
+    probe = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    got = mean_prior.posterior_means(probe, torch.full((5,), alpha, dtype=torch.float64),
+                                     torch.full((5,), sigma, dtype=torch.float64), mu, cov, pixels)
+    want = torch.cat([probe, torch.ones(5, 1, dtype=torch.float64)], 1) @ fitted
+    assert torch.allclose(got, want, atol=0.01), (got, want)
+
+
+@pytest.fixture
+def net():
+    torch.manual_seed(0)
+    return UNet(**preset_config("tiny", image_size=8, ch_mult=(1, 2), attn_res=())).eval()
+
+
+def test_a_grey_prior_reads_grey_means_and_chroma_keeps_the_brightness(net):
+    """Grey data (every image's channel means equal) has no colour to put in x0's means: with the
+    prior of such data the wrapped model's x0 reading has equal channel means at every t. The
+    "chroma" mode changes only the means less their grey; both change no pixel against another (of
+    the network's x0, or of its clip with after_clip)."""
+    diffusion = GaussianDiffusion(timesteps=100)
+    mu, cov = torch.full((3,), 0.1), torch.full((3, 3), 0.2)
+    x = torch.randn(4, 3, 8, 6)  # an awkward, non-square size
+    t = torch.tensor([0, 17, 60, 99])
+    abar = diffusion.alphas_cumprod[t].double()[:, None, None, None]
+    with torch.no_grad():
+        eps = net(x, t).double()
+        x0_net = (x - (1 - abar).sqrt() * eps) / abar.sqrt()
+        for mode, after_clip in itertools.product(("all", "chroma"), (False, True)):
+            out = mean_prior.MeanPrior(net, diffusion, mu, cov, mode, after_clip)(x, t).double()
+            x0 = (x - (1 - abar).sqrt() * out) / abar.sqrt()
+            means = x0.mean((2, 3))
+            assert torch.allclose(means, means.mean(1, keepdim=True).expand(-1, 3), atol=1e-4), (mode, means)
+            shift = x0 - (x0_net.clamp(-1, 1) if after_clip else x0_net)  # one number a channel
+            assert torch.allclose(shift, shift.mean((2, 3), keepdim=True).expand_as(shift), atol=1e-4)
+            if mode == "chroma":
+                assert torch.allclose(shift.mean(1), torch.zeros(4, 8, 6, dtype=torch.float64), atol=1e-4)
+
+
+def test_the_prior_refuses_models_it_cannot_read(net):
+    with pytest.raises(ValueError, match="predicts v"):
+        mean_prior.MeanPrior(net, GaussianDiffusion(timesteps=100, prediction="v"), torch.zeros(3), torch.eye(3))
+    with pytest.raises(ValueError, match="mode"):
+        mean_prior.MeanPrior(net, GaussianDiffusion(timesteps=100), torch.zeros(3), torch.eye(3), "luma")
+
+
+def test_the_command_writes_each_mode(tmp_path, monkeypatch, net):
+    cfg = net.config
+    torch.save({"config": {"model": cfg, "schedule": "linear", "timesteps": 50, "data": None, "seed": 3},
+                "model": net.state_dict(), "ema": None}, tmp_path / "checkpoint.pt")
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    assert mean_prior.main(["--ckpt", str(tmp_path), "--samples", "4", "--no-kid"]) == 0
+    result = json.loads((tmp_path / "out" / "mean_prior.json").read_text())
+    assert list(result["runs"]) == [f"{tmp_path}: {m}" for m in mean_prior.MODES]
+    assert all(r["seed"] == 3 and r["data"] == "the embedded set" for r in result["runs"].values())
+    assert result["runs"][f"{tmp_path}: all"]["hue"] != result["runs"][f"{tmp_path}: none"]["hue"]
+    with pytest.raises(SystemExit):
+        mean_prior.main(["--ckpt", str(tmp_path), "--modes", "none,luma"])
