@@ -14,6 +14,10 @@ For each run (a checkpoint of `train --channels 3` on a grey folder; its EMA wei
   reference samplers beside it: DDIM-50 on leading steps with either reading (diffusers' DDIMPipeline keeps the network's
   eps) and DDPM-1000 (Ho et al.'s clipped ancestral sampler).
 
+The default sampler reads x0's channel means with the run's recorded prior on them where its
+default turns that on (ddpm_fast/channel_means.py); every other row is the plain update (the prior
+off, as diffusers' samplers are), with the plain default sampler's own row beside it.
+
 The figures: cast = mean |channel - grey| over pixels in 0..255 (grey = the channel mean), hue =
 the same of each image's per-channel means (the uniform per-sample tint), contrast = the pixel
 std in 0..255 (a washed-out sample is grey too). Writes grey_tint.json and .md to $OUT when set,
@@ -98,7 +102,7 @@ def chain(model, diffusion, n: int, size: int, seed: int, *, method: str = DEFAU
     return x.clamp(-1, 1)
 
 
-BRIEF = (f"{DEFAULT_METHOD}, {DEFAULT_SPACING[DEFAULT_METHOD]}, 20 (default)",
+BRIEF = (f"{DEFAULT_METHOD}, {DEFAULT_SPACING[DEFAULT_METHOD]}, 20 (default)", "  the plain update (--no-mean-prior)",
          "  colour means from the ODE's step (--chroma-ode)", "dpmpp_2m, karras, 20, network eps (the ODE)",
          "ddim, leading, 50, network eps (DDIMPipeline)")
 
@@ -106,7 +110,8 @@ BRIEF = (f"{DEFAULT_METHOD}, {DEFAULT_SPACING[DEFAULT_METHOD]}, 20 (default)",
 def variants(evals: int) -> dict[str, dict]:
     """The default sampler (diffusers' update), the same with one part changed, the ODE of the same
     solver, and the reference samplers."""
-    out = {BRIEF[0]: {}, "  colour means from the ODE's step (--chroma-ode)": dict(chroma_ode=True),
+    out = {BRIEF[0]: {}, "  the plain update (--no-mean-prior)": {},
+           "  colour means from the ODE's step (--chroma-ode)": dict(chroma_ode=True),
            "  x_T per-channel means grey": dict(grey_xT=True),
            "  injected noise per-channel means grey": dict(grey_noise=True),
            "  both": dict(grey_xT=True, grey_noise=True)}
@@ -124,7 +129,7 @@ def variants(evals: int) -> dict[str, dict]:
             "ddim, leading, 50, eps re-derived": dict(method="ddim", steps=50, spacing="leading",
                                                       use_clipped_model_output=True),
             "ddpm, 1000": dict(method="ddpm", steps=None)}
-    return out
+    return {k: v if k == BRIEF[0] else v | {"mean_prior": False} for k, v in out.items()}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,7 @@
 """python -m benchmarks.mean_prior --ckpt RUN [--ckpt RUN ...]: the grey-tint fixes' colour price with
 nothing learnt: an eps model's per-channel output means replaced, at every evaluation, by the exact
-posterior of a Gaussian prior on the images' channel means.
+posterior of a Gaussian prior on the images' channel means; and the sampler's own reading of them
+with that prior (FastSampler's mean_prior, ddpm_fast/channel_means.py).
 
 The tint's cause (benchmarks/RESULTS.md, "The cause, pinned"): one-channel GroupNorm groups hide x_t's
 per-channel means from the network, so its x0 reading keeps them as if they were image, a flat prior
@@ -9,8 +10,10 @@ N(mu, Sigma) (the train split's) and x_t's as m_t = alpha m0 + sigma n, n ~ N(0,
 reading of the means is E[m0 | m_t] = mu + alpha Sigma (alpha^2 Sigma + sigma^2 / pixels I)^-1
 (m_t - alpha mu); here it is computed, not trained (as --mean-skip trains it), on the weights of a
 plain model, so a colour price it pays is the means' own and not the training's. Modes: "none" (the
-model as it is), "all" (every channel's mean replaced), "chroma" (only the means less their grey:
-the part a grey image has none of; the brightness stays the network's).
+model as it is, the plain update), "all" (every channel's mean of the network's x0 replaced),
+"chroma" (only the means less their grey: the part a grey image has none of; the brightness stays
+the network's), "prior" (the sampler's reading, --mean-prior: the means of the clipped x0 replaced).
+The prior is the one train records (the run's, else estimated as train does from its data).
 
 Each run's EMA model draws --samples with the default sampler from one seed (the run's own, as the
 ablation's evaluation does) per mode; KID against --split (as the ablation: at most twice --samples
@@ -23,15 +26,16 @@ import argparse
 import torch
 
 from ddpm_fast import FastSampler
+from ddpm_fast.channel_means import SAMPLE_IMAGES, ChannelMeans
 from ddpm_fast.checkpoint import load_model
-from ddpm_fast.data import load_images
+from ddpm_fast.data import load_images, load_sample
 from ddpm_fast.evaluation import generate, score_samples
 
 from .colour_stats import figures
 from .common import write_result
 from .report_parts import md_table
 
-MODES = ("none", "all", "chroma")
+MODES = ("none", "all", "chroma", "prior")
 
 
 def posterior_means(m_t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, mu: torch.Tensor,
@@ -45,18 +49,16 @@ def posterior_means(m_t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor,
 
 
 class MeanPrior(torch.nn.Module):
-    """model(x, t) with its output's per-channel means those whose x0 reading is posterior_means' (of
-    the clipped x0 with after_clip: the sampler clips x0 to [-1, 1] before its update, and a clip
-    moves the means of an x0 whose pixels pass the range)."""
+    """model(x, t) with its output's per-channel means those whose x0 reading is posterior_means'."""
 
-    def __init__(self, model, diffusion, mu: torch.Tensor, cov: torch.Tensor, mode: str = "all",
-                 after_clip: bool = False):
+    def __init__(self, model, diffusion, prior: ChannelMeans, mode: str = "all"):
         super().__init__()
         if diffusion.prediction != "epsilon":
             raise ValueError(f"the mean prior reads an eps model's output; this one predicts {diffusion.prediction}")
-        if mode not in MODES[1:]:
-            raise ValueError(f"mode must be one of {MODES[1:]}, got {mode!r}")
-        self.model, self.mode, self.after_clip, self.mu, self.cov = model, mode, after_clip, mu.double(), cov.double()
+        if mode not in ("all", "chroma"):
+            raise ValueError(f"mode must be all or chroma, got {mode!r}")
+        self.model, self.mode = model, mode
+        self.mu, self.cov = torch.tensor(prior.mu, dtype=torch.float64), torch.tensor(prior.cov, dtype=torch.float64)
         self.alphas_cumprod = torch.as_tensor(diffusion.alphas_cumprod, dtype=torch.float64)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, *args) -> torch.Tensor:
@@ -64,27 +66,20 @@ class MeanPrior(torch.nn.Module):
             raise ValueError("the mean prior needs the discrete schedule's step indices")
         eps = self.model(x, t, *args)
         abar = self.alphas_cumprod.to(x.device)[t.long()]
-        alpha, sigma = abar.sqrt()[:, None, None, None], (1 - abar).sqrt()[:, None, None, None]
-        xd = x.double()
-        m0 = posterior_means(xd.mean((2, 3)), alpha.flatten(), sigma.flatten(), self.mu.to(x.device),
-                             self.cov.to(x.device), x.shape[-2] * x.shape[-1])
-        x0 = (xd - sigma * eps.double()) / alpha
-        if self.after_clip:
-            x0 = x0.clamp(-1, 1)
-        shift = m0 - x0.mean((2, 3))
+        alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
+        m_t = x.double().mean((2, 3))
+        m0 = posterior_means(m_t, alpha, sigma, self.mu.to(x.device), self.cov.to(x.device),
+                             x.shape[-2] * x.shape[-1])
+        shift = (m_t - alpha[:, None] * m0) / sigma[:, None] - eps.double().mean((2, 3))
         if self.mode == "chroma":
             shift = shift - shift.mean(1, keepdim=True)
-        # the output whose x0 reading is x0 with its means shifted (after the clip: the clipped x0's,
-        # so the sampler's own clip finds it in range up to the shift)
-        return ((xd - alpha * (x0 + shift[..., None, None])) / sigma).to(eps.dtype)
+        return eps + shift.to(eps.dtype)[..., None, None]
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.mean_prior", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", action="append", required=True, help="a run of an eps model; repeat for more")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
-    p.add_argument("--after-clip", action="store_true", help="shift the means of the clipped x0 (the sampler's "
-                                                             "clip then finds it in range)")
     p.add_argument("--samples", type=int, default=256)
     p.add_argument("--kid", action=argparse.BooleanOptionalAction, default=True, help="KID of the samples (Inception)")
     p.add_argument("--split", default="val", choices=("train", "val", "test"), help="KID's and the figures' split")
@@ -100,13 +95,14 @@ def main(argv: list[str] | None = None) -> int:
         name = data or "the embedded set"
         if name not in result["data"]:
             result["data"][name] = figures(load_images(data, size, split=args.split, channels=channels))
-        means = load_images(data, size, split="train", channels=channels).double().mean((2, 3))
-        mu, cov = means.mean(0), torch.atleast_2d(torch.cov(means.T))
+        prior = diffusion.channel_means or ChannelMeans.of(
+            load_sample(data, size, SAMPLE_IMAGES, seed=cfg.get("seed", 0), channels=channels))
+        diffusion.channel_means = prior
         seed = cfg.get("seed", 0) if args.seed is None else args.seed
         for mode in modes:
-            net = model if mode == "none" else MeanPrior(model, diffusion, mu, cov, mode, args.after_clip)
-            samples = generate(FastSampler(net, diffusion, channels=channels), args.samples, size,
-                               torch.device("cpu"), seed)
+            net = MeanPrior(model, diffusion, prior, mode) if mode in ("all", "chroma") else model
+            sampler = FastSampler(net, diffusion, channels=channels, mean_prior=mode == "prior")
+            samples = generate(sampler, args.samples, size, torch.device("cpu"), seed)
             row = figures(samples) | {"data": name, "seed": seed}
             if args.kid:
                 r = score_samples(samples, data, size, torch.device("cpu"), kid_n=args.samples, seed=seed,

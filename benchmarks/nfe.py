@@ -112,7 +112,7 @@ def earlier_rows(env: dict) -> list[dict]:
     if not path.exists():
         return []
     old = json.loads(path.read_text())
-    same = ("checkpoint", "images", "ref_images", "timesteps", "clip_x0", "use_clipped_model_output")
+    same = ("checkpoint", "images", "ref_images", "timesteps", "clip_x0", "use_clipped_model_output", "mean_prior")
     if any(old["env"].get(k) != env[k] for k in same):
         raise SystemExit(f"--resume: {path} measured another setting ({', '.join(same)} differ); move it away")
     print(f"--resume: {len(old['rows'])} rows from {path}")
@@ -131,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--use-clipped-model-output", action=argparse.BooleanOptionalAction,
                    help="with --clip-x0, re-derive eps from the clipped x0, or keep the network's "
                         "(default: each solver's; schedulers.Scheduler)")
+    p.add_argument("--mean-prior", action=argparse.BooleanOptionalAction,
+                   help="read x0's channel means with the run's prior on them (default: the sampler's default)")
     p.add_argument("--data", help="image folder (default: the run's data)")
     p.add_argument("--ref-images", type=int, default=10000, help="at most this many test images for the reference")
     p.add_argument("--batch-size", type=int, default=500)
@@ -164,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
 
     env = {"device": str(plan.device), "plan": plan.describe(), "checkpoint": str(args.ckpt), "images": args.images,
            "ref_images": len(ref.features), "timesteps": T, "clip_x0": args.clip_x0,
-           "use_clipped_model_output": args.use_clipped_model_output}
+           "use_clipped_model_output": args.use_clipped_model_output, "mean_prior": args.mean_prior}
     rows = earlier_rows(env) if args.resume else []
     done = {(r["solver"], r["nfe"], r["seed"]) for r in rows}
     path = write_result("nfe", {"env": env, "rows": rows, "reaches": reaches(rows)})
@@ -175,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"no step count gives {run['nfe']} evaluations")
             sampler = FastSampler(model, diffusion, method=run["method"], steps=steps, spacing=run["spacing"],
                                   order=run["order"], clip_x0=args.clip_x0,
-                                  use_clipped_model_output=args.use_clipped_model_output, plan=plan)
+                                  use_clipped_model_output=args.use_clipped_model_output, mean_prior=args.mean_prior,
+                                  plan=plan)
         except ValueError as e:
             print(f"skip {run['solver']} at NFE {run['nfe']}: {e}")
             continue

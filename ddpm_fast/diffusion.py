@@ -17,6 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .channel_means import ChannelMeans
 from .ops.reference import coef_row
 
 SCHEDULES = ("linear", "cosine", "continuous")
@@ -75,11 +76,13 @@ class GaussianDiffusion:
     the x0 error, expressed for the target; "elbo" is the variational bound's weight
     0.5 (SNR(t-1) - SNR(t)) on the x0 error (Kingma et al. 2021), normalised to mean 1 over t.
     offset_noise adds a per-image, per-channel constant to the noise (Guttenberg 2023);
-    zero_terminal_snr rescales the schedule so x_T carries no signal (Lin et al. 2023)."""
+    zero_terminal_snr rescales the schedule so x_T carries no signal (Lin et al. 2023).
+    channel_means: the training data's per-channel mean statistics (channel_means.py), which the
+    sampler reads x0's means with; None where not recorded (a diffusers model, an older run)."""
 
     def __init__(self, schedule: str = "linear", timesteps: int = 1000, prediction: str = "epsilon",
                  loss_weight: str = "uniform", snr_gamma: float = 5.0, offset_noise: float = 0.0,
-                 zero_terminal_snr: bool = False):
+                 zero_terminal_snr: bool = False, channel_means: ChannelMeans | None = None):
         if schedule not in SCHEDULES:
             raise ValueError(f"--schedule must be one of {SCHEDULES}, got {schedule!r}")
         if timesteps < 2:
@@ -97,6 +100,7 @@ class GaussianDiffusion:
         if not snr_gamma > 0:
             raise ValueError(f"--snr-gamma must be positive, got {snr_gamma}")
         self.schedule, self.prediction, self.loss_weight = schedule, prediction, loss_weight
+        self.channel_means = channel_means
         self.snr_gamma, self.offset_noise, self.zero_terminal_snr = float(snr_gamma), float(offset_noise), zero_terminal_snr
         self.timesteps = T = int(timesteps)
         if schedule == "linear":
@@ -129,7 +133,8 @@ class GaussianDiffusion:
     @classmethod
     def from_config(cls, config: dict) -> "GaussianDiffusion":
         """The diffusion a run's (or checkpoint's) config describes; fields it predates take the defaults."""
-        return cls(**{k: config[k] for k in cls.CONFIG_FIELDS if config.get(k) is not None})
+        return cls(**{k: config[k] for k in cls.CONFIG_FIELDS if config.get(k) is not None},
+                   channel_means=ChannelMeans.from_dict(config.get("channel_means")))
 
     # -- helpers -------------------------------------------------------------------------
     def _on(self, name: str, device: torch.device) -> torch.Tensor:

@@ -239,6 +239,13 @@ class UNet(nn.Module):
                 m.backend = per_op.get("attention", "auto")
         return self
 
+    def output_hides_means(self) -> bool:
+        """Whether the output cannot follow the input's per-channel means: its norm is GroupNorm of one
+        channel a group (each subtracts its feature's spatial mean) and no --mean-skip path adds them
+        back. The sampler's default prior on the means is for such a model (channel_means.py)."""
+        norm = self.norm_out
+        return isinstance(norm, GroupNormAct) and norm.num_groups == norm.num_channels and self.mean_skip is None
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         temb = self.temb(timestep_embedding(t, self.ch, self.freq_shift))
         if self.class_emb is not None:

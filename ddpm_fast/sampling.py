@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from . import graphs
+from .channel_means import prior_for
 from .diffusion import GaussianDiffusion
 from .plan import ExecutionPlan
 from .schedulers import DEFAULT_CLIP_X0, DEFAULT_METHOD, METHODS, SPACINGS, Scheduler
@@ -50,7 +51,9 @@ class FastSampler:
     `use_clipped_model_output` says what the step keeps beside the clipped x0 (None: the measured
     default of each solver; schedulers.py says which and why). `chroma_ode`: dpmpp_2m_sde takes each
     image's colour means from its ODE counterpart's step (default: no, the plain update, diffusers';
-    schedulers.CHROMA_ODE says when it helps).
+    schedulers.CHROMA_ODE says when it helps). `mean_prior`: each x0's channel means read with the
+    training data's prior (diffusion.channel_means; channel_means.py); None, the default: on for an eps
+    model whose output cannot see the means (the tiny preset's), where it was measured, else off.
 
     Class-conditional models `(x, t, y) -> out` sample the classes given to `sample(classes=...)`;
     `cfg_scale` w is classifier-free guidance, out = u + w (c - u) from the conditional output c and
@@ -67,7 +70,8 @@ class FastSampler:
                  steps: int | None = None, spacing: str | None = None, eta: float = 0.0, variance: str = "beta",
                  clip_x0: bool = DEFAULT_CLIP_X0, thresholding: bool = False,
                  use_clipped_model_output: bool | None = None, order: int | None = None,
-                 prediction_type: str | None = None, chroma_ode: bool | None = None, cfg_scale: float = 1.0,
+                 prediction_type: str | None = None, chroma_ode: bool | None = None,
+                 mean_prior: bool | None = None, cfg_scale: float = 1.0,
                  dtype: torch.dtype | None = None,
                  compile: bool = False, cuda_graph: str | bool = "auto", backend: str = "auto",
                  plan: ExecutionPlan | None = None, channels: int | None = None):
@@ -87,6 +91,7 @@ class FastSampler:
                                    clip_x0=clip_x0, thresholding=thresholding,
                                    use_clipped_model_output=use_clipped_model_output,
                                    prediction_type=prediction_type or diffusion.prediction, chroma_ode=chroma_ode,
+                                   mean_prior=prior_for(model, diffusion, mean_prior),
                                    backend=plan.backends["sampling_update"])
         self.scheduler.set_timesteps(steps, plan.device)
         self._graphs: dict = {}  # batch shape -> (static sample, replay)

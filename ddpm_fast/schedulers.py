@@ -52,6 +52,7 @@ import numpy as np
 import torch
 
 from . import ops
+from .channel_means import ChannelMeans
 from .diffusion import VARIANCES, GaussianDiffusion
 from .ops.reference import COEF_NAMES, MAX_HISTORY, coef_row, memory_format_of
 
@@ -154,6 +155,7 @@ class _State:
     step: torch.Tensor           # (1,) long: the evaluation, read on the device
     history: list[torch.Tensor]  # the x0 predictions of the last evaluations, the latest first
     zeros: torch.Tensor | None   # the ODE step's noise (chroma_ode): none, and no draw from the generator
+    prior: tuple[torch.Tensor, torch.Tensor] | None = None  # mean_prior's (gain, offset) rows at this size
 
 
 class Scheduler:
@@ -171,13 +173,16 @@ class Scheduler:
     `use_clipped_model_output` (diffusers' DDIM name): with clip_x0 or thresholding, re-derive the
     noise from the clipped x0 (True) or keep the network's (False; CAN_KEEP_NOISE only). None: the
     measured default, False for KEEP_NOISE_BY_DEFAULT, else True (module docstring).
+    `mean_prior` (a ChannelMeans, or None: the plain update): each evaluation's x0 gets the channel
+    means the data's prior reads from x_t's (channel_means.py); the rest of the step is unchanged.
     """
 
     def __init__(self, diffusion: GaussianDiffusion, method: str = DEFAULT_METHOD, *, spacing: str | None = None,
                  order: int | None = None, eta: float = 0.0, variance: str = "beta", clip_x0: bool = DEFAULT_CLIP_X0,
                  thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
                  sample_max_value: float = 1.0, use_clipped_model_output: bool | None = None,
-                 prediction_type: str = "epsilon", chroma_ode: bool | None = None, backend: str = "auto"):
+                 prediction_type: str = "epsilon", chroma_ode: bool | None = None,
+                 mean_prior: ChannelMeans | None = None, backend: str = "auto"):
         spacing = spacing or DEFAULT_SPACING.get(method, "linspace")
         for name, value, choices in (("method", method, METHODS), ("spacing", spacing, SPACINGS),
                                      ("variance", variance, VARIANCES),
@@ -199,6 +204,7 @@ class Scheduler:
         self.dynamic_thresholding_ratio, self.sample_max_value = dynamic_thresholding_ratio, sample_max_value
         self.use_clipped_model_output = use_clipped_model_output
         self.chroma_ode = chroma_ode_of(method, chroma_ode)
+        self.mean_prior = mean_prior
         self.prediction_type, self.backend = prediction_type, backend
         self._abar = diffusion.alphas_cumprod.double().numpy()
         self._sigmas = np.sqrt((1 - self._abar) / self._abar)  # sigma-space sigma of each training step
@@ -229,6 +235,7 @@ class Scheduler:
         self.history_len = max((k for k in range(1, 1 + MAX_HISTORY) if table[:, 3 + k].any()), default=0)
         # thresholding's x0 read-out and the r term's alpha, applied in step (not by the op)
         self._x0_coefs = torch.cat([table[:, :2], table.new_tensor(alphas)[:, None]], 1).float().to(device)
+        self._alphas = alphas  # of each evaluation's input, for mean_prior's rows (begin)
         self.coefs = self._device_table(table, device)
         # the ODE counterpart's rows on the same grid and x0 reading: the colour means' update
         self.chroma_coefs = self._device_table(self._table(self._dpmpp(t, s, sde=False))[0], device) \
@@ -419,9 +426,14 @@ class Scheduler:
         and layout and then reused, so a CUDA graph captured over them replays on later chains."""
         key = (tuple(sample.shape), sample.dtype, sample.device, memory_format_of(sample))
         if key not in self._states:
+            prior = None
+            if self.mean_prior is not None:  # its rows depend on the pixel count: made once per shape
+                sigmas = [math.sqrt(max(0.0, 1 - a * a)) for a in self._alphas]
+                prior = tuple(r.float().to(sample.device) for r in
+                              self.mean_prior.reading(self._alphas, sigmas, sample.shape[-2] * sample.shape[-1]))
             self._states[key] = _State(torch.zeros(1, dtype=torch.long, device=sample.device),
                                        [torch.zeros_like(sample) for _ in range(self.history_len)],
-                                       torch.zeros_like(sample) if self.chroma_ode else None)
+                                       torch.zeros_like(sample) if self.chroma_ode else None, prior)
         self._state = self._states[key]
         self._state.step.fill_(start)
         for h in self._state.history:
@@ -436,6 +448,8 @@ class Scheduler:
         """The sample after this evaluation; advances the counter. `noise` (else drawn from `generator`)
         is the z of the row. No host read, so a CUDA graph captures it."""
         st = self._state
+        if st.prior is not None:
+            model_output = self._read_means(model_output, sample)
         coef = self.coefs.index_select(0, st.step).squeeze(0)
         base = None
         if self.thresholding:
@@ -457,6 +471,21 @@ class Scheduler:
             st.history[0].copy_(x0)
         st.step.add_(1)
         return out
+
+    def _read_means(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """mean_prior: the output whose x0 reading is the x0 of `model_output` (clipped, when the step
+        clips) with each image's channel means shifted to E[m0 | x_t's means] (channel_means.py). The
+        clip comes first: it moves the means of an x0 whose pixels pass [-1, 1], and would undo them."""
+        st = self._state
+        c1, c2, _ = self._x0_coefs.index_select(0, st.step).squeeze(0).unbind()
+        gain, offset = (r.index_select(0, st.step).squeeze(0) for r in st.prior)
+        x = sample.float()
+        x0 = c1 * x - c2 * model_output.float()
+        if self.clip_x0:
+            x0 = x0.clamp(-1, 1)
+        m0 = offset + x.mean((2, 3)) @ gain.T
+        x0 = x0 + (m0 - x0.mean((2, 3)))[..., None, None]
+        return ((c1 * x - x0) / c2).to(model_output.dtype)
 
     def _threshold(self, x0: torch.Tensor) -> torch.Tensor:
         """Dynamic thresholding as diffusers' _threshold_sample: s = the ratio-quantile of |x0| per

@@ -163,10 +163,13 @@ def hue(images: torch.Tensor) -> float:
 def grey_tints(folder, out, **changes) -> dict[str, float]:
     """The hue of a small RGB model's samples, trained briefly with `--channels 3` on `folder` with
     the trainer's defaults but `changes` (the tiny preset's widths, 16 px, two levels), every chain
-    from the same x_T: `default` (the library's default sampler, diffusers' update), `chroma_ode` (the
-    same with its colour means from the ODE's step) and `ddim` (DDIM-50 with the network's eps,
-    diffusers' DDIMPipeline reading)."""
+    from the same x_T: `default` (the library's default sampler, with the prior on the means where
+    its default turns it on), `plain` (the same without the prior: diffusers' update), `chroma_ode`
+    (the plain one with its colour means from the ODE's step) and `ddim` (DDIM-50 with the network's
+    eps, diffusers' DDIMPipeline reading). The run's recorded prior is checked on the way: grey data's
+    channel means vary alike, so it has no colour variance."""
     from ddpm_fast import FastSampler
+    from ddpm_fast.checkpoint import load_model
     from ddpm_fast.training.config import TrainConfig
     from ddpm_fast.training.loop import fit
     from ddpm_fast.training.run import build_run
@@ -176,9 +179,13 @@ def grey_tints(folder, out, **changes) -> dict[str, float]:
                       seed=0, **changes)
     run = build_run(cfg)
     fit(run)
+    cov = torch.tensor(run.diffusion.channel_means.cov)
+    assert torch.allclose(cov, cov[0, 0].expand(3, 3), rtol=1e-6) and cov[0, 0] > 0, cov
+    assert load_model(out)[1].channel_means == run.diffusion.channel_means  # the checkpoint keeps it
     x_T = torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    samplers = {"default": {}, "chroma_ode": dict(chroma_ode=True),
-                "ddim": dict(method="ddim", steps=50, spacing="leading", use_clipped_model_output=False)}
+    samplers = {"default": {}, "plain": dict(mean_prior=False), "chroma_ode": dict(chroma_ode=True, mean_prior=False),
+                "ddim": dict(method="ddim", steps=50, spacing="leading", use_clipped_model_output=False,
+                             mean_prior=False)}
     # the SDE's noise from one seed
     return {k: hue(FastSampler(run.ema.model, run.diffusion, **kw).sample(
         32, 16, generator=torch.Generator().manual_seed(1), x_T=x_T)) for k, kw in samplers.items()}
@@ -196,37 +203,37 @@ def default_hues(grey64, tmp_path_factory):
 
 def test_chroma_ode_samples_grey_data_without_a_tint(default_hues):
     """The trainer's defaults (an eps model, one channel a GroupNorm group at the tiny preset's
-    narrowest level) and the default sampler's colour means taken from the ODE: as grey as
+    narrowest level) and the plain update's colour means taken from the ODE: as grey as
     DDIMPipeline's reading of the same weights."""
     assert default_hues["chroma_ode"] <= default_hues["ddim"] + 2, default_hues
 
 
-@pytest.mark.xfail(strict=True, reason="the default sampler's plain SDE tints an eps model of one-channel GroupNorm "
-                                       "groups (benchmarks/RESULTS.md, 'Where the tint comes from'); the fixes "
-                                       "measured (--chroma-ode, --num-groups 8, --prediction v, --mean-skip) cost "
-                                       "colour KID")
 def test_the_default_sampler_samples_grey_data_without_a_tint(default_hues):
     """Those groups remove every feature's spatial mean, so the model cannot give back the noise's
-    per-channel means; its x0 reading multiplies that error by sigma / alpha and the SDE's fresh
-    noise piles it up into a per-sample hue."""
+    per-channel means; its x0 reading multiplies that error by sigma / alpha and the plain SDE's
+    fresh noise piles it up into a per-sample hue. The default sampler reads x0's means with the
+    data's prior instead (channel_means.py): grey data's has no colour, so the samples are as grey
+    as DDIMPipeline's reading of the same weights, where the plain update's are several times that."""
     assert default_hues["default"] <= default_hues["ddim"] + 2, default_hues
+    assert default_hues["plain"] > default_hues["ddim"] + 2, default_hues
 
 
 def test_more_channels_a_group_in_the_output_norm_alone_takes_most_of_the_tint(grey64, tmp_path, default_hues):
     """The residual path carries the image's per-channel means up to the output layer, so four
     channels a group in its norm alone (the rest one a group) gives most of them back: at this size
-    the default sampler's hue falls to about a third (27.6 -> 10.0 here when written), not to DDIM's."""
+    the plain update's hue falls to about a third (27.6 -> 10.0 here when written), not to DDIM's."""
     hues = grey_tints(grey64, tmp_path, norm_out_groups=8)
-    assert hues["default"] < default_hues["default"] / 2, (hues, default_hues)
+    assert hues["plain"] < default_hues["plain"] / 2, (hues, default_hues)
 
 
 def test_the_mean_skip_samples_grey_data_without_a_tint(grey64, tmp_path, default_hues):
     """The path from the input's per-channel means to the output's (--mean-skip) gives back what the
     one-channel groups remove, every norm left as it is: the default sampler as grey as
-    DDIMPipeline's reading of the same weights, where without it the hue is several times that."""
+    DDIMPipeline's reading of the same weights, where without it the hue is several times that.
+    Such a model sees the means, so the default leaves the prior off (default and plain agree)."""
     hues = grey_tints(grey64, tmp_path, mean_skip=True)
-    assert hues["default"] <= hues["ddim"] + 2, hues
-    assert default_hues["default"] > hues["ddim"] + 2, default_hues
+    assert hues["default"] == hues["plain"] and hues["default"] <= hues["ddim"] + 2, hues
+    assert default_hues["plain"] > hues["ddim"] + 2, default_hues
 
 
 def test_v_prediction_samples_grey_data_without_a_tint(grey64, tmp_path):

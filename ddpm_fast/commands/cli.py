@@ -87,6 +87,11 @@ def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
                    help="dpmpp_2m_sde: take each image's colour means (per-channel means less their grey) from the "
                         "ODE's step, not the SDE's: removes the per-sample hue of an RGB eps model of grey data, "
                         "costs KID on colour data (default: off, the plain update, diffusers')")
+    p.add_argument("--mean-prior", action=argparse.BooleanOptionalAction,
+                   help="read each x0's channel means with the training data's prior on them (recorded by "
+                        "train): samples an RGB model of grey data grey; default: on for an eps model whose output "
+                        "norm has one channel a group (the tiny preset's), where it was measured; --no-...: the "
+                        "plain update, diffusers'")
     p.add_argument("--cfg-scale", type=finite_float, default=1.0,
                    help="classifier-free guidance scale w of a class-conditional model (1: no guidance)")
 
@@ -98,5 +103,5 @@ def sampler_from_args(model, diffusion, args: argparse.Namespace, plan, **overri
     kw = dict(method=args.method, steps=args.steps, spacing=args.spacing, order=args.order, eta=args.eta,
               variance=args.variance, clip_x0=args.clip_x0, thresholding=args.thresholding,
               use_clipped_model_output=args.use_clipped_model_output, chroma_ode=args.chroma_ode,
-              cfg_scale=args.cfg_scale)
+              mean_prior=args.mean_prior, cfg_scale=args.cfg_scale)
     return FastSampler(model, diffusion, **(kw | overrides), plan=plan)

@@ -174,7 +174,20 @@ def load_labelled(root: str | os.PathLike | None, image_size: int, split: str = 
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
     _, files, labels, names = _split_of(root, split, split_seed, class_cond)
-    files = files[:limit]
+    return _load(root, files[:limit], image_size, channels), \
+        None if labels is None else torch.tensor(labels[:limit], dtype=torch.long), names
+
+
+def load_sample(root: str | os.PathLike | None, image_size: int, n: int, split: str = "train", seed: int = 0,
+                split_seed: int = 0, channels: int = 3) -> torch.Tensor:
+    """n images of `split` (all of them if fewer) drawn at random by `seed`, as load_images gives
+    them: a sample of a folder whose sorted order may run class by class."""
+    _, files, _, _ = _split_of(root, split, split_seed, class_cond=False)
+    pick = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    return _load(root, [files[i] for i in pick.tolist()], image_size, channels)
+
+
+def _load(root, files: list, image_size: int, channels: int) -> torch.Tensor:
     if root is None:
         nhwc = embedded_images(EMBEDDED_SIZE, image_size).index_select(0, torch.tensor(files))
     else:
@@ -182,5 +195,4 @@ def load_labelled(root: str | os.PathLike | None, image_size: int, split: str = 
         with ThreadPoolExecutor(workers) as pool:
             arrays = list(pool.map(lambda f: load_uint8(f, image_size), files))
         nhwc = torch.from_numpy(np.stack(arrays))
-    images = to_channels(nhwc.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0), channels).contiguous()
-    return images, None if labels is None else torch.tensor(labels[:limit], dtype=torch.long), names
+    return to_channels(nhwc.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0), channels).contiguous()

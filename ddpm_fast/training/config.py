@@ -165,6 +165,7 @@ class TrainConfig:
         self.checkpoint: Path | None = None  # set by `resumed`: the checkpoint this run continues
         self.changes: list[str] = []  # what `resumed` changed, for the run's log
         self.class_names: tuple[str, ...] | None = None  # of a class-conditional run, set from its data
+        self.channel_means: dict | None = None  # the sampler's prior on the means (channel_means.py), from the data
         defaults = TRAIN_DEFAULTS.get(self.preset, GENERIC_DEFAULTS)
         for k, v in defaults.items():
             if getattr(self, k) is None:
@@ -187,7 +188,7 @@ class TrainConfig:
         self.model = preset_config(self.preset, **{k: getattr(self, k) for k in MODEL_FIELDS if hasattr(self, k)})
 
     def to_dict(self) -> dict:
-        return asdict(self) | {"model": self.model, "class_names": self.class_names}
+        return asdict(self) | {"model": self.model, "class_names": self.class_names, "channel_means": self.channel_means}
 
     def resumed(self, saved: dict, checkpoint: Path) -> "TrainConfig":
         """The config of this run continuing the one saved as `saved` (a checkpoint's config) in
@@ -216,6 +217,7 @@ class TrainConfig:
         cfg = TrainConfig(**kw, explicit=self.explicit)
         cfg.model = saved["model"]  # the weights' own shapes, whatever presets.py now says
         cfg.class_names = saved.get("class_names")
+        cfg.channel_means = saved.get("channel_means")  # None from a checkpoint that predates them
         cfg.checkpoint, cfg.changes = checkpoint, changes
         return cfg
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from ..data import build_loader, data_channels
+from ..channel_means import SAMPLE_IMAGES, ChannelMeans
+from ..data import build_loader, data_channels, load_sample
 from ..data.hf import image_folder
 from ..diffusion import GaussianDiffusion
 from ..model import UNet
@@ -126,6 +127,9 @@ def build_run(cfg: TrainConfig, ctx: DistContext | None = None, plan: ExecutionP
         raise ValueError(f"--batch-size {cfg.batch_size} is larger than the {loader.num_images} training images")
     if cfg.class_cond:
         take_classes(cfg, loader, ctx.is_main)
+    if cfg.channel_means is None:  # a new run, or one resumed from a checkpoint that predates them
+        sample = load_sample(data, cfg.model["image_size"], SAMPLE_IMAGES, seed=cfg.seed, channels=cfg.model["in_ch"])
+        cfg.channel_means = ChannelMeans.of(sample).to_dict()
     # The memory format before DDP wraps it: converting afterwards would mismatch its gradient buckets.
     net = UNet(**cfg.model)
     if init is not None:
