@@ -52,8 +52,9 @@ class FastSampler:
     default of each solver; schedulers.py says which and why). `chroma_ode`: dpmpp_2m_sde takes each
     image's colour means from its ODE counterpart's step (default: no, the plain update, diffusers';
     schedulers.CHROMA_ODE says when it helps). `mean_prior`: each x0's channel means read with the
-    training data's prior (diffusion.channel_means; channel_means.py); None, the default: on for an eps
-    model whose output cannot see the means (the tiny preset's), where it was measured, else off.
+    training data's prior (diffusion.channel_means; channel_means.py); None, the default: on where that
+    prior is exact (colourless data) and the model cannot see the means (an eps model of one-channel
+    output groups, the tiny preset's), where it was measured; else off.
 
     Class-conditional models `(x, t, y) -> out` sample the classes given to `sample(classes=...)`;
     `cfg_scale` w is classifier-free guidance, out = u + w (c - u) from the conditional output c and

@@ -84,7 +84,7 @@ def test_every_solver_reads_the_means_as_the_plain_wrapper_does(method, steps, s
     diffusion = GaussianDiffusion(timesteps=60, channel_means=cm)
     x_T = torch.randn(3, 3, 8, 8, generator=g)
     kw = dict(method=method, steps=steps, spacing=spacing)
-    sampler = FastSampler(model, diffusion, **kw)
+    sampler = FastSampler(model, diffusion, mean_prior=True, **kw)
     ours = sampler.sample(3, 8, generator=torch.Generator().manual_seed(3), x_T=x_T)
     sched = sampler.scheduler
     alpha_of = {int(t): float(a) for t, a in zip(sched.timesteps, sched._x0_coefs[:, 2])} \
@@ -97,17 +97,34 @@ def test_every_solver_reads_the_means_as_the_plain_wrapper_does(method, steps, s
     assert not torch.allclose(ours, plain, atol=1e-2)  # the reading changes the chain
 
 
-def test_the_default_reads_the_means_where_the_output_cannot_see_them():
-    cm = ChannelMeans.of(torch.rand(4, 3, 8, 8) * 2 - 1)
+def test_colourless_means_are_grey_to_within_a_level():
+    g = torch.Generator().manual_seed(4)
+    grey = torch.rand(50, 1, 6, 6, generator=g).expand(-1, 3, -1, -1) * 2 - 1
+    assert ChannelMeans.of(grey).colourless()
+    assert ChannelMeans.of(grey + torch.randn(50, 3, 1, 1, generator=g) * 0.5 / 255).colourless()  # a quarter of a level
+    assert not ChannelMeans.of(grey + torch.randn(50, 3, 1, 1, generator=g) * 4 / 255).colourless()  # a spread
+    assert not ChannelMeans.of(grey + torch.tensor([0.05, 0.0, 0.0])[:, None, None]).colourless()  # a cast
+    assert not ChannelMeans.of(grey[:, :1]).colourless()  # one channel: no colour to read
+
+
+def test_the_default_reads_the_means_where_the_prior_is_exact_and_the_output_cannot_see_them():
+    """On by default for colourless data (the prior is exact: no colour whatever the image shows) and
+    a model that cannot see the means; off for colour data, whose means a means-only prior guesses
+    blind to the image (it cost KID on the emoji glyphs), and for models that see the means."""
+    g = torch.Generator().manual_seed(5)
+    grey = ChannelMeans.of((torch.rand(8, 1, 8, 8, generator=g) * 2 - 1).expand(-1, 3, -1, -1))
+    colour = ChannelMeans.of(torch.rand(8, 3, 8, 8, generator=g) * 2 - 1)
     small = dict(image_size=8, ch_mult=(1, 2), attn_res=())
     tiny = UNet(**preset_config("tiny", **small))  # one channel a group in its output norm
-    eps = GaussianDiffusion(timesteps=50, channel_means=cm)
-    assert tiny.output_hides_means() and prior_for(tiny, eps) is cm
+    eps = GaussianDiffusion(timesteps=50, channel_means=grey)
+    assert tiny.output_hides_means() and prior_for(tiny, eps) is grey
     assert prior_for(tiny, eps, False) is None
+    coloured = GaussianDiffusion(timesteps=50, channel_means=colour)
+    assert prior_for(tiny, coloured) is None and prior_for(tiny, coloured, True) is colour
     for model in (UNet(**preset_config("tiny", **small, num_groups=8)),
                   UNet(**preset_config("tiny", **small, mean_skip=True))):
-        assert not model.output_hides_means() and prior_for(model, eps) is None and prior_for(model, eps, True) is cm
-    assert prior_for(tiny, GaussianDiffusion(timesteps=50, prediction="v", channel_means=cm)) is None
+        assert not model.output_hides_means() and prior_for(model, eps) is None and prior_for(model, eps, True) is grey
+    assert prior_for(tiny, GaussianDiffusion(timesteps=50, prediction="v", channel_means=grey)) is None
     assert prior_for(tiny, GaussianDiffusion(timesteps=50)) is None  # no recorded prior: the plain update
     assert prior_for(lambda x, t: x, eps) is None  # any other callable
     with pytest.raises(ValueError, match="--mean-prior"):

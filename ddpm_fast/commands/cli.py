@@ -89,9 +89,9 @@ def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
                         "costs KID on colour data (default: off, the plain update, diffusers')")
     p.add_argument("--mean-prior", action=argparse.BooleanOptionalAction,
                    help="read each x0's channel means with the training data's prior on them (recorded by "
-                        "train): samples an RGB model of grey data grey; default: on for an eps model whose output "
-                        "norm has one channel a group (the tiny preset's), where it was measured; --no-...: the "
-                        "plain update, diffusers'")
+                        "train): samples an RGB model of grey data grey; default: on for grey training data and an "
+                        "eps model whose output norm has one channel a group (the tiny preset's), where it was "
+                        "measured; --no-...: the plain update, diffusers'")
     p.add_argument("--cfg-scale", type=finite_float, default=1.0,
                    help="classifier-free guidance scale w of a class-conditional model (1: no guidance)")
 
