@@ -60,14 +60,19 @@ def main(argv: list[str] | None = None) -> int:
         result["runs"][ckpt] = figures(samples) | {"data": data}
         print(ckpt, result["runs"][ckpt], flush=True)
         write_result("colour_stats", result)
+    write_report("colour_stats", result, args.split)
+    return 0
+
+
+def write_report(name: str, result: dict, split: str, first: str = "run", extra: tuple[str, ...] = ()) -> None:
+    """`name`.json and .md (printed): the data's figures, then each run's with its `extra` columns."""
     names = list(next(iter(result["data"].values())))
-    rows = [[f"the data ({d}, {args.split})", *v.values()] for d, v in result["data"].items()]
-    rows += [[k, *(v[n] for n in names)] for k, v in result["runs"].items()]
-    md = md_table(["run", *names], rows)
-    path = write_result("colour_stats", result)
+    rows = [[f"the data ({d}, {split})", *v.values(), *[""] * len(extra)] for d, v in result["data"].items()]
+    rows += [[k, *(v[n] for n in (*names, *extra))] for k, v in result["runs"].items()]
+    md = md_table([first, *names, *extra], rows)
+    path = write_result(name, result)
     path.with_suffix(".md").write_text(md + "\n")
     print(md)
-    return 0
 
 
 if __name__ == "__main__":

@@ -31,9 +31,8 @@ from ddpm_fast.checkpoint import load_model
 from ddpm_fast.data import load_images, load_sample
 from ddpm_fast.evaluation import generate, score_samples
 
-from .colour_stats import figures
+from .colour_stats import figures, write_report
 from .common import write_result
-from .report_parts import md_table
 
 MODES = ("none", "all", "chroma", "prior")
 
@@ -111,15 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             result["runs"][f"{ckpt}: {mode}"] = row
             print(ckpt, mode, row, flush=True)
             write_result("mean_prior", result)
-    names = list(next(iter(result["data"].values())))
-    cols = names + (["kid"] if args.kid else [])
-    rows = [[f"the data ({d}, {args.split})", *v.values(), *([""] if args.kid else [])]
-            for d, v in result["data"].items()]
-    rows += [[k, *(v[n] for n in cols)] for k, v in result["runs"].items()]
-    md = md_table(["run: mode", *cols], rows)
-    path = write_result("mean_prior", result)
-    path.with_suffix(".md").write_text(md + "\n")
-    print(md)
+    write_report("mean_prior", result, args.split, "run: mode", ("kid",) if args.kid else ())
     return 0
 
 
