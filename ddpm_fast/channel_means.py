@@ -63,7 +63,8 @@ class ChannelMeans:
         spread = float(torch.trace(grey @ cov @ grey)) / c
         return float((grey @ mu).abs().max()) <= GREY_STD and spread <= GREY_STD ** 2
 
-    def reading(self, alphas: Sequence[float], sigmas: Sequence[float], pixels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def reading(self, alphas: Sequence[float], sigmas: Sequence[float],
+                pixels: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(gain (E, C, C), offset (E, C)), float64, with E[m0 | m_t] = offset + gain m_t at each of
         the E (alpha, sigma) of x_t = alpha x0 + sigma eps, for images of `pixels` pixels."""
         mu, cov = torch.tensor(self.mu, dtype=torch.float64), torch.tensor(self.cov, dtype=torch.float64)

@@ -101,7 +101,8 @@ def test_colourless_means_are_grey_to_within_a_level():
     g = torch.Generator().manual_seed(4)
     grey = torch.rand(50, 1, 6, 6, generator=g).expand(-1, 3, -1, -1) * 2 - 1
     assert ChannelMeans.of(grey).colourless()
-    assert ChannelMeans.of(grey + torch.randn(50, 3, 1, 1, generator=g) * 0.5 / 255).colourless()  # a quarter of a level
+    quarter_level = torch.randn(50, 3, 1, 1, generator=g) * 0.5 / 255  # [-1, 1] is 255 levels over 2
+    assert ChannelMeans.of(grey + quarter_level).colourless()
     assert not ChannelMeans.of(grey + torch.randn(50, 3, 1, 1, generator=g) * 4 / 255).colourless()  # a spread
     assert not ChannelMeans.of(grey + torch.tensor([0.05, 0.0, 0.0])[:, None, None]).colourless()  # a cast
     assert not ChannelMeans.of(grey[:, :1]).colourless()  # one channel: no colour to read

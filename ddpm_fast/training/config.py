@@ -188,7 +188,8 @@ class TrainConfig:
         self.model = preset_config(self.preset, **{k: getattr(self, k) for k in MODEL_FIELDS if hasattr(self, k)})
 
     def to_dict(self) -> dict:
-        return asdict(self) | {"model": self.model, "class_names": self.class_names, "channel_means": self.channel_means}
+        return asdict(self) | {"model": self.model, "class_names": self.class_names,
+                               "channel_means": self.channel_means}
 
     def resumed(self, saved: dict, checkpoint: Path) -> "TrainConfig":
         """The config of this run continuing the one saved as `saved` (a checkpoint's config) in
