@@ -130,3 +130,17 @@ def test_the_default_reads_the_means_where_the_prior_is_exact_and_the_output_can
     assert prior_for(lambda x, t: x, eps) is None  # any other callable
     with pytest.raises(ValueError, match="--mean-prior"):
         prior_for(tiny, GaussianDiffusion(timesteps=50), True)
+
+
+def test_the_prior_is_estimated_from_a_seeded_draw_of_the_train_split():
+    """train records ChannelMeans.of(load_sample(...)): n distinct images of the split, drawn by the
+    seed (a folder's sorted order may run class by class), all of them when the split is smaller."""
+    from ddpm_fast.data import load_images, load_sample
+
+    split = load_images(None, 8, "train")
+    flat = {tuple(im.flatten().tolist()) for im in split}
+    a, b = load_sample(None, 8, 40, seed=0), load_sample(None, 8, 40, seed=1)
+    assert len(a) == 40 and len({tuple(im.flatten().tolist()) for im in a}) == 40
+    assert all(tuple(im.flatten().tolist()) in flat for im in torch.cat([a, b]))
+    assert not torch.equal(a, b) and torch.equal(a, load_sample(None, 8, 40, seed=0))
+    assert len(load_sample(None, 8, 10 ** 6)) == len(split)

@@ -179,10 +179,11 @@ def load_labelled(root: str | os.PathLike | None, image_size: int, split: str = 
 
 
 def load_sample(root: str | os.PathLike | None, image_size: int, n: int, split: str = "train", seed: int = 0,
-                split_seed: int = 0, channels: int = 3) -> torch.Tensor:
-    """n images of `split` (all of them if fewer) drawn at random by `seed`, as load_images gives
-    them: a sample of a folder whose sorted order may run class by class."""
-    _, files, _, _ = _split_of(root, split, split_seed, class_cond=False)
+                split_seed: int = 0, channels: int = 3, class_cond: bool = False) -> torch.Tensor:
+    """n images of `split` (all of them if fewer; the stratified split of a class-conditional run)
+    drawn at random by `seed`, as load_images gives them: a sample of a folder whose sorted order
+    may run class by class."""
+    _, files, _, _ = _split_of(root, split, split_seed, class_cond)
     pick = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed))[:n].sort().values
     return _load(root, [files[i] for i in pick.tolist()], image_size, channels)
 

@@ -128,7 +128,8 @@ def build_run(cfg: TrainConfig, ctx: DistContext | None = None, plan: ExecutionP
     if cfg.class_cond:
         take_classes(cfg, loader, ctx.is_main)
     if cfg.channel_means is None:  # a new run, or one resumed from a checkpoint that predates them
-        sample = load_sample(data, cfg.model["image_size"], SAMPLE_IMAGES, seed=cfg.seed, channels=cfg.model["in_ch"])
+        sample = load_sample(data, cfg.model["image_size"], SAMPLE_IMAGES, seed=cfg.seed, channels=cfg.model["in_ch"],
+                             class_cond=cfg.class_cond)
         cfg.channel_means = ChannelMeans.of(sample).to_dict()
     # The memory format before DDP wraps it: converting afterwards would mismatch its gradient buckets.
     net = UNet(**cfg.model)
