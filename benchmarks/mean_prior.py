@@ -37,18 +37,9 @@ from .common import write_result
 MODES = ("none", "all", "chroma", "prior")
 
 
-def posterior_means(m_t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, mu: torch.Tensor,
-                    cov: torch.Tensor, pixels: int) -> torch.Tensor:
-    """E[m0 | m_t] of m0 ~ N(mu, cov), m_t = alpha m0 + sigma n, n ~ N(0, I / pixels); m_t (B, C),
-    alpha and sigma (B,)."""
-    a, s = alpha[:, None, None], sigma[:, None, None]
-    eye = torch.eye(len(mu), dtype=m_t.dtype, device=m_t.device)
-    gain = a * cov @ torch.linalg.inv(a ** 2 * cov + s ** 2 / pixels * eye)  # (B, C, C)
-    return mu + (gain @ (m_t - alpha[:, None] * mu)[..., None])[..., 0]
-
-
 class MeanPrior(torch.nn.Module):
-    """model(x, t) with its output's per-channel means those whose x0 reading is posterior_means'."""
+    """model(x, t) with its output's per-channel means those whose x0 reading is the prior's
+    E[m0 | m_t] (ChannelMeans.reading), on the network's x0 (before the sampler's clip)."""
 
     def __init__(self, model, diffusion, prior: ChannelMeans, mode: str = "all"):
         super().__init__()
@@ -56,8 +47,7 @@ class MeanPrior(torch.nn.Module):
             raise ValueError(f"the mean prior reads an eps model's output; this one predicts {diffusion.prediction}")
         if mode not in ("all", "chroma"):
             raise ValueError(f"mode must be all or chroma, got {mode!r}")
-        self.model, self.mode = model, mode
-        self.mu, self.cov = torch.tensor(prior.mu, dtype=torch.float64), torch.tensor(prior.cov, dtype=torch.float64)
+        self.model, self.mode, self.prior = model, mode, prior
         self.alphas_cumprod = torch.as_tensor(diffusion.alphas_cumprod, dtype=torch.float64)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, *args) -> torch.Tensor:
@@ -67,12 +57,14 @@ class MeanPrior(torch.nn.Module):
         abar = self.alphas_cumprod.to(x.device)[t.long()]
         alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
         m_t = x.double().mean((2, 3))
-        m0 = posterior_means(m_t, alpha, sigma, self.mu.to(x.device), self.cov.to(x.device),
-                             x.shape[-2] * x.shape[-1])
+        gain, offset = (r.to(x.device) for r in self.prior.reading(alpha.tolist(), sigma.tolist(),
+                                                                    x.shape[-2] * x.shape[-1]))
+        m0 = offset + (gain @ m_t[..., None])[..., 0]
         shift = (m_t - alpha[:, None] * m0) / sigma[:, None] - eps.double().mean((2, 3))
         if self.mode == "chroma":
             shift = shift - shift.mean(1, keepdim=True)
         return eps + shift.to(eps.dtype)[..., None, None]
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.mean_prior", description=__doc__,
