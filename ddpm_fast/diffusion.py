@@ -194,6 +194,15 @@ class GaussianDiffusion:
             return out
         return a.sqrt() * x_t - (1 - a).sqrt() * out
 
+    def predict_eps(self, x_t: torch.Tensor, abar: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """eps from the model's output at x_t (alpha-bar of each image (B,)), whatever it predicts."""
+        a = abar.view(-1, 1, 1, 1)
+        if self.prediction == "epsilon":
+            return out
+        if self.prediction == "sample":
+            return (x_t - a.sqrt() * out) / (1 - a).sqrt()
+        return (1 - a).sqrt() * x_t + a.sqrt() * out
+
     def weights(self, abar: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The per-image weight of the target's MSE. A weight w on the x0 error is w / SNR on the
         eps error and w / (SNR + 1) on the v error, since for one x_t the errors relate so."""
@@ -219,6 +228,15 @@ class GaussianDiffusion:
         if self.loss_weight == "uniform":
             return F.mse_loss(out, target)
         return ((out - target).square().flatten(1).mean(1) * self.weights(abar, t)).mean()
+
+    def eps_mse(self, model, x0: torch.Tensor, generator: torch.Generator | None = None,
+                y: torch.Tensor | None = None) -> torch.Tensor:
+        """The eps error of the model's prediction, unweighted: Ho et al.'s held-out figure, whatever
+        the model predicts and however its run weighted the loss (`loss` is on the run's own target,
+        weighted by its --loss-weight, so it compares only runs that share both)."""
+        x_t, t, noise, abar = self.training_inputs(x0, generator)
+        out = model(x_t, t) if y is None else model(x_t, t, y)
+        return F.mse_loss(self.predict_eps(x_t, abar, out.float()), noise.float())
 
     def x0_mse(self, model, x0: torch.Tensor, generator: torch.Generator | None = None,
                y: torch.Tensor | None = None) -> torch.Tensor:

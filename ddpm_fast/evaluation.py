@@ -10,7 +10,9 @@ from .diffusion import GaussianDiffusion
 @torch.no_grad()
 def heldout_mse(model, diffusion: GaussianDiffusion, images: torch.Tensor, batch_size: int = 64,
                 draws: int = 4, seed: int = 0) -> float:
-    """Mean eps-MSE over `draws` (t, noise) pairs per image, with a fixed generator."""
+    """Mean eps-MSE over `draws` (t, noise) pairs per image, with a fixed generator: unweighted and
+    in eps whatever the model predicts (GaussianDiffusion.eps_mse), so runs of any --loss-weight
+    and --prediction compare."""
     model.eval()
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -18,7 +20,7 @@ def heldout_mse(model, diffusion: GaussianDiffusion, images: torch.Tensor, batch
     for _ in range(draws):
         for x0 in images.split(batch_size):
             x0 = x0.to(device)
-            total += diffusion.loss(model, x0, gen).item() * x0.shape[0]
+            total += diffusion.eps_mse(model, x0, gen).item() * x0.shape[0]
             n += x0.shape[0]
     return total / max(n, 1)
 

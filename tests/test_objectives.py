@@ -27,6 +27,7 @@ def test_target_and_its_inverse(prediction):
     want = {"epsilon": noise, "sample": x0, "v_prediction": a.sqrt() * noise - (1 - a).sqrt() * x0}[prediction]
     torch.testing.assert_close(d.target(x0, noise, abar), want)
     torch.testing.assert_close(d.predict_x0(x_t, abar, want), x0, rtol=1e-4, atol=2e-4)
+    torch.testing.assert_close(d.predict_eps(x_t, abar, want), noise, rtol=1e-4, atol=2e-4)
 
 
 def test_v_target_is_diffusers_velocity():
@@ -105,6 +106,47 @@ def test_x0_mse_is_one_unit_for_every_target():
         errors.append(float(d.x0_mse(lambda x, tt: as_target, x0, torch.Generator().manual_seed(3))))
     want = float((0.5 * x0 - x0).square().mean())
     assert errors == pytest.approx([want] * 3, rel=1e-4)
+
+
+class WrongEps(torch.nn.Module):
+    """A model whose eps, sin(3 x_t) + t / 10, is wrong, expressed as its diffusion's target."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.d, self.unused = d, torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x_t, t):
+        a = self.d.alphas_cumprod[t].view(-1, 1, 1, 1).float()
+        eps = torch.sin(3 * x_t) + 0.1 * t.view(-1, 1, 1, 1)
+        x0_hat = (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+        as_target = {"epsilon": eps, "sample": x0_hat, "v_prediction": a.sqrt() * eps - (1 - a).sqrt() * x0_hat}
+        return as_target[self.d.prediction]
+
+
+@pytest.mark.parametrize("loss_weight", ("uniform", "min_snr", "elbo"))
+def test_heldout_eps_mse_is_one_unit_for_every_target_and_weight(loss_weight):
+    """evaluate's eps-MSE is the unweighted eps error whatever the run predicts and however it
+    weighted its loss: the same wrong eps guess, expressed as each target, gives one number, the
+    one computed here from the draws by hand (the weighted training loss does not)."""
+    from ddpm_fast.evaluation import heldout_mse
+
+    x0 = torch.rand(10, 3, 5, 4) * 2 - 1
+    figures = []
+    for prediction in PREDICTIONS:
+        d = GaussianDiffusion("linear", 40, prediction=prediction, loss_weight=loss_weight)
+        model = WrongEps(d)
+        want, n = 0.0, 0
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(2):
+            for batch in x0.split(4):
+                x_t, t, noise, _ = d.training_inputs(batch, gen)
+                want += float((torch.sin(3 * x_t) + 0.1 * t.view(-1, 1, 1, 1) - noise).square().mean()) * len(batch)
+                n += len(batch)
+        figures.append(heldout_mse(model, d, x0, batch_size=4, draws=2, seed=0))
+        assert figures[-1] == pytest.approx(want / n, rel=1e-4), prediction
+        if (prediction, loss_weight) != ("epsilon", "uniform"):
+            assert float(d.loss(model, x0, torch.Generator().manual_seed(0))) != pytest.approx(figures[-1], rel=1e-2)
+    assert figures == pytest.approx([figures[0]] * 3, rel=1e-4)
 
 
 def test_offset_noise_adds_a_per_channel_constant():
