@@ -175,8 +175,10 @@ def log_window(run: Run, meter: LossMeter, metrics: Metrics | None, bar) -> None
     ranks), and the divergence check."""
     mean, rate, skipped = meter.take_window(run.ctx, run.cfg.batch_size)
     if metrics is not None:
-        metrics.write(step=run.step, epoch=run.epoch, loss=mean, lr=float(run.opt.param_groups[0]["lr"]),
-                      img_per_s=rate, skipped=skipped)
+        # The lr the row's step trained at: the optimizer's lr is the next step's by now (the
+        # scheduler stepped after it), and on the GPU path a device tensor.
+        lr = run.sched.base_lrs[0] * run.sched.lr_lambdas[0](run.step - 1)
+        metrics.write(step=run.step, epoch=run.epoch, loss=mean, lr=lr, img_per_s=rate, skipped=skipped)
         bar.set_postfix_str(f"epoch {run.epoch} | loss " + (f"{mean:.4f}" if mean is not None else "-") + " | "
                             + (f"{rate:.0f} img/s" if rate is not None else "warming up"), refresh=False)
         if skipped:
