@@ -101,7 +101,8 @@ class GaussianDiffusion:
             raise ValueError(f"--snr-gamma must be positive, got {snr_gamma}")
         self.schedule, self.prediction, self.loss_weight = schedule, prediction, loss_weight
         self.channel_means = channel_means
-        self.snr_gamma, self.offset_noise, self.zero_terminal_snr = float(snr_gamma), float(offset_noise), zero_terminal_snr
+        self.snr_gamma, self.offset_noise = float(snr_gamma), float(offset_noise)
+        self.zero_terminal_snr = zero_terminal_snr
         self.timesteps = T = int(timesteps)
         if schedule == "linear":
             betas = linear_betas(T)

@@ -63,8 +63,9 @@ def diffusers_config(model: UNet) -> dict:
                          "the output (train without --mean-skip to export)")
     attn = [c["image_size"] // 2**i in c["attn_res"] for i in range(len(widths))]
     channels = c.get("in_ch", 3)
-    return dict(sample_size=c["image_size"], in_channels=channels, out_channels=channels, block_out_channels=tuple(widths),
-                layers_per_block=c["num_res_blocks"], dropout=c["dropout"], act_fn="silu",
+    return dict(sample_size=c["image_size"], in_channels=channels, out_channels=channels,
+                block_out_channels=tuple(widths), layers_per_block=c["num_res_blocks"], dropout=c["dropout"],
+                act_fn="silu",
                 down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
                 up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
                 norm_num_groups=c["num_groups"], norm_eps=c["norm_eps"], downsample_padding=c["downsample_padding"],

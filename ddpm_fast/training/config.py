@@ -99,7 +99,8 @@ class TrainConfig:
     optimizer: str = flag("adam", "the optimizer", "optimisation", choices=("adam", "adamw"))
     adam_beta1: float = flag(0.9, "Adam's beta1", "optimisation", type=below_one)
     adam_beta2: float = flag(0.999, "Adam's beta2", "optimisation", type=below_one)
-    weight_decay: float = flag(0.0, "weight decay (AdamW's decoupled, Adam's L2)", "optimisation", type=non_negative_float)
+    weight_decay: float = flag(0.0, "weight decay (AdamW's decoupled, Adam's L2)", "optimisation",
+                               type=non_negative_float)
     ema_decay: float = flag(0.9999, "EMA decay (warmed up as min(decay, (1+n)/(10+n)))", "optimisation",
                             type=probability)
     grad_clip: float = flag(1.0, "max gradient norm (0: off)", "optimisation", type=non_negative_float)
