@@ -44,6 +44,7 @@ from ddpm_fast import FastSampler
 from ddpm_fast.argtypes import int_tuple, number, positive_float, positive_int
 from ddpm_fast.data.listing import list_images
 from ddpm_fast.data.split import split_files
+from ddpm_fast.diffusion import LOSS_WEIGHTS
 from ddpm_fast.evaluation import FID_MIN_SAMPLES, generate, score_samples
 from ddpm_fast.presets import PRESETS
 from ddpm_fast.training.config import TrainConfig
@@ -113,6 +114,7 @@ def build_pair(seed: int, args) -> tuple:
     with tempfile.TemporaryDirectory() as out:  # build_run writes nothing; its folder must merely be free
         cfg = TrainConfig(data=str(args.data_dir), preset=args.preset, image_size=args.image_size,
                           batch_size=args.batch_size, lr=args.lr, steps=args.steps, seed=seed, flip=False,
+                          loss_weight=args.loss_weight,
                           fast=args.fast, workers=0, device="cpu", out=out)
         run = build_run(cfg)
     return run, DiffusersLoop(args.preset, args.image_size, lr=args.lr, steps=args.steps, seed=seed)
@@ -216,6 +218,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                                                  "with a limit build/emoji<SIZE>-<LIMIT>)")
     p.add_argument("--limit", type=number(int, MIN_IMAGES), help="render only this many glyphs, evenly spaced over "
                                                                  "the font (a smoke run)")
+    p.add_argument("--loss-weight", choices=LOSS_WEIGHTS, default=TrainConfig().loss_weight,
+                   help="ddpm-fast's loss weight (default: the trainer's; the diffusers loop's is uniform, "
+                        "train_unconditional's plain MSE)")
     p.add_argument("--fast", action=argparse.BooleanOptionalAction,
                    help="ddpm-fast on its fast path (--no-fast: its fp32 reference; default: its own default for the "
                         "device)")
@@ -250,8 +255,8 @@ def main(argv: list[str] | None = None) -> int:
               "diffusers": min(inspect.signature(DiffusersLoop).parameters["warmup"].default, args.steps // 2)}
     env = bench_env(**environment(), device="cpu", cpu_count=os.cpu_count(), steps=args.steps,
                     eval_every=args.eval_every, seeds=list(args.seeds), batch_size=args.batch_size, lr=args.lr,
-                    preset=args.preset, image_size=args.image_size, fast=args.fast, kid_samples=args.kid_samples,
-                    sample_seed=SAMPLE_SEED, warmup_steps=warmup, data=data)
+                    preset=args.preset, image_size=args.image_size, fast=args.fast, loss_weight=args.loss_weight,
+                    kid_samples=args.kid_samples, sample_seed=SAMPLE_SEED, warmup_steps=warmup, data=data)
     result: dict = {"env": env, "rows": [], "eval_s": []}
 
     def on_eval(rows: list[dict], eval_s: float) -> None:

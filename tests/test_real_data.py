@@ -42,6 +42,7 @@ def test_smoke_run_end_to_end(tmp_path, monkeypatch, capsys):
 
     r = json.loads((tmp_path / "out" / "real_data.json").read_text())
     assert r["env"]["data"]["splits"] == sizes and r["env"]["batch_size"] == 8 and r["env"]["lr"] == 1e-3
+    assert r["env"]["loss_weight"] == "min_snr"  # the trainer's default
     # every system with every sampler at each evaluation (every 2 steps and the last), a finite KID
     assert {(x["step"], x["system"], x["sampler"]) for x in r["rows"]} == {
         (s, sys, smp) for s in (2, 3) for sys in real_data.SYSTEMS for smp in real_data.SAMPLERS}
@@ -74,6 +75,18 @@ def test_bad_flags_are_refused_by_name(argv, flag, capsys):
     with pytest.raises(SystemExit) as e:
         real_data.main(argv)
     assert e.value.code == 2 and flag in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("diffusers") is None, reason="the pair includes the diffusers loop")
+@pytest.mark.parametrize("argv, weight", [([], "min_snr"), (["--loss-weight", "uniform"], "uniform")])
+def test_loss_weight_reaches_ddpm_fast_s_run(tmp_path, argv, weight):
+    """--loss-weight trains ddpm-fast's side with that weight (the trainer's default without it)."""
+    rng = np.random.default_rng(0)
+    for i in range(real_data.MIN_IMAGES):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    args = real_data.parse(argv + ["--image-size", "8", "--steps", "2", "--data-dir", str(tmp_path)])
+    run, _ = real_data.build_pair(0, args)
+    assert args.loss_weight == run.cfg.loss_weight == run.diffusion.loss_weight == weight
 
 
 def test_data_dir_that_is_a_file_is_refused(tmp_path, capsys):
