@@ -213,6 +213,14 @@ class GaussianDiffusion:
             return snr.clamp(max=self.snr_gamma) / per_target
         return self._on("elbo_weights", abar.device)[t] / per_target  # elbo: discrete t only
 
+    @property
+    def loss_name(self) -> str:
+        """What `loss` is, for a plot's axis: the target's MSE and its weight, e.g. "eps MSE" or
+        "min-SNR-5 weighted eps MSE"."""
+        target = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}[self.prediction]
+        weight = {"uniform": "", "min_snr": f"min-SNR-{self.snr_gamma:g} weighted ", "elbo": "ELBO-weighted "}
+        return f"{weight[self.loss_weight]}{target} MSE"
+
     def loss(self, model, x0: torch.Tensor, generator: torch.Generator | None = None,
              y: torch.Tensor | None = None) -> torch.Tensor:
         """The MSE of the model's output against its target, t drawn uniformly, weighted per t; `y`:

@@ -29,3 +29,16 @@ def test_loss_plot_is_written(tmp_path):
     (tmp_path / "metrics.csv").write_text(rows)
     plot_losses(tmp_path / "metrics.csv", tmp_path / "loss.png")
     assert (tmp_path / "loss.png").stat().st_size > 0
+
+
+def test_loss_axis_is_labelled_with_the_run_s_loss(tmp_path, monkeypatch):
+    """The axis names the loss it plots (it said "eps MSE" whatever the run's target and weight)."""
+    from matplotlib.axes import Axes
+
+    labels = []
+    real = Axes.set_ylabel
+    monkeypatch.setattr(Axes, "set_ylabel",
+                        lambda self, label, *a, **k: (labels.append(label), real(self, label, *a, **k))[1])
+    (tmp_path / "metrics.csv").write_text("step,loss\n1,0.5\n2,0.25\n")
+    plot_losses(tmp_path / "metrics.csv", tmp_path / "loss.png", "min-SNR-5 weighted eps MSE")
+    assert labels == ["min-SNR-5 weighted eps MSE"]

@@ -16,6 +16,15 @@ def draws(d, x0, seed=0):
     return d.training_inputs(x0, torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.parametrize("kw, name", [({}, "eps MSE"), (dict(prediction="v"), "v MSE"),
+                                      (dict(loss_weight="min_snr"), "min-SNR-5 weighted eps MSE"),
+                                      (dict(prediction="x0", loss_weight="min_snr", snr_gamma=20.0),
+                                       "min-SNR-20 weighted x0 MSE"),
+                                      (dict(prediction="v", loss_weight="elbo"), "ELBO-weighted v MSE")])
+def test_loss_name_says_target_and_weight(kw, name):
+    assert GaussianDiffusion(**kw).loss_name == name
+
+
 @pytest.mark.parametrize("prediction", PREDICTIONS)
 def test_target_and_its_inverse(prediction):
     d = GaussianDiffusion("cosine", 50, prediction=prediction)

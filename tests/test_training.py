@@ -35,9 +35,14 @@ def test_short_run_lowers_loss_and_writes_outputs(tmp_path):
         assert (out / name).is_file(), name
 
 
-def test_metrics_lr_is_the_lr_each_row_s_step_trained_at(tmp_path):
+def test_metrics_lr_is_the_lr_each_row_s_step_trained_at(tmp_path, monkeypatch):
     """metrics.csv's lr at step s (s steps done) is the lr of optimizer step s - 1, through the
-    warm-up and the cosine decay: here lr * s / 5 for s <= 5, then the cosine from there."""
+    warm-up and the cosine decay: here lr * s / 5 for s <= 5, then the cosine from there. And
+    loss.png's axis is named for the run's loss (the default's min-SNR weight)."""
+    loop = importlib.import_module("ddpm_fast.training.loop")
+    names = []
+    real_plot = loop.plot_losses
+    monkeypatch.setattr(loop, "plot_losses", lambda *a: (names.append(a[2:]), real_plot(*a))[1])
     out = tmp_path / "run"
     assert train_cli.main(SMALL + ["--steps", "9", "--lr", "1e-3", "--warmup", "5", "--lr-schedule", "cosine",
                                    "--out", str(out)]) == 0
@@ -47,6 +52,7 @@ def test_metrics_lr_is_the_lr_each_row_s_step_trained_at(tmp_path):
     assert [lr for _, lr in rows] == pytest.approx([1e-3 * step_mod.lr_factor(s - 1, 5, "cosine", 9)
                                                     for s in range(1, 10)], rel=1e-5)  # csv: 6 digits
     assert rows[0][1] == pytest.approx(2e-4) and rows[4][1] == pytest.approx(1e-3)
+    assert names == [("min-SNR-5 weighted eps MSE",)]
 
 
 def test_checkpoint_round_trip(tmp_path):

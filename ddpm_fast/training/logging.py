@@ -85,8 +85,9 @@ def _fmt(v):
     return f"{v:.6g}" if isinstance(v, float) else v
 
 
-def plot_losses(csv_path: Path, png_path: Path) -> None:
-    """Step loss (raw and smoothed), epoch train/val loss and, when present, KID against step."""
+def plot_losses(csv_path: Path, png_path: Path, loss_name: str = "loss") -> None:
+    """Step loss (raw and smoothed), epoch train/val loss and, when present, KID against step;
+    `loss_name` labels the loss axis (GaussianDiffusion.loss_name: the run's target and weight)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -104,7 +105,7 @@ def plot_losses(csv_path: Path, png_path: Path) -> None:
     for series, label in ((train, "epoch train"), (val, "epoch val")):
         if series:
             ax.plot(*zip(*series), "o-", label=label)
-    ax.set_xlabel("step"), ax.set_ylabel("eps MSE"), ax.set_yscale("log"), ax.legend(), ax.grid(alpha=0.3)
+    ax.set_xlabel("step"), ax.set_ylabel(loss_name), ax.set_yscale("log"), ax.legend(), ax.grid(alpha=0.3)
     if kid:
         axes[0][1].plot(*zip(*kid), "o-", color="C3")
         axes[0][1].set_xlabel("step"), axes[0][1].set_ylabel("KID (EMA model)"), axes[0][1].grid(alpha=0.3)

@@ -125,7 +125,7 @@ def train_steps(run: Run, stop: StopRequest) -> Path:
         raise Interrupted(stop.signum)
     if main:
         save_grid(run, "final.png", metrics)
-        plot_losses(run.out / "metrics.csv", run.out / "loss.png")
+        plot_losses(run.out / "metrics.csv", run.out / "loss.png", run.diffusion.loss_name)
         metrics.close()
         print(f"done: {run.step} steps; checkpoint {run.out / CHECKPOINT_NAME}, samples {run.out / 'samples'}, "
               f"metrics {run.out / 'metrics.csv'}, loss curve {run.out / 'loss.png'}")
