@@ -14,6 +14,20 @@ def int_tuple(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,2,4, got {text!r}") from None
 
 
+def comma_choices(choices: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
+    """An argparse type: one or more of `choices`, comma-separated ("val,test")."""
+    want = f"comma-separated names of {', '.join(choices)}"
+
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(v for v in text.replace(" ", "").split(",") if v)
+        if not names or any(v not in choices for v in names):
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}")
+        return names
+
+    parse.__name__ = want
+    return parse
+
+
 def number(kind: type, low: float | None = None, high: float | None = None, *, low_open: bool = False,
            high_open: bool = False) -> Callable[[str], int | float]:
     """An argparse type: a finite int or float within [low, high] (open where said). Its refusal

@@ -50,6 +50,15 @@ def test_sample_errors(tmp_path, capsys):
     assert "none" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("splits", ["bogus", "val,tset", ","])
+def test_evaluate_refuses_bad_splits_before_loading_anything(tmp_path, capsys, splits):
+    """A bad --splits is named at once (it was found after the held-out MSE and the sampling)."""
+    with pytest.raises(SystemExit) as e:
+        evaluate_cli.main(["--ckpt", str(tmp_path / "none"), "--kid", "8", "--splits", splits])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--splits" in err and repr(splits) in err and "none" not in err
+
+
 def test_evaluate_json(run, tmp_path):
     out = tmp_path / "e.json"
     assert evaluate_cli.main(["--ckpt", str(run), "--images", "16", "--bpd-images", "4", "--bpd-t", "5",

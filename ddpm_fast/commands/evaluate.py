@@ -10,9 +10,12 @@ import argparse
 import json
 import math
 
-from ..argtypes import non_negative_int, positive_int, seed_int
+from ..argtypes import comma_choices, non_negative_int, positive_int, seed_int
 from ..files import atomic_write
 from .cli import add_debug_argument, add_plan_arguments, add_sampler_arguments, plan_from_args, run, sampler_from_args
+
+
+SPLITS = ("train", "val", "test")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run folder or checkpoint file (a kept one: RUN/checkpoints/step_N.pt)")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights")
     p.add_argument("--data", help="image folder (default: the run's data)")
-    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--split", default="test", choices=SPLITS)
     p.add_argument("--images", type=positive_int, help="evaluate on at most this many images of the split")
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--mse-draws", type=positive_int, default=4, help="(t, noise) draws per image for the MSE")
@@ -32,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kid", type=non_negative_int, default=0, metavar="N", help="KID on N samples (needs [eval])")
     p.add_argument("--ref-images", type=positive_int, default=10000,
                    help="at most this many images of a split for its FID/KID reference statistics")
-    p.add_argument("--splits", default="test", help="comma-separated splits to compare samples with")
+    p.add_argument("--splits", type=comma_choices(SPLITS), default=("test",),
+                   help="comma-separated splits to compare samples with (checked before anything is computed)")
     add_sampler_arguments(p)
     p.add_argument("--seed", type=seed_int, default=0)
     add_plan_arguments(p)
@@ -71,7 +75,7 @@ def _evaluate(args) -> dict:
 
         sampler = sampler_from_args(model, diffusion, args, plan)
         result.update(sample_quality(sampler, data, size, plan.device, fid_n=args.fid, kid_n=args.kid,
-                                     seed=args.seed, splits=tuple(s for s in args.splits.split(",") if s),
+                                     seed=args.seed, splits=args.splits,
                                      ref_limit=args.ref_images))
     text = json.dumps(finite_or_null(result), indent=2, allow_nan=False)
     print(text)
