@@ -117,10 +117,10 @@ def test_cli_grad_accum_matches_and_logs_optimizer_steps(tmp_path):
     assert train_cli.main(SMALL + ["--steps", "4", "--out", str(four), "--grad-accum", "4"]) == 0
     r1, r4 = rows(one), rows(four)
     # One row per optimizer step; the 3-step warm-up advances per optimizer step (each row holds the
-    # lr of the step after it: 2/3, 1, 1, 1 of the peak), not per micro-batch (at the peak by row 1).
+    # lr its step trained at: 1/3, 2/3, 1, 1 of the peak), not per micro-batch (at the peak by row 1).
     assert [s for s, _, _ in r4] == [1, 2, 3, 4]
-    assert [lr for _, _, lr in r4] == pytest.approx([1e-3 * lr_factor(s, 3, "constant", 4) for s in range(1, 5)])
-    assert r4[0][2] == pytest.approx(2e-3 / 3)
+    assert [lr for _, _, lr in r4] == pytest.approx([1e-3 * lr_factor(s - 1, 3, "constant", 4) for s in range(1, 5)])
+    assert r4[0][2] == pytest.approx(1e-3 / 3)
     assert [lr for _, _, lr in r4] == [lr for _, _, lr in r1]
     assert [loss for _, loss, _ in r4] == pytest.approx([loss for _, loss, _ in r1], rel=1e-4)
     a, b = ckpt_mod.load_checkpoint(one), ckpt_mod.load_checkpoint(four)
