@@ -27,6 +27,9 @@ class DiffusersLoop:
         torch.manual_seed(seed)
         size = {} if image_size is None else {"image_size": image_size}
         self.unet, _ = to_diffusers(UNet.from_preset(preset, **size), GaussianDiffusion("linear", timesteps))
+        # to_diffusers hands over a model for inference, in eval mode; train_unconditional trains in
+        # train mode (model.train()), so the peer's dropout runs as ours does.
+        self.unet.train()
         self.timesteps = timesteps
         self.scheduler = DDPMScheduler(num_train_timesteps=timesteps)
         self.opt = torch.optim.AdamW(self.unet.parameters(), lr=lr, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
