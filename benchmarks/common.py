@@ -87,9 +87,30 @@ def device_name() -> str:
     return torch.cuda.get_device_name() if ON_GPU else "cpu"
 
 
+# The CPU features that decide which bf16 kernels oneDNN runs (AVX-512 BF16 dot products, AMX tiles):
+# the development machines have differed in them from one session to the next.
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_model(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> str:
+    """The CPU's model name with the bf16 features it has, e.g. "Intel(R) Xeon(R) Processor (avx512_bf16,
+    amx_bf16)"; platform's name where there is no cpuinfo (not Linux)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields = dict(line.split(":", 1) for line in text.split("\n\n")[0].splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    return f"{name} ({', '.join(f for f in BF16_CPU_FLAGS if f in flags) or 'no bf16 instructions'})"
+
+
 def bench_env(**settings) -> dict:
-    """The `env` of an end-to-end benchmark's JSON: the device, torch, and the module's settings."""
-    return {"device": device_name(), "torch": torch.__version__, **settings}
+    """The `env` of an end-to-end benchmark's JSON: the device (and the CPU's model), torch, and the
+    module's settings."""
+    cpu = {} if ON_GPU else {"cpu": cpu_model()}
+    return {"device": device_name(), **cpu, "torch": torch.__version__, **settings}
 
 
 def allow_tf32() -> None:
@@ -119,7 +140,7 @@ def environment() -> dict:
         except (OSError, subprocess.TimeoutExpired):
             info["driver"] = None
     else:
-        info.update(gpu=None, device_class="cpu", cpu=platform.processor() or platform.machine(),
+        info.update(gpu=None, device_class="cpu", cpu=cpu_model(),
                     threads=torch.get_num_threads())
     return info
 

@@ -169,3 +169,15 @@ def test_fidelity_report_pairs():
     assert only_fast["fast_vs_reference"] is None and only_fast["seed_spread"]["final_loss_rel"] == pytest.approx(0.2)
     with pytest.raises(ValueError, match="--runs"):
         fidelity.parse_runs("fast")
+
+
+def test_cpu_model_names_the_cpu_and_its_bf16_features(tmp_path):
+    from benchmarks.common import cpu_model
+    block = "processor\t: {n}\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Processor\nflags\t\t: {f}\n"
+    amx = tmp_path / "amx"
+    amx.write_text("\n".join(block.format(n=n, f="fpu avx512f amx_tile avx512_bf16 amx_bf16") for n in (0, 1)))
+    assert cpu_model(amx) == "Intel(R) Xeon(R) Processor (avx512_bf16, amx_bf16)"
+    plain = tmp_path / "plain"
+    plain.write_text(block.format(n=0, f="fpu avx2").replace("Intel(R) Xeon(R) Processor", "AMD EPYC 7B13"))
+    assert cpu_model(plain) == "AMD EPYC 7B13 (no bf16 instructions)"
+    assert cpu_model(tmp_path / "absent")  # no cpuinfo: platform's name, never an error
