@@ -10,7 +10,8 @@ thread pool shared between rows), on the built-in data at the preset's size and 
   compile        torch.compile alone (fp32)
   fast_eager     the CPU's default, `python -m ddpm_fast.train`: bf16 and auto's kernels (on the CPU
                  the `aten` GroupNorm where measured faster; no channels_last, no compile)
-  fast           fast_eager + torch.compile: `--compile`
+  fast           `--compile default`: fast_eager compiled, with the reference GroupNorm for Inductor
+                 to fuse (plan.compiled_cpu_backends)
   diffusers      benchmarks/diffusers_loop.py: UNet2DModel of the same parameters, AdamW, EMA, fp32
 Each row runs --warmup steps (the compile, reported apart as warmup_s), then --rounds rounds of the
 preset's timed steps; img/s is the median over rounds with its min and max.
@@ -64,7 +65,7 @@ def plan_of(row: str):
     return {"reference": ref,
             "bf16": replace(ref, autocast_dtype=torch.bfloat16, backends=dict.fromkeys(OPS, "torch")),
             "channels_last": replace(ref, channels_last=True), "compile": replace(ref, compile="default"),
-            "fast_eager": fast_eager, "fast": replace(fast_eager, compile="default")}[row]
+            "fast_eager": fast_eager, "fast": ExecutionPlan.resolve("cpu", fast=True, compile="default")}[row]
 
 
 def train_row(row: str, args) -> dict:

@@ -51,7 +51,8 @@ def cpu_speed(result: dict) -> str:
         v = r["img_per_s"]
         return f"{v['median']:g} ({v['min']:g}-{v['max']:g})"
 
-    head = (f"`python -m benchmarks.cpu_speed` on {env.get('device', '?')} ({env.get('cpu_count', '?')} cores, "
+    machine = env.get("cpu") or env.get("device", "?")  # the CPU's model where the run recorded it
+    head = (f"`python -m benchmarks.cpu_speed` on {machine} ({env.get('cpu_count', '?')} cores, "
             f"{env.get('threads', '?')} threads), torch {env.get('torch', '?')}: batch {env.get('batch_size', '?')}, "
             f"median (min-max) over {env.get('rounds', '?')} rounds after {env.get('warmup', '?')} warm-up steps; "
             "each row in its own process.")

@@ -46,8 +46,10 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     return device
 
 
-def op_backends(kernels: str, device: torch.device, autocast_dtype: torch.dtype | None) -> dict[str, str]:
-    """The backend of each fused op for `--kernels kernels` on this device."""
+def op_backends(kernels: str, device: torch.device, autocast_dtype: torch.dtype | None,
+                compile: str | None = None) -> dict[str, str]:
+    """The backend of each fused op for `--kernels kernels` on this device, under torch.compile mode
+    `compile` (None: eager)."""
     if kernels not in KERNELS:
         raise ValueError(f"--kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
     if kernels == "triton" and device.type != "cuda":
@@ -56,7 +58,17 @@ def op_backends(kernels: str, device: torch.device, autocast_dtype: torch.dtype 
     backends = {op: implementing(op, kernels) for op in OPS}
     if kernels == "triton" and autocast_dtype is None:
         backends["attention"] = "torch"  # fp32 flash attention spills on a GPU: not shipped
-    return backends
+    return {**backends, **compiled_cpu_backends(kernels, device, compile)}
+
+
+def compiled_cpu_backends(kernels: str, device: torch.device, compile: str | None) -> dict[str, str]:
+    """What `auto` runs instead of its table on a compiled CPU plan: the reference GroupNorm, which
+    Inductor fuses with the code around it. The table's `aten` GroupNorm is the faster one eager,
+    but a compiled tiny training step ran 1.37x as fast with the reference as with it (benchmarks/
+    RESULTS.md, "CPU speed against the diffusers loop"). On a GPU the table decides (it compares
+    each kernel with torch.compile of the reference too)."""
+    compiled = compile not in (None, "none")
+    return {"group_norm_act": "torch"} if kernels == "auto" and device.type == "cpu" and compiled else {}
 
 
 def fast_by_default(device: torch.device) -> bool:
@@ -105,7 +117,7 @@ class ExecutionPlan:
             raise ValueError("CUDA graphs need a CUDA device")
         mode = compile if fast and compile not in (None, "none") else None
         return cls(device=dev, autocast_dtype=dtype, channels_last=fast and channels_last_pays(dev),
-                   backends=op_backends(kernels, dev, dtype),
+                   backends=op_backends(kernels, dev, dtype, mode),
                    compile=mode, cuda_graphs=graphs)
 
     @classmethod
@@ -114,9 +126,10 @@ class ExecutionPlan:
         """The plan of a caller that gives its options one by one (FastSampler without a plan): fp32
         is no autocast, and channels_last goes with a reduced-precision autocast, as on the fast path."""
         dtype = None if dtype == torch.float32 else dtype
+        mode = "default" if compile else None
         return cls(device=device, autocast_dtype=dtype, channels_last=dtype is not None and channels_last_pays(device),
-                   backends=dict.fromkeys(OPS, backend), compile="default" if compile else None,
-                   cuda_graphs=cuda_graphs)
+                   backends={**dict.fromkeys(OPS, backend), **compiled_cpu_backends(backend, device, mode)},
+                   compile=mode, cuda_graphs=cuda_graphs)
 
     def with_graphs(self, on: bool) -> "ExecutionPlan":
         """This plan with CUDA graphs on or off (the training grids draw from a seeded generator)."""

@@ -27,6 +27,7 @@ def test_rows_against_reference_and_diffusers(tmp_path, monkeypatch):
     assert r["sample"][0]["vs_reference"] is None  # no reference row was asked for
     text = report_parts.cpu_speed(r)
     assert "| tiny | diffusers |" in text and "Sampling" in text
+    assert f"on {r['env']['cpu']} (" in text  # the CPU's model, not just "cpu": the machines differ
 
 
 def test_unknown_row_is_refused():
