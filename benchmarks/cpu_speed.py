@@ -39,6 +39,8 @@ from pathlib import Path
 
 import torch
 
+from ddpm_fast.plan import KERNELS, OPS, ExecutionPlan
+
 from . import report_parts
 from .common import bench_env, forever, write_result
 
@@ -56,16 +58,16 @@ def spread(values: list[float]) -> dict:
             "max": round(max(values), 2), "rounds": len(values)}
 
 
-def plan_of(row: str):
-    """The execution plan of a ddpm-fast row: the reference with one part switched on, or all."""
-    from ddpm_fast.plan import OPS, ExecutionPlan
-
+def plan_of(row: str, kernels: str = "auto"):
+    """The execution plan of a ddpm-fast row: the reference with one part switched on, or all (the
+    fast rows with `--kernels kernels`)."""
     ref = ExecutionPlan.resolve("cpu", fast=False)
-    fast_eager = ExecutionPlan.resolve("cpu", fast=True, compile="none")
+    fast_eager = ExecutionPlan.resolve("cpu", fast=True, compile="none", kernels=kernels)
     return {"reference": ref,
             "bf16": replace(ref, autocast_dtype=torch.bfloat16, backends=dict.fromkeys(OPS, "torch")),
             "channels_last": replace(ref, channels_last=True), "compile": replace(ref, compile="default"),
-            "fast_eager": fast_eager, "fast": ExecutionPlan.resolve("cpu", fast=True, compile="default")}[row]
+            "fast_eager": fast_eager, "fast": ExecutionPlan.resolve("cpu", fast=True, compile="default",
+                                                                    kernels=kernels)}[row]
 
 
 def train_row(row: str, args) -> dict:
@@ -89,7 +91,7 @@ def train_row(row: str, args) -> dict:
         with tempfile.TemporaryDirectory() as out:
             cfg = TrainConfig(preset=args.preset, batch_size=args.batch_size, lr=2e-4, warmup=0, steps=total,
                               workers=0, out=out, **size)
-            run = build_run(cfg, plan=plan_of(row))
+            run = build_run(cfg, plan=plan_of(row, args.kernels))
         loader, step = run.loader, run.step_fn
     batches = forever(loader)
     t0 = time.perf_counter()
@@ -129,7 +131,7 @@ def sample_row(row: str, args) -> dict:
         go = lambda: pipe(batch_size=args.sample_n, num_inference_steps=DEFAULT_STEPS,  # noqa: E731
                           generator=torch.Generator().manual_seed(0), output_type="np")
     else:
-        plan = plan_of(row)
+        plan = plan_of(row, args.kernels)
         sampler = FastSampler(plan.prepare(model), diffusion, plan=plan)
         go = lambda: sampler.sample(args.sample_n, s, generator=torch.Generator().manual_seed(0))  # noqa: E731
     with torch.inference_mode():
@@ -150,7 +152,7 @@ def child(kind: str, row: str, preset: str, args) -> dict:
     """Run one row in a fresh process and return its JSON."""
     cmd = [sys.executable, "-m", "benchmarks.cpu_speed", "--one", f"{kind}:{row}", "--presets", preset,
            "--batch-size", str(args.batch_size), "--warmup", str(args.warmup), "--rounds", str(args.rounds),
-           "--sample-n", str(args.sample_n)]
+           "--sample-n", str(args.sample_n), "--kernels", args.kernels]
     cmd += ["--steps", str(args.steps)] if args.steps else []
     cmd += ["--image-size", str(args.image_size)] if args.image_size else []
     r = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
@@ -180,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3, help="steps before timing (compile, allocator, oneDNN plans)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--sample-n", type=int, default=64)
+    p.add_argument("--kernels", default="auto", choices=KERNELS,
+                   help="the fast rows' --kernels (auto: the CPU's choice; aten: ATen's GroupNorm compiled too)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # KIND:ROW, run in this process (the children)
     args = p.parse_args(argv)
     for name, allowed in (("--train-rows", TRAIN_ROWS), ("--sample-rows", SAMPLE_ROWS)):
@@ -193,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     env = bench_env(threads=torch.get_num_threads(), batch_size=args.batch_size, warmup=args.warmup,
-                    rounds=args.rounds, sample_n=args.sample_n, cpu_count=os.cpu_count())
+                    rounds=args.rounds, sample_n=args.sample_n, cpu_count=os.cpu_count(), kernels=args.kernels)
     result: dict = {"env": env, "train": [], "sample": []}
     for kind, presets, rows in (("train", args.presets, args.train_rows),
                                 ("sample", args.sample_presets, args.sample_rows)):
