@@ -24,7 +24,7 @@ OPS = ("group_norm_act", "attention", "sampling_update")
 KERNELS = ("auto", "torch", "triton", "cpp", "aten")  # the --kernels choices of every command
 # --compile MODE, the same flag in every command: a torch.compile mode for the fast path, or none.
 COMPILE_HELP = ("torch.compile mode of the fast path (default, max-autotune-no-cudagraphs, ...), none, or auto "
-                "(default on a GPU, none on the CPU, where it measured no gain)")
+                "(default on a GPU; none on the CPU, where a first compile outlasts what a short run saves)")
 FAST_HELP = ("the fast path: bf16 autocast (fp32 master weights), on a GPU also channels_last and CUDA graphs "
              "(default: on on the CPU, where it is measured to learn the same, faster; off on a GPU until measured)")
 
@@ -62,18 +62,18 @@ def op_backends(kernels: str, device: torch.device, autocast_dtype: torch.dtype 
 
 
 def compiled_cpu_backends(kernels: str, device: torch.device, compile: str | None) -> dict[str, str]:
-    """What `auto` runs instead of its table on a compiled CPU plan: the reference GroupNorm, which
-    Inductor fuses with the code around it. The table's `aten` GroupNorm is the faster one eager,
-    but a compiled tiny training step ran 1.37x as fast with the reference as with it (benchmarks/
-    RESULTS.md, "CPU speed against the diffusers loop"). On a GPU the table decides (it compares
-    each kernel with torch.compile of the reference too)."""
+    """What `auto` runs instead of its table on a compiled CPU plan: the reference GroupNorm. The
+    table's `aten` GroupNorm is the faster one eager, but compiled, tiny training ran 1.20x
+    (1.17-1.26x) as fast with the reference's float32 GroupNorm as with the `aten` bf16 one
+    (docs/cpu_compile_groupnorm.json): Inductor makes faster code of the former. On a GPU the
+    table decides (it compares each kernel with torch.compile of the reference too)."""
     compiled = compile not in (None, "none")
     return {"group_norm_act": "torch"} if kernels == "auto" and device.type == "cpu" and compiled else {}
 
 
 def fast_by_default(device: torch.device) -> bool:
     """Whether a run that says neither --fast nor --no-fast takes the fast path: on the CPU, where
-    it measured 1.5-1.8x the reference's img/s and learns the same (held-out loss and KID within the
+    it measured 1.5-2.4x the reference's img/s (tiny and cifar32, two machines) and learns the same (held-out loss and KID within the
     seed-to-seed spread); not yet on a GPU, where its learning has not been measured (both:
     benchmarks/RESULTS.md)."""
     return device.type == "cpu"
@@ -81,9 +81,9 @@ def fast_by_default(device: torch.device) -> bool:
 
 def compile_by_default(device: torch.device) -> str | None:
     """The torch.compile mode of a fast run that does not name one: on a GPU the default mode; on
-    the CPU none, since there it never paid back: training measured no faster compiled than bf16
-    eager, and the sampler's 1.3x over bf16 eager needs ~3,500 images to repay its ~50 s compile
-    (benchmarks/RESULTS.md, "CPU speed against the diffusers loop")."""
+    the CPU none, since a first compile (a minute or more on tiny, 134 s on cifar32) outlasts what it
+    saves in a short run: compiled training is 1.15x bf16 eager on tiny and 1.09x on cifar32,
+    sampling 1.5x (benchmarks/RESULTS.md, "CPU speed against the diffusers loop")."""
     return "default" if device.type == "cuda" else None
 
 
