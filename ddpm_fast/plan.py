@@ -73,9 +73,9 @@ def compiled_cpu_backends(kernels: str, device: torch.device, compile: str | Non
 
 def fast_by_default(device: torch.device) -> bool:
     """Whether a run that says neither --fast nor --no-fast takes the fast path: on the CPU, where
-    it measured 1.5-2.4x the reference's img/s (tiny and cifar32, two machines) and learns the same (held-out loss and KID within the
-    seed-to-seed spread); not yet on a GPU, where its learning has not been measured (both:
-    benchmarks/RESULTS.md)."""
+    it measured 1.5-2.4x the reference's img/s (tiny and cifar32, two machines) and learns the same
+    (held-out loss and KID within the seed-to-seed spread); not yet on a GPU, where its learning has
+    not been measured (both: benchmarks/RESULTS.md)."""
     return device.type == "cpu"
 
 

@@ -37,7 +37,8 @@ def test_unknown_row_is_refused():
 
 def test_kernels_flag_reaches_the_fast_rows_only():
     """--kernels aten measures ATen's GroupNorm compiled too (the plan's own choice there is the
-    reference: plan.compiled_cpu_backends); the reference and bf16 rows keep theirs (auto is the reference in fp32)."""
+    reference: plan.compiled_cpu_backends); the reference and bf16 rows keep theirs (auto is the
+    reference in fp32)."""
     gn = lambda row, k: cpu_speed.plan_of(row, k).backends["group_norm_act"]  # noqa: E731
     assert [gn(r, "aten") for r in ("reference", "bf16", "fast_eager", "fast")] == ["auto", "torch", "aten", "aten"]
     assert [gn(r, "auto") for r in ("fast_eager", "fast")] == ["auto", "torch"]

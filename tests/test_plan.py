@@ -151,7 +151,8 @@ def test_a_sampler_given_options_not_a_plan_gets_the_plans_decisions():
 
 def test_a_compiled_cpu_plan_leaves_the_groupnorm_to_inductor():
     """auto's table picks the `aten` GroupNorm on the CPU eager; compiled, the reference, which Inductor
-    fuses (plan.compiled_cpu_backends). Named kernels are kept, and a GPU plan keeps auto's table."""
+    compiles into faster code (plan.compiled_cpu_backends). Named kernels are kept, and a GPU plan
+    keeps auto's table."""
     from ddpm_fast import FastSampler, GaussianDiffusion, UNet
 
     cpu = lambda **k: ExecutionPlan.resolve("cpu", fast=True, **k).backends["group_norm_act"]  # noqa: E731
