@@ -10,8 +10,7 @@ thread pool shared between rows), on the built-in data at the preset's size and 
   compile        torch.compile alone (fp32)
   fast_eager     the CPU's default, `python -m ddpm_fast.train`: bf16 and auto's kernels (on the CPU
                  the `aten` GroupNorm where measured faster; no channels_last, no compile)
-  fast           `--compile default`: fast_eager compiled, with the reference GroupNorm for Inductor
-                 to fuse (plan.compiled_cpu_backends)
+  fast           fast_eager + torch.compile: `--compile`
   diffusers      benchmarks/diffusers_loop.py: UNet2DModel of the same parameters, AdamW, EMA, fp32
 Each row runs --warmup steps (the compile, reported apart as warmup_s), then --rounds rounds of the
 preset's timed steps; img/s is the median over rounds with its min and max.
@@ -183,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--sample-n", type=int, default=64)
     p.add_argument("--kernels", default="auto", choices=KERNELS,
-                   help="the fast rows' --kernels (auto: the CPU's choice; aten: ATen's GroupNorm compiled too)")
+                   help="the fast rows' --kernels (auto: the CPU's choice)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # KIND:ROW, run in this process (the children)
     args = p.parse_args(argv)
     for name, allowed in (("--train-rows", TRAIN_ROWS), ("--sample-rows", SAMPLE_ROWS)):

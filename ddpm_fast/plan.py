@@ -46,10 +46,8 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     return device
 
 
-def op_backends(kernels: str, device: torch.device, autocast_dtype: torch.dtype | None,
-                compile: str | None = None) -> dict[str, str]:
-    """The backend of each fused op for `--kernels kernels` on this device, under torch.compile mode
-    `compile` (None: eager)."""
+def op_backends(kernels: str, device: torch.device, autocast_dtype: torch.dtype | None) -> dict[str, str]:
+    """The backend of each fused op for `--kernels kernels` on this device."""
     if kernels not in KERNELS:
         raise ValueError(f"--kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
     if kernels == "triton" and device.type != "cuda":
@@ -58,17 +56,7 @@ def op_backends(kernels: str, device: torch.device, autocast_dtype: torch.dtype 
     backends = {op: implementing(op, kernels) for op in OPS}
     if kernels == "triton" and autocast_dtype is None:
         backends["attention"] = "torch"  # fp32 flash attention spills on a GPU: not shipped
-    return {**backends, **compiled_cpu_backends(kernels, device, compile)}
-
-
-def compiled_cpu_backends(kernels: str, device: torch.device, compile: str | None) -> dict[str, str]:
-    """What `auto` runs instead of its table on a compiled CPU plan: the reference GroupNorm. The
-    table's `aten` GroupNorm is the faster one eager, but compiled, tiny training ran 1.20x
-    (1.17-1.26x) as fast with the reference's float32 GroupNorm as with the `aten` bf16 one
-    (docs/cpu_compile_groupnorm.json): Inductor makes faster code of the former. On a GPU the
-    table decides (it compares each kernel with torch.compile of the reference too)."""
-    compiled = compile not in (None, "none")
-    return {"group_norm_act": "torch"} if kernels == "auto" and device.type == "cpu" and compiled else {}
+    return backends
 
 
 def fast_by_default(device: torch.device) -> bool:
@@ -117,7 +105,7 @@ class ExecutionPlan:
             raise ValueError("CUDA graphs need a CUDA device")
         mode = compile if fast and compile not in (None, "none") else None
         return cls(device=dev, autocast_dtype=dtype, channels_last=fast and channels_last_pays(dev),
-                   backends=op_backends(kernels, dev, dtype, mode),
+                   backends=op_backends(kernels, dev, dtype),
                    compile=mode, cuda_graphs=graphs)
 
     @classmethod
@@ -126,10 +114,9 @@ class ExecutionPlan:
         """The plan of a caller that gives its options one by one (FastSampler without a plan): fp32
         is no autocast, and channels_last goes with a reduced-precision autocast, as on the fast path."""
         dtype = None if dtype == torch.float32 else dtype
-        mode = "default" if compile else None
         return cls(device=device, autocast_dtype=dtype, channels_last=dtype is not None and channels_last_pays(device),
-                   backends={**dict.fromkeys(OPS, backend), **compiled_cpu_backends(backend, device, mode)},
-                   compile=mode, cuda_graphs=cuda_graphs)
+                   backends=dict.fromkeys(OPS, backend), compile="default" if compile else None,
+                   cuda_graphs=cuda_graphs)
 
     def with_graphs(self, on: bool) -> "ExecutionPlan":
         """This plan with CUDA graphs on or off (the training grids draw from a seeded generator)."""

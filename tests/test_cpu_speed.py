@@ -36,11 +36,11 @@ def test_unknown_row_is_refused():
 
 
 def test_kernels_flag_reaches_the_fast_rows_only():
-    """--kernels aten measures ATen's GroupNorm compiled too (the plan's own choice there is the
-    reference: plan.compiled_cpu_backends); the reference and bf16 rows keep theirs (auto is the
-    reference in fp32)."""
+    """--kernels sets the fast rows' backends (compiled too: the fast row is the plan --compile
+    gives); the reference and bf16 rows keep theirs (auto is the reference in fp32)."""
     gn = lambda row, k: cpu_speed.plan_of(row, k).backends["group_norm_act"]  # noqa: E731
-    assert [gn(r, "aten") for r in ("reference", "bf16", "fast_eager", "fast")] == ["auto", "torch", "aten", "aten"]
-    assert [gn(r, "auto") for r in ("fast_eager", "fast")] == ["auto", "torch"]
+    assert [gn(r, "torch") for r in ("reference", "bf16", "fast_eager", "fast")] == ["auto", "torch", "torch", "torch"]
+    assert [gn(r, "aten") for r in ("fast_eager", "fast")] == ["aten", "aten"]
+    assert cpu_speed.plan_of("fast", "auto").compile == "default"
     with pytest.raises(SystemExit):
         cpu_speed.main(["--kernels", "turbo"])

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from ddpm_fast.plan import OPS, ExecutionPlan, op_backends, resolve_device
+from ddpm_fast.plan import ExecutionPlan, resolve_device
 
 train_cli = importlib.import_module("ddpm_fast.commands.train")
 sample_cli = importlib.import_module("ddpm_fast.commands.sample")
@@ -147,20 +147,3 @@ def test_a_sampler_given_options_not_a_plan_gets_the_plans_decisions():
         torch.bfloat16, False, "torch")  # channels_last only where it pays: on a GPU
     fp32 = FastSampler(model, d, dtype=torch.float32).plan
     assert (fp32.autocast_dtype, fp32.channels_last, fp32.compile, fp32.cuda_graphs) == (None, False, None, False)
-
-
-def test_a_compiled_cpu_plan_leaves_the_groupnorm_to_inductor():
-    """auto's table picks the `aten` GroupNorm on the CPU eager; compiled, the reference, which Inductor
-    compiles into faster code (plan.compiled_cpu_backends). Named kernels are kept, and a GPU plan
-    keeps auto's table."""
-    from ddpm_fast import FastSampler, GaussianDiffusion, UNet
-
-    cpu = lambda **k: ExecutionPlan.resolve("cpu", fast=True, **k).backends["group_norm_act"]  # noqa: E731
-    assert (cpu(compile="none"), cpu(compile="default"), cpu(compile="max-autotune")) == ("auto", "torch", "torch")
-    assert (cpu(compile="default", kernels="aten"), cpu(compile="default", kernels="cpp")) == ("aten", "cpp")
-    assert ExecutionPlan.resolve("cpu", fast=False, compile="default").backends["group_norm_act"] == "auto"  # eager
-    gpu = op_backends("auto", torch.device("cuda", 0), torch.bfloat16, "default")
-    assert gpu == dict.fromkeys(OPS, "auto")
-    model, d = UNet.from_preset("tiny", image_size=8, ch_mult=(1, 2), attn_res=()), GaussianDiffusion("linear", 10)
-    compiled = FastSampler(model, d, dtype=torch.bfloat16, compile=True).plan  # options, not a plan: the same rule
-    assert compiled.backends == {**dict.fromkeys(OPS, "auto"), "group_norm_act": "torch"}

@@ -7,7 +7,6 @@ for this device, dtype and shape). An op a backend has no version of runs the re
 (auto.MISSING, auto.implementing)."""
 from __future__ import annotations
 
-import importlib
 
 import torch
 
@@ -20,9 +19,21 @@ __all__ = ["group_norm_silu", "group_norm_act", "attention", "ddpm_step", "ddim_
 
 
 def _backend_module(name: str):
+    # import statements, not importlib: torch.compile traces these (a backend module stays unimported
+    # until used, as triton and the extension need), where importlib.import_module breaks the graph
+    # at every call of an op.
     if name == "torch":
         return reference
-    return importlib.import_module(f"ddpm_fast.ops.{name}")
+    if name == "aten":
+        from . import aten
+        return aten
+    if name == "cpp":
+        from . import cpp
+        return cpp
+    if name == "triton":
+        from . import triton
+        return triton
+    raise ValueError(f"unknown backend {name!r}")
 
 
 def group_norm_act(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
