@@ -69,9 +69,9 @@ def fast_by_default(device: torch.device) -> bool:
 
 def compile_by_default(device: torch.device) -> str | None:
     """The torch.compile mode of a fast run that does not name one: on a GPU the default mode; on
-    the CPU none, since a first compile (a minute or more on tiny, 134 s on cifar32) outlasts what it
-    saves in a short run: compiled training is 1.15x bf16 eager on tiny and 1.09x on cifar32,
-    sampling 1.5x (benchmarks/RESULTS.md, "CPU speed against the diffusers loop")."""
+    the CPU none, since a first compile (a minute or more) outlasts what it saves in a short run:
+    compiled training is 1.24x bf16 eager on tiny and 1.11x on cifar32, sampling 1.46x
+    (benchmarks/RESULTS.md, "CPU speed against the diffusers loop")."""
     return "default" if device.type == "cuda" else None
 
 
