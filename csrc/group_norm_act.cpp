@@ -1,14 +1,22 @@
-// GroupNorm + activation, CPU kernels. One task per (batch, group) under at::parallel_for; each
-// task reads its group a few times while it sits in cache: mean, then the centred variance
-// (two passes: exact even when |mean| >> std), then the output. Statistics in float32 per
-// channel, summed across channels in double.
+// GroupNorm + activation, CPU kernels, one pair per memory layout.
+//
+// NCHW holds each channel's H*W values contiguously: one task per (batch, group) under
+// at::parallel_for reads its group a few times while it sits in cache: mean, then the centred
+// variance (two passes: exact even when |mean| >> std), then the output.
+// Channels_last holds each pixel's C channels contiguously: one task per batch item makes the same
+// passes over its (H*W, C) slab, each a loop over pixels whose inner loop runs over all C channels
+// at once, so it vectorises whatever the group size (a per-group walk would stride by C with
+// 1-4 channels per step). Per-channel partial sums are then reduced per group.
+// Statistics in float32 per channel, summed across channels in double.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -18,15 +26,9 @@
 namespace ddpm_fast {
 namespace {
 
-// Where the group's elements live: NCHW holds each channel's H*W values contiguously; channels_last
-// holds, for each pixel, the group's channels contiguously with rows C apart.
-struct GroupView {
-  int64_t base, channel0;
-};
-
-inline GroupView group_view(const GroupNormProblem& p, int64_t b, int64_t g) {
-  const int64_t c0 = g * p.group_channels;
-  return {p.channels_last ? b * p.hw * p.channels + c0 : (b * p.channels + c0) * p.hw, c0};
+// Where a group's elements live in NCHW: its channels' H*W rows, one after another.
+inline int64_t nchw_group_base(const GroupNormProblem& p, int64_t b, int64_t g) {
+  return (b * p.channels + g * p.group_channels) * p.hw;
 }
 
 inline double sum_of(const float* acc, int64_t n) {
@@ -35,78 +37,141 @@ inline double sum_of(const float* acc, int64_t n) {
   return s;
 }
 
-// Per-channel sums of f(x + a) over the group into acc[cl], a = the channel's add term.
-template <bool CL, typename T, typename F>
-inline void channel_sums(const GroupNormProblem& p, const GroupView& v, const T* x, const float* a, float* acc, F f) {
-  const int64_t cg = p.group_channels, hw = p.hw;
-  if constexpr (CL) {
-    for (int64_t cl = 0; cl < cg; ++cl) acc[cl] = 0.0f;
-    for (int64_t s = 0; s < hw; ++s) {
-      const T* xr = x + v.base + s * p.channels;
-      for (int64_t cl = 0; cl < cg; ++cl) acc[cl] += f(static_cast<float>(xr[cl]) + a[cl]);
-    }
-  } else {
-    for (int64_t cl = 0; cl < cg; ++cl) {
-      const T* xr = x + v.base + cl * hw;
-      const float ac = a[cl];
-      float sum = 0.0f;
+// Per-channel sums of f(x + a) over one NCHW group into acc[cl], a = the channel's add term.
+template <typename T, typename F>
+inline void nchw_channel_sums(const GroupNormProblem& p, const T* xg, const float* a, float* acc, F f) {
+  const int64_t hw = p.hw;
+  for (int64_t cl = 0; cl < p.group_channels; ++cl) {
+    const T* xr = xg + cl * hw;
+    const float ac = a[cl];
+    float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-      for (int64_t s = 0; s < hw; ++s) sum += f(static_cast<float>(xr[s]) + ac);
-      acc[cl] = sum;
-    }
+    for (int64_t s = 0; s < hw; ++s) sum += f(static_cast<float>(xr[s]) + ac);
+    acc[cl] = sum;
   }
 }
 
-template <typename T, Act A, bool CL>
-void forward_kernel(const GroupNormProblem& p, const T* x, const float* add, const float* weight, const float* bias,
-                    double eps, T* y, float* mean_out, float* rstd_out) {
+// c10::BFloat16's rounding (to nearest even, NaN to 0x7FC0) with a select for its NaN branch, so
+// that a loop of it vectorises.
+inline uint16_t bf16_bits(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  const uint32_t rounded = (u + ((u >> 16) & 1u) + 0x7FFFu) >> 16;
+  return v != v ? uint16_t{0x7FC0} : static_cast<uint16_t>(rounded);
+}
+
+// Writes row[0, n) to out[0, n) in out's dtype. A loop of its own: the rounding to bf16/fp16 kept
+// the producing loop (activation) from vectorising.
+template <typename T>
+inline void store_row(const float* row, T* out, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    std::memcpy(out, row, n * sizeof(float));
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) out[i].x = bf16_bits(row[i]);
+  } else {
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(row[i]);
+  }
+}
+
+template <typename T, Act A>
+void forward_nchw(const GroupNormProblem& p, const T* x, const float* add, const float* weight, const float* bias,
+                  double eps, T* y, float* mean_out, float* rstd_out) {
   const int64_t cg = p.group_channels, hw = p.hw;
   at::parallel_for(0, p.batch * p.groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> a(cg), acc(cg), shift(cg), scale(cg), out_row(CL ? 0 : hw);
+    std::vector<float> a(cg), acc(cg), row(hw);
     for (int64_t bg = begin; bg < end; ++bg) {
-      const int64_t b = bg / p.groups;
-      const GroupView v = group_view(p, b, bg % p.groups);
-      for (int64_t cl = 0; cl < cg; ++cl) a[cl] = add ? add[b * p.channels + v.channel0 + cl] : 0.0f;
+      const int64_t b = bg / p.groups, c0 = (bg % p.groups) * cg;
+      const int64_t base = nchw_group_base(p, b, bg % p.groups);
+      for (int64_t cl = 0; cl < cg; ++cl) a[cl] = add ? add[b * p.channels + c0 + cl] : 0.0f;
       const double n = static_cast<double>(p.group_numel());
 
-      channel_sums<CL>(p, v, x, a.data(), acc.data(), [](float h) { return h; });
+      nchw_channel_sums(p, x + base, a.data(), acc.data(), [](float h) { return h; });
       const float mean = static_cast<float>(sum_of(acc.data(), cg) / n);
-      channel_sums<CL>(p, v, x, a.data(), acc.data(), [mean](float h) { return (h - mean) * (h - mean); });
+      nchw_channel_sums(p, x + base, a.data(), acc.data(), [mean](float h) { return (h - mean) * (h - mean); });
       const float rstd = static_cast<float>(1.0 / std::sqrt(sum_of(acc.data(), cg) / n + eps));
       mean_out[bg] = mean;
       rstd_out[bg] = rstd;
 
       // act(((x + a) - mean) * rstd * w + b) as one multiply-add per element.
       for (int64_t cl = 0; cl < cg; ++cl) {
-        const int64_t c = v.channel0 + cl;
-        scale[cl] = rstd * (weight ? weight[c] : 1.0f);
-        shift[cl] = (bias ? bias[c] : 0.0f) + (a[cl] - mean) * scale[cl];
+        const int64_t c = c0 + cl;
+        const float sc = rstd * (weight ? weight[c] : 1.0f);
+        const float sh = (bias ? bias[c] : 0.0f) + (a[cl] - mean) * sc;
+        const T* xr = x + base + cl * hw;
+        float* r = row.data();
+#pragma omp simd
+        for (int64_t s = 0; s < hw; ++s) r[s] = act_forward<A>(static_cast<float>(xr[s]) * sc + sh);
+        store_row(r, y + base + cl * hw, hw);
       }
-      if constexpr (CL) {
-        for (int64_t s = 0; s < hw; ++s) {
-          const T* xr = x + v.base + s * p.channels;
-          T* yr = y + v.base + s * p.channels;
-          for (int64_t cl = 0; cl < cg; ++cl) {
-            yr[cl] = static_cast<T>(act_forward<A>(static_cast<float>(xr[cl]) * scale[cl] + shift[cl]));
-          }
-        }
-      } else {
-        for (int64_t cl = 0; cl < cg; ++cl) {
-          const T* xr = x + v.base + cl * hw;
-          T* yr = y + v.base + cl * hw;
-          const float sc = scale[cl], sh = shift[cl];
-          if constexpr (std::is_same_v<T, float>) {
+    }
+  });
+}
+
+// Channel c's group statistic, from the per-(batch, group) row `stat` of one batch item.
+inline void per_channel(const GroupNormProblem& p, const float* stat, float* out) {
+  for (int64_t c = 0; c < p.channels; ++c) out[c] = stat[c / p.group_channels];
+}
+
+// One batch item's per-group mean of acc (per-channel sums over its H*W pixels) into stat[g].
+inline void group_means(const GroupNormProblem& p, const float* acc, double* stat) {
+  for (int64_t g = 0; g < p.groups; ++g) {
+    stat[g] = sum_of(acc + g * p.group_channels, p.group_channels) / static_cast<double>(p.group_numel());
+  }
+}
+
+template <typename T, Act A>
+void forward_cl(const GroupNormProblem& p, const T* x, const float* add, const float* weight, const float* bias,
+                double eps, T* y, float* mean_out, float* rstd_out) {
+  const int64_t C = p.channels, hw = p.hw;
+  at::parallel_for(0, p.batch, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> a(C), acc(C), m(C), scale(C), shift(C), row(C);
+    std::vector<double> stat(p.groups);
+    for (int64_t b = begin; b < end; ++b) {
+      const T* xb = x + b * hw * C;
+      for (int64_t c = 0; c < C; ++c) a[c] = add ? add[b * C + c] : 0.0f;
+      float *ac = acc.data(), *mc = m.data(), *av = a.data();
+
+      // Pass 1: per-channel sums of x; the add term joins as hw * a.
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t s = 0; s < hw; ++s) {
+        const T* xr = xb + s * C;
 #pragma omp simd
-            for (int64_t s = 0; s < hw; ++s) yr[s] = act_forward<A>(xr[s] * sc + sh);
-          } else {
-            // Activation into a float row first: the rounding to bf16/fp16 has branches that
-            // would keep the activation's loop from vectorising.
-            float* row = out_row.data();
+        for (int64_t c = 0; c < C; ++c) ac[c] += static_cast<float>(xr[c]);
+      }
+      for (int64_t c = 0; c < C; ++c) ac[c] += static_cast<float>(hw) * av[c];
+      group_means(p, ac, stat.data());
+      for (int64_t g = 0; g < p.groups; ++g) mean_out[b * p.groups + g] = static_cast<float>(stat[g]);
+      per_channel(p, mean_out + b * p.groups, mc);
+
+      // Pass 2: per-channel sums of (x + a - mean)^2.
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t s = 0; s < hw; ++s) {
+        const T* xr = xb + s * C;
 #pragma omp simd
-            for (int64_t s = 0; s < hw; ++s) row[s] = act_forward<A>(static_cast<float>(xr[s]) * sc + sh);
-            for (int64_t s = 0; s < hw; ++s) yr[s] = static_cast<T>(row[s]);
-          }
+        for (int64_t c = 0; c < C; ++c) {
+          const float d = static_cast<float>(xr[c]) + av[c] - mc[c];
+          ac[c] += d * d;
         }
+      }
+      group_means(p, ac, stat.data());
+      for (int64_t g = 0; g < p.groups; ++g) {
+        rstd_out[b * p.groups + g] = static_cast<float>(1.0 / std::sqrt(stat[g] + eps));
+      }
+      per_channel(p, rstd_out + b * p.groups, scale.data());
+      for (int64_t c = 0; c < C; ++c) {
+        scale[c] *= weight ? weight[c] : 1.0f;
+        shift[c] = (bias ? bias[c] : 0.0f) + (av[c] - mc[c]) * scale[c];
+      }
+
+      // Pass 3: act(x * scale + shift), one pixel row at a time.
+      const float *sc = scale.data(), *sh = shift.data();
+      float* r = row.data();
+      for (int64_t s = 0; s < hw; ++s) {
+        const T* xr = xb + s * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) r[c] = act_forward<A>(static_cast<float>(xr[c]) * sc[c] + sh[c]);
+        store_row(r, y + b * hw * C + s * C, C);
       }
     }
   });
@@ -116,63 +181,42 @@ void forward_kernel(const GroupNormProblem& p, const T* x, const float* add, con
 //   grad_x = rstd * (g * w - mean(g * w) - xhat * mean(g * w * xhat))   (means over the group)
 //   grad_w = sum_{b, hw} g * xhat,  grad_b = sum_{b, hw} g,  grad_add[b, c] = sum_hw grad_x.
 // Pass 1 takes the per-(b, c) sums of g, g * xhat and xhat and keeps g (one activation
-// derivative per element) in a group-sized buffer that pass 2 reads back; the batch sums for
-// grad_w and grad_b happen afterwards.
-template <typename T, Act A, bool CL>
-void backward_kernel(const GroupNormProblem& p, const T* dy, const T* x, const float* mean_in, const float* rstd_in,
-                     const float* add, const float* weight, const float* bias, T* dx, float* db, float* dsx,
-                     float* dadd) {
+// derivative per element) in a buffer that pass 2 reads back; the batch sums for grad_w and
+// grad_b happen afterwards.
+template <typename T, Act A>
+void backward_nchw(const GroupNormProblem& p, const T* dy, const T* x, const float* mean_in, const float* rstd_in,
+                   const float* add, const float* weight, const float* bias, T* dx, float* db, float* dsx,
+                   float* dadd) {
   const int64_t cg = p.group_channels, hw = p.hw;
   at::parallel_for(0, p.batch * p.groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> a(cg), w(cg), bs(cg), sum_xhat(cg), g_buf(p.group_numel());
+    std::vector<float> w(cg), sum_xhat(cg), g_buf(p.group_numel()), row(hw);
     float* gb = g_buf.data();
     for (int64_t bg = begin; bg < end; ++bg) {
-      const int64_t b = bg / p.groups;
-      const GroupView v = group_view(p, b, bg % p.groups);
+      const int64_t b = bg / p.groups, c0 = (bg % p.groups) * cg;
+      const int64_t base = nchw_group_base(p, b, bg % p.groups);
       const float mean = mean_in[bg], rstd = rstd_in[bg];
+      float* db_bc = db + b * p.channels + c0;
+      float* dsx_bc = dsx + b * p.channels + c0;
       for (int64_t cl = 0; cl < cg; ++cl) {
-        const int64_t c = v.channel0 + cl;
-        a[cl] = add ? add[b * p.channels + c] : 0.0f;
-        w[cl] = weight ? weight[c] : 1.0f;
-        bs[cl] = bias ? bias[c] : 0.0f;
-      }
-      float* db_bc = db + b * p.channels + v.channel0;
-      float* dsx_bc = dsx + b * p.channels + v.channel0;
-      // g_buf[j] is element j of the group in memory order.
-      if constexpr (CL) {
-        for (int64_t cl = 0; cl < cg; ++cl) db_bc[cl] = dsx_bc[cl] = sum_xhat[cl] = 0.0f;
-        for (int64_t s = 0; s < hw; ++s) {
-          const T* xr = x + v.base + s * p.channels;
-          const T* dyr = dy + v.base + s * p.channels;
-          for (int64_t cl = 0; cl < cg; ++cl) {
-            const float xh = (static_cast<float>(xr[cl]) + a[cl] - mean) * rstd;
-            const float g = static_cast<float>(dyr[cl]) * act_grad<A>(xh * w[cl] + bs[cl]);
-            gb[s * cg + cl] = g;
-            db_bc[cl] += g;
-            dsx_bc[cl] += g * xh;
-            sum_xhat[cl] += xh;
-          }
-        }
-      } else {
-        for (int64_t cl = 0; cl < cg; ++cl) {
-          const T* xr = x + v.base + cl * hw;
-          const T* dyr = dy + v.base + cl * hw;
-          float* gr = gb + cl * hw;
-          const float ac = a[cl], wc = w[cl], bc = bs[cl];
-          float s_g = 0.0f, s_gx = 0.0f, s_x = 0.0f;
+        const int64_t c = c0 + cl;
+        const float ac = add ? add[b * p.channels + c] : 0.0f, bc = bias ? bias[c] : 0.0f;
+        const float wc = w[cl] = weight ? weight[c] : 1.0f;
+        const T* xr = x + base + cl * hw;
+        const T* dyr = dy + base + cl * hw;
+        float* gr = gb + cl * hw;
+        float s_g = 0.0f, s_gx = 0.0f, s_x = 0.0f;
 #pragma omp simd reduction(+ : s_g, s_gx, s_x)
-          for (int64_t s = 0; s < hw; ++s) {
-            const float xh = (static_cast<float>(xr[s]) + ac - mean) * rstd;
-            const float g = static_cast<float>(dyr[s]) * act_grad<A>(xh * wc + bc);
-            gr[s] = g;
-            s_g += g;
-            s_gx += g * xh;
-            s_x += xh;
-          }
-          db_bc[cl] = s_g;
-          dsx_bc[cl] = s_gx;
-          sum_xhat[cl] = s_x;
+        for (int64_t s = 0; s < hw; ++s) {
+          const float xh = (static_cast<float>(xr[s]) + ac - mean) * rstd;
+          const float g = static_cast<float>(dyr[s]) * act_grad<A>(xh * wc + bc);
+          gr[s] = g;
+          s_g += g;
+          s_gx += g * xh;
+          s_x += xh;
         }
+        db_bc[cl] = s_g;
+        dsx_bc[cl] = s_gx;
+        sum_xhat[cl] = s_x;
       }
 
       double m1 = 0.0, m2 = 0.0;
@@ -183,37 +227,100 @@ void backward_kernel(const GroupNormProblem& p, const T* dy, const T* x, const f
       const float mean_g = static_cast<float>(m1 / p.group_numel());
       const float mean_gx = static_cast<float>(m2 / p.group_numel());
       // Pass 2: grad_x = rstd * g * w - rstd * xhat * mean_gx - rstd * mean_g, xhat recomputed.
-      if constexpr (CL) {
-        for (int64_t s = 0; s < hw; ++s) {
-          const T* xr = x + v.base + s * p.channels;
-          T* dxr = dx + v.base + s * p.channels;
-          for (int64_t cl = 0; cl < cg; ++cl) {
-            const float xh = (static_cast<float>(xr[cl]) + a[cl] - mean) * rstd;
-            dxr[cl] = static_cast<T>(rstd * (gb[s * cg + cl] * w[cl] - mean_g - xh * mean_gx));
-          }
-        }
-      } else {
-        for (int64_t cl = 0; cl < cg; ++cl) {
-          const T* xr = x + v.base + cl * hw;
-          T* dxr = dx + v.base + cl * hw;
-          const float* gr = gb + cl * hw;
-          const float ac = a[cl], wc = w[cl];
-#pragma omp simd
-          for (int64_t s = 0; s < hw; ++s) {
-            const float xh = (static_cast<float>(xr[s]) + ac - mean) * rstd;
-            dxr[s] = static_cast<T>(rstd * (gr[s] * wc - mean_g - xh * mean_gx));
-          }
-        }
-      }
-      // sum_hw grad_x in closed form, from the sums above.
       for (int64_t cl = 0; cl < cg; ++cl) {
-        dadd[b * p.channels + v.channel0 + cl] = rstd * (w[cl] * db_bc[cl] - hw * mean_g - mean_gx * sum_xhat[cl]);
+        const int64_t c = c0 + cl;
+        const float ac = add ? add[b * p.channels + c] : 0.0f, wc = w[cl];
+        const T* xr = x + base + cl * hw;
+        const float* gr = gb + cl * hw;
+        float* r = row.data();
+#pragma omp simd
+        for (int64_t s = 0; s < hw; ++s) {
+          const float xh = (static_cast<float>(xr[s]) + ac - mean) * rstd;
+          r[s] = rstd * (gr[s] * wc - mean_g - xh * mean_gx);
+        }
+        store_row(r, dx + base + cl * hw, hw);
+        // sum_hw grad_x in closed form, from the sums above.
+        dadd[b * p.channels + c] = rstd * (wc * db_bc[cl] - hw * mean_g - mean_gx * sum_xhat[cl]);
       }
     }
   });
 }
 
-// Calls f(Act-constant, bool-constant) for the runtime activation and layout.
+// The same as backward_nchw, per batch item over its (H*W, C) slab; the group means of g * w and
+// g * w * xhat are taken from the per-channel sums and spread back to the channels.
+template <typename T, Act A>
+void backward_cl(const GroupNormProblem& p, const T* dy, const T* x, const float* mean_in, const float* rstd_in,
+                 const float* add, const float* weight, const float* bias, T* dx, float* db, float* dsx,
+                 float* dadd) {
+  const int64_t C = p.channels, hw = p.hw, cg = p.group_channels;
+  at::parallel_for(0, p.batch, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> a(C), w(C), bs(C), m(C), rs(C), sx(C), mg(C), mgx(C), row(C), g_buf(hw * C);
+    float *av = a.data(), *wv = w.data(), *bv = bs.data(), *mc = m.data(), *rc = rs.data();
+    float *sxv = sx.data(), *mgv = mg.data(), *mgxv = mgx.data(), *gb = g_buf.data();
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t off = b * hw * C;
+      for (int64_t c = 0; c < C; ++c) {
+        av[c] = add ? add[b * C + c] : 0.0f;
+        wv[c] = weight ? weight[c] : 1.0f;
+        bv[c] = bias ? bias[c] : 0.0f;
+      }
+      per_channel(p, mean_in + b * p.groups, mc);
+      per_channel(p, rstd_in + b * p.groups, rc);
+      float *dbv = db + b * C, *dsxv = dsx + b * C;
+      std::fill(dbv, dbv + C, 0.0f);
+      std::fill(dsxv, dsxv + C, 0.0f);
+      std::fill(sx.begin(), sx.end(), 0.0f);
+
+      // Pass 1: g into the buffer, per-channel sums of g, g * xhat and xhat.
+      for (int64_t s = 0; s < hw; ++s) {
+        const T* xr = x + off + s * C;
+        const T* dyr = dy + off + s * C;
+        float* gr = gb + s * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          const float xh = (static_cast<float>(xr[c]) + av[c] - mc[c]) * rc[c];
+          const float g = static_cast<float>(dyr[c]) * act_grad<A>(xh * wv[c] + bv[c]);
+          gr[c] = g;
+          dbv[c] += g;
+          dsxv[c] += g * xh;
+          sxv[c] += xh;
+        }
+      }
+
+      const double n = static_cast<double>(p.group_numel());
+      for (int64_t g = 0; g < p.groups; ++g) {
+        double m1 = 0.0, m2 = 0.0;
+        for (int64_t c = g * cg; c < (g + 1) * cg; ++c) {
+          m1 += static_cast<double>(wv[c]) * dbv[c];
+          m2 += static_cast<double>(wv[c]) * dsxv[c];
+        }
+        for (int64_t c = g * cg; c < (g + 1) * cg; ++c) {
+          mgv[c] = static_cast<float>(m1 / n);
+          mgxv[c] = static_cast<float>(m2 / n);
+        }
+      }
+
+      // Pass 2: grad_x = rstd * (g * w - mean_g - xhat * mean_gx), xhat recomputed.
+      float* r = row.data();
+      for (int64_t s = 0; s < hw; ++s) {
+        const T* xr = x + off + s * C;
+        const float* gr = gb + s * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          const float xh = (static_cast<float>(xr[c]) + av[c] - mc[c]) * rc[c];
+          r[c] = rc[c] * (gr[c] * wv[c] - mgv[c] - xh * mgxv[c]);
+        }
+        store_row(r, dx + off + s * C, C);
+      }
+      // sum_hw grad_x in closed form, from the sums above.
+      for (int64_t c = 0; c < C; ++c) {
+        dadd[b * C + c] = rc[c] * (wv[c] * dbv[c] - hw * mgv[c] - mgxv[c] * sxv[c]);
+      }
+    }
+  });
+}
+
+// Calls f(Act-constant, bool-constant) for the runtime activation and layout (true: channels_last).
 template <typename F>
 void dispatch_act_layout(const GroupNormProblem& p, F f) {
   auto with_layout = [&](auto act) {
@@ -251,8 +358,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_act_forward_cpu(
   at::Tensor rstd = at::empty({p.batch, p.groups}, x.options().dtype(at::kFloat));
   DDPM_DISPATCH_NORM_TYPES(x.scalar_type(), "group_norm_act_forward_cpu", [&] {
     dispatch_act_layout(p, [&](auto a, auto cl) {
-      forward_kernel<scalar_t, decltype(a)::value, decltype(cl)::value>(
-          p, x.const_data_ptr<scalar_t>(), ptr_or_null<float>(add), ptr_or_null<float>(weight),
+      constexpr Act A = decltype(a)::value;
+      auto kernel = decltype(cl)::value ? forward_cl<scalar_t, A> : forward_nchw<scalar_t, A>;
+      kernel(p, x.const_data_ptr<scalar_t>(), ptr_or_null<float>(add), ptr_or_null<float>(weight),
           ptr_or_null<float>(bias), eps, y.mutable_data_ptr<scalar_t>(), mean.mutable_data_ptr<float>(),
           rstd.mutable_data_ptr<float>());
     });
@@ -271,8 +379,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_act_backwa
   at::Tensor &dx = b.dx, &db = b.db, &dsx = b.dsx, &dadd = b.dadd;
   DDPM_DISPATCH_NORM_TYPES(x.scalar_type(), "group_norm_act_backward_cpu", [&] {
     dispatch_act_layout(p, [&](auto a, auto cl) {
-      backward_kernel<scalar_t, decltype(a)::value, decltype(cl)::value>(
-          p, dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), mean_c.const_data_ptr<float>(),
+      constexpr Act A = decltype(a)::value;
+      auto kernel = decltype(cl)::value ? backward_cl<scalar_t, A> : backward_nchw<scalar_t, A>;
+      kernel(p, dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), mean_c.const_data_ptr<float>(),
           rstd_c.const_data_ptr<float>(), ptr_or_null<float>(add), ptr_or_null<float>(weight),
           ptr_or_null<float>(bias), dx.mutable_data_ptr<scalar_t>(), db.mutable_data_ptr<float>(),
           dsx.mutable_data_ptr<float>(), dadd.mutable_data_ptr<float>());
