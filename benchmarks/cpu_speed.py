@@ -9,9 +9,12 @@ thread pool shared between rows), on the built-in data at the preset's size and 
   channels_last  channels_last alone
   compile        torch.compile alone (fp32)
   fast_eager     the CPU's default, `python -m ddpm_fast.train`: bf16 and auto's kernels (on the CPU
-                 the `aten` GroupNorm where measured faster; no channels_last, no compile)
+                 the extension's GroupNorm where measured faster), channels_last with the
+                 extension built (plan.channels_last_pays), no compile
   fast           fast_eager + torch.compile: `--compile`
   diffusers      benchmarks/diffusers_loop.py: UNet2DModel of the same parameters, AdamW, EMA, fp32
+and two rows only on request (LAYOUT_ROWS, training and sampling), fast_eager in one layout
+whatever the plan would pick: fast_nchw and fast_cl, how plan.channels_last_pays is decided.
 Each row runs --warmup steps (the compile, reported apart as warmup_s), then --rounds rounds of the
 preset's timed steps; img/s is the median over rounds with its min and max.
 
@@ -45,6 +48,7 @@ from .common import bench_env, forever, write_result
 
 TRAIN_ROWS = ("reference", "bf16", "channels_last", "compile", "fast_eager", "fast", "diffusers")
 SAMPLE_ROWS = ("reference", "fast_eager", "fast", "diffusers")
+LAYOUT_ROWS = ("fast_nchw", "fast_cl")
 STEPS = {"tiny": 60, "cifar32": 8}  # timed steps per round: ~10 s of the reference on 2 cores
 
 
@@ -66,7 +70,9 @@ def plan_of(row: str, kernels: str = "auto"):
             "bf16": replace(ref, autocast_dtype=torch.bfloat16, backends=dict.fromkeys(OPS, "torch")),
             "channels_last": replace(ref, channels_last=True), "compile": replace(ref, compile="default"),
             "fast_eager": fast_eager, "fast": ExecutionPlan.resolve("cpu", fast=True, compile="default",
-                                                                    kernels=kernels)}[row]
+                                                                    kernels=kernels),
+            "fast_nchw": replace(fast_eager, channels_last=False),
+            "fast_cl": replace(fast_eager, channels_last=True)}[row]
 
 
 def train_row(row: str, args) -> dict:
@@ -185,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="the fast rows' --kernels (auto: the CPU's choice)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # KIND:ROW, run in this process (the children)
     args = p.parse_args(argv)
-    for name, allowed in (("--train-rows", TRAIN_ROWS), ("--sample-rows", SAMPLE_ROWS)):
+    for name, allowed in (("--train-rows", TRAIN_ROWS + LAYOUT_ROWS), ("--sample-rows", SAMPLE_ROWS + LAYOUT_ROWS)):
         bad = [r for r in getattr(args, name[2:].replace("-", "_")).split(",") if r and r not in allowed]
         if bad:
             p.error(f"{name}: unknown row(s) {', '.join(bad)} (of {', '.join(allowed)})")
@@ -196,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     env = bench_env(threads=torch.get_num_threads(), batch_size=args.batch_size, warmup=args.warmup,
-                    rounds=args.rounds, sample_n=args.sample_n, cpu_count=os.cpu_count(), kernels=args.kernels)
+                    rounds=args.rounds, sample_n=args.sample_n, cpu_count=os.cpu_count(), kernels=args.kernels,
+                    fast_eager_plan=plan_of("fast_eager", args.kernels).describe())
     result: dict = {"env": env, "train": [], "sample": []}
     for kind, presets, rows in (("train", args.presets, args.train_rows),
                                 ("sample", args.sample_presets, args.sample_rows)):

@@ -4,11 +4,9 @@ to the model, the train step, the sampler and evaluation, none of which decides 
     plan = ExecutionPlan.resolve(device="auto", fast=True, kernels="triton")
     plan.device, plan.autocast_dtype, plan.channels_last, plan.backends, plan.compile, plan.cuda_graphs
 
-`fast` is the fast path: bf16 autocast (fp32 master weights), torch.compile and, on a GPU,
-channels_last and CUDA graphs. On the CPU the fast path keeps the plain NCHW layout: there
-channels_last measured slower, alone and with bf16 (ATen's channels_last GroupNorm and attention
-cost more than oneDNN's convolutions gain; benchmarks/RESULTS.md, "CPU speed against the
-diffusers loop"). `kernels` is the backend of the fused ops; a backend that lacks an op for
+`fast` is the fast path: bf16 autocast (fp32 master weights), channels_last, torch.compile and,
+on a GPU, CUDA graphs. On the CPU channels_last goes with the extension's GroupNorm only
+(channels_last_pays). `kernels` is the backend of the fused ops; a backend that lacks an op for
 this plan falls back to the reference for that op here, in one place (the extension has no
 attention; Triton's attention is fp16/bf16-only on a GPU)."""
 from __future__ import annotations
@@ -18,6 +16,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from .ops import cpp
 from .ops.auto import implementing
 
 OPS = ("group_norm_act", "attention", "sampling_update")
@@ -25,7 +24,8 @@ KERNELS = ("auto", "torch", "triton", "cpp", "aten")  # the --kernels choices of
 # --compile MODE, the same flag in every command: a torch.compile mode for the fast path, or none.
 COMPILE_HELP = ("torch.compile mode of the fast path (default, max-autotune-no-cudagraphs, ...), none, or auto "
                 "(default on a GPU; none on the CPU, where a first compile outlasts what a short run saves)")
-FAST_HELP = ("the fast path: bf16 autocast (fp32 master weights), on a GPU also channels_last and CUDA graphs "
+FAST_HELP = ("the fast path: bf16 autocast (fp32 master weights), channels_last (on the CPU with the C++ "
+             "extension's GroupNorm), on a GPU also CUDA graphs "
              "(default: on on the CPU, where it is measured to learn the same, faster; off on a GPU until measured)")
 
 
@@ -61,7 +61,7 @@ def op_backends(kernels: str, device: torch.device, autocast_dtype: torch.dtype 
 
 def fast_by_default(device: torch.device) -> bool:
     """Whether a run that says neither --fast nor --no-fast takes the fast path: on the CPU, where
-    it measured 1.5-2.4x the reference's img/s (tiny and cifar32, two machines) and learns the same
+    it measured 1.5-3.2x the reference's img/s (tiny and cifar32, two machines) and learns the same
     (held-out loss and KID within the seed-to-seed spread); not yet on a GPU, where its learning has
     not been measured (both: benchmarks/RESULTS.md)."""
     return device.type == "cpu"
@@ -70,15 +70,22 @@ def fast_by_default(device: torch.device) -> bool:
 def compile_by_default(device: torch.device) -> str | None:
     """The torch.compile mode of a fast run that does not name one: on a GPU the default mode; on
     the CPU none, since a first compile (a minute or more) outlasts what it saves in a short run:
-    compiled training is 1.24x bf16 eager on tiny and 1.11x on cifar32, sampling 1.46x
+    compiled training is 1.11x the eager default on tiny and 1.01x on cifar32, sampling 0.97x
     (benchmarks/RESULTS.md, "CPU speed against the diffusers loop")."""
     return "default" if device.type == "cuda" else None
 
 
-def channels_last_pays(device: torch.device) -> bool:
-    """Whether the fast path lays activations out channels_last on this device: on a GPU (tensor
-    cores want NHWC), not on the CPU (see the module docstring)."""
-    return device.type == "cuda"
+def channels_last_pays(device: torch.device, group_norm: str = "auto") -> bool:
+    """Whether the fast path lays activations out channels_last on this device, with `group_norm`
+    the GroupNorm's --kernels choice. On a GPU, always (tensor cores want NHWC). On the CPU, where
+    oneDNN's bf16 convolutions want NHWC too, only with the extension's GroupNorm (`cpp`, or `auto`,
+    whose CPU table is measured in this layout). ATen's bf16 channels_last GroupNorm (`aten`) is
+    several times slower than its NCHW one and eats the convolutions' gain; with the reference
+    GroupNorm (`torch`) the layout measured a small gain on one CPU and a loss on another, so those
+    stay NCHW (benchmarks/RESULTS.md, "CPU speed against the diffusers loop")."""
+    if device.type == "cuda":
+        return True
+    return group_norm in ("auto", "cpp") and cpp.available()
 
 
 @dataclass(frozen=True)
@@ -104,9 +111,10 @@ class ExecutionPlan:
         if graphs and dev.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
         mode = compile if fast and compile not in (None, "none") else None
-        return cls(device=dev, autocast_dtype=dtype, channels_last=fast and channels_last_pays(dev),
-                   backends=op_backends(kernels, dev, dtype),
-                   compile=mode, cuda_graphs=graphs)
+        backends = op_backends(kernels, dev, dtype)
+        return cls(device=dev, autocast_dtype=dtype,
+                   channels_last=fast and channels_last_pays(dev, backends["group_norm_act"]),
+                   backends=backends, compile=mode, cuda_graphs=graphs)
 
     @classmethod
     def from_options(cls, device: torch.device, *, dtype: torch.dtype | None = None, compile: bool = False,
@@ -114,7 +122,8 @@ class ExecutionPlan:
         """The plan of a caller that gives its options one by one (FastSampler without a plan): fp32
         is no autocast, and channels_last goes with a reduced-precision autocast, as on the fast path."""
         dtype = None if dtype == torch.float32 else dtype
-        return cls(device=device, autocast_dtype=dtype, channels_last=dtype is not None and channels_last_pays(device),
+        return cls(device=device, autocast_dtype=dtype,
+                   channels_last=dtype is not None and channels_last_pays(device, backend),
                    backends=dict.fromkeys(OPS, backend), compile="default" if compile else None,
                    cuda_graphs=cuda_graphs)
 

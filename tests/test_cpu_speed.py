@@ -44,3 +44,16 @@ def test_kernels_flag_reaches_the_fast_rows_only():
     assert cpu_speed.plan_of("fast", "auto").compile == "default"
     with pytest.raises(SystemExit):
         cpu_speed.main(["--kernels", "turbo"])
+
+
+def test_layout_rows_force_one_layout_whatever_the_plan_picks():
+    """fast_nchw and fast_cl are fast_eager in one layout, asked for by name only (they measure
+    plan.channels_last_pays, not the default), and the env names the plan fast_eager resolved to."""
+    for k in ("auto", "aten", "torch"):
+        eager = cpu_speed.plan_of("fast_eager", k)
+        nchw, cl = cpu_speed.plan_of("fast_nchw", k), cpu_speed.plan_of("fast_cl", k)
+        assert (nchw.channels_last, cl.channels_last) == (False, True)
+        assert nchw.backends == cl.backends == eager.backends and nchw.autocast_dtype == cl.autocast_dtype
+    assert not set(cpu_speed.LAYOUT_ROWS) & set(cpu_speed.TRAIN_ROWS + cpu_speed.SAMPLE_ROWS)
+    with pytest.raises(SystemExit):
+        cpu_speed.main(["--train-rows", "fast_nhwc"])

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from ddpm_fast.plan import ExecutionPlan, resolve_device
+from ddpm_fast.plan import KERNELS, ExecutionPlan, resolve_device
 
 train_cli = importlib.import_module("ddpm_fast.commands.train")
 sample_cli = importlib.import_module("ddpm_fast.commands.sample")
@@ -23,19 +23,29 @@ def test_plan_of_the_flags():
     assert (ref.autocast_dtype, ref.channels_last, ref.compile, ref.cuda_graphs) == (None, False, None, False)
     assert set(ref.backends.values()) == {"auto"}
     fast = ExecutionPlan.resolve("cpu", fast=True, kernels="cpp", compile="default")
-    # no graphs off a GPU, and no channels_last: it measured slower on the CPU (plan.py)
+    # no graphs off a GPU; channels_last with the extension's GroupNorm (plan.channels_last_pays)
     assert (fast.autocast_dtype, fast.channels_last, fast.compile, fast.cuda_graphs) == (
-        torch.bfloat16, False, "default", False)
+        torch.bfloat16, HAVE_CPP, "default", False)
     # The extension has no attention: decided here, once, for every layer.
     assert fast.backends == {"group_norm_act": "cpp", "attention": "torch", "sampling_update": "cpp"}
     assert ExecutionPlan.resolve("cpu", fast=True, compile="none").compile is None
     assert ExecutionPlan.resolve("cpu", compile="default").compile is None  # compile belongs to the fast path
 
 
-def test_channels_last_is_the_gpus_layout_only():
+def test_channels_last_on_a_gpu_and_with_the_extensions_cpu_group_norm(monkeypatch):
+    from ddpm_fast.ops import cpp
     from ddpm_fast.plan import channels_last_pays
-    assert channels_last_pays(torch.device("cuda", 0)) and not channels_last_pays(torch.device("cpu"))
-    assert ExecutionPlan.resolve("cpu", fast=True).memory_format == torch.contiguous_format
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert all(channels_last_pays(gpu, k) for k in KERNELS)
+    for have in (True, False):
+        monkeypatch.setattr(cpp, "available", lambda: have)
+        # ATen's channels_last GroupNorm (the reference's and aten's) is what made the layout lose
+        assert [channels_last_pays(cpu, k) for k in ("auto", "cpp", "torch", "aten")] == [have, have, False, False]
+        fmt = torch.channels_last if have else torch.contiguous_format
+        assert ExecutionPlan.resolve("cpu", fast=True).memory_format == fmt
+        assert ExecutionPlan.resolve("cpu", fast=True, kernels="aten").memory_format == torch.contiguous_format
+        assert ExecutionPlan.resolve("cpu", fast=False).memory_format == torch.contiguous_format
 
 
 @pytest.mark.parametrize("call, needle", [
@@ -130,7 +140,7 @@ def test_the_fast_path_is_the_cpus_default_and_compile_the_gpus():
     train = lambda *a: TrainConfig.from_args(train_cli.build_parser().parse_args(list(a)))  # noqa: E731
     assert (train().fast, train("--fast").fast, train("--no-fast").fast) == (None, True, False)
     default = ExecutionPlan.resolve("cpu", fast=train().fast, compile=train().compile)
-    assert (default.autocast_dtype, default.compile, default.channels_last) == (torch.bfloat16, None, False)
+    assert (default.autocast_dtype, default.compile, default.channels_last) == (torch.bfloat16, None, HAVE_CPP)
     assert not ExecutionPlan.resolve("cpu", fast=train("--no-fast").fast).fast
     for cli in (sample_cli, evaluate_cli):
         parse = lambda *a: cli.build_parser().parse_args(["--ckpt", "run", "--device", "cpu", *a])  # noqa: E731
@@ -144,6 +154,6 @@ def test_a_sampler_given_options_not_a_plan_gets_the_plans_decisions():
     bf16 = FastSampler(model, d, dtype=torch.bfloat16, backend="torch").plan
     assert bf16 == ExecutionPlan.from_options(torch.device("cpu"), dtype=torch.bfloat16, backend="torch")
     assert (bf16.autocast_dtype, bf16.channels_last, bf16.backends["sampling_update"]) == (
-        torch.bfloat16, False, "torch")  # channels_last only where it pays: on a GPU
+        torch.bfloat16, False, "torch")  # channels_last only where it pays: not with ATen's CPU GroupNorm
     fp32 = FastSampler(model, d, dtype=torch.float32).plan
     assert (fp32.autocast_dtype, fp32.channels_last, fp32.compile, fp32.cuda_graphs) == (None, False, None, False)
