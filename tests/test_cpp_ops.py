@@ -56,6 +56,20 @@ def _grads(fn, x, w, b, add, gy):
     return y, [t.grad if t is not None else None for t in leaves]
 
 
+def _check_against_reference(x, w, b, add, groups, act):
+    """The extension's output and gradients against the reference's, within x's dtype's tolerance;
+    returns (y, grads, reference grads) for further checks."""
+    gy = torch.randn_like(x)
+    y, g = _grads(lambda *a: cpp.group_norm_act(a[0], groups, a[1], a[2], 1e-5, a[3], act), x, w, b, add, gy)
+    y_ref, g_ref = _grads(lambda *a: reference.group_norm_act(a[0], groups, a[1], a[2], 1e-5, a[3], act),
+                          x, w, b, add, gy)
+    fwd, bwd = TOL[x.dtype]
+    _close(y, y_ref, fwd, fwd)
+    for got, want in zip(g, g_ref):
+        _close(got, want, bwd * max(1.0, want.abs().max().item()), bwd)
+    return y, g, g_ref
+
+
 # -- GroupNorm + activation ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -65,16 +79,10 @@ def _grads(fn, x, w, b, add, gy):
 @pytest.mark.parametrize("act", reference.ACTIVATIONS)
 def test_group_norm_act_matches_reference(poisoned, device, dtype, fmt, batch, act):
     x, w, b, add = _gn_inputs(batch, dtype, fmt, device)
-    gy = torch.randn_like(x)
-    y, g = _grads(lambda *a: cpp.group_norm_act(a[0], 32, a[1], a[2], 1e-5, a[3], act), x, w, b, add, gy)
-    y_ref, g_ref = _grads(lambda *a: reference.group_norm_act(a[0], 32, a[1], a[2], 1e-5, a[3], act),
-                          x, w, b, add, gy)
-    fwd, bwd = TOL[dtype]
+    y, g, g_ref = _check_against_reference(x, w, b, add, 32, act)
     assert y.dtype == dtype and y.is_contiguous(memory_format=fmt)
-    _close(y, y_ref, fwd, fwd)
     for name, got, want in zip(("x", "weight", "bias", "add"), g, g_ref):
         assert got.dtype == want.dtype, name
-        _close(got, want, bwd * max(1.0, want.abs().max().item()), bwd)
     assert g[0].is_contiguous(memory_format=fmt)
 
 
@@ -83,15 +91,7 @@ def test_group_norm_act_matches_reference(poisoned, device, dtype, fmt, batch, a
 @pytest.mark.parametrize("fmt", FORMATS, ids=["nchw", "nhwc"])
 def test_group_norm_act_odd_group_width(poisoned, device, dtype, fmt):
     """Five channels a group, 99 pixels: neither a vector width nor a power of two, in either layout."""
-    x, w, b, add = _gn_inputs(3, dtype, fmt, device, channels=40, hw=(9, 11))
-    gy = torch.randn_like(x)
-    y, g = _grads(lambda *a: cpp.group_norm_act(a[0], 8, a[1], a[2], 1e-5, a[3], "silu"), x, w, b, add, gy)
-    y_ref, g_ref = _grads(lambda *a: reference.group_norm_act(a[0], 8, a[1], a[2], 1e-5, a[3], "silu"),
-                          x, w, b, add, gy)
-    fwd, bwd = TOL[dtype]
-    _close(y, y_ref, fwd, fwd)
-    for got, want in zip(g, g_ref):
-        _close(got, want, bwd * max(1.0, want.abs().max().item()), bwd)
+    _check_against_reference(*_gn_inputs(3, dtype, fmt, device, channels=40, hw=(9, 11)), 8, "silu")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -140,15 +140,7 @@ def test_group_norm_act_cuda_paths(poisoned, dtype, fmt, shape):
     """The 16-byte vector path (8 channels a group: vectorised in both layouts and dtypes), a
     group cached in shared memory forward but not backward (16384 elements), and one too big
     for either (32768), against the reference."""
-    x, w, b, add = _gn_inputs(shape[0], dtype, fmt, "cuda", channels=shape[1], hw=shape[2:])
-    gy = torch.randn_like(x)
-    y, g = _grads(lambda *a: cpp.group_norm_act(a[0], 32, a[1], a[2], 1e-5, a[3], "silu"), x, w, b, add, gy)
-    y_ref, g_ref = _grads(lambda *a: reference.group_norm_act(a[0], 32, a[1], a[2], 1e-5, a[3], "silu"),
-                          x, w, b, add, gy)
-    fwd, bwd = TOL[dtype]
-    _close(y, y_ref, fwd, fwd)
-    for got, want in zip(g, g_ref):
-        _close(got, want, bwd * max(1.0, want.abs().max().item()), bwd)
+    _check_against_reference(*_gn_inputs(shape[0], dtype, fmt, "cuda", channels=shape[1], hw=shape[2:]), 32, "silu")
 
 
 # -- sampling update ----------------------------------------------------------------------------
