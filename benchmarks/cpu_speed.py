@@ -69,8 +69,7 @@ def plan_of(row: str, kernels: str = "auto"):
     return {"reference": ref,
             "bf16": replace(ref, autocast_dtype=torch.bfloat16, backends=dict.fromkeys(OPS, "torch")),
             "channels_last": replace(ref, channels_last=True), "compile": replace(ref, compile="default"),
-            "fast_eager": fast_eager, "fast": ExecutionPlan.resolve("cpu", fast=True, compile="default",
-                                                                    kernels=kernels),
+            "fast_eager": fast_eager, "fast": replace(fast_eager, compile="default"),
             "fast_nchw": replace(fast_eager, channels_last=False),
             "fast_cl": replace(fast_eager, channels_last=True)}[row]
 

@@ -16,8 +16,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .ops import cpp
-from .ops.auto import implementing
+from .ops.auto import extension_built, implementing
 
 OPS = ("group_norm_act", "attention", "sampling_update")
 KERNELS = ("auto", "torch", "triton", "cpp", "aten")  # the --kernels choices of every command
@@ -85,7 +84,7 @@ def channels_last_pays(device: torch.device, group_norm: str = "auto") -> bool:
     stay NCHW (benchmarks/RESULTS.md, "CPU speed against the diffusers loop")."""
     if device.type == "cuda":
         return True
-    return group_norm in ("auto", "cpp") and cpp.available()
+    return group_norm in ("auto", "cpp") and extension_built()
 
 
 @dataclass(frozen=True)

@@ -33,13 +33,13 @@ def test_plan_of_the_flags():
 
 
 def test_channels_last_on_a_gpu_and_with_the_extensions_cpu_group_norm(monkeypatch):
-    from ddpm_fast.ops import cpp
+    from ddpm_fast import plan
     from ddpm_fast.plan import channels_last_pays
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
     assert all(channels_last_pays(gpu, k) for k in KERNELS)
     for have in (True, False):
-        monkeypatch.setattr(cpp, "available", lambda: have)
+        monkeypatch.setattr(plan, "extension_built", lambda: have)
         # ATen's channels_last GroupNorm (the reference's and aten's) is what made the layout lose
         assert [channels_last_pays(cpu, k) for k in ("auto", "cpp", "torch", "aten")] == [have, have, False, False]
         fmt = torch.channels_last if have else torch.contiguous_format

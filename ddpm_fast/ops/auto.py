@@ -30,6 +30,11 @@ BACKENDS = ("torch", "triton", "cpp", "aten")
 MISSING = {"cpp": ("attention",), "aten": ("attention", "sampling_update")}
 
 
+def extension_built() -> bool:
+    """Whether the C++ extension is installed, found without loading it."""
+    return importlib.util.find_spec("ddpm_fast._C") is not None
+
+
 def implementing(op: str, backend: str) -> str:
     """`backend`, or the reference where `backend` has no version of `op` (MISSING)."""
     return "torch" if op in MISSING.get(backend, ()) else backend
@@ -108,7 +113,7 @@ def _choose(op: str, backend: str, device: str, dtype: torch.dtype, shape: tuple
     if backend == "auto":
         picked = lookup_key(op, torch.device(device), dtype, shape)
         # A table entry for a backend this install lacks (extension not built) runs the reference.
-        if picked == "cpp" and importlib.util.find_spec("ddpm_fast._C") is None:
+        if picked == "cpp" and not extension_built():
             return "torch"
         return picked
     if backend not in BACKENDS:
