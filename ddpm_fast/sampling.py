@@ -49,7 +49,7 @@ class FastSampler:
     [-1, 1] each step (`clip_x0`, the one default of the library, the CLIs and the grids), as Ho et
     al.'s sampler and diffusers' DDPM/DDIM do; clip_x0=False gives the plain update.
     `use_clipped_model_output` says what the step keeps beside the clipped x0 (None: the measured
-    default of each solver; schedulers.py says which and why). `chroma_ode`: dpmpp_2m_sde takes each
+    default of each solver; schedulers.py says which and why). `chroma_ode`: an SDE solver takes each
     image's colour means from its ODE counterpart's step (default: no, the plain update, diffusers';
     schedulers.CHROMA_ODE says when it helps). `mean_prior`: each x0's channel means read with the
     training data's prior (diffusion.channel_means; channel_means.py); None, the default: on where that

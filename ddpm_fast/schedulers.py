@@ -1,6 +1,6 @@
 """Few-step samplers behind one graph-safe scheduler, with diffusers' names and meanings: ddpm, ddim,
-dpmpp_2m, dpmpp_3m, dpmpp_2m_sde (DPM-Solver++, Lu et al. 2022), unipc (Zhao et al. 2023), euler and
-heun (Karras et al. 2022).
+dpmpp_2m, dpmpp_3m, dpmpp_2m_sde, dpmpp_3m_sde (DPM-Solver++, Lu et al. 2022), unipc (Zhao et al.
+2023), euler and heun (Karras et al. 2022).
 
 `set_timesteps` works out once, in float64 on the host, every model evaluation e of the chain: the
 model's time input and one row of ops.sampling_update (ops.reference.COEF_NAMES),
@@ -27,7 +27,7 @@ is a full projection every step, whatever the step size, so it does not converge
 deterministic chains and hurts long ones, while SDE-DPM-Solver++, whose fresh noise each step keeps
 the projections from piling up, gains or ties at every evaluation count measured (benchmarks.nfe;
 the figures are in benchmarks/RESULTS.md, "Clipping: what the step keeps"). Hence the default
-(None): False for dpmpp_2m_sde (KEEP_NOISE_BY_DEFAULT), True for the rest. DDPM (Ho et al.'s
+(None): False for the SDE solvers (KEEP_NOISE_BY_DEFAULT), True for the rest. DDPM (Ho et al.'s
 clipped sampler), Heun and UniPC (whose rows stand for a stored earlier sample) only re-derive.
 
 Everything stays in VP space: the model always sees x_t = alpha_t x0 + sigma_t eps as trained, so
@@ -56,7 +56,7 @@ from .channel_means import ChannelMeans
 from .diffusion import VARIANCES, GaussianDiffusion
 from .ops.reference import COEF_NAMES, MAX_HISTORY, coef_row, memory_format_of
 
-METHODS = ("ddpm", "ddim", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc", "euler", "heun")
+METHODS = ("ddpm", "ddim", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "dpmpp_3m_sde", "unipc", "euler", "heun")
 SPACINGS = ("linspace", "leading", "trailing", "karras")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 # The library's one default sampler (FastSampler, ddpm_fast.sample, the sample and evaluate CLIs,
@@ -71,11 +71,13 @@ DEFAULT_CLIP_X0 = True
 DEFAULT_SPACING = {"dpmpp_2m_sde": "karras"}
 _INTERPOLATING = ("euler", "heun")  # model time interpolated between training steps, as diffusers' do
 _ON_TRAINING_STEPS = ("ddpm", "ddim")  # defined on the training steps' alpha-bar: no Karras sigmas
-_TO_SIGMA_ZERO = ("dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc")  # spacing_timesteps' drop_zero
+_TO_SIGMA_ZERO = ("dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "dpmpp_3m_sde", "unipc")  # spacing_timesteps' drop_zero
 # Under a clip, the solvers that can keep the network's noise (use_clipped_model_output=False), and
 # those that do by default (module docstring).
-CAN_KEEP_NOISE = ("ddim", "euler", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde")
-KEEP_NOISE_BY_DEFAULT = ("dpmpp_2m_sde",)
+CAN_KEEP_NOISE = ("ddim", "euler", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "dpmpp_3m_sde")
+# SDE-DPM-Solver++'s (both orders: the fresh noise that makes keeping it pay is the same).
+_SDE = ("dpmpp_2m_sde", "dpmpp_3m_sde")
+KEEP_NOISE_BY_DEFAULT = _SDE
 # The stochastic solver whose per-image colour means (each channel's spatial mean less their mean
 # over the channels: two numbers an RGB image) can follow its ODE counterpart's update instead
 # (chroma_ode). The noise it injects every step gives those means fresh values that an eps model of
@@ -84,7 +86,7 @@ KEEP_NOISE_BY_DEFAULT = ("dpmpp_2m_sde",)
 # comes from"). Taking that two-dimensional part from the probability-flow ODE's step keeps the
 # marginals of the exact chain (stochasticity may be chosen per orthogonal subspace) and removes
 # the tint, but it is off by default: on colour data it cost KID (the same RESULTS section).
-CHROMA_ODE = {"dpmpp_2m_sde": "dpmpp_2m"}
+CHROMA_ODE = {"dpmpp_2m_sde": "dpmpp_2m", "dpmpp_3m_sde": "dpmpp_3m"}
 
 
 def chroma_ode_of(method: str, chroma_ode: bool | None = None) -> bool:
@@ -167,7 +169,7 @@ class Scheduler:
         for _ in range(sched.num_evaluations):
             x = sched.step(model(x, sched.model_time(len(x))), x)
 
-    `order`: unipc's (1-3, default 2); dpmpp_2m/2m_sde are order 2 and dpmpp_3m order 3 by name.
+    `order`: unipc's (1-3, default 2); the dpmpp solvers are named for theirs (2m, 3m).
     `eta` is DDIM's, `variance` DDPM's (beta | posterior). `thresholding`: dynamic thresholding
     (Saharia et al. 2022) of x0 with diffusers' defaults (ratio 0.995, max 1.0, at which it is a clip).
     `use_clipped_model_output` (diffusers' DDIM name): with clip_x0 or thresholding, re-derive the
@@ -198,7 +200,7 @@ class Scheduler:
             raise ValueError(f"--eta must be >= 0, got {eta}")
         use_clipped_model_output = clipped_model_output(method, use_clipped_model_output)
         self.diffusion, self.method, self.spacing = diffusion, method, spacing
-        self.order = order or (3 if method == "dpmpp_3m" else 2)
+        self.order = order or (3 if method.startswith("dpmpp_3m") else 2)
         self.eta, self.variance, self.thresholding = eta, variance, thresholding
         self.clip_x0 = clip_x0 and not thresholding  # thresholding replaces the clip (at sample_max_value 1 it is one)
         self.dynamic_thresholding_ratio, self.sample_max_value = dynamic_thresholding_ratio, sample_max_value
@@ -338,9 +340,11 @@ class Scheduler:
         (lambda = log alpha / sigma = -log s) and D_k finite differences of the x0 predictions,
         (DPM-Solver++(2M), their Alg. 2) x_t = sigma_t / sigma_s x - alpha_t (e^-h - 1) (D0 + D1 / 2);
         3M adds the second difference as diffusers does; SDE-DPM-Solver++(2M) is
-        x_t = sigma_t / sigma_s e^-h x + alpha_t (1 - e^-2h) (D0 + D1 / 2) + sigma_t sqrt(1 - e^-2h) z.
-        `sde` (default: the method's) chooses between 2M SDE and 2M ODE rows."""
-        sde = self.method == "dpmpp_2m_sde" if sde is None else sde
+        x_t = sigma_t / sigma_s e^-h x + alpha_t (1 - e^-2h) (D0 + D1 / 2) + sigma_t sqrt(1 - e^-2h) z,
+        and its 3M (diffusers') weighs D1 by alpha_t (1 - (1 - e^-2h) / 2h) and D2 by
+        alpha_t ((1 - e^-2h - 2h) / (2h)^2 - 1 / 2): the ODE's weights with -2h for -h.
+        `sde` (default: the method's) chooses between the SDE's and the ODE's rows of the same order."""
+        sde = self.method in _SDE if sde is None else sde
         s = np.append(s, 0.0)
         n, lam = len(t), -np.log(s[:-1])
         out = []
@@ -365,7 +369,8 @@ class Scheduler:
             if sde:
                 e2 = -math.expm1(-2 * h)
                 a, noise = sigma_t / sigma_s * math.exp(-h), sigma_t * math.sqrt(e2)
-                w = [alpha_t * e2, 0.5 * alpha_t * e2]
+                w = [alpha_t * e2, 0.5 * alpha_t * e2] if order < 3 else \
+                    [alpha_t * e2, alpha_t * (1 - e2 / (2 * h)), alpha_t * ((e2 - 2 * h) / (2 * h) ** 2 - 0.5)]
             elif order < 3:
                 a, w = sigma_t / sigma_s, [-alpha_t * phi, -0.5 * alpha_t * phi]
             else:

@@ -127,6 +127,10 @@ CASES = [
     # karras is this solver's default spacing (DEFAULT_SPACING)
     ("dpmpp_2m_sde-karras", "dpmpp_2m_sde", {}, D.DPMSolverMultistepScheduler,
      {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}, {}, True),
+    ("dpmpp_3m_sde", "dpmpp_3m_sde", {}, D.DPMSolverMultistepScheduler,
+     {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}, {}, True),
+    ("dpmpp_3m_sde-karras", "dpmpp_3m_sde", {"spacing": "karras"}, D.DPMSolverMultistepScheduler,
+     {"algorithm_type": "sde-dpmsolver++", "solver_order": 3, "use_karras_sigmas": True}, {}, True),
     ("unipc2", "unipc", {}, D.UniPCMultistepScheduler, {}, {}, False),
     ("unipc3", "unipc", {"order": 3}, D.UniPCMultistepScheduler, {"solver_order": 3}, {}, False),
     ("unipc3-karras", "unipc", {"order": 3, "spacing": "karras"}, D.UniPCMultistepScheduler,
@@ -181,6 +185,8 @@ def theirs_keeping_eps(cls, steps, x, model, generator=None, **config):
     ("dpmpp_3m", {}, D.DPMSolverMultistepScheduler, {"solver_order": 3}, False),
     ("dpmpp_2m_sde", {}, D.DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++",
                                                          "use_karras_sigmas": True}, True),
+    ("dpmpp_3m_sde", {}, D.DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 3},
+     True),
     ("euler", {"spacing": "leading"}, D.DDIMScheduler, {"timestep_spacing": "leading", "clip_sample": False}, False)])
 def test_clip_keeps_the_network_eps(method, kw, cls, config, noisy):
     """use_clipped_model_output=False against diffusers' plain update fed the re-projected sample
@@ -219,7 +225,7 @@ def colour_means(x):
 
 
 def theirs_chroma_ode(steps, x, model, generator, **config):
-    """diffusers' SDE-DPM-Solver++(2M) and its ODE, DPM-Solver++(2M), in lockstep on the same model
+    """diffusers' SDE-DPM-Solver++ and its ODE, DPM-Solver++ of the same order, in lockstep on the same model
     outputs, each image's colour means (per-channel spatial means less their mean over the channels)
     taken from the ODE's step: chroma_ode built from diffusers' two plain updates."""
     sde, ode = (D.DPMSolverMultistepScheduler(num_train_timesteps=T, trained_betas=LINEAR.betas.numpy(), **kind,
@@ -233,14 +239,15 @@ def theirs_chroma_ode(steps, x, model, generator, **config):
     return x.clamp(-1, 1)
 
 
-@pytest.mark.parametrize("steps", [5, 12])
+@pytest.mark.parametrize("method, order", [("dpmpp_2m_sde", 2), ("dpmpp_3m_sde", 3)])
+@pytest.mark.parametrize("steps", [5, 12, 17])
 @pytest.mark.parametrize("spacing, config", [("karras", {"use_karras_sigmas": True}), ("linspace", {})])
-def test_chroma_ode_is_diffusers_sde_and_ode_in_lockstep(steps, spacing, config):
+def test_chroma_ode_is_diffusers_sde_and_ode_in_lockstep(method, order, steps, spacing, config):
     model, x = Toy(LINEAR), x_T(seed=2, n=3, size=7)
     gen = lambda: torch.Generator().manual_seed(11)  # noqa: E731
-    got = ours("dpmpp_2m_sde", steps, x, model, generator=gen(), spacing=spacing, chroma_ode=True)
-    assert rel(got, theirs_chroma_ode(steps, x, model, gen(), **config)) < 1e-3
-    plain = ours("dpmpp_2m_sde", steps, x, model, generator=gen(), spacing=spacing)  # the default: off
+    got = ours(method, steps, x, model, generator=gen(), spacing=spacing, chroma_ode=True)
+    assert rel(got, theirs_chroma_ode(steps, x, model, gen(), solver_order=order, **config)) < 1e-3
+    plain = ours(method, steps, x, model, generator=gen(), spacing=spacing)  # the default: off
     assert rel(colour_means(got), colour_means(plain)) > 1e-2  # the colour means move; the rest follows them
 
 
@@ -268,7 +275,7 @@ def test_chroma_ode_is_off_by_default_dpmpp_2m_sde_s_alone_and_a_no_op_on_one_ch
     for method in METHODS:
         assert Scheduler(LINEAR, method).chroma_ode is False
         if method not in CHROMA_ODE:
-            with pytest.raises(ValueError, match=f"--chroma-ode is for dpmpp_2m_sde, not --method {method}"):
+            with pytest.raises(ValueError, match=f"--chroma-ode is for dpmpp_2m_sde, dpmpp_3m_sde, not --method {method}"):
                 Scheduler(LINEAR, method, chroma_ode=True)
     grey = x_T(seed=5, n=2, size=6)[:, :1]
     half = lambda x, t: 0.5 * x  # noqa: E731

@@ -82,11 +82,12 @@ def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--use-clipped-model-output", action=argparse.BooleanOptionalAction,
                    help="with a clip, re-derive eps from the clipped x0 (diffusers' DPM-Solver, Euler) or, with "
                         "--no-..., keep the network's eps (diffusers' DDIM; ddim, euler and dpmpp only); default: "
-                        "keep it for dpmpp_2m_sde, re-derive otherwise (measured; schedulers.py)")
+                        "keep it for the SDE solvers (dpmpp_2m_sde, dpmpp_3m_sde), re-derive otherwise (measured; "
+                        "schedulers.py)")
     p.add_argument("--chroma-ode", action=argparse.BooleanOptionalAction,
-                   help="dpmpp_2m_sde: take each image's colour means (per-channel means less their grey) from the "
-                        "ODE's step, not the SDE's: removes the per-sample hue of an RGB eps model of grey data, "
-                        "costs KID on colour data (default: off, the plain update, diffusers')")
+                   help="dpmpp_2m_sde, dpmpp_3m_sde: take each image's colour means (per-channel means less their "
+                        "grey) from the ODE's step, not the SDE's: removes the per-sample hue of an RGB eps model of "
+                        "grey data, costs KID on colour data (default: off, the plain update, diffusers')")
     p.add_argument("--mean-prior", action=argparse.BooleanOptionalAction,
                    help="read each x0's channel means with the training data's prior on them (recorded by "
                         "train): samples an RGB model of grey data grey; default: on for grey training data and an "
