@@ -5,7 +5,9 @@ out (Heun evaluates 2 steps - 1 times, so it takes odd NFEs; a spacing has at mo
 noise levels). Quality is KID, and FID from evaluation.FID_MIN_SAMPLES images on, against the test
 split's Inception features (metrics.reference_stats caches them beside the data). The yardstick is
 DDPM over every training step from two seeds: a solver "reaches DDPM" at the first NFE whose KID is
-no worse than the worse of the two seeds (within their spread).
+no worse than the worse of the two seeds (within their spread). With --seeds, every solver cell is
+sampled from each seed's x_T and chain noise, and a cell's KID is the mean over them (its spread:
+the range).
 
 Writes nfe.json (after every run: a timeout keeps what finished, and --resume takes those rows back
 instead of sampling them again, the DDPM yardstick included), nfe.md (KID x 1e3, and FID, a row per
@@ -51,32 +53,53 @@ def steps_for(method: str, nfe: int) -> int | None:
     return (nfe + 1) // 2 if nfe % 2 else None
 
 
+def cells(rows: list[dict], key: str = "kid") -> dict[tuple[str, int], list[float]]:
+    """{(solver, NFE): the values of `key` over the seeds measured}. DDPM over every step is its
+    yardstick's seed 0 (the other seed sets the bar only)."""
+    out: dict[tuple[str, int], list[float]] = {}
+    for r in rows:
+        if key in r and not (r.get("yardstick") and r["seed"] != 0):
+            out.setdefault((r["solver"], r["nfe"]), []).append(r[key])
+    return out
+
+
 def reaches(rows: list[dict]) -> dict:
-    """The yardstick (the worse KID of DDPM's seeds) and, per solver, the first NFE reaching it; `first`
-    the solver with the fewest evaluations there (then the lower KID)."""
+    """The yardstick (the worse KID of DDPM's seeds) and, per solver, the first NFE whose KID, the mean
+    over its seeds, reaches it; `first` the solver with the fewest evaluations there (then the lower KID)."""
     ddpm = [r["kid"] for r in rows if r.get("yardstick")]
     if len(ddpm) < len(YARDSTICK_SEEDS):
         return {}
     bar = max(ddpm)
     firsts = {}
-    for r in sorted((r for r in rows if r["seed"] == 0 and "kid" in r), key=lambda r: r["nfe"]):
-        if r["kid"] <= bar and r["solver"] not in firsts:
-            firsts[r["solver"]] = {"nfe": r["nfe"], "kid": r["kid"]}
+    for (solver, nfe), kids in sorted(cells(rows).items(), key=lambda kv: kv[0][1]):
+        kid = sum(kids) / len(kids)
+        if kid <= bar and solver not in firsts:
+            firsts[solver] = {"nfe": nfe, "kid": kid}
     first = min(firsts.items(), key=lambda kv: (kv[1]["nfe"], kv[1]["kid"]), default=None)
     return {"ddpm_kid": ddpm, "bar": bar, "spread": bar - min(ddpm), "first_nfe": firsts,
             "first": {"solver": first[0], **first[1]} if first else None}
 
 
+def _cell(values: list[float], scale: float) -> str:
+    mean = sum(values) / len(values) * scale
+    if len(values) == 1:
+        return f"{mean:.2f}"
+    return f"{mean:.2f} ({min(values) * scale:.2f}-{max(values) * scale:.2f})"
+
+
 def markdown(rows: list[dict], verdict: dict) -> str:
-    grid = sorted({r["nfe"] for r in rows if r["seed"] == 0})
-    solvers = list(dict.fromkeys(r["solver"] for r in rows if r["seed"] == 0))
+    kids = cells(rows)
+    grid = sorted({n for _, n in kids})
+    solvers = list(dict.fromkeys(s for s, _ in kids))
+    seeds = max((len(v) for v in kids.values()), default=1)
     out = []
     for key, title, scale in (("kid", "KID x 1e3", 1e3), ("fid", "FID", 1.0)):
-        cells = {(r["solver"], r["nfe"]): f"{r[key] * scale:.2f}" for r in rows if r["seed"] == 0 and key in r}
-        if not cells:
+        text = {k: _cell(v, scale) for k, v in cells(rows, key).items()}
+        if not text:
             continue
-        out += [f"{title} against NFE (test split; lower is better)", "",
-                md_table(["solver", *grid], [[s, *(cells.get((s, n), "") for n in grid)] for s in solvers]), ""]
+        over = f"; the mean over {seeds} seeds (their range)" if seeds > 1 else ""
+        out += [f"{title} against NFE (test split; lower is better{over})", "",
+                md_table(["solver", *grid], [[s, *(text.get((s, n), "") for n in grid)] for s in solvers]), ""]
     if verdict:
         ddpm = ", ".join(f"{k * 1e3:.2f}" for k in verdict["ddpm_kid"])
         out.append(f"DDPM over every step, seeds {YARDSTICK_SEEDS}: KID x 1e3 {ddpm} "
@@ -92,10 +115,12 @@ def plot(rows: list[dict], verdict: dict, path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    solvers = dict.fromkeys(r["solver"] for r in rows if r["seed"] == 0 and not r.get("yardstick"))
-    for i, solver in enumerate(solvers):  # tab20: a colour each for up to 20 solvers (the default cycle has 10)
-        pts = sorted((r["nfe"], r["kid"]) for r in rows if r["solver"] == solver and r["seed"] == 0 and "kid" in r)
-        ax.plot(*zip(*pts), marker="o", label=solver, color=plt.cm.tab20(i % 20))
+    kids = cells([r for r in rows if not r.get("yardstick")])  # the yardstick is the band
+    for i, solver in enumerate(dict.fromkeys(s for s, _ in kids)):  # tab20: a colour each for up to 20 solvers
+        pts = sorted((n, sum(v) / len(v), min(v), max(v)) for (s, n), v in kids.items() if s == solver)
+        nfe, mean, lo, hi = zip(*pts)
+        spread = [[m - a for m, a in zip(mean, lo)], [b - m for m, b in zip(mean, hi)]]  # the seeds' range
+        ax.errorbar(nfe, mean, yerr=spread, marker="o", label=solver, color=plt.cm.tab20(i % 20), capsize=2)
     if verdict:
         ax.axhspan(min(verdict["ddpm_kid"]), verdict["bar"], color="grey", alpha=0.3, label="DDPM, 2 seeds")
         ax.axhline(verdict["bar"], color="grey", lw=0.8)
@@ -124,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="run folder or checkpoint file")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--images", type=int, default=1000, help="samples per (solver, NFE)")
+    p.add_argument("--images", type=int, default=1000, help="samples per (solver, NFE, seed)")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds of each solver cell's x_T and chain noise "
+                                                "(the cell: their mean KID)")
     p.add_argument("--solvers", default=",".join(METHODS), help="comma-separated METHOD[:SPACING[:ORDER]]")
     p.add_argument("--nfe", default=",".join(map(str, NFE_GRID)), help="comma-separated NFEs")
     p.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=True)
@@ -145,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true",
                    help="keep the rows of an earlier nfe.json of this checkpoint, --images and clip options")
     args = p.parse_args(argv)
+    try:
+        seeds = list(dict.fromkeys(int(s) for s in args.seeds.split(",")))
+    except ValueError:
+        p.error(f"--seeds takes comma-separated integers, got {args.seeds!r}")
 
     device = resolve_device(args.device)  # graphs change speed, not the samples: on on a GPU
     plan = ExecutionPlan.resolve(device, fast=args.fast, kernels=args.kernels, cuda_graphs=device.type == "cuda")
@@ -155,14 +186,15 @@ def main(argv: list[str] | None = None) -> int:
     ref = metrics.reference_stats(data, size, "test", load_images, limit=args.ref_images, device=plan.device)
     channels = cfg["model"].get("in_ch", 3)
     x_T = {s: torch.randn(args.images, channels, size, size, generator=torch.Generator().manual_seed(s))
-           for s in YARDSTICK_SEEDS}
+           for s in sorted(set(YARDSTICK_SEEDS) | set(seeds))}
     runs = [{"solver": "ddpm", "method": "ddpm", "spacing": None, "order": None, "nfe": T, "seed": s,
              "yardstick": True} for s in YARDSTICK_SEEDS if args.yardstick]
     for spec in args.solvers.split(","):
         for nfe in map(int, args.nfe.split(",")):
-            run = {**parse_solver(spec), "nfe": nfe, "seed": 0}
-            if not (run["method"] == "ddpm" and nfe == T and run["spacing"] is None):  # the yardstick's seed 0
-                runs.append(run)
+            for seed in seeds:
+                run = {**parse_solver(spec), "nfe": nfe, "seed": seed}
+                if not (run["method"] == "ddpm" and nfe == T and run["spacing"] is None):  # the yardstick
+                    runs.append(run)
 
     env = {"device": str(plan.device), "plan": plan.describe(), "checkpoint": str(args.ckpt), "images": args.images,
            "ref_images": len(ref.features), "timesteps": T, "clip_x0": args.clip_x0,

@@ -96,3 +96,30 @@ def test_reaches_picks_the_first_nfe_within_the_seed_spread():
     assert v["first"] == {"solver": "b", "nfe": 10, "kid": 0.0118}
     assert nfe.reaches(rows[2:]) == {}
     assert [nfe.steps_for("heun", n) for n in (4, 5, 1)] == [None, 3, 1] and nfe.steps_for("unipc", 7) == 7
+
+
+def test_seeds_sample_each_cell_from_each_seed_and_report_the_mean(run):
+    tmp_path, _ = run
+    assert nfe.main(["--ckpt", str(tmp_path), "--images", "4", "--solvers", "ddim", "--nfe", "4", "--seeds", "0,2",
+                     "--ref-images", "20", "--device", "cpu", "--no-yardstick"]) == 0
+    out = tmp_path / "out"
+    rows = json.loads((out / "nfe.json").read_text())["rows"]
+    assert [(r["solver"], r["nfe"], r["seed"]) for r in rows] == [("ddim", 4, 0), ("ddim", 4, 2)]
+    kids = sorted(r["kid"] for r in rows)
+    assert kids[0] != kids[1]  # another x_T
+    table = (out / "nfe.md").read_text()
+    assert "the mean over 2 seeds" in table
+    assert f"| ddim | {sum(kids) / 2 * 1e3:.2f} ({kids[0] * 1e3:.2f}-{kids[1] * 1e3:.2f}) |" in table
+    with pytest.raises(SystemExit):
+        nfe.main(["--ckpt", str(tmp_path), "--seeds", "0,a"])
+
+
+def test_reaches_reads_a_cell_by_its_mean_over_seeds():
+    rows = [{"solver": "ddpm", "nfe": 1000, "seed": s, "kid": k, "yardstick": True}
+            for s, k in ((0, 0.010), (1, 0.012))]
+    # solver a: one seed under the bar at NFE 10, but the mean over three is over it; at 20 all are
+    rows += [{"solver": "a", "nfe": 10, "seed": s, "kid": k} for s, k in ((0, 0.011), (1, 0.013), (2, 0.014))]
+    rows += [{"solver": "a", "nfe": 20, "seed": s, "kid": k} for s, k in ((0, 0.011), (1, 0.0115), (2, 0.0118))]
+    v = nfe.reaches(rows)
+    assert v["first_nfe"]["a"] == {"nfe": 20, "kid": pytest.approx(0.0343 / 3)}
+    assert v["first_nfe"]["ddpm"] == {"nfe": 1000, "kid": 0.010}  # the yardstick's seed 0 alone
