@@ -41,7 +41,10 @@ GN_SHAPES = ([(64, 64, 64), (128, 32, 32), (256, 16, 16), (256, 8, 8),
               (384, 16, 16), (512, 16, 16), (512, 8, 8), (512, 4, 4)])  # cifar32
 # The activations' layout on this device's fast path, as the trainer lays them out.
 MEMORY_FORMAT = ExecutionPlan.resolve(DEVICE, fast=True).memory_format
-ATTN_SHAPES = [(128, 1, 256, 256), (128, 4, 1024, 64), (32, 1, 4096, 128)]  # (B, heads, L, d)
+# Attention (B, heads, L, d) as GN_SHAPES: anime64's on a GPU; the tiny UNet's (8x8 at 64 channels)
+# and cifar32's (16x16 at 256) on the CPU.
+ATTN_SHAPES = ([(128, 1, 256, 256), (128, 4, 1024, 64), (32, 1, 4096, 128)] if ON_GPU else
+               [(32, 1, 64, 64), (32, 1, 256, 256)])
 SAMPLING_SHAPES = [(256, 3, 64, 64)]
 # A mid-trajectory DDPM-like step with noise and the clip's r term: every weight of the row
 # (ops.reference.COEF_NAMES: c1, c2, a, b0, b1, b2, b3, sigma, r) but the history's
@@ -206,8 +209,8 @@ def backends(op: str) -> list[str]:
     """Backends measured for `op` here: the reference first, torch.compile last (its compiles are
     the slow part: a run cut off by its time cap has measured the kernels already)."""
     out = ["torch", *(["triton"] if ON_GPU else []), "cpp"]
-    if op == "group_norm_act" and not ON_GPU:
-        out.append("aten")  # the CPU's bf16 GroupNorm; a GPU run's minutes go to the kernels
+    if op in ("group_norm_act", "attention") and not ON_GPU:
+        out.append("aten")  # the CPU's bf16 GroupNorm, SDPA's math path; a GPU run's minutes go to the kernels
     if op == "group_norm_act" and ON_GPU:
         out.append("compile")  # auto's pick must also beat the compiled reference
     return out

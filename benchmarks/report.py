@@ -3,9 +3,10 @@
     python -m benchmarks.report RUN.json [--results-md PATH] [--table PATH] [--readme PATH]
         updates the run's device-class blocks of benchmarks/RESULTS.md, the README's measured-speed
         table (a GPU run's epoch and sampling parts), and ddpm_fast/ops/backend_table.json, which
-        `backend="auto"` reads: an entry per (op, device class, dtype, shape key) only where a
-        non-reference backend measured faster than the reference, and than torch.compile of it
-        where measured, in every direction measured. Other device classes' entries are kept.
+        `backend="auto"` reads: an entry per (op, device class, dtype, shape key) and backend only
+        where that non-reference backend measured faster than the reference, and than torch.compile
+        of it where measured, listing the passes (fwd, fwd+bwd) it won; auto runs it for calls of
+        those passes. Other device classes' entries are kept.
     python -m benchmarks.report --assemble DIR --out RUN.json
         (the GPU suite's last step) joins the suite's steps and parts into one JSON, prints the summary.
 
@@ -37,47 +38,54 @@ PARTS = ("ceilings", "epoch", "sample", "profile", "dali", "fidelity")
 
 # --- choosing backends -------------------------------------------------------------------------
 
-def _measured(rows: list[dict]) -> dict[tuple, dict[str, dict[str, float]]]:
-    """{(op, dtype, shape_key): {direction: {backend: ms}}}: the median over a case's repeated rows
-    (several runs joined in one JSON), for the backends measured correctly every time."""
+def _measured(rows: list[dict]) -> tuple[dict[tuple, dict[str, dict[str, float]]], dict[tuple, set[str]]]:
+    """({(op, dtype, shape_key): {direction: {backend: ms}}}, {(op, dtype, shape_key): backends}):
+    the median over a case's repeated rows (several runs joined in one JSON), and the backends that
+    failed the case in any run and direction."""
     times: dict[tuple, list[float]] = {}
-    failed: set[tuple] = set()
+    failed: dict[tuple, set[str]] = {}
     for r in rows:
         key = (r["op"], r["dtype"], r["shape_key"], r["direction"], r["backend"])
         if r.get("status") == "ok" and r.get("ms"):
             times.setdefault(key, []).append(r["ms"])
         else:
-            failed.add(key)
+            failed.setdefault(key[:3], set()).add(r["backend"])
     out: dict[tuple, dict[str, dict[str, float]]] = {}
     for (op, dtype, key, direction, backend), ms in times.items():
-        if (op, dtype, key, direction, backend) not in failed:
-            out.setdefault((op, dtype, key), {}).setdefault(direction, {})[backend] = statistics.median(ms)
-    return out
+        out.setdefault((op, dtype, key), {}).setdefault(direction, {})[backend] = statistics.median(ms)
+    return out, failed
+
+
+def _fastest(cls: str, ms: dict[str, float], failed: set[str]) -> tuple[str, float, float | None] | None:
+    """(backend, speedup, vs_compile) of the fastest candidate in one pass of a case that beat the
+    reference, and the compiled reference where measured, by more than MARGIN; None if none did."""
+    best = None
+    for cand in CANDIDATES:
+        if cand in failed or cand not in ms or (cls == "cpu" and cand == "triton"):
+            continue  # a wrong or broken kernel is never picked; Triton never runs on the CPU (docs/DESIGN.md)
+        speedup = ms[REFERENCE] / ms[cand]
+        vs_compile = ms[COMPILED] / ms[cand] if COMPILED in ms else None
+        if speedup > MARGIN and (vs_compile is None or vs_compile > MARGIN) and (best is None or speedup > best[1]):
+            best = (cand, speedup, vs_compile)
+    return best
 
 
 def choose(run: dict) -> list[dict]:
-    """Table entries for this run's device class: per case, the fastest candidate that beat the
-    reference (and the compiled reference, where measured) in every direction measured."""
+    """Table entries for this run's device class: per case and pass (fwd, fwd+bwd), the fastest
+    candidate that beat the reference (and the compiled reference, where measured) in that pass;
+    one entry per (case, backend), listing the passes it won, its speedup the smaller there."""
     cls = run["env"]["device_class"]
+    measured, failed = _measured(run.get("micro", []))
     entries = []
-    for (op, dtype, key), by_dir in sorted(_measured(run.get("micro", [])).items()):
-        best = None
-        measured = [ms for ms in by_dir.values() if REFERENCE in ms]
-        for cand in CANDIDATES:
-            if cls == "cpu" and cand == "triton":
-                continue  # Triton never runs on the CPU outside tests (docs/DESIGN.md)
-            if not measured or any(cand not in ms for ms in measured):
-                continue  # unmeasured in a direction the reference was measured in
-            speedup = min(ms[REFERENCE] / ms[cand] for ms in measured)
-            vs_compile = [ms[COMPILED] / ms[cand] for ms in measured if COMPILED in ms]
-            if speedup <= MARGIN or (vs_compile and min(vs_compile) <= MARGIN):
-                continue
-            if best is None or speedup > best["speedup"]:
-                best = {"op": op, "device_class": cls, "dtype": dtype, "shape": key, "backend": cand,
-                        "speedup": round(speedup, 3), "vs_compile": round(min(vs_compile), 3) if vs_compile else None,
-                        "directions": sorted(d for d in by_dir if REFERENCE in by_dir[d])}
-        if best:
-            entries.append(best)
+    for (op, dtype, key), by_dir in sorted(measured.items()):
+        won = {d: best for d, ms in sorted(by_dir.items())
+               if REFERENCE in ms and (best := _fastest(cls, ms, failed.get((op, dtype, key), set())))}
+        for backend in dict.fromkeys(b for b, _, _ in won.values()):
+            dirs = [d for d, (b, _, _) in won.items() if b == backend]
+            vs_compile = [won[d][2] for d in dirs if won[d][2] is not None]
+            entries.append({"op": op, "device_class": cls, "dtype": dtype, "shape": key, "backend": backend,
+                            "speedup": round(min(won[d][1] for d in dirs), 3),
+                            "vs_compile": round(min(vs_compile), 3) if vs_compile else None, "directions": dirs})
     return entries
 
 
@@ -116,7 +124,7 @@ def results_table(run: dict) -> str:
     """Markdown: one row per case, the median ms of each backend, the pick, and the pick's rate."""
     micro = run.get("micro", [])
     backends = [b for b in (REFERENCE, COMPILED, *CANDIDATES) if any(r["backend"] == b for r in micro)]
-    picks = {(e["op"], e["dtype"], e["shape"]): e for e in choose(run)}
+    picks = {(e["op"], e["dtype"], e["shape"], d): e for e in choose(run) for d in e["directions"]}
     copy = (run.get("ceilings") or {}).get("copy_GBps")
     mm = (run.get("ceilings") or {}).get("bf16_matmul_TFLOPs")
     cases: dict[tuple, list[dict]] = {}
@@ -124,7 +132,7 @@ def results_table(run: dict) -> str:
         cases.setdefault((r["op"], r["direction"], r["dtype"], tuple(r["shape"]), r["shape_key"]), []).append(r)
     lines = []
     for (op, direction, dtype, shape, key), rows in cases.items():
-        pick = picks.get((op, dtype, key))
+        pick = picks.get((op, dtype, key, direction))
         chosen = pick["backend"] if pick else REFERENCE
         mine = sorted((r for r in rows if r["backend"] == chosen and r["status"] == "ok"), key=lambda r: r["ms"])
         r = mine[(len(mine) - 1) // 2] if mine else {}  # the median run's row

@@ -1,6 +1,7 @@
-"""The `aten` backend (ddpm_fast/ops/aten.py: GroupNorm + activation in the input's dtype) against
-ddpm_fast.ops.reference (float32 arithmetic), forward and backward, on awkward shapes in both
-layouts; and that the ops it has no version of run the reference."""
+"""The `aten` backend (ddpm_fast/ops/aten.py: GroupNorm + activation in the input's dtype, attention
+by SDPA's math path) against ddpm_fast.ops.reference (float32 arithmetic) and plain float64
+attention, forward and backward, on awkward shapes in both layouts; and that the op it has no
+version of runs the reference."""
 import zlib
 
 import pytest
@@ -58,18 +59,46 @@ def test_group_norm_act_catches_a_wrong_group_count():
     assert rel_l2(aten.group_norm_act(x, 16, None, None), reference.group_norm_act(x, 32, None, None)) > 1.5e-2
 
 
-def test_the_ops_aten_lacks_run_the_reference():
-    q, k, v = (torch.randn(2, 1, 16, 8) for _ in range(3))
-    torch.testing.assert_close(ops.attention(q, k, v, backend="aten"), ops.attention(q, k, v, backend="torch"),
-                               rtol=0, atol=0)
+def _attention_f64(q, k, v):
+    s = q.double() @ k.double().transpose(-1, -2) / q.shape[-1] ** 0.5
+    return s.softmax(-1) @ v.double()
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1.5e-2)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("B, heads, L, d", [(3, 1, 37, 24), (2, 3, 64, 16), (1, 2, 5, 40)])
+def test_attention_matches_float64_forward_and_backward(dtype, tol, B, heads, L, d):
+    """As the model calls it: q, k, v strided views of one channels_last qkv tensor (AttnBlock)."""
+    g = torch.Generator().manual_seed(zlib.crc32(repr((B, heads, L, d)).encode()))
+    C = heads * d
+    qkv = torch.randn(B, 3 * C, L, 1, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    gy = torch.randn(B, heads, L, d, generator=g).to(dtype)
+
+    def run(fn):
+        leaf = qkv.detach().requires_grad_()
+        q, k, v = leaf.reshape(B, 3, heads, d, L).transpose(-1, -2).unbind(1)
+        y = fn(q, k, v)
+        y.backward(gy.to(y.dtype))
+        return y, leaf.grad
+
+    y, grad = run(aten.attention)
+    y_ref, grad_ref = run(_attention_f64)
+    assert y.dtype == dtype and y.shape == (B, heads, L, d) and y.isfinite().all() and grad.isfinite().all()
+    assert rel_l2(y, y_ref) <= tol
+    assert rel_l2(grad, grad_ref) <= 2 * tol
+    # the tolerance catches a plausible bug: scaling by 1 / d, not 1 / sqrt(d)
+    q, k, v = (t.double() for t in qkv.reshape(B, 3, heads, d, L).transpose(-1, -2).unbind(1))
+    assert rel_l2((q @ k.transpose(-1, -2) / d).softmax(-1) @ v, y_ref) > 2 * tol
+
+
+def test_the_op_aten_lacks_runs_the_reference():
     x, e, z = torch.randn(2, 3, 5, 5), torch.randn(2, 3, 5, 5), torch.randn(2, 3, 5, 5)
     coef = reference.coef_row(1.02, 0.2, 0.4, (0.6,), 0.1, -0.3).float()
     for got, want in zip(ops.sampling_update(x, e, coef, True, noise=z, backend="aten"),
                          ops.sampling_update(x, e, coef, True, noise=z, backend="torch")):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     plan = ExecutionPlan.resolve("cpu", kernels="aten")
-    assert plan.backends == {"group_norm_act": "aten", "attention": "torch", "sampling_update": "torch"}
-    assert auto.MISSING["aten"] == ("attention", "sampling_update")
+    assert plan.backends == {"group_norm_act": "aten", "attention": "aten", "sampling_update": "torch"}
+    assert auto.MISSING["aten"] == ("sampling_update",)
 
 
 def test_a_model_on_aten_matches_the_reference_under_bf16_autocast():

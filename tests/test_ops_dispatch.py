@@ -7,7 +7,7 @@ import torch
 import torch._dynamo
 
 from ddpm_fast import UNet, ops
-from ddpm_fast.ops import auto
+from ddpm_fast.ops import auto, reference
 
 
 @pytest.fixture(autouse=True)
@@ -29,6 +29,24 @@ def test_environment_override(monkeypatch):
     assert auto.resolve("sampling_update", "auto", x) == "cpp"
     assert auto.resolve("group_norm_act", "auto", x) == "torch"  # only that op
     assert auto.resolve("sampling_update", "torch", x) == "torch"  # an explicit choice wins
+
+
+def test_a_call_s_pass_is_whether_autograd_will_differentiate_it(monkeypatch):
+    x, w = torch.zeros(2, 8, 4, 4), torch.zeros(8, requires_grad=True)
+    assert auto.direction(x) == "fwd" and auto.direction(x, None, w) == "fwd+bwd"
+    with torch.no_grad():
+        assert auto.direction(x, w) == "fwd"
+    # auto reads the table for the call's pass: an entry won in training serves training calls only
+    entry = {"op": "attention", "device_class": "cpu", "dtype": "float32", "shape": "L16xd8", "backend": "aten",
+             "speedup": 2.0, "directions": ["fwd+bwd"]}
+    monkeypatch.setattr(auto, "load_table", lambda: {"entries": [entry]})
+    seen = []
+    monkeypatch.setattr(ops, "_backend_module", lambda name: seen.append(name) or reference)
+    q = torch.randn(2, 1, 16, 8)
+    with torch.no_grad():
+        ops.attention(q, q, q)
+    ops.attention(q, q, q.requires_grad_())
+    assert seen == ["torch", "aten"]
 
 
 def test_unet_compiles_without_graph_breaks():

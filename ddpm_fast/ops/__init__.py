@@ -1,9 +1,9 @@
 """The fused ops, one public function each, with backend dispatch.
 
 backend: "torch" (the plain PyTorch reference), "triton" (ddpm_fast.kernels), "cpp" (the
-compiled extension, CPU and CUDA kernels), "aten" (GroupNorm by ATen in the input's dtype), or
-"auto" (see auto.py: the reference unless a shipped measurement says another backend is faster
-for this device, dtype and shape). An op a backend has no version of runs the reference
+compiled extension, CPU and CUDA kernels), "aten" (GroupNorm by ATen in the input's dtype,
+attention by SDPA's math path), or "auto" (see auto.py: the reference unless a shipped measurement
+says another backend is faster for this device, dtype, shape and pass). An op a backend has no version of runs the reference
 (auto.MISSING, auto.implementing)."""
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def group_norm_act(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None
     """act(group_norm(x + add[:, :, None, None]) * weight + bias), act in none|silu|hardswish."""
     if act not in ACTIVATIONS:
         raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
-    mod = _backend_module(resolve("group_norm_act", backend, x))
+    mod = _backend_module(resolve("group_norm_act", backend, x, weight, bias, add))
     return mod.group_norm_act(x, num_groups, weight, bias, eps, add, act)
 
 
@@ -58,7 +58,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
     Triton kernels take head dims 32-256 only, and fp32 only under the interpreter (on a GPU its
     configurations spill): those calls run the reference, so a model-wide --kernels cpp|triton
     also runs fp32 evaluation and dogs64's d=512 middle block."""
-    name = implementing("attention", resolve("attention", backend, q))
+    name = implementing("attention", resolve("attention", backend, q, k, v))
     if name == "triton" and not _triton_attention_takes(q):
         name = "torch"
     return _backend_module(name).attention(q, k, v)
