@@ -289,28 +289,32 @@ def test_repeated_runs_pick_by_the_median_and_beyond_the_margin():
 
 
 def test_a_backend_is_picked_for_the_passes_it_won():
-    """Per pass: SDPA's math path on the CPU is slower forward and faster forward+backward, so it
-    serves training calls only; two backends can split a case's passes; a backend that failed a case
-    in any pass is picked in none."""
+    """One backend for every pass where one wins them all (the best by its smaller speedup), even
+    where another wins one pass by more; only where none does, each pass its own winner: SDPA's math
+    path on the CPU is slower forward and faster forward+backward, so it serves training calls only,
+    and two backends can split a case's passes. A backend that failed a case in any pass is picked
+    in none."""
     env = {"device_class": "cpu", "cpu": "x86_64", "threads": 2}
     shape = (32, 1, 64, 64)
     micro = ([row("attention", d, "L64xd64", b, t, shape=shape)
               for d, ms in (("fwd", {"torch": 1.0, "aten": 2.5}), ("fwd+bwd", {"torch": 10.0, "aten": 4.0}))
               for b, t in ms.items()]
              + gn("fwd", "C64xHW64", torch=1.0, aten=0.5, cpp=0.4) + gn("fwd+bwd", "C64xHW64", torch=3.0, aten=1.0, cpp=2.0)
+             + gn("fwd", "C16xHW16", torch=1.0, aten=2.0, cpp=0.5) + gn("fwd+bwd", "C16xHW16", torch=3.0, aten=1.0, cpp=4.0)
              + gn("fwd", "C32xHW256", torch=1.0, cpp=0.5)
              + [row("group_norm_act", "fwd+bwd", "C32xHW256", "cpp", None, status="mismatch")])
     run = {"env": env, "micro": micro}
     entries = report.choose(run)
     assert {(e["op"], e["shape"], e["backend"]): (e["directions"], e["speedup"]) for e in entries} == {
         ("attention", "L64xd64", "aten"): (["fwd+bwd"], 2.5),
-        ("group_norm_act", "C64xHW64", "cpp"): (["fwd"], 2.5),
-        ("group_norm_act", "C64xHW64", "aten"): (["fwd+bwd"], 3.0)}
+        ("group_norm_act", "C64xHW64", "aten"): (["fwd", "fwd+bwd"], 2.0),  # not cpp's 2.5 forward
+        ("group_norm_act", "C16xHW16", "cpp"): (["fwd"], 2.0),
+        ("group_norm_act", "C16xHW16", "aten"): (["fwd+bwd"], 3.0)}
     lines = report.results_table(run).splitlines()
     assert "| attention | fwd | bfloat16 | 32x1x64x64 | 1.000 | - | 2.500 | torch |  |" in lines
     assert "| attention | fwd+bwd | bfloat16 | 32x1x64x64 | 10.000 | - | 4.000 | aten x2.50 |  |" in lines
     t = {"entries": entries}
-    q, x = torch.zeros(shape, dtype=torch.bfloat16), torch.zeros(2, 64, 8, 8, dtype=torch.bfloat16)
+    q, x = torch.zeros(shape, dtype=torch.bfloat16), torch.zeros(2, 16, 4, 4, dtype=torch.bfloat16)
     assert [auto.lookup("attention", q, t, d) for d in ("fwd", "fwd+bwd")] == ["torch", "aten"]
     assert [auto.lookup("group_norm_act", x, t, d) for d in ("fwd", "fwd+bwd")] == ["cpp", "aten"]
     assert auto.lookup("group_norm_act", torch.zeros(2, 32, 16, 16, dtype=torch.bfloat16), t) == "torch"
