@@ -66,7 +66,8 @@ def _fastest(cls: str, by_dir: dict[str, dict[str, float]], failed: set[str]) ->
             continue  # a wrong or broken kernel is never picked; Triton never runs on the CPU (docs/DESIGN.md)
         speedup = min(ms[REFERENCE] / ms[cand] for ms in by_dir.values())
         vs_compile = [ms[COMPILED] / ms[cand] for ms in by_dir.values() if COMPILED in ms]
-        if speedup > MARGIN and min(vs_compile, default=MARGIN + 1) > MARGIN and (best is None or speedup > best[1]):
+        beats_compile = not vs_compile or min(vs_compile) > MARGIN
+        if speedup > MARGIN and beats_compile and (best is None or speedup > best[1]):
             best = (cand, speedup, min(vs_compile) if vs_compile else None)
     return best
 
@@ -88,6 +89,7 @@ def choose(run: dict) -> list[dict]:
         return {"op": op, "device_class": cls, "dtype": dtype, "shape": key, "backend": backend,
                 "speedup": round(speedup, 3), "vs_compile": round(vs_compile, 3) if vs_compile else None,
                 "directions": dirs}
+
     for (op, dtype, key), by_dir in sorted(measured.items()):
         by_dir = {d: ms for d, ms in sorted(by_dir.items()) if REFERENCE in ms}
         bad = failed.get((op, dtype, key), set())

@@ -33,9 +33,9 @@ def test_environment_override(monkeypatch):
 
 def test_a_call_s_pass_is_whether_autograd_will_differentiate_it(monkeypatch):
     x, w = torch.zeros(2, 8, 4, 4), torch.zeros(8, requires_grad=True)
-    assert auto.direction(x) == "fwd" and auto.direction(x, None, w) == "fwd+bwd"
+    assert auto.direction_of(x) == "fwd" and auto.direction_of(x, None, w) == "fwd+bwd"
     with torch.no_grad():
-        assert auto.direction(x, w) == "fwd"
+        assert auto.direction_of(x, w) == "fwd"
     # auto reads the table for the call's pass: an entry won in training serves training calls only
     entry = {"op": "attention", "device_class": "cpu", "dtype": "float32", "shape": "L16xd8", "backend": "aten",
              "speedup": 2.0, "directions": ["fwd+bwd"]}

@@ -299,8 +299,10 @@ def test_a_backend_is_picked_for_the_passes_it_won():
     micro = ([row("attention", d, "L64xd64", b, t, shape=shape)
               for d, ms in (("fwd", {"torch": 1.0, "aten": 2.5}), ("fwd+bwd", {"torch": 10.0, "aten": 4.0}))
               for b, t in ms.items()]
-             + gn("fwd", "C64xHW64", torch=1.0, aten=0.5, cpp=0.4) + gn("fwd+bwd", "C64xHW64", torch=3.0, aten=1.0, cpp=2.0)
-             + gn("fwd", "C16xHW16", torch=1.0, aten=2.0, cpp=0.5) + gn("fwd+bwd", "C16xHW16", torch=3.0, aten=1.0, cpp=4.0)
+             + gn("fwd", "C64xHW64", torch=1.0, aten=0.5, cpp=0.4)
+             + gn("fwd+bwd", "C64xHW64", torch=3.0, aten=1.0, cpp=2.0)
+             + gn("fwd", "C16xHW16", torch=1.0, aten=2.0, cpp=0.5)
+             + gn("fwd+bwd", "C16xHW16", torch=3.0, aten=1.0, cpp=4.0)
              + gn("fwd", "C32xHW256", torch=1.0, cpp=0.5)
              + [row("group_norm_act", "fwd+bwd", "C32xHW256", "cpp", None, status="mismatch")])
     run = {"env": env, "micro": micro}

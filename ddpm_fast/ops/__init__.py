@@ -3,8 +3,8 @@
 backend: "torch" (the plain PyTorch reference), "triton" (ddpm_fast.kernels), "cpp" (the
 compiled extension, CPU and CUDA kernels), "aten" (GroupNorm by ATen in the input's dtype,
 attention by SDPA's math path), or "auto" (see auto.py: the reference unless a shipped measurement
-says another backend is faster for this device, dtype, shape and pass). An op a backend has no version of runs the reference
-(auto.MISSING, auto.implementing)."""
+says another backend is faster for this device, dtype, shape and pass). An op a backend has no
+version of runs the reference (auto.MISSING, auto.implementing)."""
 from __future__ import annotations
 
 

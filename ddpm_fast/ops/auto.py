@@ -77,7 +77,7 @@ def shape_key(op: str, shape: tuple[int, ...]) -> str:
     return "any"
 
 
-def direction(*tensors: torch.Tensor | None) -> str:
+def direction_of(*tensors: torch.Tensor | None) -> str:
     """The pass of a call on these inputs: "fwd+bwd" where autograd will differentiate it, else "fwd"."""
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     return "fwd+bwd" if grad else "fwd"
@@ -102,7 +102,7 @@ def lookup_key(op: str, device: torch.device, dtype: torch.dtype, shape: tuple[i
 
 def resolve(op: str, backend: str, x: torch.Tensor, *inputs: torch.Tensor | None) -> str:
     """The backend for a call of `op` on `x` (and its other tensor `inputs`, which decide its pass)."""
-    return choose(op, backend, str(x.device), x.dtype, tuple(x.shape), direction(x, *inputs))
+    return choose(op, backend, str(x.device), x.dtype, tuple(x.shape), direction_of(x, *inputs))
 
 
 _CHOICES: dict[tuple, str] = {}
