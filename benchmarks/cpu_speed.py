@@ -9,8 +9,9 @@ thread pool shared between rows), on the built-in data at the preset's size and 
   channels_last  channels_last alone
   compile        torch.compile alone (fp32)
   fast_eager     the CPU's default, `python -m ddpm_fast.train`: bf16 and auto's kernels (on the CPU
-                 the extension's GroupNorm where measured faster), channels_last with the
-                 extension built (plan.channels_last_pays), no compile
+                 the extension's GroupNorm where measured faster, and per pass: tiny's attention
+                 trains on SDPA's math path), channels_last with the extension built
+                 (plan.channels_last_pays), no compile
   fast           fast_eager + torch.compile: `--compile`
   diffusers      benchmarks/diffusers_loop.py: UNet2DModel of the same parameters, AdamW, EMA, fp32
 and two rows only on request (LAYOUT_ROWS, training and sampling), fast_eager in one layout
