@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import torch
@@ -72,7 +73,7 @@ def reaches(rows: list[dict]) -> dict:
     bar = max(ddpm)
     firsts = {}
     for (solver, nfe), kids in sorted(cells(rows).items(), key=lambda kv: kv[0][1]):
-        kid = sum(kids) / len(kids)
+        kid = statistics.fmean(kids)
         if kid <= bar and solver not in firsts:
             firsts[solver] = {"nfe": nfe, "kid": kid}
     first = min(firsts.items(), key=lambda kv: (kv[1]["nfe"], kv[1]["kid"]), default=None)
@@ -81,7 +82,7 @@ def reaches(rows: list[dict]) -> dict:
 
 
 def _cell(values: list[float], scale: float) -> str:
-    mean = sum(values) / len(values) * scale
+    mean = statistics.fmean(values) * scale
     if len(values) == 1:
         return f"{mean:.2f}"
     return f"{mean:.2f} ({min(values) * scale:.2f}-{max(values) * scale:.2f})"
@@ -117,7 +118,7 @@ def plot(rows: list[dict], verdict: dict, path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     kids = cells([r for r in rows if not r.get("yardstick")])  # the yardstick is the band
     for i, solver in enumerate(dict.fromkeys(s for s, _ in kids)):  # tab20: a colour each for up to 20 solvers
-        pts = sorted((n, sum(v) / len(v), min(v), max(v)) for (s, n), v in kids.items() if s == solver)
+        pts = sorted((n, statistics.fmean(v), min(v), max(v)) for (s, n), v in kids.items() if s == solver)
         nfe, mean, lo, hi = zip(*pts)
         spread = [[m - a for m, a in zip(mean, lo)], [b - m for m, b in zip(mean, hi)]]  # the seeds' range
         ax.errorbar(nfe, mean, yerr=spread, marker="o", label=solver, color=plt.cm.tab20(i % 20), capsize=2)

@@ -275,7 +275,8 @@ def test_chroma_ode_is_off_by_default_dpmpp_2m_sde_s_alone_and_a_no_op_on_one_ch
     for method in METHODS:
         assert Scheduler(LINEAR, method).chroma_ode is False
         if method not in CHROMA_ODE:
-            with pytest.raises(ValueError, match=f"--chroma-ode is for dpmpp_2m_sde, dpmpp_3m_sde, not --method {method}"):
+            refused = f"--chroma-ode is for dpmpp_2m_sde, dpmpp_3m_sde, not --method {method}"
+            with pytest.raises(ValueError, match=refused):
                 Scheduler(LINEAR, method, chroma_ode=True)
     grey = x_T(seed=5, n=2, size=6)[:, :1]
     half = lambda x, t: 0.5 * x  # noqa: E731
