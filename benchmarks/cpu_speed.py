@@ -124,13 +124,14 @@ def sample_row(row: str, args) -> dict:
     s = model.config["image_size"]
     diffusion = GaussianDiffusion("linear", 1000)
     if row == "diffusers":
-        from diffusers import DDPMPipeline, DPMSolverMultistepScheduler
+        from diffusers import DDPMPipeline
 
         from ddpm_fast.interop import to_diffusers
+        from ddpm_fast.schedulers import DEFAULT_METHOD
 
-        unet, _ = to_diffusers(model, diffusion)
-        sched = DPMSolverMultistepScheduler(num_train_timesteps=1000, algorithm_type="sde-dpmsolver++",
-                                            use_karras_sigmas=True)
+        # the default sampler's scheduler as export writes it, less the clip (diffusers' thresholding
+        # takes a quantile a step, which would slow the peer)
+        unet, sched = to_diffusers(model, diffusion, DEFAULT_METHOD, clip_x0=False)
         pipe = DDPMPipeline(unet=unet.eval(), scheduler=sched)
         pipe.set_progress_bar_config(disable=True)
         go = lambda: pipe(batch_size=args.sample_n, num_inference_steps=DEFAULT_STEPS,  # noqa: E731

@@ -4,7 +4,7 @@ exactly both ways; a schedule maps to a diffusers scheduler by its betas. Also .
 of our own layout with the run's config as metadata. Nothing here unpickles: diffusers folders are
 read from safetensors only. diffusers itself is needed for folders, not for .safetensors files.
 
-    to_diffusers(model, diffusion) -> (UNet2DModel, DDPMScheduler)
+    to_diffusers(model, diffusion) -> (UNet2DModel, DDPMScheduler or another of SCHEDULERS)
     from_diffusers(folder or UNet2DModel, scheduler=None) -> (UNet, GaussianDiffusion)
     export_pipeline(model, diffusion, folder)    a DDPMPipeline folder
     save_safetensors(model, config, file)
@@ -20,13 +20,15 @@ import torch
 from .diffusion import PREDICTIONS, GaussianDiffusion
 from .files import atomic_dir, atomic_write
 from .model import AttnBlock, ResBlock, UNet
-from .schedulers import DEFAULT_CLIP_X0, clipped_model_output
+from .schedulers import DEFAULT_CLIP_X0, clipped_model_output, spacing_of
 
 VARIANCE_TYPES = {"beta": "fixed_large", "posterior": "fixed_small"}
-# Our sampler names -> diffusers' classes. No Euler: its inputs need scaling (init_noise_sigma,
-# scale_model_input) that DDPMPipeline does not do, so it cannot drive a DDPMPipeline folder.
+# Our sampler names -> diffusers' classes. No Euler or Heun: their inputs need scaling
+# (init_noise_sigma, scale_model_input) that DDPMPipeline does not do, so they cannot drive a
+# DDPMPipeline folder. The four DPM-Solver++ forms are one class's algorithm_type and solver_order.
 SCHEDULERS = {"ddpm": "DDPMScheduler", "ddim": "DDIMScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler",
-              "unipc": "UniPCMultistepScheduler"}
+              "dpmpp_3m": "DPMSolverMultistepScheduler", "dpmpp_2m_sde": "DPMSolverMultistepScheduler",
+              "dpmpp_3m_sde": "DPMSolverMultistepScheduler", "unipc": "UniPCMultistepScheduler"}
 CONFIG_KEY = "ddpm_fast_config"  # the run's config, in a .safetensors file's metadata
 
 # UNet2DModel settings our UNet has one value (or two) of.
@@ -139,8 +141,9 @@ def _key_map(model: UNet) -> dict[str, tuple[str, ...]]:
 
 
 def to_diffusers(model: UNet, diffusion: GaussianDiffusion, scheduler: str = "ddpm", variance: str = "beta",
-                 clip_x0: bool = DEFAULT_CLIP_X0, use_clipped_model_output: bool | None = None):
-    """(UNet2DModel with our weights, the scheduler `scheduler` of our schedule)."""
+                 clip_x0: bool = DEFAULT_CLIP_X0, use_clipped_model_output: bool | None = None,
+                 spacing: str | None = None):
+    """(UNet2DModel with our weights, the scheduler `scheduler` of our schedule: make_scheduler)."""
     from diffusers import UNet2DModel
 
     unet = UNet2DModel(**diffusers_config(model))
@@ -150,7 +153,7 @@ def to_diffusers(model: UNet, diffusion: GaussianDiffusion, scheduler: str = "dd
         for name, piece in zip(names, state[ours].detach().cpu().chunk(len(names))):
             theirs[name] = piece.reshape(shapes[name])  # our 1x1 attention convs are diffusers' linears
     unet.load_state_dict(theirs)
-    return unet.eval(), make_scheduler(diffusion, scheduler, variance, clip_x0, use_clipped_model_output)
+    return unet.eval(), make_scheduler(diffusion, scheduler, variance, clip_x0, use_clipped_model_output, spacing)
 
 
 def from_diffusers(path_or_unet, scheduler=None) -> tuple[UNet, GaussianDiffusion]:
@@ -184,11 +187,13 @@ def _import(unet, scheduler) -> tuple[UNet, GaussianDiffusion, dict]:
 
 # -- schedules -------------------------------------------------------------------------------------
 def make_scheduler(diffusion: GaussianDiffusion, name: str = "ddpm", variance: str = "beta",
-                   clip_x0: bool = DEFAULT_CLIP_X0, use_clipped_model_output: bool | None = None):
+                   clip_x0: bool = DEFAULT_CLIP_X0, use_clipped_model_output: bool | None = None,
+                   spacing: str | None = None):
     """The diffusers scheduler `name` (SCHEDULERS) on our betas, set up to sample in a DDPMPipeline as
-    our sampler of that name does, the reading under a clip included: x0 clamped to [-1, 1], and
-    beside it the eps re-derived from it or the network's (`use_clipped_model_output`, None: our
-    default for `name`). A reading the scheduler cannot carry is a ValueError naming the flag."""
+    our sampler of that name does: on its spacing (None: our default for `name`, Karras sigmas for
+    dpmpp_2m_sde), and the reading under a clip included: x0 clamped to [-1, 1], and beside it the
+    eps re-derived from it or the network's (`use_clipped_model_output`, None: our default for
+    `name`). A reading the scheduler cannot carry is a ValueError naming the flag."""
     import diffusers
 
     if name not in SCHEDULERS:
@@ -204,6 +209,7 @@ def make_scheduler(diffusion: GaussianDiffusion, name: str = "ddpm", variance: s
     betas = (dict(beta_schedule="squaredcos_cap_v2") if plain_cosine else
              dict(beta_schedule="linear", beta_start=diffusion.betas[0].item(), beta_end=diffusion.betas[-1].item(),
                   trained_betas=diffusion.betas.tolist()))
+    spacing = spacing_of(name, spacing)  # refuses Karras sigmas for ddpm and ddim, as our sampler does
     rederive = clipped_model_output(name, use_clipped_model_output)  # refuses a reading ours has not
     if clip_x0 and name == "ddim" and rederive:
         # DDPMPipeline calls step() without it, and DDIMScheduler.step's default keeps the network's eps
@@ -211,19 +217,26 @@ def make_scheduler(diffusion: GaussianDiffusion, name: str = "ddpm", variance: s
                          "clipped x0 (diffusers has no setting to re-derive it), where ddpm-fast's ddim re-derives "
                          "it by default: export with --no-use-clipped-model-output (ddpm-fast samples so with "
                          "--method ddim --no-use-clipped-model-output), or --no-clip-x0")
-    if clip_x0 and name == "dpmpp_2m" and not rederive:
-        raise ValueError("--scheduler dpmpp_2m: diffusers' DPMSolverMultistepScheduler re-derives eps from the "
-                         "clipped x0 and cannot keep the network's: export with --use-clipped-model-output")
+    if clip_x0 and name != "ddim" and not rederive:
+        default = " (ddpm-fast's default for it)" if use_clipped_model_output is None else ""
+        raise ValueError(f"--scheduler {name}: diffusers' {SCHEDULERS[name]} re-derives eps from the clipped x0 "
+                         f"and cannot keep the network's{default}: export with --use-clipped-model-output "
+                         f"(ddpm-fast samples so with --method {name} --use-clipped-model-output), or --no-clip-x0")
     # DPM-Solver++ and UniPC have no clip_sample: dynamic thresholding at sample_max_value 1 is the
     # clip (its threshold s = clamp(quantile, 1, 1) = 1), and their steps then re-derive.
     clip = dict(thresholding=True, sample_max_value=1.0) if clip_x0 else {}
-    settings = {"ddpm": dict(variance_type=VARIANCE_TYPES[variance], clip_sample=clip_x0),
-                # ours: steps at linspace(0, T - 1).round(), the last one to alpha-bar 1
-                "ddim": dict(clip_sample=clip_x0, set_alpha_to_one=True, timestep_spacing="linspace"),
-                "dpmpp_2m": dict(algorithm_type="dpmsolver++", solver_order=2, **clip),
-                "unipc": clip}[name]
+    # Karras sigmas replace the spacing (use_karras_sigmas); every class is told its spacing, since
+    # their defaults differ (DDPMScheduler's is leading, ours linspace)
+    spaced = dict(use_karras_sigmas=True) if spacing == "karras" else dict(timestep_spacing=spacing)
+    if name.startswith("dpmpp"):  # dpmpp_{2,3}m[_sde]
+        settings = dict(algorithm_type="sde-dpmsolver++" if name.endswith("_sde") else "dpmsolver++",
+                        solver_order=3 if name.startswith("dpmpp_3m") else 2, **clip)
+    else:
+        settings = {"ddpm": dict(variance_type=VARIANCE_TYPES[variance], clip_sample=clip_x0),
+                    "ddim": dict(clip_sample=clip_x0, set_alpha_to_one=True),  # ours: the last step to alpha-bar 1
+                    "unipc": clip}[name]
     return getattr(diffusers, SCHEDULERS[name])(num_train_timesteps=diffusion.timesteps,
-                                                prediction_type=diffusion.prediction, **betas, **settings)
+                                                prediction_type=diffusion.prediction, **betas, **spaced, **settings)
 
 
 def schedule_of(scheduler) -> dict:
@@ -258,7 +271,8 @@ def schedule_of(scheduler) -> dict:
 # -- files -----------------------------------------------------------------------------------------
 def export_pipeline(model: UNet, diffusion: GaussianDiffusion, out: str | Path, scheduler: str = "ddpm",
                     variance: str = "beta", clip_x0: bool = DEFAULT_CLIP_X0,
-                    use_clipped_model_output: bool | None = None, overwrite: bool = False) -> None:
+                    use_clipped_model_output: bool | None = None, overwrite: bool = False,
+                    spacing: str | None = None) -> None:
     """A folder DDPMPipeline.from_pretrained loads: model_index.json, unet/ (safetensors), scheduler/.
     Written beside `out` and swapped in whole; a non-empty `out` is refused unless `overwrite`."""
     from diffusers import DDPMPipeline
@@ -270,7 +284,7 @@ def export_pipeline(model: UNet, diffusion: GaussianDiffusion, out: str | Path, 
         held = ", ".join(sorted(p.name for p in out.iterdir())[:4])
         raise FileExistsError(f"--out {out} is not empty (it holds {held}): pass --overwrite to replace it, "
                               "or give another --out")
-    unet, sched = to_diffusers(model, diffusion, scheduler, variance, clip_x0, use_clipped_model_output)
+    unet, sched = to_diffusers(model, diffusion, scheduler, variance, clip_x0, use_clipped_model_output, spacing)
     with atomic_dir(out, _weight_bytes(model)) as tmp:
         DDPMPipeline(unet=unet, scheduler=sched).save_pretrained(tmp, safe_serialization=True)
 

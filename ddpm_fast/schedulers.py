@@ -102,6 +102,17 @@ def chroma_means(d: torch.Tensor) -> torch.Tensor:
     m = d.mean((2, 3), keepdim=True)
     return m - m.mean(1, keepdim=True)
 
+def spacing_of(method: str, spacing: str | None = None) -> str:
+    """The spacing a chain of `method` takes: `spacing`, else its DEFAULT_SPACING entry, else linspace
+    (diffusers' default). Karras sigmas are refused for the solvers defined on the training steps."""
+    spacing = spacing or DEFAULT_SPACING.get(method, "linspace")
+    if spacing not in SPACINGS:
+        raise ValueError(f"--spacing must be one of {SPACINGS}, got {spacing!r}")
+    if spacing == "karras" and method in _ON_TRAINING_STEPS:
+        raise ValueError(f"--spacing karras is for the sigma-space solvers, not {method}")
+    return spacing
+
+
 def clipped_model_output(method: str, use_clipped_model_output: bool | None = None) -> bool:
     """What a step of `method` keeps beside a clipped x0: None is the measured default (False for
     KEEP_NOISE_BY_DEFAULT, else True); False is refused for a solver that can only re-derive."""
@@ -185,14 +196,11 @@ class Scheduler:
                  sample_max_value: float = 1.0, use_clipped_model_output: bool | None = None,
                  prediction_type: str = "epsilon", chroma_ode: bool | None = None,
                  mean_prior: ChannelMeans | None = None, backend: str = "auto"):
-        spacing = spacing or DEFAULT_SPACING.get(method, "linspace")
-        for name, value, choices in (("method", method, METHODS), ("spacing", spacing, SPACINGS),
-                                     ("variance", variance, VARIANCES),
+        for name, value, choices in (("method", method, METHODS), ("variance", variance, VARIANCES),
                                      ("prediction-type", prediction_type, PREDICTION_TYPES)):
             if value not in choices:
                 raise ValueError(f"--{name} must be one of {choices}, got {value!r}")
-        if spacing == "karras" and method in _ON_TRAINING_STEPS:
-            raise ValueError(f"--spacing karras is for the sigma-space solvers, not --method {method}")
+        spacing = spacing_of(method, spacing)
         if order is not None and (method != "unipc" or order not in (1, 2, 3)):
             raise ValueError(f"--order is unipc's (1, 2 or 3; dpmpp_2m/3m are named for theirs), got {order}"
                              f" for --method {method}")

@@ -17,6 +17,7 @@ import ddpm_fast  # noqa: E402
 from ddpm_fast import PRESETS, GaussianDiffusion, UNet, interop  # noqa: E402
 from ddpm_fast.presets import preset_config  # noqa: E402
 from ddpm_fast.checkpoint import load_model, load_weights_for_init  # noqa: E402
+from ddpm_fast.schedulers import CAN_KEEP_NOISE, clipped_model_output  # noqa: E402
 
 export_cli = importlib.import_module("ddpm_fast.commands.export")
 sample_cli = importlib.import_module("ddpm_fast.commands.sample")
@@ -322,29 +323,50 @@ def test_train_init_from_a_diffusers_folder_fine_tunes_its_weights(tmp_path, cap
     assert model.num_classes == 4 and cfg["init_from"] == str(tmp_path / "pipe")
 
 
-@pytest.mark.parametrize("name,keep,steps", [("dpmpp_2m", None, 8), ("ddim", False, 20)])
-def test_exported_scheduler_samples_like_ddpm_fast_clip_reading_included(tmp_path, name, keep, steps):
-    """The clip reading travels with the folder: DPM-Solver++ clips x0 (thresholding at 1) and
-    re-derives eps, as ddpm-fast's dpmpp_2m does by default; a DDPMPipeline's DDIM keeps the
-    network's eps, as ddpm-fast's ddim with use_clipped_model_output=False. The other reading
-    samples measurably differently, so the comparison can fail."""
-    _, ema, diffusion = make_run(tmp_path / "run")
-    flags = [] if keep is None else ["--no-use-clipped-model-output"]
+# T: 100 where Karras sigmas would repeat a timestep of 20 (diffusers then loses its place); 20 for
+# DDIM, which diffusers steps by T // steps (ours: to the next timestep, the same where that divides).
+@pytest.mark.parametrize("name,flags,steps,T,config", [
+    ("dpmpp_2m", [], 8, 100, {"algorithm_type": "dpmsolver++", "solver_order": 2, "timestep_spacing": "linspace"}),
+    ("ddim", ["--no-use-clipped-model-output"], 20, 20, {"timestep_spacing": "linspace"}),
+    # the default sampler, on Karras sigmas as ours takes it by default
+    ("dpmpp_2m_sde", ["--use-clipped-model-output"], 10, 100, {"algorithm_type": "sde-dpmsolver++",
+                                                                "use_karras_sigmas": True, "solver_order": 2}),
+    ("dpmpp_3m_sde", ["--use-clipped-model-output", "--spacing", "trailing"], 9, 100,
+     {"algorithm_type": "sde-dpmsolver++", "solver_order": 3, "timestep_spacing": "trailing"}),
+    ("dpmpp_3m", ["--spacing", "karras"], 7, 100, {"algorithm_type": "dpmsolver++", "solver_order": 3,
+                                                   "use_karras_sigmas": True}),
+    # linspace, as ours: DDPMScheduler's own default is leading, 7 of 100 steps apart from it
+    ("ddpm", [], 7, 100, {"timestep_spacing": "linspace"})])
+def test_exported_scheduler_samples_like_ddpm_fast_clip_reading_included(tmp_path, name, flags, steps, T, config):
+    """The spacing and the clip reading travel with the folder: DPM-Solver++ clips x0 (thresholding
+    at 1) and re-derives eps, as ddpm-fast's dpmpp_2m does by default and its SDE forms with
+    --use-clipped-model-output; a DDPMPipeline's DDIM keeps the network's eps, as ddpm-fast's ddim
+    with use_clipped_model_output=False. The same noise stream: the pipeline's start noise, then the
+    SDE's one draw per step. The other reading samples measurably differently, so the comparison
+    can fail."""
+    _, ema, diffusion = make_run(tmp_path / "run", timesteps=T)
     assert export_cli.main(["--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "pipe"), "--scheduler", name,
                             *flags]) == 0
     pipe = DDPMPipeline.from_pretrained(tmp_path / "pipe")
     pipe.set_progress_bar_config(disable=True)
+    assert {k: pipe.scheduler.config[k] for k in config} == config
     images = pipe(batch_size=2, generator=torch.Generator().manual_seed(5), num_inference_steps=steps,
                   output_type="pt").images
-    x_T = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))  # the pipeline's start noise
     model = ema.set_backend("torch")
-    ours = ddpm_fast.FastSampler(model, diffusion, method=name, steps=steps, use_clipped_model_output=keep)
-    ours = ours.sample(2, 16, x_T=x_T)
+    keep = {"--use-clipped-model-output": True, "--no-use-clipped-model-output": False}
+    reading = next((keep[f] for f in flags if f in keep), None)
+    spacing = flags[flags.index("--spacing") + 1] if "--spacing" in flags else None
+
+    def ours(use_clipped_model_output):
+        sampler = ddpm_fast.FastSampler(model, diffusion, method=name, steps=steps, spacing=spacing,
+                                        use_clipped_model_output=use_clipped_model_output, backend="torch")
+        return (sampler.sample(2, 16, generator=torch.Generator().manual_seed(5)) + 1) / 2
+
     # atol: diffusers' float32 schedule arithmetic, ~1e-3 over 20 steps; the other reading is off by ~1
-    torch.testing.assert_close(images, (ours + 1) / 2, rtol=0, atol=5e-3)
-    rederived = keep is None  # dpmpp_2m's default re-derives
-    other = ddpm_fast.FastSampler(model, diffusion, method=name, steps=steps, use_clipped_model_output=not rederived)
-    assert (images - (other.sample(2, 16, x_T=x_T) + 1) / 2).abs().max() > 1e-2
+    torch.testing.assert_close(images, ours(reading), rtol=0, atol=5e-3)
+    if name in CAN_KEEP_NOISE:
+        rederived = clipped_model_output(name, reading)
+        assert (images - ours(not rederived)).abs().max() > 1e-2
 
 
 def test_export_refuses_a_reading_the_folder_cannot_carry(tmp_path, capsys):
@@ -354,5 +376,11 @@ def test_export_refuses_a_reading_the_folder_cannot_carry(tmp_path, capsys):
     assert "--no-use-clipped-model-output" in capsys.readouterr().err
     assert export_cli.main([*base, "dpmpp_2m", "--no-use-clipped-model-output"]) == 2
     assert "cannot keep the network's" in capsys.readouterr().err
+    assert export_cli.main([*base, "dpmpp_2m_sde"]) == 2  # the SDE's default keeps it
+    err = capsys.readouterr().err
+    assert "cannot keep the network's (ddpm-fast's default for it)" in err
+    assert "--method dpmpp_2m_sde --use-clipped-model-output" in err
+    assert export_cli.main([*base, "ddpm", "--spacing", "karras"]) == 2
+    assert "--spacing karras is for the sigma-space solvers, not ddpm" in capsys.readouterr().err
     assert not (tmp_path / "pipe").exists()
     assert export_cli.main([*base, "ddim", "--no-clip-x0"]) == 0  # no clip: nothing to read

@@ -3,6 +3,7 @@
 
     python -m ddpm_fast.export --ckpt runs/default --out ddpm-pipeline/
     python -m ddpm_fast.export --ckpt runs/default --out ddpm-pipeline/ --scheduler dpmpp_2m
+    python -m ddpm_fast.export --ckpt runs/default --out ddpm-pipeline/ --scheduler dpmpp_2m_sde --use-clipped-model-output
     python -m ddpm_fast.export --ckpt runs/default --safetensors model.safetensors
 """
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 from ..interop import SCHEDULERS, VARIANCE_TYPES
-from ..schedulers import DEFAULT_CLIP_X0
+from ..schedulers import DEFAULT_CLIP_X0, SPACINGS
 from .cli import run
 
 
@@ -24,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     dest.add_argument("--out", metavar="DIR", help="write a DDPMPipeline folder (unet/, scheduler/, model_index.json)")
     dest.add_argument("--safetensors", metavar="FILE", help="write the model alone, with the run's config as metadata")
     p.add_argument("--scheduler", default="ddpm", choices=tuple(SCHEDULERS), help="the folder's diffusers scheduler")
+    p.add_argument("--spacing", choices=SPACINGS,
+                   help="its timesteps, as ddpm-fast's sampler of that name takes them (karras: use_karras_sigmas; "
+                        "default: that sampler's, Karras sigmas for dpmpp_2m_sde, else linspace)")
     p.add_argument("--variance", choices=tuple(VARIANCE_TYPES),
                    help="DDPM variance: beta (fixed_large) or posterior (fixed_small); default: the run's, else beta")
     p.add_argument("--overwrite", action="store_true",
@@ -52,7 +56,7 @@ def _export(args) -> None:
     else:
         clip = cfg.get("sample_clip_x0", DEFAULT_CLIP_X0) if args.clip_x0 is None else args.clip_x0
         export_pipeline(model, diffusion, args.out, args.scheduler, args.variance or cfg.get("variance", "beta"), clip,
-                        args.use_clipped_model_output, overwrite=args.overwrite)
+                        args.use_clipped_model_output, overwrite=args.overwrite, spacing=args.spacing)
     print(f"wrote {args.safetensors or args.out}")
 
 
