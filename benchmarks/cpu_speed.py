@@ -22,8 +22,10 @@ preset's timed steps; img/s is the median over rounds with its min and max.
 Sampling rows (SAMPLE_ROWS), --sample-n images with the default sampler (DPM-Solver++(2M) SDE on
 Karras sigmas, 20 evaluations) on the same random weights: ddpm-fast's reference (fp32 eager),
 fast_eager (the CPU default: bf16, auto's kernels) and fast (+ torch.compile), and diffusers' DDPMPipeline with
-DPMSolverMultistepScheduler(sde-dpmsolver++, Karras), the same solver. A first call of each is its
-warm-up (compile included); then --rounds timed calls.
+DPMSolverMultistepScheduler(sde-dpmsolver++, Karras), the same solver. One more on request,
+library: `FastSampler(model, diffusion)` as the Python API is called, no plan and the model as
+given (no channels_last conversion, no set_backend). A first call of each is its warm-up (compile
+included); then --rounds timed calls.
 
 JSON to $OUT/cpu_speed.json when OUT is set, else benchmarks/results/; a table on stdout."""
 from __future__ import annotations
@@ -50,6 +52,7 @@ from .common import bench_env, forever, write_result
 TRAIN_ROWS = ("reference", "bf16", "channels_last", "compile", "fast_eager", "fast", "diffusers")
 SAMPLE_ROWS = ("reference", "fast_eager", "fast", "diffusers")
 LAYOUT_ROWS = ("fast_nchw", "fast_cl")
+LIBRARY_ROW = "library"
 STEPS = {"tiny": 60, "cifar32": 8}  # timed steps per round: ~10 s of the reference on 2 cores
 
 
@@ -136,6 +139,9 @@ def sample_row(row: str, args) -> dict:
         pipe.set_progress_bar_config(disable=True)
         go = lambda: pipe(batch_size=args.sample_n, num_inference_steps=DEFAULT_STEPS,  # noqa: E731
                           generator=torch.Generator().manual_seed(0), output_type="np")
+    elif row == LIBRARY_ROW:
+        sampler = FastSampler(model, diffusion)
+        go = lambda: sampler.sample(args.sample_n, s, generator=torch.Generator().manual_seed(0))  # noqa: E731
     else:
         plan = plan_of(row, args.kernels)
         sampler = FastSampler(plan.prepare(model), diffusion, plan=plan)
@@ -192,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="the fast rows' --kernels (auto: the CPU's choice)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # KIND:ROW, run in this process (the children)
     args = p.parse_args(argv)
-    for name, allowed in (("--train-rows", TRAIN_ROWS + LAYOUT_ROWS), ("--sample-rows", SAMPLE_ROWS + LAYOUT_ROWS)):
+    for name, allowed in (("--train-rows", TRAIN_ROWS + LAYOUT_ROWS), ("--sample-rows", SAMPLE_ROWS + LAYOUT_ROWS + (LIBRARY_ROW,))):
         bad = [r for r in getattr(args, name[2:].replace("-", "_")).split(",") if r and r not in allowed]
         if bad:
             p.error(f"{name}: unknown row(s) {', '.join(bad)} (of {', '.join(allowed)})")

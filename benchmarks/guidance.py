@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     x_T = torch.randn(args.n, 3, size, size, generator=gen, device=DEVICE)  # the same noise for every class and w
     grids = []
     for w in (float(s) for s in args.scales.split(",")):
-        sampler = FastSampler(model, diffusion, method=args.method, steps=args.steps, cfg_scale=w)
+        sampler = FastSampler(model, diffusion, method=args.method, steps=args.steps, cfg_scale=w,
+                              dtype=torch.float32)  # as the committed figures were sampled
         row = {"w": w, "classes": {}}
         shown = []
         for c, name in enumerate(names):

@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         seed = cfg.get("seed", 0) if args.seed is None else args.seed
         for mode in modes:
             net = MeanPrior(model, diffusion, prior, mode) if mode in ("all", "chroma") else model
-            sampler = FastSampler(net, diffusion, channels=channels, mean_prior=mode == "prior")
+            sampler = FastSampler(net, diffusion, channels=channels, mean_prior=mode == "prior",
+                                  dtype=torch.float32)  # as the committed figures were sampled
             samples = generate(sampler, args.samples, size, torch.device("cpu"), seed)
             row = figures(samples) | {"data": name, "seed": seed}
             if args.kid:

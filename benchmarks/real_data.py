@@ -87,7 +87,8 @@ def evaluate(run, peer, step: int, seed: int, train_s: dict, args) -> list[dict]
     n = args.kid_samples
     ours = FastSampler(run.ema.model, run.diffusion, plan=run.plan.with_graphs(False))
     unet = peer.ema_unet()
-    common = FastSampler(unet, run.diffusion)  # the diffusers UNet's output has .sample; same schedule
+    # the diffusers UNet's output has .sample; same schedule; fp32, as the committed figures were sampled
+    common = FastSampler(unet, run.diffusion, dtype=torch.float32)
     draws = {
         ("ddpm-fast", "default"): (f"{ours.method}, {ours.num_evaluations} evaluations",
                                    lambda: generate(ours, n, args.image_size, DEVICE, seed=SAMPLE_SEED)),

@@ -118,8 +118,13 @@ class ExecutionPlan:
     @classmethod
     def from_options(cls, device: torch.device, *, dtype: torch.dtype | None = None, compile: bool = False,
                      cuda_graphs: bool = False, backend: str = "auto") -> "ExecutionPlan":
-        """The plan of a caller that gives its options one by one (FastSampler without a plan): fp32
-        is no autocast, and channels_last goes with a reduced-precision autocast, as on the fast path."""
+        """The plan of a caller that gives its options one by one (FastSampler without a plan). dtype
+        None is the library's default on the device, the fast path's bf16 autocast where that is the
+        default (fast_by_default: the CPU), else fp32; torch.float32 is fp32, no autocast. channels_last
+        goes with a reduced-precision autocast, as on the fast path (the model need not be converted:
+        its convolutions follow the input's layout)."""
+        if dtype is None:
+            dtype = torch.bfloat16 if fast_by_default(device) else None
         dtype = None if dtype == torch.float32 else dtype
         return cls(device=device, autocast_dtype=dtype,
                    channels_last=dtype is not None and channels_last_pays(device, backend),

@@ -83,7 +83,7 @@ def test_every_solver_reads_the_means_as_the_plain_wrapper_does(method, steps, s
     cm = ChannelMeans.of(torch.rand(40, 3, 8, 8, generator=g) * 1.6 - 0.8)
     diffusion = GaussianDiffusion(timesteps=60, channel_means=cm)
     x_T = torch.randn(3, 3, 8, 8, generator=g)
-    kw = dict(method=method, steps=steps, spacing=spacing)
+    kw = dict(method=method, steps=steps, spacing=spacing, dtype=torch.float32)
     sampler = FastSampler(model, diffusion, mean_prior=True, **kw)
     ours = sampler.sample(3, 8, generator=torch.Generator().manual_seed(3), x_T=x_T)
     sched = sampler.scheduler

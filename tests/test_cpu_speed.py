@@ -14,10 +14,10 @@ def test_rows_against_reference_and_diffusers(tmp_path, monkeypatch):
     monkeypatch.setenv("OUT", str(tmp_path))
     assert cpu_speed.main(["--presets", "tiny", "--sample-presets", "tiny", "--image-size", "16", "--batch-size", "4",
                            "--steps", "1", "--warmup", "1", "--rounds", "2", "--sample-n", "2",
-                           "--train-rows", "reference,diffusers", "--sample-rows", "fast_eager,diffusers"]) == 0
+                           "--train-rows", "reference,diffusers", "--sample-rows", "fast_eager,library,diffusers"]) == 0
     r = json.loads((tmp_path / "cpu_speed.json").read_text())
     assert [(x["row"], x["preset"]) for x in r["train"]] == [("reference", "tiny"), ("diffusers", "tiny")]
-    assert [x["row"] for x in r["sample"]] == ["fast_eager", "diffusers"]
+    assert [x["row"] for x in r["sample"]] == ["fast_eager", "library", "diffusers"]
     ref, peer = r["train"]
     assert ref["vs_reference"] == 1.0 and peer["vs_diffusers"] == 1.0
     assert ref["vs_diffusers"] == pytest.approx(ref["img_per_s"]["median"] / peer["img_per_s"]["median"], abs=0.01)

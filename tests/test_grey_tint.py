@@ -20,7 +20,7 @@ def test_the_chain_is_the_library_sampler():
     diffusion = GaussianDiffusion("linear", 50)
     for kw in ({}, {"chroma_ode": True}):
         got = grey_tint.chain(model, diffusion, 3, 8, 4, **kw)
-        want = FastSampler(model, diffusion, backend="torch", cuda_graph=False, **kw).sample(
+        want = FastSampler(model, diffusion, backend="torch", cuda_graph=False, dtype=torch.float32, **kw).sample(
             3, 8, generator=torch.Generator().manual_seed(4))
         torch.testing.assert_close(got, want)
 

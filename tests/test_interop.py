@@ -144,6 +144,7 @@ def test_exported_run_is_a_ddpm_pipeline_that_samples_like_ddpm_fast(tmp_path, s
     images = pipe(batch_size=2, generator=torch.Generator().manual_seed(5), num_inference_steps=20,
                   output_type="pt").images
     ours = ddpm_fast.sample(ema.set_backend("torch"), diffusion, 2, 16, method="ddpm", variance=variance, clip_x0=clip,
+                            dtype=torch.float32,
                             generator=torch.Generator().manual_seed(5))
     # atol: diffusers forms beta_t = 1 - abar_t / abar_(t-1) in float32, ~1e-3 off for the cosine schedule's
     # small early betas; a wrong variance or noise order is off by ~0.1 and more.
@@ -359,7 +360,8 @@ def test_exported_scheduler_samples_like_ddpm_fast_clip_reading_included(tmp_pat
 
     def ours(use_clipped_model_output):
         sampler = ddpm_fast.FastSampler(model, diffusion, method=name, steps=steps, spacing=spacing,
-                                        use_clipped_model_output=use_clipped_model_output, backend="torch")
+                                        use_clipped_model_output=use_clipped_model_output, backend="torch",
+                                        dtype=torch.float32)
         return (sampler.sample(2, 16, generator=torch.Generator().manual_seed(5)) + 1) / 2
 
     # atol: diffusers' float32 schedule arithmetic, ~1e-3 over 20 steps; the other reading is off by ~1

@@ -3,7 +3,7 @@ import torch
 
 import ddpm_fast
 from ddpm_fast import FastSampler, GaussianDiffusion, UNet, graphs
-from ddpm_fast.plan import ExecutionPlan
+from ddpm_fast.plan import ExecutionPlan, channels_last_pays, fast_by_default
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def test_loop_matches_manual_eq11_chain(model):
     orig = torch.randn
     try:
         ops_mod.torch.randn = lambda shape, **k: fixed_noise() if tuple(shape) == (2, 3, 8, 8) else orig(shape, **k)
-        out = FastSampler(m, d, method="ddpm", clip_x0=False).sample(2, 8, x_start=x_T, start_t=9)
+        out = FastSampler(m, d, method="ddpm", clip_x0=False, dtype=torch.float32).sample(2, 8, x_start=x_T, start_t=9)
     finally:
         ops_mod.torch.randn = orig
     torch.testing.assert_close(out, x.clamp(-1, 1), rtol=1e-4, atol=1e-4)
@@ -147,7 +147,7 @@ def test_start_t_denoises_the_rest_of_the_chain(model):
 def test_plan_supplies_backend_dtype_and_matches_the_plain_options(model):
     d = GaussianDiffusion("linear", 20)
     x_T = torch.randn(2, 3, 8, 8)
-    plain = FastSampler(model, d, method="unipc", steps=5, backend="torch").sample(2, 8, x_T=x_T)
+    plain = FastSampler(model, d, method="unipc", steps=5, backend="torch", dtype=torch.float32).sample(2, 8, x_T=x_T)
     planned = FastSampler(model, d, method="unipc", steps=5, plan=ExecutionPlan.resolve("cpu", kernels="torch"))
     torch.testing.assert_close(planned.sample(2, 8, x_T=x_T), plain)
     assert planned.num_evaluations == 5
@@ -159,8 +159,28 @@ def test_plan_supplies_backend_dtype_and_matches_the_plain_options(model):
 
     bf16 = ExecutionPlan(autocast_dtype=torch.bfloat16)
     FastSampler(probe, d, method="euler", steps=2, plan=bf16).sample(1, 4)
-    FastSampler(probe, d, method="euler", steps=2).sample(1, 4)
+    FastSampler(probe, d, method="euler", steps=2, dtype=torch.float32).sample(1, 4)
     assert seen == [True, True, False, False]
+
+
+def test_without_a_plan_the_sampler_takes_the_library_default_of_the_device():
+    """No plan and no dtype: the fast path's bf16 autocast on the CPU, where it is the default
+    (plan.fast_by_default), channels_last where it pays, the model left as given; dtype=float32 is fp32."""
+    seen = []
+
+    def probe(x, t):
+        seen.append((torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"),
+                     x.is_contiguous(memory_format=torch.channels_last)))
+        return torch.zeros_like(x)
+
+    d = GaussianDiffusion("linear", 20)
+    default = FastSampler(probe, d, method="euler", steps=2)
+    assert default.plan == ExecutionPlan.from_options(torch.device("cpu"), dtype=torch.bfloat16)
+    default.sample(2, 4)
+    FastSampler(probe, d, method="euler", steps=2, dtype=torch.float32).sample(2, 4)
+    cl = channels_last_pays(torch.device("cpu"))
+    assert seen == [(torch.bfloat16, cl)] * 2 + [(False, False)] * 2
+    assert fast_by_default(torch.device("cpu"))  # the decision the default reads
 
 
 def test_cuda_graph_true_refuses_a_generator(model):

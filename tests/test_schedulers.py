@@ -82,7 +82,8 @@ def theirs(cls, steps, x, model, generator=None, model_time=None, step_kw=None, 
 
 def ours(method, steps, x, model, diffusion=LINEAR, generator=None, **kw):
     kw.setdefault("clip_x0", False)  # FastSampler clips by default; the plain update is compared
-    sampler = FastSampler(model, diffusion, method=method, steps=steps, backend="torch", cuda_graph=False, **kw)
+    sampler = FastSampler(model, diffusion, method=method, steps=steps, backend="torch", cuda_graph=False,
+                          dtype=torch.float32, **kw)
     return sampler.sample(len(x), x.shape[-1], generator=generator, x_T=x)
 
 
@@ -256,7 +257,7 @@ def test_chroma_ode_under_the_default_clip_is_the_plain_updates_in_lockstep():
     plain updates (each checked against diffusers above) stepped in lockstep, on inputs where the clip
     bites."""
     model, x = Toy(LINEAR), 3 * x_T(seed=4, n=2, size=6)
-    got = FastSampler(model, LINEAR, chroma_ode=True, backend="torch", cuda_graph=False).sample(
+    got = FastSampler(model, LINEAR, chroma_ode=True, backend="torch", cuda_graph=False, dtype=torch.float32).sample(
         2, 6, generator=torch.Generator().manual_seed(3), x_T=x)
     sde = Scheduler(LINEAR, "dpmpp_2m_sde", chroma_ode=False, backend="torch")
     ode = Scheduler(LINEAR, "dpmpp_2m", spacing="karras", use_clipped_model_output=False, backend="torch")
@@ -282,7 +283,8 @@ def test_chroma_ode_is_off_by_default_dpmpp_2m_sde_s_alone_and_a_no_op_on_one_ch
     half = lambda x, t: 0.5 * x  # noqa: E731
 
     def sample(chroma_ode):
-        return FastSampler(half, LINEAR, chroma_ode=chroma_ode, backend="torch", cuda_graph=False, channels=1).sample(
+        return FastSampler(half, LINEAR, chroma_ode=chroma_ode, backend="torch", cuda_graph=False, channels=1,
+                           dtype=torch.float32).sample(
             2, 6, generator=torch.Generator().manual_seed(1), x_T=grey)
     assert torch.equal(sample(True), sample(False))
 
