@@ -120,40 +120,66 @@ inline void group_means(const GroupNormProblem& p, const float* acc, double* sta
   }
 }
 
+// The channels_last loops run over a chunk of k pixel rows at once, k * C >= kSpan floats, with
+// the per-channel vectors tiled k times: at C = 32 or 64 a loop over one row was a few vector
+// iterations long and its set-up (and aliasing checks) cost as much as the work.
+constexpr int64_t kSpan = 256;
+
+inline int64_t rows_per_chunk(int64_t C) { return std::max<int64_t>(1, kSpan / C); }
+
+// out[r * C + c] = v[c] for r < k.
+inline void tile(const float* v, int64_t C, int64_t k, float* out) {
+  for (int64_t r = 0; r < k; ++r) std::copy(v, v + C, out + r * C);
+}
+
+// out[c] = sum over r < k of acc[r * C + c].
+inline void fold(const float* acc, int64_t C, int64_t k, float* out) {
+  std::copy(acc, acc + C, out);
+  for (int64_t r = 1; r < k; ++r) {
+    for (int64_t c = 0; c < C; ++c) out[c] += acc[r * C + c];
+  }
+}
+
 template <typename T, Act A>
 void forward_cl(const GroupNormProblem& p, const T* x, const float* add, const float* weight, const float* bias,
                 double eps, T* y, float* mean_out, float* rstd_out) {
-  const int64_t C = p.channels, hw = p.hw;
+  const int64_t C = p.channels, hw = p.hw, k = rows_per_chunk(C), L = k * C, n = hw * C;
   at::parallel_for(0, p.batch, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> a(C), acc(C), m(C), scale(C), shift(C), row(C);
+    std::vector<float> a(C), acc(C), m(C), scale(C), shift(C), tiled(L), part(L), row(L);
     std::vector<double> stat(p.groups);
     for (int64_t b = begin; b < end; ++b) {
-      const T* xb = x + b * hw * C;
+      const T* xb = x + b * n;
       for (int64_t c = 0; c < C; ++c) a[c] = add ? add[b * C + c] : 0.0f;
-      float *ac = acc.data(), *mc = m.data(), *av = a.data();
+      float *ac = acc.data(), *mc = m.data(), *av = a.data(), *tv = tiled.data(), *pv = part.data();
 
-      // Pass 1: per-channel sums of x; the add term joins as hw * a.
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int64_t s = 0; s < hw; ++s) {
-        const T* xr = xb + s * C;
+      // Pass 1: per-channel sums of x, k rows at a time; the add term joins as hw * a.
+      std::fill(part.begin(), part.end(), 0.0f);
+      for (int64_t j0 = 0; j0 < n; j0 += L) {
+        const T* xr = xb + j0;
+        const int64_t len = std::min(L, n - j0);
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) ac[c] += static_cast<float>(xr[c]);
+        for (int64_t j = 0; j < len; ++j) pv[j] += static_cast<float>(xr[j]);
       }
+      fold(pv, C, k, ac);
       for (int64_t c = 0; c < C; ++c) ac[c] += static_cast<float>(hw) * av[c];
       group_means(p, ac, stat.data());
       for (int64_t g = 0; g < p.groups; ++g) mean_out[b * p.groups + g] = static_cast<float>(stat[g]);
       per_channel(p, mean_out + b * p.groups, mc);
 
       // Pass 2: per-channel sums of (x + a - mean)^2.
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int64_t s = 0; s < hw; ++s) {
-        const T* xr = xb + s * C;
+      for (int64_t c = 0; c < C; ++c) ac[c] = av[c] - mc[c];
+      tile(ac, C, k, tv);
+      std::fill(part.begin(), part.end(), 0.0f);
+      for (int64_t j0 = 0; j0 < n; j0 += L) {
+        const T* xr = xb + j0;
+        const int64_t len = std::min(L, n - j0);
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-          const float d = static_cast<float>(xr[c]) + av[c] - mc[c];
-          ac[c] += d * d;
+        for (int64_t j = 0; j < len; ++j) {
+          const float d = static_cast<float>(xr[j]) + tv[j];
+          pv[j] += d * d;
         }
       }
+      fold(pv, C, k, ac);
       group_means(p, ac, stat.data());
       for (int64_t g = 0; g < p.groups; ++g) {
         rstd_out[b * p.groups + g] = static_cast<float>(1.0 / std::sqrt(stat[g] + eps));
@@ -164,14 +190,16 @@ void forward_cl(const GroupNormProblem& p, const T* x, const float* add, const f
         shift[c] = (bias ? bias[c] : 0.0f) + (av[c] - mc[c]) * scale[c];
       }
 
-      // Pass 3: act(x * scale + shift), one pixel row at a time.
-      const float *sc = scale.data(), *sh = shift.data();
+      // Pass 3: act(x * scale + shift), k pixel rows at a time.
+      tile(scale.data(), C, k, tv);
+      tile(shift.data(), C, k, pv);
       float* r = row.data();
-      for (int64_t s = 0; s < hw; ++s) {
-        const T* xr = xb + s * C;
+      for (int64_t j0 = 0; j0 < n; j0 += L) {
+        const T* xr = xb + j0;
+        const int64_t len = std::min(L, n - j0);
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) r[c] = act_forward<A>(static_cast<float>(xr[c]) * sc[c] + sh[c]);
-        store_row(r, y + b * hw * C + s * C, C);
+        for (int64_t j = 0; j < len; ++j) r[j] = act_forward<A>(static_cast<float>(xr[j]) * tv[j] + pv[j]);
+        store_row(r, y + b * n + j0, len);
       }
     }
   });
@@ -246,19 +274,23 @@ void backward_nchw(const GroupNormProblem& p, const T* dy, const T* x, const flo
   });
 }
 
-// The same as backward_nchw, per batch item over its (H*W, C) slab; the group means of g * w and
-// g * w * xhat are taken from the per-channel sums and spread back to the channels.
+// The same as backward_nchw, per batch item over its (H*W, C) slab, k pixel rows at a time as
+// forward_cl; the group means of g * w and g * w * xhat are taken from the per-channel sums and
+// spread back to the channels.
 template <typename T, Act A>
 void backward_cl(const GroupNormProblem& p, const T* dy, const T* x, const float* mean_in, const float* rstd_in,
                  const float* add, const float* weight, const float* bias, T* dx, float* db, float* dsx,
                  float* dadd) {
-  const int64_t C = p.channels, hw = p.hw, cg = p.group_channels;
+  const int64_t C = p.channels, hw = p.hw, cg = p.group_channels, k = rows_per_chunk(C), L = k * C, n = hw * C;
   at::parallel_for(0, p.batch, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> a(C), w(C), bs(C), m(C), rs(C), sx(C), mg(C), mgx(C), row(C), g_buf(hw * C);
+    std::vector<float> a(C), w(C), bs(C), m(C), rs(C), sx(C), mg(C), mgx(C), am(L), rt(L), wt(L), bt(L), mgt(L),
+        mgxt(L), s_g(L), s_gx(L), s_x(L), row(L), g_buf(n);
     float *av = a.data(), *wv = w.data(), *bv = bs.data(), *mc = m.data(), *rc = rs.data();
     float *sxv = sx.data(), *mgv = mg.data(), *mgxv = mgx.data(), *gb = g_buf.data();
+    float *amv = am.data(), *rtv = rt.data(), *wtv = wt.data(), *btv = bt.data();
+    float *sg = s_g.data(), *sgx = s_gx.data(), *sxx = s_x.data();
     for (int64_t b = begin; b < end; ++b) {
-      const int64_t off = b * hw * C;
+      const int64_t off = b * n;
       for (int64_t c = 0; c < C; ++c) {
         av[c] = add ? add[b * C + c] : 0.0f;
         wv[c] = weight ? weight[c] : 1.0f;
@@ -266,28 +298,37 @@ void backward_cl(const GroupNormProblem& p, const T* dy, const T* x, const float
       }
       per_channel(p, mean_in + b * p.groups, mc);
       per_channel(p, rstd_in + b * p.groups, rc);
-      float *dbv = db + b * C, *dsxv = dsx + b * C;
-      std::fill(dbv, dbv + C, 0.0f);
-      std::fill(dsxv, dsxv + C, 0.0f);
-      std::fill(sx.begin(), sx.end(), 0.0f);
+      for (int64_t c = 0; c < C; ++c) mgv[c] = av[c] - mc[c];  // a - mean, tiled below
+      tile(mgv, C, k, amv);
+      tile(rc, C, k, rtv);
+      tile(wv, C, k, wtv);
+      tile(bv, C, k, btv);
+      std::fill(s_g.begin(), s_g.end(), 0.0f);
+      std::fill(s_gx.begin(), s_gx.end(), 0.0f);
+      std::fill(s_x.begin(), s_x.end(), 0.0f);
 
       // Pass 1: g into the buffer, per-channel sums of g, g * xhat and xhat.
-      for (int64_t s = 0; s < hw; ++s) {
-        const T* xr = x + off + s * C;
-        const T* dyr = dy + off + s * C;
-        float* gr = gb + s * C;
+      for (int64_t j0 = 0; j0 < n; j0 += L) {
+        const T* xr = x + off + j0;
+        const T* dyr = dy + off + j0;
+        float* gr = gb + j0;
+        const int64_t len = std::min(L, n - j0);
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-          const float xh = (static_cast<float>(xr[c]) + av[c] - mc[c]) * rc[c];
-          const float g = static_cast<float>(dyr[c]) * act_grad<A>(xh * wv[c] + bv[c]);
-          gr[c] = g;
-          dbv[c] += g;
-          dsxv[c] += g * xh;
-          sxv[c] += xh;
+        for (int64_t j = 0; j < len; ++j) {
+          const float xh = (static_cast<float>(xr[j]) + amv[j]) * rtv[j];
+          const float g = static_cast<float>(dyr[j]) * act_grad<A>(xh * wtv[j] + btv[j]);
+          gr[j] = g;
+          sg[j] += g;
+          sgx[j] += g * xh;
+          sxx[j] += xh;
         }
       }
+      float *dbv = db + b * C, *dsxv = dsx + b * C;
+      fold(sg, C, k, dbv);
+      fold(sgx, C, k, dsxv);
+      fold(sxx, C, k, sxv);
 
-      const double n = static_cast<double>(p.group_numel());
+      const double gn = static_cast<double>(p.group_numel());
       for (int64_t g = 0; g < p.groups; ++g) {
         double m1 = 0.0, m2 = 0.0;
         for (int64_t c = g * cg; c < (g + 1) * cg; ++c) {
@@ -295,22 +336,26 @@ void backward_cl(const GroupNormProblem& p, const T* dy, const T* x, const float
           m2 += static_cast<double>(wv[c]) * dsxv[c];
         }
         for (int64_t c = g * cg; c < (g + 1) * cg; ++c) {
-          mgv[c] = static_cast<float>(m1 / n);
-          mgxv[c] = static_cast<float>(m2 / n);
+          mgv[c] = static_cast<float>(m1 / gn);
+          mgxv[c] = static_cast<float>(m2 / gn);
         }
       }
+      float *mgtv = mgt.data(), *mgxtv = mgxt.data();
+      tile(mgv, C, k, mgtv);
+      tile(mgxv, C, k, mgxtv);
 
       // Pass 2: grad_x = rstd * (g * w - mean_g - xhat * mean_gx), xhat recomputed.
       float* r = row.data();
-      for (int64_t s = 0; s < hw; ++s) {
-        const T* xr = x + off + s * C;
-        const float* gr = gb + s * C;
+      for (int64_t j0 = 0; j0 < n; j0 += L) {
+        const T* xr = x + off + j0;
+        const float* gr = gb + j0;
+        const int64_t len = std::min(L, n - j0);
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-          const float xh = (static_cast<float>(xr[c]) + av[c] - mc[c]) * rc[c];
-          r[c] = rc[c] * (gr[c] * wv[c] - mgv[c] - xh * mgxv[c]);
+        for (int64_t j = 0; j < len; ++j) {
+          const float xh = (static_cast<float>(xr[j]) + amv[j]) * rtv[j];
+          r[j] = rtv[j] * (gr[j] * wtv[j] - mgtv[j] - xh * mgxtv[j]);
         }
-        store_row(r, dx + off + s * C, C);
+        store_row(r, dx + off + j0, len);
       }
       // sum_hw grad_x in closed form, from the sums above.
       for (int64_t c = 0; c < C; ++c) {

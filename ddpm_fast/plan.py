@@ -69,8 +69,8 @@ def fast_by_default(device: torch.device) -> bool:
 def compile_by_default(device: torch.device) -> str | None:
     """The torch.compile mode of a fast run that does not name one: on a GPU the default mode; on
     the CPU none, since a first compile (a minute or more) outlasts what it saves in a short run:
-    compiled training is 1.06-1.11x the eager default on tiny and 1.01-1.10x on cifar32, sampling
-    0.97-1.02x, over two runs (benchmarks/RESULTS.md, "CPU speed against the diffusers loop")."""
+    compiled training is 1.03-1.06x the eager default on tiny and 1.02-1.10x on cifar32, sampling
+    0.99-1.02x, over the last two runs (benchmarks/RESULTS.md, "CPU speed against the diffusers loop")."""
     return "default" if device.type == "cuda" else None
 
 
