@@ -198,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the fast rows' --kernels (auto: the CPU's choice)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # KIND:ROW, run in this process (the children)
     args = p.parse_args(argv)
-    for name, allowed in (("--train-rows", TRAIN_ROWS + LAYOUT_ROWS), ("--sample-rows", SAMPLE_ROWS + LAYOUT_ROWS + (LIBRARY_ROW,))):
+    for name, allowed in (("--train-rows", TRAIN_ROWS + LAYOUT_ROWS),
+                          ("--sample-rows", SAMPLE_ROWS + LAYOUT_ROWS + (LIBRARY_ROW,))):
         bad = [r for r in getattr(args, name[2:].replace("-", "_")).split(",") if r and r not in allowed]
         if bad:
             p.error(f"{name}: unknown row(s) {', '.join(bad)} (of {', '.join(allowed)})")

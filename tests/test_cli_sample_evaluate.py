@@ -35,6 +35,36 @@ def test_grid_and_individual(run, tmp_path):
     assert len(files) == 3 and Image.open(files[0]).size == (16, 16)
 
 
+def test_batch_size_draws_large_n_in_batches(run, tmp_path, monkeypatch):
+    """--n beyond --batch-size is drawn in batches no larger than it, every image written; with one
+    batch the images are those of a single call (the same generator stream)."""
+    import numpy as np
+
+    sizes = []
+    original = ddpm_fast.FastSampler.sample
+
+    def recording(self, n, *a, **k):
+        sizes.append(n)
+        return original(self, n, *a, **k)
+
+    monkeypatch.setattr(ddpm_fast.FastSampler, "sample", recording)
+    base = ["--ckpt", str(run), "--method", "ddim", "--steps", "3"]
+    assert sample_cli.main([*base, "--n", "7", "--batch-size", "3", "--individual", "--out", str(tmp_path / "b")]) == 0
+    assert sizes == [3, 3, 1] and len(list((tmp_path / "b").glob("*.png"))) == 7
+    # the first batch is what a run of --n 3 makes from the same seed; the next ones go on from there
+    assert sample_cli.main([*base, "--n", "3", "--individual", "--out", str(tmp_path / "three")]) == 0
+    batched, alone = (sorted((tmp_path / d).glob("*.png")) for d in ("b", "three"))
+    assert all(np.array_equal(np.asarray(Image.open(x)), np.asarray(Image.open(y))) for x, y in zip(batched, alone))
+    assert not np.array_equal(np.asarray(Image.open(batched[3])), np.asarray(Image.open(alone[0])))
+    sizes.clear()
+    for name, bs in (("one.png", "5"), ("default.png", None)):
+        extra = ["--batch-size", bs] if bs else []
+        assert sample_cli.main([*base, "--n", "5", "--out", str(tmp_path / name), *extra]) == 0
+    assert sizes == [5, 5]
+    a, b = (np.asarray(Image.open(tmp_path / n)) for n in ("one.png", "default.png"))
+    assert np.array_equal(a, b)
+
+
 def test_process_gif_recover(run, tmp_path):
     assert sample_cli.main(["--ckpt", str(run), "--process", "2", "--snapshots", "5",
                             "--out", str(tmp_path / "p.png")]) == 0

@@ -3,7 +3,7 @@
 
     python -m ddpm_fast.export --ckpt runs/default --out ddpm-pipeline/
     python -m ddpm_fast.export --ckpt runs/default --out ddpm-pipeline/ --scheduler dpmpp_2m
-    python -m ddpm_fast.export --ckpt runs/default --out ddpm-pipeline/ --scheduler dpmpp_2m_sde --use-clipped-model-output
+    python -m ddpm_fast.export --ckpt runs/default --out ddpm-sde/ --scheduler dpmpp_2m_sde --use-clipped-model-output
     python -m ddpm_fast.export --ckpt runs/default --safetensors model.safetensors
 """
 from __future__ import annotations

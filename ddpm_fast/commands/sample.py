@@ -2,7 +2,7 @@
 
     python -m ddpm_fast.sample --ckpt runs/default --n 64 --out grid.png
     python -m ddpm_fast.sample --ckpt runs/default --method ddim --steps 50 --out grid.png
-    python -m ddpm_fast.sample --ckpt runs/default --n 1000 --individual --out samples/   # for FID tools
+    python -m ddpm_fast.sample --ckpt runs/default --n 10000 --individual --out samples/  # for FID tools
     python -m ddpm_fast.sample --ckpt runs/default --process 4 --out chains.png          # k chains x m snapshots
     python -m ddpm_fast.sample --ckpt runs/default --gif --out chain.gif
     python -m ddpm_fast.sample --ckpt runs/default --recover 300 --out recover.png       # noise test images, denoise
@@ -23,6 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run folder or checkpoint file (a kept one: RUN/checkpoints/step_N.pt)")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights")
     p.add_argument("--n", type=positive_int, default=16, help="number of images")
+    p.add_argument("--batch-size", type=positive_int, default=256,
+                   help="images per sampling batch: a larger --n (or --class set) is drawn in batches of this "
+                        "many, each moved to the CPU, so --n 10000 --individual fits in memory")
     p.add_argument("--nrow", type=positive_int, help="images per grid row")
     p.add_argument("--class", dest="classes", action="append", metavar="NAME",
                    help="class to sample, of a class-conditional model (repeatable; all: --n of each class, "
@@ -100,7 +103,12 @@ def _sample(args) -> None:
     else:
         labels, nrow = class_labels(args.classes, cfg, args.n, args.ckpt)
         n = args.n if labels is None else len(labels)
-        images = make().sample(n, size, generator=gen, classes=labels)
+        sampler, bs = make(), args.batch_size
+        # Batches draw in turn from the one generator, so up to --batch-size images come out as one
+        # call would make them.
+        images = torch.cat([sampler.sample(min(bs, n - i), size, generator=gen,
+                                           classes=None if labels is None else labels[i:i + bs]).cpu()
+                            for i in range(0, n, bs)])
         args.nrow = args.nrow or nrow
         if args.individual:
             save_individual(to_uint8(images), out)
