@@ -64,15 +64,23 @@ FID_MIN_SAMPLES = 2048  # below the feature dimension the covariance is singular
 
 
 @torch.no_grad()
-def generate(sampler, n: int, image_size: int, device: torch.device, seed: int = 0,
-             batch_size: int = 256, classes: torch.Tensor | None = None) -> torch.Tensor:
-    """n samples of a FastSampler whose model is on `device`, in [-1, 1] (on the CPU), drawn in
-    batches from one seeded generator; `classes`: the class of each (a class-conditional model)."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    chunks = [sampler.sample(min(batch_size, n - i), image_size, generator=gen,
+def sample_in_batches(sampler, n: int, image_size: int, generator: torch.Generator | None,
+                      batch_size: int = 256, classes: torch.Tensor | None = None) -> torch.Tensor:
+    """n samples of a FastSampler in [-1, 1], on the CPU, drawn in batches of at most batch_size
+    that take their noise in turn from `generator` (None: the device's default one, as CUDA-graph
+    replays need), so up to batch_size they are one call's; `classes`: the class of each."""
+    chunks = [sampler.sample(min(batch_size, n - i), image_size, generator=generator,
                              classes=None if classes is None else classes[i:i + batch_size]).cpu()
               for i in range(0, n, batch_size)]
     return torch.cat(chunks)
+
+
+def generate(sampler, n: int, image_size: int, device: torch.device, seed: int = 0,
+             batch_size: int = 256, classes: torch.Tensor | None = None) -> torch.Tensor:
+    """n samples of a FastSampler whose model is on `device`, in [-1, 1] (on the CPU), drawn in
+    batches from one generator seeded `seed` (sample_in_batches)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return sample_in_batches(sampler, n, image_size, gen, batch_size, classes)
 
 
 def sample_quality(sampler, data, image_size: int, device: torch.device, fid_n: int = 0, kid_n: int = 0, seed: int = 0,

@@ -54,6 +54,7 @@ def _sample(args) -> None:
     import torch
 
     from ..checkpoint import load_model
+    from ..evaluation import sample_in_batches
     from ..images import image_grid, save_image, save_image_grid, to_uint8
     from ..sampling import model_channels
 
@@ -103,12 +104,7 @@ def _sample(args) -> None:
     else:
         labels, nrow = class_labels(args.classes, cfg, args.n, args.ckpt)
         n = args.n if labels is None else len(labels)
-        sampler, bs = make(), args.batch_size
-        # Batches draw in turn from the one generator, so up to --batch-size images come out as one
-        # call would make them.
-        images = torch.cat([sampler.sample(min(bs, n - i), size, generator=gen,
-                                           classes=None if labels is None else labels[i:i + bs]).cpu()
-                            for i in range(0, n, bs)])
+        images = sample_in_batches(make(), n, size, gen, args.batch_size, labels)
         args.nrow = args.nrow or nrow
         if args.individual:
             save_individual(to_uint8(images), out)
