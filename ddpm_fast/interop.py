@@ -20,7 +20,7 @@ import torch
 from .diffusion import PREDICTIONS, GaussianDiffusion
 from .files import atomic_dir, atomic_write
 from .model import AttnBlock, ResBlock, UNet
-from .schedulers import DEFAULT_CLIP_X0, clipped_model_output, spacing_of
+from .schedulers import DEFAULT_CLIP_X0, clipped_model_output, sigma_min_of, spacing_of
 
 VARIANCE_TYPES = {"beta": "fixed_large", "posterior": "fixed_small"}
 # Our sampler names -> diffusers' classes. No Euler or Heun: their inputs need scaling
@@ -142,7 +142,7 @@ def _key_map(model: UNet) -> dict[str, tuple[str, ...]]:
 
 def to_diffusers(model: UNet, diffusion: GaussianDiffusion, scheduler: str = "ddpm", variance: str = "beta",
                  clip_x0: bool = DEFAULT_CLIP_X0, use_clipped_model_output: bool | None = None,
-                 spacing: str | None = None):
+                 spacing: str | None = None, sigma_min: float | None = None):
     """(UNet2DModel with our weights, the scheduler `scheduler` of our schedule: make_scheduler)."""
     from diffusers import UNet2DModel
 
@@ -153,7 +153,8 @@ def to_diffusers(model: UNet, diffusion: GaussianDiffusion, scheduler: str = "dd
         for name, piece in zip(names, state[ours].detach().cpu().chunk(len(names))):
             theirs[name] = piece.reshape(shapes[name])  # our 1x1 attention convs are diffusers' linears
     unet.load_state_dict(theirs)
-    return unet.eval(), make_scheduler(diffusion, scheduler, variance, clip_x0, use_clipped_model_output, spacing)
+    return unet.eval(), make_scheduler(diffusion, scheduler, variance, clip_x0, use_clipped_model_output, spacing,
+                                       sigma_min)
 
 
 def from_diffusers(path_or_unet, scheduler=None) -> tuple[UNet, GaussianDiffusion]:
@@ -188,10 +189,11 @@ def _import(unet, scheduler) -> tuple[UNet, GaussianDiffusion, dict]:
 # -- schedules -------------------------------------------------------------------------------------
 def make_scheduler(diffusion: GaussianDiffusion, name: str = "ddpm", variance: str = "beta",
                    clip_x0: bool = DEFAULT_CLIP_X0, use_clipped_model_output: bool | None = None,
-                   spacing: str | None = None):
+                   spacing: str | None = None, sigma_min: float | None = None):
     """The diffusers scheduler `name` (SCHEDULERS) on our betas, set up to sample in a DDPMPipeline as
     our sampler of that name does: on its spacing (None: our default for `name`, Karras sigmas for
-    dpmpp_2m_sde), and the reading under a clip included: x0 clamped to [-1, 1], and beside it the
+    dpmpp_2m_sde) and, on Karras sigmas, from `sigma_min` (None: the schedule's smallest), and the
+    reading under a clip included: x0 clamped to [-1, 1], and beside it the
     eps re-derived from it or the network's (`use_clipped_model_output`, None: our default for
     `name`). A reading the scheduler cannot carry is a ValueError naming the flag."""
     import diffusers
@@ -210,6 +212,7 @@ def make_scheduler(diffusion: GaussianDiffusion, name: str = "ddpm", variance: s
              dict(beta_schedule="linear", beta_start=diffusion.betas[0].item(), beta_end=diffusion.betas[-1].item(),
                   trained_betas=diffusion.betas.tolist()))
     spacing = spacing_of(name, spacing)  # refuses Karras sigmas for ddpm and ddim, as our sampler does
+    sigma_min = sigma_min_of(diffusion, spacing, sigma_min)
     rederive = clipped_model_output(name, use_clipped_model_output)  # refuses a reading ours has not
     if clip_x0 and name == "ddim" and rederive:
         # DDPMPipeline calls step() without it, and DDIMScheduler.step's default keeps the network's eps
@@ -235,8 +238,13 @@ def make_scheduler(diffusion: GaussianDiffusion, name: str = "ddpm", variance: s
         settings = {"ddpm": dict(variance_type=VARIANCE_TYPES[variance], clip_sample=clip_x0),
                     "ddim": dict(clip_sample=clip_x0, set_alpha_to_one=True),  # ours: the last step to alpha-bar 1
                     "unipc": clip}[name]
-    return getattr(diffusers, SCHEDULERS[name])(num_train_timesteps=diffusion.timesteps,
-                                                prediction_type=diffusion.prediction, **betas, **spaced, **settings)
+    sched = getattr(diffusers, SCHEDULERS[name])(num_train_timesteps=diffusion.timesteps,
+                                                 prediction_type=diffusion.prediction, **betas, **spaced, **settings)
+    if sigma_min is not None:
+        # not an argument of DPMSolverMultistep or UniPC, but their Karras sigmas read it from the config,
+        # which the folder keeps (diffusers' "hack" in _convert_to_karras)
+        sched.register_to_config(sigma_min=sigma_min)
+    return sched
 
 
 def schedule_of(scheduler) -> dict:
@@ -272,7 +280,7 @@ def schedule_of(scheduler) -> dict:
 def export_pipeline(model: UNet, diffusion: GaussianDiffusion, out: str | Path, scheduler: str = "ddpm",
                     variance: str = "beta", clip_x0: bool = DEFAULT_CLIP_X0,
                     use_clipped_model_output: bool | None = None, overwrite: bool = False,
-                    spacing: str | None = None) -> None:
+                    spacing: str | None = None, sigma_min: float | None = None) -> None:
     """A folder DDPMPipeline.from_pretrained loads: model_index.json, unet/ (safetensors), scheduler/.
     Written beside `out` and swapped in whole; a non-empty `out` is refused unless `overwrite`."""
     from diffusers import DDPMPipeline
@@ -284,7 +292,8 @@ def export_pipeline(model: UNet, diffusion: GaussianDiffusion, out: str | Path, 
         held = ", ".join(sorted(p.name for p in out.iterdir())[:4])
         raise FileExistsError(f"--out {out} is not empty (it holds {held}): pass --overwrite to replace it, "
                               "or give another --out")
-    unet, sched = to_diffusers(model, diffusion, scheduler, variance, clip_x0, use_clipped_model_output, spacing)
+    unet, sched = to_diffusers(model, diffusion, scheduler, variance, clip_x0, use_clipped_model_output, spacing,
+                               sigma_min)
     with atomic_dir(out, _weight_bytes(model)) as tmp:
         DDPMPipeline(unet=unet, scheduler=sched).save_pretrained(tmp, safe_serialization=True)
 

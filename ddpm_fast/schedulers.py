@@ -113,6 +113,21 @@ def spacing_of(method: str, spacing: str | None = None) -> str:
     return spacing
 
 
+def sigma_min_of(diffusion: GaussianDiffusion, spacing: str, sigma_min: float | None) -> float | None:
+    """`sigma_min` checked for a chain on `spacing`: Karras sigmas only, and within the training
+    schedule's sigmas (below its smallest the model would be asked about a noise level it never saw)."""
+    if sigma_min is None:
+        return None
+    if spacing != "karras":
+        raise ValueError(f"--sigma-min is the karras spacing's lowest sigma, not --spacing {spacing}'s")
+    abar = diffusion.alphas_cumprod.double()
+    lo, hi = (((1 - abar[i]) / abar[i]).sqrt().item() for i in (0, -1))
+    if not lo * (1 - 1e-3) <= sigma_min < hi:  # the tolerance admits lo as printed
+        raise ValueError(f"--sigma-min must be in [{lo:.4g}, {hi:.4g}), the training schedule's sigmas, "
+                         f"got {sigma_min}")
+    return float(sigma_min)
+
+
 def clipped_model_output(method: str, use_clipped_model_output: bool | None = None) -> bool:
     """What a step of `method` keeps beside a clipped x0: None is the measured default (False for
     KEEP_NOISE_BY_DEFAULT, else True); False is refused for a solver that can only re-derive."""
@@ -188,6 +203,10 @@ class Scheduler:
     measured default, False for KEEP_NOISE_BY_DEFAULT, else True (module docstring).
     `mean_prior` (a ChannelMeans, or None: the plain update): each evaluation's x0 gets the channel
     means the data's prior reads from x_t's (channel_means.py); the rest of the step is unchanged.
+    `sigma_min` (Karras sigmas only; diffusers' config name): the lowest noise level the chain
+    evaluates the model at before its last step to sigma 0, in sigma space (sigma_t / alpha_t).
+    None: the training schedule's smallest. A model trained with little weight on the lowest noise
+    levels (min-SNR) denoises better from a higher one (benchmarks/RESULTS.md, "Where the chain ends").
     """
 
     def __init__(self, diffusion: GaussianDiffusion, method: str = DEFAULT_METHOD, *, spacing: str | None = None,
@@ -195,7 +214,7 @@ class Scheduler:
                  thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
                  sample_max_value: float = 1.0, use_clipped_model_output: bool | None = None,
                  prediction_type: str = "epsilon", chroma_ode: bool | None = None,
-                 mean_prior: ChannelMeans | None = None, backend: str = "auto"):
+                 mean_prior: ChannelMeans | None = None, sigma_min: float | None = None, backend: str = "auto"):
         for name, value, choices in (("method", method, METHODS), ("variance", variance, VARIANCES),
                                      ("prediction-type", prediction_type, PREDICTION_TYPES)):
             if value not in choices:
@@ -218,6 +237,7 @@ class Scheduler:
         self.prediction_type, self.backend = prediction_type, backend
         self._abar = diffusion.alphas_cumprod.double().numpy()
         self._sigmas = np.sqrt((1 - self._abar) / self._abar)  # sigma-space sigma of each training step
+        self.sigma_min = sigma_min_of(diffusion, spacing, sigma_min)
         self._states: dict = {}
         self._state: _State | None = None
         self.num_evaluations = 0
@@ -287,7 +307,7 @@ class Scheduler:
         T, sig = self.diffusion.timesteps, self._sigmas
         rounded = self.method not in _INTERPOLATING  # diffusers rounds all but Euler's and Heun's
         if self.spacing == "karras":  # sigmas from sigma_min to sigma_max of training, t by log-sigma interpolation
-            s = karras_sigmas(steps, sig[0], sig[-1])
+            s = karras_sigmas(steps, sig[0] if self.sigma_min is None else self.sigma_min, sig[-1])
             t = np.interp(np.log(s), np.log(sig), np.arange(T))
             return (t.round() if rounded else t), s
         t = spacing_timesteps(self.spacing, steps, T, drop_zero=self.method in _TO_SIGMA_ZERO)

@@ -67,8 +67,11 @@ def x_T(seed=1, n=4, size=8):
 
 
 def theirs(cls, steps, x, model, generator=None, model_time=None, step_kw=None, **config):
-    """diffusers' plain loop: set_timesteps; for t: out = model(scaled input, t); x = step(...)."""
+    """diffusers' plain loop: set_timesteps; for t: out = model(scaled input, t); x = step(...).
+    `registered`: config entries that are no argument of `cls` but that it reads (sigma_min)."""
+    registered = config.pop("registered", {})
     sched = cls(num_train_timesteps=T, trained_betas=config.pop("betas", LINEAR.betas).numpy(), **config)
+    sched.register_to_config(**registered)
     sched.set_timesteps(steps)
     if cls in (D.EulerDiscreteScheduler, D.HeunDiscreteScheduler):
         x = x * (sched.sigmas[0] ** 2 + 1) ** 0.5
@@ -128,6 +131,13 @@ CASES = [
     # karras is this solver's default spacing (DEFAULT_SPACING)
     ("dpmpp_2m_sde-karras", "dpmpp_2m_sde", {}, D.DPMSolverMultistepScheduler,
      {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}, {}, True),
+    # sigma_min: the Karras ramp's low end, read from the config by DPM-Solver and UniPC, Euler's argument
+    ("dpmpp_2m_sde-karras-sigma-min", "dpmpp_2m_sde", {"sigma_min": 0.1}, D.DPMSolverMultistepScheduler,
+     {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True, "registered": {"sigma_min": 0.1}}, {}, True),
+    ("unipc2-karras-sigma-min", "unipc", {"spacing": "karras", "sigma_min": 0.3}, D.UniPCMultistepScheduler,
+     {"use_karras_sigmas": True, "registered": {"sigma_min": 0.3}}, {}, False),
+    ("euler-karras-sigma-min", "euler", {"spacing": "karras", "sigma_min": 0.05}, D.EulerDiscreteScheduler,
+     {"use_karras_sigmas": True, "sigma_min": 0.05}, {}, False),
     ("dpmpp_3m_sde", "dpmpp_3m_sde", {}, D.DPMSolverMultistepScheduler,
      {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}, {}, True),
     ("dpmpp_3m_sde-karras", "dpmpp_3m_sde", {"spacing": "karras"}, D.DPMSolverMultistepScheduler,
@@ -404,6 +414,16 @@ def test_evaluation_counts_and_validation():
         Scheduler(LINEAR, "ddim", spacing="karras")
     with pytest.raises(ValueError, match="--order"):
         Scheduler(LINEAR, "dpmpp_2m", order=3)
+    sigmas = ((1 - LINEAR.alphas_cumprod) / LINEAR.alphas_cumprod).sqrt()
+    with pytest.raises(ValueError, match="--sigma-min is the karras spacing's"):
+        Scheduler(LINEAR, "dpmpp_2m", sigma_min=0.1)  # linspace
+    for bad in (0.99 * sigmas[0].item(), sigmas[-1].item()):
+        with pytest.raises(ValueError, match=r"--sigma-min must be in \[0.01, "):
+            Scheduler(LINEAR, "dpmpp_2m_sde", sigma_min=bad)
+    Scheduler(LINEAR, "dpmpp_2m_sde", sigma_min=0.01)  # as printed: within the tolerance of sigmas[0]
+    s = Scheduler(LINEAR, "dpmpp_2m_sde", sigma_min=0.3)
+    s.set_timesteps(6)  # the last evaluation is at the noise level asked for, the first at the largest
+    assert s.grid_t[0] == T - 1 and abs(sigmas[s.grid_t[-1]].item() / 0.3 - 1) < 0.1
     with pytest.raises(ValueError, match="--prediction-type"):
         Scheduler(LINEAR, "euler", prediction_type="flow")
 

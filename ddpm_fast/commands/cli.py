@@ -9,7 +9,7 @@ import traceback
 import warnings
 from typing import Callable
 
-from ..argtypes import finite_float, non_negative_float, positive_int
+from ..argtypes import finite_float, non_negative_float, positive_float, positive_int
 from ..plan import COMPILE_HELP, FAST_HELP, KERNELS, ExecutionPlan
 
 
@@ -72,6 +72,10 @@ def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
                         "others; Heun: 2 evaluations a step)")
     p.add_argument("--spacing", choices=SPACINGS,
                    help="timestep spacing, diffusers' meanings (default: karras for dpmpp_2m_sde, else linspace)")
+    p.add_argument("--sigma-min", type=positive_float,
+                   help="karras spacing: the lowest noise level evaluated before the last step to 0, in sigma "
+                        "space, diffusers' sigma_min (default: the training schedule's smallest, 0.01 for the linear "
+                        "one; 0.1-0.2 measured better for min-SNR models)")
     p.add_argument("--order", type=positive_int, help="solver order (dpmpp: 2 or 3; unipc: 2 or 3)")
     p.add_argument("--eta", type=non_negative_float, default=0.0, help="DDIM eta")
     p.add_argument("--variance", default="beta", choices=("beta", "posterior"),
@@ -101,7 +105,8 @@ def sampler_from_args(model, diffusion, args: argparse.Namespace, plan, **overri
     """The FastSampler the sampler flags describe, on `plan`."""
     from ..sampling import FastSampler
 
-    kw = dict(method=args.method, steps=args.steps, spacing=args.spacing, order=args.order, eta=args.eta,
+    kw = dict(method=args.method, steps=args.steps, spacing=args.spacing, sigma_min=args.sigma_min, order=args.order,
+              eta=args.eta,
               variance=args.variance, clip_x0=args.clip_x0, thresholding=args.thresholding,
               use_clipped_model_output=args.use_clipped_model_output, chroma_ode=args.chroma_ode,
               mean_prior=args.mean_prior, cfg_scale=args.cfg_scale)

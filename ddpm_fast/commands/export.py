@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..argtypes import positive_float
 from ..interop import SCHEDULERS, VARIANCE_TYPES
 from ..schedulers import DEFAULT_CLIP_X0, SPACINGS
 from .cli import run
@@ -28,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spacing", choices=SPACINGS,
                    help="its timesteps, as ddpm-fast's sampler of that name takes them (karras: use_karras_sigmas; "
                         "default: that sampler's, Karras sigmas for dpmpp_2m_sde, else linspace)")
+    p.add_argument("--sigma-min", type=positive_float,
+                   help="with Karras sigmas, the lowest evaluated (diffusers' sigma_min, kept in the folder's "
+                        "scheduler config; default: the schedule's smallest)")
     p.add_argument("--variance", choices=tuple(VARIANCE_TYPES),
                    help="DDPM variance: beta (fixed_large) or posterior (fixed_small); default: the run's, else beta")
     p.add_argument("--overwrite", action="store_true",
@@ -56,7 +60,8 @@ def _export(args) -> None:
     else:
         clip = cfg.get("sample_clip_x0", DEFAULT_CLIP_X0) if args.clip_x0 is None else args.clip_x0
         export_pipeline(model, diffusion, args.out, args.scheduler, args.variance or cfg.get("variance", "beta"), clip,
-                        args.use_clipped_model_output, overwrite=args.overwrite, spacing=args.spacing)
+                        args.use_clipped_model_output, overwrite=args.overwrite, spacing=args.spacing,
+                        sigma_min=args.sigma_min)
     print(f"wrote {args.safetensors or args.out}")
 
 
