@@ -192,7 +192,7 @@ def make_scheduler(diffusion: GaussianDiffusion, name: str = "ddpm", variance: s
                    spacing: str | None = None, sigma_min: float | None = None):
     """The diffusers scheduler `name` (SCHEDULERS) on our betas, set up to sample in a DDPMPipeline as
     our sampler of that name does: on its spacing (None: our default for `name`, Karras sigmas for
-    dpmpp_2m_sde) and, on Karras sigmas, from `sigma_min` (None: the schedule's smallest), and the
+    dpmpp_2m_sde) and, on Karras sigmas, from `sigma_min` (None: our sampler's default), and the
     reading under a clip included: x0 clamped to [-1, 1], and beside it the
     eps re-derived from it or the network's (`use_clipped_model_output`, None: our default for
     `name`). A reading the scheduler cannot carry is a ValueError naming the flag."""

@@ -69,6 +69,7 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 DEFAULT_METHOD, DEFAULT_STEPS = "dpmpp_2m_sde", 20
 DEFAULT_CLIP_X0 = True
 DEFAULT_SPACING = {"dpmpp_2m_sde": "karras"}
+MIN_SNR_WEIGHT = 0.1  # a min-SNR model's Karras chains stop where its eps weight is this (min_snr_sigma_min)
 _INTERPOLATING = ("euler", "heun")  # model time interpolated between training steps, as diffusers' do
 _ON_TRAINING_STEPS = ("ddpm", "ddim")  # defined on the training steps' alpha-bar: no Karras sigmas
 _TO_SIGMA_ZERO = ("dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "dpmpp_3m_sde", "unipc")  # spacing_timesteps' drop_zero
@@ -113,15 +114,35 @@ def spacing_of(method: str, spacing: str | None = None) -> str:
     return spacing
 
 
-def sigma_min_of(diffusion: GaussianDiffusion, spacing: str, sigma_min: float | None) -> float | None:
-    """`sigma_min` checked for a chain on `spacing`: Karras sigmas only, and within the training
-    schedule's sigmas (below its smallest the model would be asked about a noise level it never saw)."""
-    if sigma_min is None:
+def min_snr_sigma_min(diffusion: GaussianDiffusion) -> float | None:
+    """Where a Karras chain of a min-SNR model stops by default (None: the schedule's smallest sigma).
+    Min-SNR-gamma weights the eps error by gamma / SNR = gamma * sigma^2 once SNR > gamma, so the
+    lowest noise levels are barely trained (0.0005 of full weight at sigma 0.01, gamma 5), and the
+    steps evaluated there leave their noise in the samples as grain. The chain stops where the weight
+    is MIN_SNR_WEIGHT of full, sigma = sqrt(MIN_SNR_WEIGHT / gamma): 0.14 at gamma 5, the best of the
+    levels measured on a 4,000-step model (benchmarks/RESULTS.md, "Where the chain ends")."""
+    if diffusion.loss_weight != "min_snr":
         return None
+    sigma = math.sqrt(MIN_SNR_WEIGHT / diffusion.snr_gamma)
+    return sigma if sigma > _sigma_range(diffusion)[0] else None
+
+
+def _sigma_range(diffusion: GaussianDiffusion) -> tuple[float, float]:
+    """The training schedule's smallest and largest sigma-space sigma."""
+    abar = diffusion.alphas_cumprod.double()
+    return tuple(((1 - abar[i]) / abar[i]).sqrt().item() for i in (0, -1))
+
+
+def sigma_min_of(diffusion: GaussianDiffusion, spacing: str, sigma_min: float | None) -> float | None:
+    """The lowest sigma of a chain on `spacing`, or None for the schedule's smallest: `sigma_min`
+    checked (Karras sigmas only, and within the training schedule's sigmas: below its smallest the
+    model would be asked about a noise level it never saw), else on Karras sigmas the default,
+    min_snr_sigma_min."""
+    if sigma_min is None:
+        return min_snr_sigma_min(diffusion) if spacing == "karras" else None
     if spacing != "karras":
         raise ValueError(f"--sigma-min is the karras spacing's lowest sigma, not --spacing {spacing}'s")
-    abar = diffusion.alphas_cumprod.double()
-    lo, hi = (((1 - abar[i]) / abar[i]).sqrt().item() for i in (0, -1))
+    lo, hi = _sigma_range(diffusion)
     if not lo * (1 - 1e-3) <= sigma_min < hi:  # the tolerance admits lo as printed
         raise ValueError(f"--sigma-min must be in [{lo:.4g}, {hi:.4g}), the training schedule's sigmas, "
                          f"got {sigma_min}")
@@ -205,8 +226,8 @@ class Scheduler:
     means the data's prior reads from x_t's (channel_means.py); the rest of the step is unchanged.
     `sigma_min` (Karras sigmas only; diffusers' config name): the lowest noise level the chain
     evaluates the model at before its last step to sigma 0, in sigma space (sigma_t / alpha_t).
-    None: the training schedule's smallest. A model trained with little weight on the lowest noise
-    levels (min-SNR) denoises better from a higher one (benchmarks/RESULTS.md, "Where the chain ends").
+    None: for a model trained under min-SNR, where that weight reaches a tenth of full
+    (min_snr_sigma_min), else the training schedule's smallest.
     """
 
     def __init__(self, diffusion: GaussianDiffusion, method: str = DEFAULT_METHOD, *, spacing: str | None = None,

@@ -106,6 +106,7 @@ def test_evaluate_kid(run, tmp_path):
                               "--json", str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["samples"] == 12 and "kid_test" in r and r["fid_test"] > 0
+    assert (r["method"], r["evaluations"], r["sigma_min"]) == ("ddim", 3, None)  # what sampled them
 
 
 def test_package_sample_still_callable_after_cli_import():

@@ -375,6 +375,30 @@ def test_exported_scheduler_samples_like_ddpm_fast_clip_reading_included(tmp_pat
         assert (images - ours(not rederived)).abs().max() > 1e-2
 
 
+def test_a_min_snr_runs_karras_folder_stops_where_ddpm_fast_does(tmp_path):
+    """The default lowest sigma of a min-SNR run's chain (schedulers.min_snr_sigma_min) travels with
+    the folder as diffusers' sigma_min, and the pipeline samples as ddpm-fast's default does; without
+    it the chain differs measurably."""
+    _, ema, _ = make_run(tmp_path / "run", timesteps=100, loss_weight="min_snr")
+    assert export_cli.main(["--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "pipe"), "--scheduler",
+                            "dpmpp_2m_sde", "--use-clipped-model-output"]) == 0
+    pipe = DDPMPipeline.from_pretrained(tmp_path / "pipe")
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.scheduler.config["sigma_min"] == pytest.approx(0.02 ** 0.5)
+    images = pipe(batch_size=2, generator=torch.Generator().manual_seed(5), num_inference_steps=10,
+                  output_type="pt").images
+    model = ema.set_backend("torch")
+
+    def ours(diffusion):
+        sampler = ddpm_fast.FastSampler(model, diffusion, steps=10, use_clipped_model_output=True, backend="torch",
+                                        dtype=torch.float32)
+        return (sampler.sample(2, 16, generator=torch.Generator().manual_seed(5)) + 1) / 2
+
+    torch.testing.assert_close(images, ours(GaussianDiffusion("linear", 100, loss_weight="min_snr")), rtol=0,
+                               atol=5e-3)
+    assert (images - ours(GaussianDiffusion("linear", 100))).abs().max() > 1e-2
+
+
 def test_export_refuses_a_reading_the_folder_cannot_carry(tmp_path, capsys):
     make_run(tmp_path / "run")
     base = ["--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "pipe"), "--scheduler"]

@@ -21,7 +21,7 @@ from conftest import NoHostSync
 from ddpm_fast import FastSampler, GaussianDiffusion, UNet
 from ddpm_fast.ops import COEF_NAMES
 from ddpm_fast.schedulers import (CAN_KEEP_NOISE, CHROMA_ODE, DEFAULT_STEPS, KEEP_NOISE_BY_DEFAULT, METHODS,
-                                  Scheduler, spacing_timesteps)
+                                  MIN_SNR_WEIGHT, Scheduler, min_snr_sigma_min, spacing_timesteps)
 
 # diffusers is the oracle of every test here: without it (the GPU machine's image) the module skips
 # rather than stopping collection. The graphed sampler's GPU test lives in test_gpu_paths.py.
@@ -393,6 +393,33 @@ def test_spacings_are_diffusers():
             dpm = D.DPMSolverMultistepScheduler(timestep_spacing=spacing)
             dpm.set_timesteps(steps)
             assert spacing_timesteps(spacing, steps, T, drop_zero=True).round().tolist() == dpm.timesteps.tolist()
+
+
+def test_a_min_snr_models_karras_chains_stop_where_its_weight_is_a_tenth():
+    """min_snr_sigma_min: sqrt(0.1 / gamma) for a min-SNR model's Karras chains (given sigma_min wins),
+    the schedule's smallest for other weights, other spacings, and where that level is below it."""
+    for gamma in (5.0, 20.0):
+        msnr = GaussianDiffusion("linear", T, loss_weight="min_snr", snr_gamma=gamma)
+        assert min_snr_sigma_min(msnr) == pytest.approx((MIN_SNR_WEIGHT / gamma) ** 0.5)
+        for kw in ({}, {"method": "unipc", "spacing": "karras"}):
+            default, explicit = Scheduler(msnr, **kw), Scheduler(LINEAR, sigma_min=(MIN_SNR_WEIGHT / gamma) ** 0.5,
+                                                                  **kw)
+            for s in (default, explicit):
+                s.set_timesteps(10)
+            assert default.grid_t == explicit.grid_t and torch.equal(default.coefs, explicit.coefs)
+        plain = Scheduler(LINEAR)
+        plain.set_timesteps(10)
+        assert plain.grid_t[-1] == 0 and default.grid_t[-1] > 10
+        given = Scheduler(msnr, sigma_min=0.05)
+        given.set_timesteps(10)
+        assert given.sigma_min == 0.05 and given.grid_t[-1] < default.grid_t[-1]
+        for method in ("dpmpp_2m", "ddim"):  # linspace: the weight does not move it
+            a, b = Scheduler(msnr, method), Scheduler(LINEAR, method)
+            a.set_timesteps(10)
+            b.set_timesteps(10)
+            assert a.sigma_min is None and a.grid_t == b.grid_t
+    assert min_snr_sigma_min(GaussianDiffusion("linear", T, loss_weight="elbo")) is None
+    assert min_snr_sigma_min(GaussianDiffusion("linear", T, loss_weight="min_snr", snr_gamma=1e4)) is None
 
 
 def test_evaluation_counts_and_validation():

@@ -74,8 +74,9 @@ def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
                    help="timestep spacing, diffusers' meanings (default: karras for dpmpp_2m_sde, else linspace)")
     p.add_argument("--sigma-min", type=positive_float,
                    help="karras spacing: the lowest noise level evaluated before the last step to 0, in sigma "
-                        "space, diffusers' sigma_min (default: the training schedule's smallest, 0.01 for the linear "
-                        "one; 0.1-0.2 measured better for min-SNR models)")
+                        "space, diffusers' sigma_min (default: for a min-SNR model sqrt(0.1 / gamma), 0.14 at "
+                        "gamma 5, where its loss weight is a tenth of full; else the schedule's smallest, 0.01 for "
+                        "the linear one)")
     p.add_argument("--order", type=positive_int, help="solver order (dpmpp: 2 or 3; unipc: 2 or 3)")
     p.add_argument("--eta", type=non_negative_float, default=0.0, help="DDIM eta")
     p.add_argument("--variance", default="beta", choices=("beta", "posterior"),

@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: that sampler's, Karras sigmas for dpmpp_2m_sde, else linspace)")
     p.add_argument("--sigma-min", type=positive_float,
                    help="with Karras sigmas, the lowest evaluated (diffusers' sigma_min, kept in the folder's "
-                        "scheduler config; default: the schedule's smallest)")
+                        "scheduler config; default: ddpm-fast's sampler's, sqrt(0.1 / gamma) for a min-SNR run, "
+                        "else the schedule's smallest)")
     p.add_argument("--variance", choices=tuple(VARIANCE_TYPES),
                    help="DDPM variance: beta (fixed_large) or posterior (fixed_small); default: the run's, else beta")
     p.add_argument("--overwrite", action="store_true",
