@@ -73,7 +73,9 @@ class GaussianDiffusion:
     velocity v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022), or x0 itself.
     loss_weight: the weight of each t's MSE on the target. "uniform" is Ho et al.'s simple loss for
     eps (and the plain MSE for the other targets); "min_snr" is Hang et al.'s min(SNR, gamma) on
-    the x0 error, expressed for the target; "elbo" is the variational bound's weight
+    the x0 error, expressed for the target, and `min_snr_floor` F keeps that weight from falling
+    below F times the uniform eps weight, max(min(SNR, gamma), F SNR) on the x0 error (0: Hang et
+    al.'s; min-SNR otherwise gives the lowest noise levels almost no weight); "elbo" is the variational bound's weight
     0.5 (SNR(t-1) - SNR(t)) on the x0 error (Kingma et al. 2021), normalised to mean 1 over t.
     offset_noise adds a per-image, per-channel constant to the noise (Guttenberg 2023);
     zero_terminal_snr rescales the schedule so x_T carries no signal (Lin et al. 2023).
@@ -81,8 +83,9 @@ class GaussianDiffusion:
     sampler reads x0's means with; None where not recorded (a diffusers model, an older run)."""
 
     def __init__(self, schedule: str = "linear", timesteps: int = 1000, prediction: str = "epsilon",
-                 loss_weight: str = "uniform", snr_gamma: float = 5.0, offset_noise: float = 0.0,
-                 zero_terminal_snr: bool = False, channel_means: ChannelMeans | None = None):
+                 loss_weight: str = "uniform", snr_gamma: float = 5.0, min_snr_floor: float = 0.0,
+                 offset_noise: float = 0.0, zero_terminal_snr: bool = False,
+                 channel_means: ChannelMeans | None = None):
         if schedule not in SCHEDULES:
             raise ValueError(f"--schedule must be one of {SCHEDULES}, got {schedule!r}")
         if timesteps < 2:
@@ -99,9 +102,14 @@ class GaussianDiffusion:
                              "and a discrete schedule")
         if not snr_gamma > 0:
             raise ValueError(f"--snr-gamma must be positive, got {snr_gamma}")
+        if not 0 <= min_snr_floor <= 1:
+            raise ValueError(f"--min-snr-floor must be in [0, 1], got {min_snr_floor}")
+        if min_snr_floor and loss_weight != "min_snr":
+            raise ValueError(f"--min-snr-floor is --loss-weight min_snr's, not {loss_weight}'s")
         self.schedule, self.prediction, self.loss_weight = schedule, prediction, loss_weight
         self.channel_means = channel_means
-        self.snr_gamma, self.offset_noise = float(snr_gamma), float(offset_noise)
+        self.snr_gamma, self.min_snr_floor = float(snr_gamma), float(min_snr_floor)
+        self.offset_noise = float(offset_noise)
         self.zero_terminal_snr = zero_terminal_snr
         self.timesteps = T = int(timesteps)
         if schedule == "linear":
@@ -128,8 +136,8 @@ class GaussianDiffusion:
             self.elbo_weights = w / w.mean()
         self._device_cache: dict = {}
 
-    CONFIG_FIELDS = ("schedule", "timesteps", "prediction", "loss_weight", "snr_gamma", "offset_noise",
-                     "zero_terminal_snr")
+    CONFIG_FIELDS = ("schedule", "timesteps", "prediction", "loss_weight", "snr_gamma", "min_snr_floor",
+                     "offset_noise", "zero_terminal_snr")
 
     @classmethod
     def from_config(cls, config: dict) -> "GaussianDiffusion":
@@ -210,7 +218,7 @@ class GaussianDiffusion:
         snr = abar / (1 - abar).clamp(min=1e-20)
         per_target = {"epsilon": snr, "v_prediction": snr + 1, "sample": torch.ones_like(snr)}[self.prediction]
         if self.loss_weight == "min_snr":
-            return snr.clamp(max=self.snr_gamma) / per_target
+            return snr.clamp(max=self.snr_gamma).maximum(self.min_snr_floor * snr) / per_target
         return self._on("elbo_weights", abar.device)[t] / per_target  # elbo: discrete t only
 
     @property
@@ -218,7 +226,8 @@ class GaussianDiffusion:
         """What `loss` is, for a plot's axis: the target's MSE and its weight, e.g. "eps MSE" or
         "min-SNR-5 weighted eps MSE"."""
         target = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}[self.prediction]
-        weight = {"uniform": "", "min_snr": f"min-SNR-{self.snr_gamma:g} weighted ", "elbo": "ELBO-weighted "}
+        floor = f" (floor {self.min_snr_floor:g})" if self.min_snr_floor else ""
+        weight = {"uniform": "", "min_snr": f"min-SNR-{self.snr_gamma:g}{floor} weighted ", "elbo": "ELBO-weighted "}
         return f"{weight[self.loss_weight]}{target} MSE"
 
     def loss(self, model, x0: torch.Tensor, generator: torch.Generator | None = None,

@@ -20,7 +20,9 @@ def draws(d, x0, seed=0):
                                       (dict(loss_weight="min_snr"), "min-SNR-5 weighted eps MSE"),
                                       (dict(prediction="x0", loss_weight="min_snr", snr_gamma=20.0),
                                        "min-SNR-20 weighted x0 MSE"),
-                                      (dict(prediction="v", loss_weight="elbo"), "ELBO-weighted v MSE")])
+                                      (dict(prediction="v", loss_weight="elbo"), "ELBO-weighted v MSE"),
+                                      (dict(loss_weight="min_snr", min_snr_floor=0.1),
+                                       "min-SNR-5 (floor 0.1) weighted eps MSE")])
 def test_loss_name_says_target_and_weight(kw, name):
     assert GaussianDiffusion(**kw).loss_name == name
 
@@ -55,9 +57,11 @@ def weighted_mse(out, target, w):
 
 
 @pytest.mark.parametrize("prediction", PREDICTIONS)
-@pytest.mark.parametrize("weighting", ["uniform", "min_snr", "elbo"])
+@pytest.mark.parametrize("weighting", ["uniform", "min_snr", "min_snr_floor", "elbo"])
 def test_loss_is_the_weighted_target_mse(prediction, weighting):
-    d = GaussianDiffusion("linear", 40, prediction=prediction, loss_weight=weighting, snr_gamma=3.0)
+    weight = dict(loss_weight="min_snr", min_snr_floor=0.3) if weighting == "min_snr_floor" else \
+        dict(loss_weight=weighting)
+    d = GaussianDiffusion("linear", 40, prediction=prediction, snr_gamma=3.0, **weight)
     x0 = torch.rand(9, 3, 4, 4) * 2 - 1
     model = lambda x, t: 0.3 * x + 0.01 * t.float().view(-1, 1, 1, 1)  # noqa: E731
     got = d.loss(model, x0, torch.Generator().manual_seed(5))
@@ -68,6 +72,9 @@ def test_loss_is_the_weighted_target_mse(prediction, weighting):
         w_x0 = {"epsilon": snr, "v_prediction": snr + 1, "sample": torch.ones_like(snr)}[prediction]
     elif weighting == "min_snr":  # Hang et al.: min(SNR, gamma) on the x0 error
         w_x0 = snr.clamp(max=3.0)
+    elif weighting == "min_snr_floor":  # never under 0.3 of the uniform eps weight (SNR on the x0 error)
+        w_x0 = torch.where(snr.clamp(max=3.0) < 0.3 * snr, 0.3 * snr, snr.clamp(max=3.0))
+        assert (w_x0 > snr.clamp(max=3.0)).any() and (w_x0 == snr.clamp(max=3.0)).any()  # the floor acts, not always
     else:  # the bound: 0.5 (SNR(t-1) - SNR(t)) on the x0 error, t = 0 as t = 1, mean 1 over t
         snr_prev = torch.cat([snr.new_tensor([math.inf]), snr[:-1]])
         w_x0 = 0.5 * (snr_prev - snr)
@@ -183,6 +190,8 @@ def test_zero_terminal_snr_matches_diffusers():
     (dict(zero_terminal_snr=True), "--zero-terminal-snr"),
     (dict(schedule="continuous", loss_weight="elbo"), "--loss-weight elbo"),
     (dict(snr_gamma=0.0), "--snr-gamma"),
+    (dict(loss_weight="min_snr", min_snr_floor=1.5), r"--min-snr-floor must be in \[0, 1\]"),
+    (dict(min_snr_floor=0.1), "--min-snr-floor is --loss-weight min_snr's, not uniform's"),
 ])
 def test_bad_objectives_name_the_flag(kw, needle):
     with pytest.raises(ValueError, match=needle):

@@ -120,6 +120,9 @@ class TrainConfig:
                                        "al. 2023), uniform (Ho et al.'s simple loss) or elbo (the variational bound's)",
                             "diffusion", choices=("uniform", "min_snr", "elbo"))
     snr_gamma: float = flag(5.0, "gamma of --loss-weight min_snr", "diffusion", type=positive_float)
+    min_snr_floor: float = flag(0.0, "--loss-weight min_snr: the least weight of a t's eps error, as a fraction of "
+                                     "the uniform weight's (0: Hang et al.'s, which falls to ~0 at the lowest noise "
+                                     "levels)", "diffusion", type=non_negative_float)
     offset_noise: float = flag(0.0, "per-image, per-channel constant added to the noise, times N(0, 1)",
                                "diffusion", type=non_negative_float)
     zero_terminal_snr: bool = flag(False, "rescale the schedule so x_T holds no signal (needs --prediction v or x0)",
