@@ -121,8 +121,8 @@ def min_snr_sigma_min(diffusion: GaussianDiffusion) -> float | None:
     steps evaluated there leave their noise in the samples as grain. The chain stops where the weight
     is MIN_SNR_WEIGHT of full, sigma = sqrt(MIN_SNR_WEIGHT / gamma): 0.14 at gamma 5, the best of the
     levels measured on a 4,000-step model (benchmarks/RESULTS.md, "Where the chain ends")."""
-    if diffusion.loss_weight != "min_snr" or diffusion.min_snr_floor >= MIN_SNR_WEIGHT:
-        return None  # a floor this high trains every level at least so much
+    if diffusion.loss_weight != "min_snr":  # with --min-snr-floor too: measured to want the stop
+        return None
     sigma = math.sqrt(MIN_SNR_WEIGHT / diffusion.snr_gamma)
     return sigma if sigma > _sigma_range(diffusion)[0] else None
 
