@@ -13,9 +13,8 @@ Writes nfe.json (after every run: a timeout keeps what finished, and --resume ta
 instead of sampling them again, the DDPM yardstick included), nfe.md (KID x 1e3, and FID, a row per
 solver, a column per NFE) and nfe.png (KID against NFE) to $OUT when set, else benchmarks/results/, and
 prints the first NFE at which each solver, and which solver first, reaches DDPM. A solver is
-METHOD[:SPACING[:ORDER[:SIGMA_MIN]]] (unipc's order; the
-Karras spacing's lowest sigma). Inception costs ~0.3 s an image on a CPU core: cut the grid
-with --images, --solvers and --nfe.
+METHOD[:SPACING[:ORDER[:SIGMA_MIN]]] (unipc's order; the Karras spacing's lowest sigma). Inception
+costs ~0.3 s an image on a CPU core: cut the grid with --images, --solvers and --nfe.
 
     python -m benchmarks.nfe --ckpt runs/anime64 --images 2048
     python -m benchmarks.nfe --ckpt runs/anime64 --solvers dpmpp_2m:karras,unipc:trailing:3 --nfe 5,10,20
@@ -191,8 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     channels = cfg["model"].get("in_ch", 3)
     x_T = {s: torch.randn(args.images, channels, size, size, generator=torch.Generator().manual_seed(s))
            for s in sorted(set(YARDSTICK_SEEDS) | set(seeds))}
-    runs = [{"solver": "ddpm", "method": "ddpm", "spacing": None, "order": None, "sigma_min": None, "nfe": T, "seed": s,
-             "yardstick": True} for s in YARDSTICK_SEEDS if args.yardstick]
+    runs = [{"solver": "ddpm", "method": "ddpm", "spacing": None, "order": None, "sigma_min": None, "nfe": T,
+             "seed": s, "yardstick": True} for s in YARDSTICK_SEEDS if args.yardstick]
     for spec in args.solvers.split(","):
         for nfe in map(int, args.nfe.split(",")):
             for seed in seeds:

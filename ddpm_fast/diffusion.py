@@ -75,8 +75,8 @@ class GaussianDiffusion:
     eps (and the plain MSE for the other targets); "min_snr" is Hang et al.'s min(SNR, gamma) on
     the x0 error, expressed for the target, and `min_snr_floor` F keeps that weight from falling
     below F times the uniform eps weight, max(min(SNR, gamma), F SNR) on the x0 error (0: Hang et
-    al.'s; min-SNR otherwise gives the lowest noise levels almost no weight); "elbo" is the variational bound's weight
-    0.5 (SNR(t-1) - SNR(t)) on the x0 error (Kingma et al. 2021), normalised to mean 1 over t.
+    al.'s, which gives the lowest noise levels almost no weight); "elbo" is the variational bound's
+    weight 0.5 (SNR(t-1) - SNR(t)) on the x0 error (Kingma et al. 2021), normalised to mean 1 over t.
     offset_noise adds a per-image, per-channel constant to the noise (Guttenberg 2023);
     zero_terminal_snr rescales the schedule so x_T carries no signal (Lin et al. 2023).
     channel_means: the training data's per-channel mean statistics (channel_means.py), which the

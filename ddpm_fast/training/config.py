@@ -120,6 +120,8 @@ class TrainConfig:
                                        "al. 2023), uniform (Ho et al.'s simple loss) or elbo (the variational bound's)",
                             "diffusion", choices=("uniform", "min_snr", "elbo"))
     snr_gamma: float = flag(5.0, "gamma of --loss-weight min_snr", "diffusion", type=positive_float)
+    # 0: a floor of 0.1 gained on the flat embedded set and lost on the emoji glyphs
+    # (benchmarks/RESULTS.md, "Where the chain ends")
     min_snr_floor: float = flag(0.0, "--loss-weight min_snr: the least weight of a t's eps error, as a fraction of "
                                      "the uniform weight's (0: Hang et al.'s, which falls to ~0 at the lowest noise "
                                      "levels)", "diffusion", type=non_negative_float)
