@@ -21,7 +21,9 @@ from typing import Callable, Iterable, Iterator
 import torch
 import torch._dynamo
 
-from ddpm_fast.plan import ExecutionPlan, resolve_device
+from ddpm_fast.ops.auto import device_class, device_class_of_name
+from ddpm_fast.ops.cpu_class import cpuinfo_fields
+from ddpm_fast.plan import channels_last_pays, resolve_device
 
 DEVICE = resolve_device("auto")
 ON_GPU = DEVICE.type == "cuda"
@@ -39,8 +41,10 @@ GN_SHAPES = ([(64, 64, 64), (128, 32, 32), (256, 16, 16), (256, 8, 8),
               (128, 16, 16), (128, 8, 8),  # tiny
               (128, 32, 32), (256, 32, 32), (256, 16, 16), (256, 8, 8), (256, 4, 4), (384, 32, 32),
               (384, 16, 16), (512, 16, 16), (512, 8, 8), (512, 4, 4)])  # cifar32
-# The activations' layout on this device's fast path, as the trainer lays them out.
-MEMORY_FORMAT = ExecutionPlan.resolve(DEVICE, fast=True).memory_format
+# The activations' layout on this device's fast path with the extension's GroupNorm, as the trainer
+# lays them out wherever the table picks it: a kind of CPU not yet measured runs NCHW until its run
+# is reported, and is measured in the layout that run's picks bring (plan.channels_last_pays).
+MEMORY_FORMAT = torch.channels_last if channels_last_pays(DEVICE, "cpp") else torch.contiguous_format
 # Attention (B, heads, L, d) as GN_SHAPES: anime64's on a GPU; the tiny UNet's (8x8 at 64 channels)
 # and cifar32's (16x16 at 256) on the CPU.
 ATTN_SHAPES = ([(128, 1, 256, 256), (128, 4, 1024, 64), (32, 1, 4096, 128)] if ON_GPU else
@@ -98,12 +102,9 @@ BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 def cpu_model(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> str:
     """The CPU's model name with the bf16 features it has, e.g. "Intel(R) Xeon(R) Processor (avx512_bf16,
     amx_bf16)"; platform's name where there is no cpuinfo (not Linux)."""
-    try:
-        text = Path(cpuinfo).read_text()
-    except OSError:
+    fields = cpuinfo_fields(cpuinfo)
+    if not fields:
         return platform.processor() or platform.machine()
-    fields = dict(line.split(":", 1) for line in text.split("\n\n")[0].splitlines() if ":" in line)
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
     flags = set(fields.get("flags", "").split())
     name = fields.get("model name") or platform.processor() or platform.machine()
     return f"{name} ({', '.join(f for f in BF16_CPU_FLAGS if f in flags) or 'no bf16 instructions'})"
@@ -112,7 +113,7 @@ def cpu_model(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> str:
 def bench_env(**settings) -> dict:
     """The `env` of an end-to-end benchmark's JSON: the device (and the CPU's model), torch, and the
     module's settings."""
-    cpu = {} if ON_GPU else {"cpu": cpu_model()}
+    cpu = {} if ON_GPU else {"cpu": cpu_model(), "cpu_class": device_class(DEVICE)}  # the class auto's table reads
     return {"device": device_name(), **cpu, "torch": torch.__version__, **settings}
 
 
@@ -126,7 +127,6 @@ def allow_tf32() -> None:
 @functools.lru_cache(maxsize=1)
 def environment() -> dict:
     """What the micro-benchmarks were measured on: device, class, driver, versions, date."""
-    from ddpm_fast.ops.auto import device_class_of_name
     info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__, "python": platform.python_version(), "cuda": torch.version.cuda}
     try:
@@ -143,7 +143,7 @@ def environment() -> dict:
         except (OSError, subprocess.TimeoutExpired):
             info["driver"] = None
     else:
-        info.update(gpu=None, device_class="cpu", cpu=cpu_model(),
+        info.update(gpu=None, device_class=device_class(torch.device("cpu")), cpu=cpu_model(),
                     threads=torch.get_num_threads())
     return info
 

@@ -36,6 +36,12 @@ MARGIN = 1.05
 PARTS = ("ceilings", "epoch", "sample", "profile", "dali", "fidelity")
 
 
+def is_cpu_class(device_class: str) -> bool:
+    # imported here: ddpm_fast imports torch, which the suite's cheap join (--partial) must not
+    from ddpm_fast.ops.cpu_class import is_cpu_class
+    return is_cpu_class(device_class)
+
+
 # --- choosing backends -------------------------------------------------------------------------
 
 def _measured(rows: list[dict]) -> tuple[dict[tuple, dict[str, dict[str, float]]], dict[tuple, set[str]]]:
@@ -62,7 +68,7 @@ def _fastest(cls: str, by_dir: dict[str, dict[str, float]], failed: set[str]) ->
     smallest-speedup; None if none did."""
     best = None
     for cand in CANDIDATES:
-        if cand in failed or any(cand not in ms for ms in by_dir.values()) or (cls == "cpu" and cand == "triton"):
+        if cand in failed or any(cand not in ms for ms in by_dir.values()) or (is_cpu_class(cls) and cand == "triton"):
             continue  # a wrong or broken kernel is never picked; Triton never runs on the CPU (docs/DESIGN.md)
         speedup = min(ms[REFERENCE] / ms[cand] for ms in by_dir.values())
         vs_compile = [ms[COMPILED] / ms[cand] for ms in by_dir.values() if COMPILED in ms]
@@ -110,7 +116,7 @@ def update_table(table: dict, run: dict, source: str) -> dict:
     devices = {k: v for k, v in table.get("devices", {}).items() if k != cls}
     devices[cls] = {"gpu": env.get("gpu"), "torch": env.get("torch"), "triton": env.get("triton"),
                     "cuda": env.get("cuda"), "date": (env.get("date") or "")[:10], "source": source}
-    if cls == "cpu":
+    if is_cpu_class(cls):
         devices[cls].update(cpu=env.get("cpu"), threads=env.get("threads"))
     kept = [e for e in table.get("entries", []) if e["device_class"] != cls]
     return {"format": 2,
@@ -206,7 +212,7 @@ def update_readme(path: Path, run: dict, source: str) -> bool:
     """The README's measured-speed block from a GPU run's epoch and sampling parts; False (and the
     README untouched) for a CPU run, a run without them, or a README without the markers."""
     parts = [n for n in report_parts.HEADLINE if run.get(n)]
-    if run["env"]["device_class"] == "cpu" or not parts or not path.exists():
+    if is_cpu_class(run["env"]["device_class"]) or not parts or not path.exists():
         return False
     text = path.read_text()
     if README_BEGIN not in text or README_END not in text:
@@ -279,8 +285,8 @@ def as_run(data: dict) -> dict:
         raise ValueError("not a suite, micro-benchmark or benchmark-module JSON")
     env = data.get("env") or {}
     device = env.get("device", "cpu")
-    cls = "cpu" if device.startswith("cpu") else device_class_of_name(device)
-    return {"env": {"device_class": cls, "gpu": None if cls == "cpu" else device, "torch": env.get("torch")},
+    cls = "cpu" if device.startswith("cpu") else device_class_of_name(device)  # a module's JSON names no CPU kind
+    return {"env": {"device_class": cls, "gpu": None if is_cpu_class(cls) else device, "torch": env.get("torch")},
             name: data.get(name, data), f"{name}_env": env}
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .ops.auto import extension_built, implementing
+from .ops.auto import extension_built, implementing, picked_anywhere
 
 OPS = ("group_norm_act", "attention", "sampling_update")
 KERNELS = ("auto", "torch", "triton", "cpp", "aten")  # the --kernels choices of every command
@@ -77,14 +77,16 @@ def compile_by_default(device: torch.device) -> str | None:
 def channels_last_pays(device: torch.device, group_norm: str = "auto") -> bool:
     """Whether the fast path lays activations out channels_last on this device, with `group_norm`
     the GroupNorm's --kernels choice. On a GPU, always (tensor cores want NHWC). On the CPU, where
-    oneDNN's bf16 convolutions want NHWC too, only with the extension's GroupNorm (`cpp`, or `auto`,
-    whose CPU table is measured in this layout). ATen's bf16 channels_last GroupNorm (`aten`) is
-    several times slower than its NCHW one and eats the convolutions' gain; with the reference
-    GroupNorm (`torch`) the layout measured a small gain on one CPU and a loss on another, so those
-    stay NCHW (benchmarks/RESULTS.md, "CPU speed against the diffusers loop")."""
+    oneDNN's bf16 convolutions want NHWC too, only with the extension's GroupNorm: `cpp`, or `auto`
+    where this kind of CPU's table (measured in this layout) picks it. ATen's bf16 channels_last
+    GroupNorm (`aten`) is several times slower than its NCHW one and eats the convolutions' gain;
+    with the reference GroupNorm (`torch`, and `auto` on a CPU never measured) the layout measured a
+    small gain on one CPU and a loss on another, so those stay NCHW (benchmarks/RESULTS.md, "CPU
+    speed against the diffusers loop")."""
     if device.type == "cuda":
         return True
-    return group_norm in ("auto", "cpp") and extension_built()
+    return extension_built() and (group_norm == "cpp" or
+                                  group_norm == "auto" and picked_anywhere("group_norm_act", "cpp", device))
 
 
 @dataclass(frozen=True)

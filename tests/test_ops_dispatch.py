@@ -37,12 +37,12 @@ def test_a_call_s_pass_is_whether_autograd_will_differentiate_it(monkeypatch):
     with torch.no_grad():
         assert auto.direction_of(x, w) == "fwd"
     # auto reads the table for the call's pass: an entry won in training serves training calls only
-    entry = {"op": "attention", "device_class": "cpu", "dtype": "float32", "shape": "L16xd8", "backend": "aten",
-             "speedup": 2.0, "directions": ["fwd+bwd"]}
+    q = torch.randn(2, 1, 16, 8)
+    entry = {"op": "attention", "device_class": auto.device_class(q.device), "dtype": "float32", "shape": "L16xd8",
+             "backend": "aten", "speedup": 2.0, "directions": ["fwd+bwd"]}
     monkeypatch.setattr(auto, "load_table", lambda: {"entries": [entry]})
     seen = []
     monkeypatch.setattr(ops, "_backend_module", lambda name: seen.append(name) or reference)
-    q = torch.randn(2, 1, 16, 8)
     with torch.no_grad():
         ops.attention(q, q, q)
     ops.attention(q, q, q.requires_grad_())

@@ -3,6 +3,7 @@ Triton-on-a-CPU rule, and (with torch.profiler) the ops a `--kernels cpp` run re
 training, its grids, `sample` and `evaluate`."""
 import importlib
 import importlib.util
+import itertools
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from ddpm_fast.ops import auto
 from ddpm_fast.plan import KERNELS, ExecutionPlan, resolve_device
 
 train_cli = importlib.import_module("ddpm_fast.commands.train")
@@ -38,11 +40,16 @@ def test_channels_last_on_a_gpu_and_with_the_extensions_cpu_group_norm(monkeypat
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
     assert all(channels_last_pays(gpu, k) for k in KERNELS)
-    for have in (True, False):
+    measured = {"entries": [{"op": "group_norm_act", "device_class": auto.device_class(cpu), "dtype": "bfloat16",
+                             "shape": "C32xHW1024", "backend": "cpp", "speedup": 2.0}]}
+    for have, table in itertools.product((True, False), (measured, {"entries": []})):
         monkeypatch.setattr(plan, "extension_built", lambda: have)
-        # ATen's channels_last GroupNorm (the reference's and aten's) is what made the layout lose
-        assert [channels_last_pays(cpu, k) for k in ("auto", "cpp", "torch", "aten")] == [have, have, False, False]
-        fmt = torch.channels_last if have else torch.contiguous_format
+        monkeypatch.setattr(auto, "load_table", lambda: table)
+        # ATen's channels_last GroupNorm (the reference's and aten's) is what made the layout lose,
+        # so `auto` lays out channels_last only where this kind of CPU's table picks the extension's
+        picks = have and table is measured
+        assert [channels_last_pays(cpu, k) for k in ("auto", "cpp", "torch", "aten")] == [picks, have, False, False]
+        fmt = torch.channels_last if picks else torch.contiguous_format
         assert ExecutionPlan.resolve("cpu", fast=True).memory_format == fmt
         assert ExecutionPlan.resolve("cpu", fast=True, kernels="aten").memory_format == torch.contiguous_format
         assert ExecutionPlan.resolve("cpu", fast=False).memory_format == torch.contiguous_format

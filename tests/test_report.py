@@ -7,6 +7,9 @@ import torch
 
 from benchmarks import report
 from ddpm_fast.ops import auto
+from ddpm_fast.ops.cpu_class import is_cpu_class
+
+CPU = auto.device_class(torch.device("cpu"))  # this machine's kind of CPU: its table entries are its own
 
 
 def row(op, direction, key, backend, ms, dtype="bfloat16", status="ok", shape=(128, 64, 64, 64), **kw):
@@ -51,9 +54,9 @@ def paths(tmp_path):
     run = tmp_path / "gpu_suite.json"
     run.write_text(json.dumps(h100_run()))
     table = tmp_path / "backend_table.json"
-    table.write_text(json.dumps({"format": 2, "devices": {"cpu": {"date": "2026-11-01"}, "H100": {"date": "old"}},
+    table.write_text(json.dumps({"format": 2, "devices": {CPU: {"date": "2026-11-01"}, "H100": {"date": "old"}},
                                  "entries": [
-                                     {"op": "attention", "device_class": "cpu", "dtype": "float32", "shape": "L64xd32",
+                                     {"op": "attention", "device_class": CPU, "dtype": "float32", "shape": "L64xd32",
                                       "backend": "cpp", "speedup": 1.5},
                                      {"op": "attention", "device_class": "H100", "dtype": "bfloat16",
                                       "shape": "L256xd256", "backend": "triton", "speedup": 9.0}]}))
@@ -71,14 +74,14 @@ def test_report_picks_only_measured_faster_backends(paths):
         ("H100", "group_norm_act", "bfloat16", "C64xHW4096"): ("triton", 2.0),
         ("H100", "attention", "bfloat16", "L1024xd64"): ("triton", 2.0),
         ("H100", "sampling_update", "float32", "any"): ("cpp", 4.0),
-        ("cpu", "attention", "float32", "L64xd32"): ("cpp", 1.5),  # another device class: kept
+        (CPU, "attention", "float32", "L64xd32"): ("cpp", 1.5),  # another device class: kept
     }  # the old H100 attention pick at L256xd256 is gone: this run measured triton slower there
     gn = next(e for e in t["entries"] if e["shape"] == "C64xHW4096")
     assert gn["vs_compile"] == pytest.approx(4 / 3, abs=1e-3) and gn["directions"] == ["fwd", "fwd+bwd"]
     h100 = t["devices"]["H100"]
     assert (h100["gpu"], h100["torch"], h100["triton"], h100["date"]) == (
         "NVIDIA H100 80GB HBM3", "2.11.0+cu130", "3.6.0", "2026-11-24")
-    assert t["devices"]["cpu"] == {"date": "2026-11-01"}
+    assert t["devices"][CPU] == {"date": "2026-11-01"}
 
 
 def test_report_writes_results_table_between_markers(paths):
@@ -102,7 +105,7 @@ def test_report_writes_results_table_between_markers(paths):
 
 
 def test_report_accepts_cpu_run_and_never_picks_triton_there(tmp_path):
-    run = {"env": {"device_class": "cpu", "gpu": None, "cpu": "x86_64", "threads": 2, "torch": "2.13.0+cpu",
+    run = {"env": {"device_class": "cpu-intel-amx_bf16", "gpu": None, "cpu": "x86_64", "threads": 2, "torch": "2.13.0+cpu",
                    "triton": "3.6.0", "cuda": None, "date": "2026-11-24T07:00:00+00:00"},
            "micro": gn("fwd", "C64xHW4096", torch=10.0, triton=1.0, cpp=5.0)}
     p = tmp_path / "cpu.json"
@@ -110,9 +113,9 @@ def test_report_accepts_cpu_run_and_never_picks_triton_there(tmp_path):
     table = tmp_path / "t.json"
     report.main([str(p), "--table", str(table), "--results-md", str(tmp_path / "R.md")])
     t = json.loads(table.read_text())
-    assert [(e["device_class"], e["backend"], e["speedup"]) for e in t["entries"]] == [("cpu", "cpp", 2.0)]
-    assert t["devices"]["cpu"]["threads"] == 2
-    assert "<!-- results:cpu:begin -->" in (tmp_path / "R.md").read_text()
+    assert [(e["device_class"], e["backend"], e["speedup"]) for e in t["entries"]] == [("cpu-intel-amx_bf16", "cpp", 2.0)]
+    assert t["devices"]["cpu-intel-amx_bf16"]["threads"] == 2
+    assert "<!-- results:cpu-intel-amx_bf16:begin -->" in (tmp_path / "R.md").read_text()
 
 
 def test_auto_uses_table_and_falls_back_to_reference(paths, monkeypatch):
@@ -131,7 +134,7 @@ def test_auto_uses_table_and_falls_back_to_reference(paths, monkeypatch):
     assert auto.lookup("group_norm_act", x, t) == "torch"
     monkeypatch.undo()
     # the real CPU: its own entries only, and never Triton whatever a table says
-    cpu_only = {"entries": [{"op": "group_norm_act", "device_class": "cpu", "dtype": "bfloat16",
+    cpu_only = {"entries": [{"op": "group_norm_act", "device_class": CPU, "dtype": "bfloat16",
                              "shape": "C64xHW4096", "backend": "triton", "speedup": 3.0}]}
     assert auto.lookup("group_norm_act", x, cpu_only) == "torch"
     assert auto.lookup("group_norm_act", x, t) == "torch"
@@ -144,7 +147,7 @@ def test_shipped_table_is_well_formed():
     for e in t["entries"]:
         assert e["backend"] in ("triton", "cpp", "aten") and e["speedup"] > report.MARGIN
         assert e["device_class"] in t["devices"], "every pick names the measurement it came from"
-        assert not (e["device_class"] == "cpu" and e["backend"] == "triton")
+        assert not (is_cpu_class(e["device_class"]) and e["backend"] == "triton")
 
 
 def test_cpu_micro_benchmark_json_feeds_report(tmp_path):
@@ -160,7 +163,7 @@ def test_cpu_micro_benchmark_json_feeds_report(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:]
     run = json.loads(out.read_text())
-    assert run["env"]["device_class"] == "cpu"
+    assert run["env"]["device_class"] == CPU
     ref = [x for x in run["micro"] if x["backend"] == "torch"]
     assert {x["dtype"] for x in ref} == {"float32", "bfloat16"}
     assert all(x["status"] == "ok" and x["ms"] > 0 and x["GBps"] > 0 and x["shape"] == [2, 3, 64, 64] for x in ref)
@@ -294,7 +297,7 @@ def test_a_backend_is_picked_for_the_passes_it_won():
     path on the CPU is slower forward and faster forward+backward, so it serves training calls only,
     and two backends can split a case's passes. A backend that failed a case in any pass is picked
     in none."""
-    env = {"device_class": "cpu", "cpu": "x86_64", "threads": 2}
+    env = {"device_class": CPU, "cpu": "x86_64", "threads": 2}
     shape = (32, 1, 64, 64)
     micro = ([row("attention", d, "L64xd64", b, t, shape=shape)
               for d, ms in (("fwd", {"torch": 1.0, "aten": 2.5}), ("fwd+bwd", {"torch": 10.0, "aten": 4.0}))
