@@ -20,7 +20,8 @@ import torch
 from .diffusion import PREDICTIONS, GaussianDiffusion
 from .files import atomic_dir, atomic_write
 from .model import AttnBlock, ResBlock, UNet
-from .schedulers import DEFAULT_CLIP_X0, clipped_model_output, sigma_min_of, spacing_of
+from .schedulers import (DEFAULT_CLIP_X0, SDE_METHODS, clipped_model_output, multistep_order, sigma_min_of,
+                         spacing_of)
 
 VARIANCE_TYPES = {"beta": "fixed_large", "posterior": "fixed_small"}
 # Our sampler names -> diffusers' classes. No Euler or Heun: their inputs need scaling
@@ -232,8 +233,8 @@ def make_scheduler(diffusion: GaussianDiffusion, name: str = "ddpm", variance: s
     # their defaults differ (DDPMScheduler's is leading, ours linspace)
     spaced = dict(use_karras_sigmas=True) if spacing == "karras" else dict(timestep_spacing=spacing)
     if name.startswith("dpmpp"):  # dpmpp_{2,3}m[_sde]
-        settings = dict(algorithm_type="sde-dpmsolver++" if name.endswith("_sde") else "dpmsolver++",
-                        solver_order=3 if name.startswith("dpmpp_3m") else 2, **clip)
+        settings = dict(algorithm_type="sde-dpmsolver++" if name in SDE_METHODS else "dpmsolver++",
+                        solver_order=multistep_order(name), **clip)
     else:
         settings = {"ddpm": dict(variance_type=VARIANCE_TYPES[variance], clip_sample=clip_x0),
                     "ddim": dict(clip_sample=clip_x0, set_alpha_to_one=True),  # ours: the last step to alpha-bar 1

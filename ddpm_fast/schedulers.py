@@ -77,8 +77,8 @@ _TO_SIGMA_ZERO = ("dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "dpmpp_3m_sde", "unipc
 # those that do by default (module docstring).
 CAN_KEEP_NOISE = ("ddim", "euler", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "dpmpp_3m_sde")
 # SDE-DPM-Solver++'s (both orders: the fresh noise that makes keeping it pay is the same).
-_SDE = ("dpmpp_2m_sde", "dpmpp_3m_sde")
-KEEP_NOISE_BY_DEFAULT = _SDE
+SDE_METHODS = ("dpmpp_2m_sde", "dpmpp_3m_sde")
+KEEP_NOISE_BY_DEFAULT = SDE_METHODS
 # The stochastic solver whose per-image colour means (each channel's spatial mean less their mean
 # over the channels: two numbers an RGB image) can follow its ODE counterpart's update instead
 # (chroma_ode). The noise it injects every step gives those means fresh values that an eps model of
@@ -112,6 +112,11 @@ def spacing_of(method: str, spacing: str | None = None) -> str:
     if spacing == "karras" and method in _ON_TRAINING_STEPS:
         raise ValueError(f"--spacing karras is for the sigma-space solvers, not {method}")
     return spacing
+
+
+def multistep_order(method: str) -> int:
+    """The order a multistep solver is named for (dpmpp_3m[_sde]: 3; the others, unipc's default: 2)."""
+    return 3 if method.startswith("dpmpp_3m") else 2
 
 
 def min_snr_sigma_min(diffusion: GaussianDiffusion) -> float | None:
@@ -248,7 +253,7 @@ class Scheduler:
             raise ValueError(f"--eta must be >= 0, got {eta}")
         use_clipped_model_output = clipped_model_output(method, use_clipped_model_output)
         self.diffusion, self.method, self.spacing = diffusion, method, spacing
-        self.order = order or (3 if method.startswith("dpmpp_3m") else 2)
+        self.order = order or multistep_order(method)
         self.eta, self.variance, self.thresholding = eta, variance, thresholding
         self.clip_x0 = clip_x0 and not thresholding  # thresholding replaces the clip (at sample_max_value 1 it is one)
         self.dynamic_thresholding_ratio, self.sample_max_value = dynamic_thresholding_ratio, sample_max_value
@@ -393,7 +398,7 @@ class Scheduler:
         and its 3M (diffusers') weighs D1 by alpha_t (1 - (1 - e^-2h) / 2h) and D2 by
         alpha_t ((1 - e^-2h - 2h) / (2h)^2 - 1 / 2): the ODE's weights with -2h for -h.
         `sde` (default: the method's) chooses between the SDE's and the ODE's rows of the same order."""
-        sde = self.method in _SDE if sde is None else sde
+        sde = self.method in SDE_METHODS if sde is None else sde
         s = np.append(s, 0.0)
         n, lam = len(t), -np.log(s[:-1])
         out = []
