@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .ops.auto import extension_built, implementing, picked_anywhere
+from .ops.auto import device_class, extension_built, implementing, measured, picked_anywhere
 
 OPS = ("group_norm_act", "attention", "sampling_update")
 KERNELS = ("auto", "torch", "triton", "cpp", "aten")  # the --kernels choices of every command
@@ -158,7 +158,13 @@ class ExecutionPlan:
         return model
 
     def describe(self) -> str:
+        """One line: the path, layout, compile, graphs and each op's backend; where one is `auto`, the
+        device class whose measurements it reads, or that there are none (the reference runs)."""
         kernels = ", ".join(f"{op} {b}" for op, b in self.backends.items())
+        if "auto" in self.backends.values():
+            cls = device_class(self.device)
+            kernels += (f" (auto: {cls}'s measurements)" if measured(self.device) else
+                        f" (auto: {cls} not measured, the reference kernels)")
         return (f"{self.device}, {'bf16 autocast' if self.fast else 'fp32'}"
                 f"{', channels_last' if self.channels_last else ''}, compile {self.compile or 'off'}, "
                 f"CUDA graphs {'on' if self.cuda_graphs else 'off'}; kernels: {kernels}")

@@ -53,3 +53,14 @@ def test_this_cpu_reads_its_own_entries_only(monkeypatch):
         monkeypatch.setattr(ops, "_backend_module", lambda name: seen.append(name) or reference)
         ops.group_norm_act(x, 8, torch.ones(32), torch.zeros(32))
         assert seen == [picked]
+
+
+def test_the_plan_says_whose_measurements_auto_reads(monkeypatch):
+    from ddpm_fast.plan import ExecutionPlan
+    cpu = torch.device("cpu")
+    mine = auto.device_class(cpu)
+    monkeypatch.setattr(auto, "load_table", lambda: {"devices": {mine: {}}, "entries": []})
+    assert f"(auto: {mine}'s measurements)" in ExecutionPlan.resolve("cpu", fast=True).describe()
+    monkeypatch.setattr(auto, "load_table", lambda: {"devices": {"cpu-elsewhere-avx2": {}}, "entries": []})
+    assert f"(auto: {mine} not measured, the reference kernels)" in ExecutionPlan.resolve("cpu", fast=True).describe()
+    assert "auto:" not in ExecutionPlan.resolve("cpu", kernels="torch").describe()  # no op left to auto

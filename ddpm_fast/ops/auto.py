@@ -106,6 +106,12 @@ def lookup_key(op: str, device: torch.device, dtype: torch.dtype, shape: tuple[i
     return "torch"
 
 
+def measured(device: torch.device, table: dict | None = None) -> bool:
+    """Whether the table holds a measurement of this device's class (a run reported for it)."""
+    table = load_table() if table is None else table
+    return device_class(device) in table.get("devices", {})
+
+
 def picked_anywhere(op: str, backend: str, device: torch.device, table: dict | None = None) -> bool:
     """Whether the table picks `backend` for `op` at any shape on this device's class."""
     table = load_table() if table is None else table
