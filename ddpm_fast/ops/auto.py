@@ -93,17 +93,21 @@ def lookup(op: str, x: torch.Tensor, table: dict | None = None, direction: str =
     return lookup_key(op, x.device, x.dtype, tuple(x.shape), table, direction)
 
 
+def _picks(op: str, device: torch.device, table: dict | None) -> list[dict]:
+    """The table's entries for `op` on this device's class that auto may run: measured faster, and
+    a backend this device runs (Triton never runs on the CPU outside tests, whatever a table says)."""
+    table = load_table() if table is None else table
+    cls = device_class(device)
+    return [e for e in table.get("entries", [])
+            if e["op"] == op and e["device_class"] == cls and e.get("speedup", 0) > 1.0
+            and e["backend"] in BACKENDS and not (is_cpu_class(cls) and e["backend"] == "triton")]
+
+
 def lookup_key(op: str, device: torch.device, dtype: torch.dtype, shape: tuple[int, ...],
                table: dict | None = None, direction: str = "fwd") -> str:
-    table = load_table() if table is None else table
-    key = (op, device_class(device), str(dtype).removeprefix("torch."), shape_key(op, shape))
-    for e in table.get("entries", []):
-        if ((e["op"], e["device_class"], e["dtype"], e["shape"]) == key and e.get("speedup", 0) > 1.0
-                and direction in e.get("directions", (direction,))):
-            # Triton never runs on the CPU outside tests, whatever a table says
-            if e["backend"] in BACKENDS and not (is_cpu_class(key[1]) and e["backend"] == "triton"):
-                return e["backend"]
-    return "torch"
+    key = (str(dtype).removeprefix("torch."), shape_key(op, shape))
+    return next((e["backend"] for e in _picks(op, device, table)
+                 if (e["dtype"], e["shape"]) == key and direction in e.get("directions", (direction,))), "torch")
 
 
 def measured(device: torch.device, table: dict | None = None) -> bool:
@@ -114,10 +118,7 @@ def measured(device: torch.device, table: dict | None = None) -> bool:
 
 def picked_anywhere(op: str, backend: str, device: torch.device, table: dict | None = None) -> bool:
     """Whether the table picks `backend` for `op` at any shape on this device's class."""
-    table = load_table() if table is None else table
-    cls = device_class(device)
-    return any(e["op"] == op and e["device_class"] == cls and e["backend"] == backend and e.get("speedup", 0) > 1.0
-               for e in table.get("entries", []))
+    return any(e["backend"] == backend for e in _picks(op, device, table))
 
 
 def resolve(op: str, backend: str, x: torch.Tensor, *inputs: torch.Tensor | None) -> str:
