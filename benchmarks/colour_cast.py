@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from ddpm_fast.argtypes import positive_float, positive_int, seed_int
 from ddpm_fast.data import load_images
 from ddpm_fast.data.embedded import embedded_images
 
@@ -120,18 +121,27 @@ def run_diffusers(data: Path, args) -> dict:
     return measure(sample_all(peer.ema_unet(), GaussianDiffusion(), args.samples, 32, args.seed))
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.colour_cast", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=1100)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--samples", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=positive_int, default=1100)
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--lr", type=positive_float, default=1e-3)
+    p.add_argument("--samples", type=positive_int, default=256)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--changes", default=",".join(CHANGES), help=f"of {', '.join(CHANGES)}")
     p.add_argument("--no-diffusers", action="store_true", help="skip the diffusers loop")
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "ddpm_fast_grey")
     args = p.parse_args(argv)
+    # a plain string, not comma_choices: `--changes ""` (the defaults alone) is a documented run
+    bad = [c for c in args.changes.split(",") if c and c not in CHANGES]
+    if bad:
+        p.error(f"--changes: unknown change(s) {', '.join(bad)} (of {', '.join(CHANGES)})")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
     data = grey_folder(args.workdir)
     real = load_images(str(data), 32)  # the data's own row: cast 0, and the contrast to compare with
     rows = [{"run": "the data (test split)"} | measure(dict.fromkeys(SAMPLERS, real))]

@@ -18,6 +18,7 @@ import argparse
 import torch
 
 from ddpm_fast import FastSampler
+from ddpm_fast.argtypes import number, seed_int
 from ddpm_fast.checkpoint import load_model
 from ddpm_fast.data import load_images
 
@@ -40,14 +41,19 @@ def figures(images: torch.Tensor) -> dict:
             "border_cast": round(cast(border(images)), 2)}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.colour_stats", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", action="append", required=True, help="a run (its EMA weights); repeat for more")
-    p.add_argument("--samples", type=int, default=256)
+    # at least 2: the colour spread is a standard deviation over the samples
+    p.add_argument("--samples", type=number(int, 2), default=256)
     p.add_argument("--split", default="val", choices=("train", "val", "test"), help="the data's split")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    p.add_argument("--seed", type=seed_int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
     result = {"env": vars(args), "data": {}, "runs": {}}
     for ckpt in args.ckpt:
         model, diffusion, cfg = load_model(ckpt)

@@ -44,7 +44,9 @@ from pathlib import Path
 
 import torch
 
+from ddpm_fast.argtypes import non_negative_int, positive_int
 from ddpm_fast.plan import KERNELS, OPS, ExecutionPlan
+from ddpm_fast.presets import PRESETS
 
 from . import report_parts
 from .common import bench_env, forever, write_result
@@ -181,28 +183,37 @@ def ratios(rows: list[dict]) -> None:
             r[f"vs_{base}"] = round(r["img_per_s"]["median"] / b["img_per_s"]["median"], 2) if b else None
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.cpu_speed", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", default="tiny,cifar32")
     p.add_argument("--train-rows", default=",".join(TRAIN_ROWS))
     p.add_argument("--sample-rows", default=",".join(SAMPLE_ROWS), help="empty: no sampling rows")
     p.add_argument("--sample-presets", default="tiny")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--image-size", type=int, help="default: the preset's")
-    p.add_argument("--steps", type=int, help=f"timed steps per round (default: {STEPS})")
-    p.add_argument("--warmup", type=int, default=3, help="steps before timing (compile, allocator, oneDNN plans)")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--sample-n", type=int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--image-size", type=positive_int, help="default: the preset's")
+    p.add_argument("--steps", type=positive_int, help=f"timed steps per round (default: {STEPS})")
+    p.add_argument("--warmup", type=non_negative_int, default=3,
+                   help="steps before timing (compile, allocator, oneDNN plans)")
+    p.add_argument("--rounds", type=positive_int, default=3)
+    p.add_argument("--sample-n", type=positive_int, default=64)
     p.add_argument("--kernels", default="auto", choices=KERNELS,
                    help="the fast rows' --kernels (auto: the CPU's choice)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # KIND:ROW, run in this process (the children)
     args = p.parse_args(argv)
+    # plain strings, not comma_choices: an empty list (`--train-rows ""`) is a documented run; the
+    # presets too, which would otherwise fail in a child after the rows before them
     for name, allowed in (("--train-rows", TRAIN_ROWS + LAYOUT_ROWS),
-                          ("--sample-rows", SAMPLE_ROWS + LAYOUT_ROWS + (LIBRARY_ROW,))):
+                          ("--sample-rows", SAMPLE_ROWS + LAYOUT_ROWS + (LIBRARY_ROW,)),
+                          ("--presets", tuple(PRESETS)), ("--sample-presets", tuple(PRESETS))):
         bad = [r for r in getattr(args, name[2:].replace("-", "_")).split(",") if r and r not in allowed]
         if bad:
-            p.error(f"{name}: unknown row(s) {', '.join(bad)} (of {', '.join(allowed)})")
+            p.error(f"{name}: unknown name(s) {', '.join(bad)} (of {', '.join(allowed)})")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
     if args.one:
         kind, row = args.one.split(":")
         args.preset = args.presets

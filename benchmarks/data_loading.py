@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from ddpm_fast.argtypes import non_negative_int, positive_int
 from ddpm_fast.data import build_loader, embedded_images, list_images, split_files
 from ddpm_fast.data.build import dali_installed
 from ddpm_fast.data.listing import validate_images
@@ -109,18 +110,22 @@ def bench_baseline(workers: int, files: list[Path], args) -> dict:
     return time_epoch(f"baseline-pil-{workers}w", "baseline", dl, lambda x: x.to(DEVICE, non_blocking=True))
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.data_loading", description=__doc__)
     p.add_argument("--data", type=Path, help="image folder (default: generated 96x96 JPEGs)")
-    p.add_argument("--n", type=int, default=57208, help="train-split images (one epoch)")
+    p.add_argument("--n", type=positive_int, default=57208, help="train-split images (one epoch)")
     p.add_argument("--quick", action="store_true", help="small smoke run: --n 512, few workers")
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--workers", type=int, default=None, help="workers of our torch/dali/cache "
+    p.add_argument("--image-size", type=positive_int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=128)
+    p.add_argument("--workers", type=non_negative_int, default=None, help="workers of our torch/dali/cache "
                    "loaders (default: their own)")
     p.add_argument("--workdir", type=Path, default=None,
                    help="where generated sources go (default: $TMPDIR/ddpm_fast_bench)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
     if args.quick and args.n == 57208:
         args.n = 512
 

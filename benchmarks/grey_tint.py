@@ -29,6 +29,7 @@ import argparse
 import torch
 
 from ddpm_fast import FastSampler
+from ddpm_fast.argtypes import positive_int, seed_int
 from ddpm_fast.data import load_images
 from ddpm_fast.schedulers import DEFAULT_METHOD, DEFAULT_SPACING
 from ddpm_fast.checkpoint import load_model
@@ -132,17 +133,21 @@ def variants(evals: int) -> dict[str, dict]:
     return {k: v if k == BRIEF[0] else v | {"mean_prior": False} for k, v in out.items()}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.grey_tint", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", action="append", required=True, help="a run trained with --channels 3 on grey data")
-    p.add_argument("--samples", type=int, default=64)
-    p.add_argument("--images", type=int, default=64, help="held-out images for x0 against t")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--samples", type=positive_int, default=64)
+    p.add_argument("--images", type=positive_int, default=64, help="held-out images for x0 against t")
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--no-ddpm", action="store_true", help="skip DDPM-1000 (1,000 evaluations)")
     p.add_argument("--brief", action="store_true", help="only the default sampler, with --chroma-ode, the ODE and "
                                                         "DDIMPipeline's reading (no parts changed, no DDPM-1000)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
     result = {"env": vars(args), "runs": []}
     md = []
     for ckpt in args.ckpt:

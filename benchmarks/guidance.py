@@ -15,9 +15,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ddpm_fast.argtypes import finite_float, number, positive_int, seed_int
 from ddpm_fast.data import build_loader
 from ddpm_fast.data.build import load_labelled
-from ddpm_fast.schedulers import DEFAULT_METHOD, DEFAULT_STEPS
+from ddpm_fast.schedulers import DEFAULT_METHOD, DEFAULT_STEPS, METHODS
 
 from .common import DEVICE, write_result
 from .report_parts import md_table
@@ -53,17 +54,39 @@ def accuracy(net: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> floa
     return float((net(images).argmax(1) == labels).float().mean())
 
 
-def main(argv: list[str] | None = None) -> int:
+def scales(text: str) -> tuple[float, ...]:
+    """An argparse type: one or more comma-separated finite guidance scales ("1,1.5,2"), read here and
+    not after the classifier's training."""
+    try:
+        out = tuple(finite_float(v) for v in text.replace(" ", "").split(",") if v)
+    except argparse.ArgumentTypeError:
+        out = ()
+    if not out:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 1,1.5,2, got {text!r}")
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.guidance", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="a class-conditional run folder or checkpoint")
-    p.add_argument("--scales", default="1,1.5,2,3,5", help="guidance scales w (1: no guidance)")
-    p.add_argument("--n", type=int, default=64, help="samples per class and scale")
-    p.add_argument("--method", default=DEFAULT_METHOD, help="sampler (default: the library's measured default)")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
-    p.add_argument("--classifier-epochs", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    p.add_argument("--scales", type=scales, default="1,1.5,2,3,5", help="guidance scales w (1: no guidance)")
+    # at least 2: each class's KID compares sets of 2 or more
+    p.add_argument("--n", type=number(int, 2), default=64, help="samples per class and scale")
+    p.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS,
+                   help="sampler (default: the library's measured default)")
+    p.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS)
+    p.add_argument("--classifier-epochs", type=positive_int, default=2)
+    p.add_argument("--seed", type=seed_int, default=0)
+    return p
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
 
     from ddpm_fast import FastSampler, metrics
     from ddpm_fast.checkpoint import load_model
@@ -72,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     model, diffusion, cfg = load_model(args.ckpt, device=DEVICE)
     names = cfg.get("class_names")
     if not names:
-        p.error(f"--ckpt {args.ckpt} is an unconditional run: train one with --class-cond")
+        build_parser().error(f"--ckpt {args.ckpt} is an unconditional run: train one with --class-cond")
     size, data = cfg["model"]["image_size"], cfg.get("data")
     t0 = time.perf_counter()
     net = train_classifier(data, size, len(names), args.classifier_epochs, DEVICE, args.seed)
@@ -84,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     gen = torch.Generator(device=DEVICE).manual_seed(args.seed)
     x_T = torch.randn(args.n, 3, size, size, generator=gen, device=DEVICE)  # the same noise for every class and w
     grids = []
-    for w in (float(s) for s in args.scales.split(",")):
+    for w in args.scales:
         sampler = FastSampler(model, diffusion, method=args.method, steps=args.steps, cfg_scale=w,
                               dtype=torch.float32)  # as the committed figures were sampled
         row = {"w": w, "classes": {}}

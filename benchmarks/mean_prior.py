@@ -26,6 +26,7 @@ import argparse
 import torch
 
 from ddpm_fast import FastSampler
+from ddpm_fast.argtypes import number, seed_int
 from ddpm_fast.channel_means import SAMPLE_IMAGES, ChannelMeans
 from ddpm_fast.checkpoint import load_model
 from ddpm_fast.data import load_images, load_sample
@@ -66,19 +67,25 @@ class MeanPrior(torch.nn.Module):
         return eps + shift.to(eps.dtype)[..., None, None]
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.mean_prior", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", action="append", required=True, help="a run of an eps model; repeat for more")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
-    p.add_argument("--samples", type=int, default=256)
+    # at least 2: KID compares sets of 2 or more, and the colour spread is a standard deviation over them
+    p.add_argument("--samples", type=number(int, 2), default=256)
     p.add_argument("--kid", action=argparse.BooleanOptionalAction, default=True, help="KID of the samples (Inception)")
     p.add_argument("--split", default="val", choices=("train", "val", "test"), help="KID's and the figures' split")
-    p.add_argument("--seed", type=int, default=None, help="the samples' seed (default: each run's own)")
+    p.add_argument("--seed", type=seed_int, default=None, help="the samples' seed (default: each run's own)")
     args = p.parse_args(argv)
-    modes = args.modes.split(",")
-    if not modes or any(m not in MODES for m in modes):
+    if any(m not in MODES for m in args.modes.split(",")):
         p.error(f"--modes: each of {', '.join(MODES)}, got {args.modes!r}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    modes = args.modes.split(",")
     result = {"env": vars(args), "data": {}, "runs": {}}
     for ckpt in args.ckpt:
         model, diffusion, cfg = load_model(ckpt)

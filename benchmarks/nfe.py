@@ -30,6 +30,7 @@ import time
 import torch
 
 from ddpm_fast import metrics
+from ddpm_fast.argtypes import int_tuple, number, positive_int
 from ddpm_fast.data import load_images
 from ddpm_fast.evaluation import FID_MIN_SAMPLES
 from ddpm_fast.plan import KERNELS, ExecutionPlan, resolve_device
@@ -147,16 +148,17 @@ def earlier_rows(env: dict) -> list[dict]:
     return old["rows"]
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.nfe", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="run folder or checkpoint file")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--images", type=int, default=1000, help="samples per (solver, NFE, seed)")
+    # at least 2 (the reference's too): KID compares sets of 2 or more
+    p.add_argument("--images", type=number(int, 2), default=1000, help="samples per (solver, NFE, seed)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds of each solver cell's x_T and chain noise "
                                                 "(the cell: their mean KID)")
     p.add_argument("--solvers", default=",".join(METHODS), help="comma-separated METHOD[:SPACING[:ORDER[:SIGMA_MIN]]]")
-    p.add_argument("--nfe", default=",".join(map(str, NFE_GRID)), help="comma-separated NFEs")
+    p.add_argument("--nfe", type=int_tuple, default=",".join(map(str, NFE_GRID)), help="comma-separated NFEs")
     p.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--use-clipped-model-output", action=argparse.BooleanOptionalAction,
                    help="with --clip-x0, re-derive eps from the clipped x0, or keep the network's "
@@ -164,8 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mean-prior", action=argparse.BooleanOptionalAction,
                    help="read x0's channel means with the run's prior on them (default: the sampler's default)")
     p.add_argument("--data", help="image folder (default: the run's data)")
-    p.add_argument("--ref-images", type=int, default=10000, help="at most this many test images for the reference")
-    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--ref-images", type=number(int, 2), default=10000,
+                   help="at most this many test images for the reference")
+    p.add_argument("--batch-size", type=positive_int, default=500)
     p.add_argument("--device", default="auto")
     p.add_argument("--fast", action="store_true", help="bf16 autocast and channels_last (CUDA graphs are on on a GPU)")
     p.add_argument("--kernels", default="auto", choices=KERNELS)
@@ -176,9 +179,23 @@ def main(argv: list[str] | None = None) -> int:
                    help="keep the rows of an earlier nfe.json of this checkpoint, --images and clip options")
     args = p.parse_args(argv)
     try:
-        seeds = list(dict.fromkeys(int(s) for s in args.seeds.split(",")))
+        args.seeds = list(dict.fromkeys(int(s) for s in args.seeds.split(",")))
     except ValueError:
         p.error(f"--seeds takes comma-separated integers, got {args.seeds!r}")
+    if not args.nfe or min(args.nfe) < 1:
+        p.error(f"--nfe: give one or more evaluation counts >= 1, like 5,10,20; got {args.nfe}")
+    try:  # here, not after the model and the reference are loaded
+        for spec in args.solvers.split(","):
+            parse_solver(spec)
+    except ValueError:
+        p.error(f"--solvers: {spec!r} is not METHOD[:SPACING[:ORDER[:SIGMA_MIN]]] (ORDER an integer, "
+                "SIGMA_MIN a number)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    seeds = args.seeds
 
     device = resolve_device(args.device)  # graphs change speed, not the samples: on on a GPU
     plan = ExecutionPlan.resolve(device, fast=args.fast, kernels=args.kernels, cuda_graphs=device.type == "cuda")
@@ -193,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = [{"solver": "ddpm", "method": "ddpm", "spacing": None, "order": None, "sigma_min": None, "nfe": T,
              "seed": s, "yardstick": True} for s in YARDSTICK_SEEDS if args.yardstick]
     for spec in args.solvers.split(","):
-        for nfe in map(int, args.nfe.split(",")):
+        for nfe in args.nfe:
             for seed in seeds:
                 run = {**parse_solver(spec), "nfe": nfe, "seed": seed}
                 if not (run["method"] == "ddpm" and nfe == T and run["spacing"] is None):  # the yardstick

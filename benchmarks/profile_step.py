@@ -22,6 +22,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from ddpm_fast import FastSampler, GaussianDiffusion, UNet
+from ddpm_fast.argtypes import comma_choices, non_negative_int, positive_int
 from ddpm_fast.plan import KERNELS, ExecutionPlan
 from ddpm_fast.training.config import TrainConfig
 from ddpm_fast.training.run import build_run
@@ -108,35 +109,36 @@ def sample_workload(path: str, args, device: torch.device) -> Callable[[], objec
     return lambda: sampler.sample(args.sample_n, args.image_size, x_start=x, start_t=0)  # one step: t = 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.profile_step", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="anime64")
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--sample-n", type=int, default=256)
-    p.add_argument("--paths", default="reference,fast")
-    p.add_argument("--workloads", default="train,sample")
+    p.add_argument("--image-size", type=positive_int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=128)
+    p.add_argument("--sample-n", type=positive_int, default=256)
+    # checked here, not when the loop reaches a misspelt name after profiling the ones before it
+    p.add_argument("--paths", type=comma_choices(("reference", "fast")), default="reference,fast")
+    p.add_argument("--workloads", type=comma_choices(("train", "sample")), default="train,sample")
     p.add_argument("--compile", default="default", help="torch.compile mode of the fast training step, or none")
     p.add_argument("--sample-compile", action="store_true",
                    help="torch.compile the fast sampler's model (off, as in benchmarks.sample)")
     p.add_argument("--kernels", default="auto", choices=KERNELS)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--steps", type=int, default=5, help="profiled steps per workload")
-    p.add_argument("--top", type=int, default=15)
-    args = p.parse_args(argv)
+    p.add_argument("--warmup", type=non_negative_int, default=3)
+    p.add_argument("--steps", type=positive_int, default=5, help="profiled steps per workload")
+    p.add_argument("--top", type=positive_int, default=15)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
     allow_tf32()  # as the seed-style reference runs
     env = bench_env(preset=args.preset, batch_size=args.batch_size, sample_n=args.sample_n,
                     image_size=args.image_size, compile=args.compile, sample_compile=args.sample_compile,
                     kernels=args.kernels)
     makers = {"train": train_workload, "sample": sample_workload}
     results = []
-    for workload in args.workloads.split(","):
-        if workload not in makers:
-            p.error(f"--workloads: unknown workload {workload!r} (train, sample)")
-        for path in args.paths.split(","):
-            if path not in ("reference", "fast"):
-                p.error(f"--paths: unknown path {path!r} (reference, fast)")
+    for workload in args.workloads:
+        for path in args.paths:
             fn = makers[workload](path, args, DEVICE)
             _, warm_s = timed(lambda: [fn() for _ in range(args.warmup)])
             results.append({"workload": workload, "path": path, "warmup_s": round(warm_s, 2),

@@ -14,42 +14,59 @@ import argparse
 import torch
 
 from ddpm_fast import FastSampler, GaussianDiffusion, UNet
+from ddpm_fast.argtypes import comma_choices, positive_int
 from ddpm_fast.plan import KERNELS, ExecutionPlan
-from ddpm_fast.schedulers import DEFAULT_METHOD, DEFAULT_STEPS
+from ddpm_fast.schedulers import DEFAULT_METHOD, DEFAULT_STEPS, METHODS
 
 from . import report_parts
 from .common import DEVICE, bench_env, timed, write_result
 
 
-def main(argv: list[str] | None = None) -> int:
+def few_step(text: str) -> tuple[str, int]:
+    """An argparse type: METHOD:STEPS, a sampler of METHODS and a step count >= 1."""
+    method, _, steps = text.partition(":")
+    if method not in METHODS or not steps.isdigit() or int(steps) < 1:
+        raise argparse.ArgumentTypeError(f"expected METHOD:STEPS with METHOD one of {', '.join(METHODS)} and "
+                                         f"STEPS an integer >= 1, like {DEFAULT_METHOD}:{DEFAULT_STEPS}; got {text!r}")
+    return method, int(steps)
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.sample", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="anime64")
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--n", type=int, default=256)
-    p.add_argument("--timesteps", type=int, default=1000)
-    p.add_argument("--ddpm-steps", type=int, help="DDPM steps actually run (default: all; --quick: 100)")
-    p.add_argument("--few-step", default=f"{DEFAULT_METHOD}:{DEFAULT_STEPS}", metavar="METHOD:STEPS",
+    p.add_argument("--image-size", type=positive_int, default=64)
+    p.add_argument("--n", type=positive_int, default=256)
+    p.add_argument("--timesteps", type=positive_int, default=1000)
+    p.add_argument("--ddpm-steps", type=positive_int, help="DDPM steps actually run (default: all; --quick: 100)")
+    p.add_argument("--few-step", type=few_step, default=f"{DEFAULT_METHOD}:{DEFAULT_STEPS}", metavar="METHOD:STEPS",
                    help="the few-step solver timed beside DDPM (default: the sample CLI's, measured against DDPM-1000)")
-    p.add_argument("--paths", default="reference,fast")
+    p.add_argument("--paths", type=comma_choices(("reference", "fast")), default="reference,fast")
     p.add_argument("--compile", action="store_true", help="torch.compile the model in the fast path")
     p.add_argument("--kernels", default="auto", choices=KERNELS)
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
+    if args.ddpm_steps and args.ddpm_steps > args.timesteps:  # the chain starts at step ddpm_steps - 1
+        p.error(f"--ddpm-steps {args.ddpm_steps} is more than --timesteps {args.timesteps}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
     run_steps = args.ddpm_steps or (min(100, args.timesteps) if args.quick else args.timesteps)
     diffusion = GaussianDiffusion("linear", args.timesteps)
     torch.manual_seed(0)
     base = UNet.from_preset(args.preset, image_size=args.image_size).to(DEVICE).eval()
 
     env = bench_env(preset=args.preset, n=args.n, image_size=args.image_size, quick=args.quick)
-    few_method, few_steps = args.few_step.split(":")
+    few_method, few_steps = args.few_step
     results = []
-    for path in args.paths.split(","):
+    for path in args.paths:
         fast = path == "fast"
         plan = ExecutionPlan.resolve(DEVICE, fast=fast, kernels=args.kernels if fast else "torch",
                                      compile="default" if args.compile else None)
         model = plan.prepare(base)
-        for method, steps in (("ddpm", None), (few_method, int(few_steps))):
+        for method, steps in (("ddpm", None), (few_method, few_steps)):
             sampler = FastSampler(model, diffusion, method=method, steps=steps, plan=plan)
             start = run_steps - 1 if method == "ddpm" else None
             n_steps = run_steps if method == "ddpm" else sampler.num_evaluations

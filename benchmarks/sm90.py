@@ -235,7 +235,7 @@ def _nvcc_version() -> str:
     return f"nvcc {m.group(1)}" if m else "nvcc"
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--no-nvcc", action="store_true", help="skip csrc/*.cu")
     p.add_argument("--only", help="only kernels, modules or .cu files whose name contains this")
@@ -246,6 +246,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="markdown report (default benchmarks/SM90.md; none with --only)")
     p.add_argument("--require-hgmma", action="store_true", help="fail attention kernels without HGMMA")
     args = p.parse_args(argv)
+    # checked by hand, not with ddpm_fast.argtypes: importing ddpm_fast imports torch, and nothing of
+    # torch or triton is loaded here before TRITON_INTERPRET is set
+    if args.jobs < 1:
+        p.error(f"argument --jobs: expected an integer >= 1, got {args.jobs}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
 
     # Real JITFunctions are needed: under the interpreter @triton.jit gives stand-ins that cannot be
     # compiled. Set before any kernel module is imported, here and (inherited) in the workers.
@@ -268,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     # spawn: a fresh interpreter per worker, so no torch/triton state is forked mid-flight
     ctx = multiprocessing.get_context("spawn")
     rows: list[dict] = []
-    with cf.ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=ctx) as pool:
+    with cf.ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
         futures = [pool.submit(fn, *a) for fn, *a in tasks]  # .cu first: the longest jobs
         for f in futures:
             res = f.result()
