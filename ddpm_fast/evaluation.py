@@ -25,38 +25,62 @@ def heldout_mse(model, diffusion: GaussianDiffusion, images: torch.Tensor, batch
     return total / max(n, 1)
 
 
+def t_strata(t_samples: int, timesteps: int) -> list[tuple[int, int]]:
+    """[lo, hi) ranges of t that split 1..T-1 into `t_samples` strata for bits/dim's sum: the first
+    half one t each, the rest of geometrically growing width. L_t falls steeply with t (on three
+    models 74-84% of the sum lies in t <= 10 of 999), so the steep head is summed exactly and each
+    tail stratum spans t whose terms differ little. t_samples >= T-1 gives every t alone: the
+    exact sum."""
+    if t_samples < 1:
+        raise ValueError(f"--bpd-t must be at least 1, got {t_samples}")
+    n = min(t_samples, timesteps - 1)
+    head = n // 2
+    edges = list(range(1, head + 2))
+    lo, tail = head + 1, n - head
+    for i in range(1, tail + 1):
+        # at least one t a stratum; the last edge is T itself
+        edges.append(max(edges[-1] + 1, round(lo * (timesteps / lo) ** (i / tail))))
+    edges[-1] = timesteps
+    return list(zip(edges[:-1], edges[1:]))
+
+
 @torch.no_grad()
 def bits_per_dim(model, diffusion: GaussianDiffusion, images: torch.Tensor, batch_size: int = 64,
                  t_samples: int | None = None, variance: str = "posterior", seed: int = 0) -> dict:
-    """Negative ELBO in bits/dim: L_0 (exact) + sum_{t>=1} L_t + L_T (prior).
+    """Negative ELBO in bits/dim: L_0 (exact) + sum_{t>=1} L_t + L_T (prior), and its standard error
+    over the images.
 
-    With t_samples < T-1 the sum over t >= 1 is estimated from that many evenly spaced t, scaled
-    by (T-1)/t_samples (the full sum costs T model calls per image)."""
+    With t_samples < T-1 the sum over t >= 1 is a stratified estimate (t_strata): each image draws
+    one t in each stratum, its term weighted by the stratum's width, so the estimate is unbiased
+    and costs t_samples model calls per image instead of T-1 (docs/bpd_estimate.json measures its
+    spread against the exact sum's)."""
     if diffusion.schedule == "continuous":
         raise ValueError("bits/dim needs a discrete schedule (linear or cosine)")
     model.eval()
     device = next(model.parameters()).device
     T = diffusion.timesteps
-    k = T - 1 if t_samples is None else max(1, min(t_samples, T - 1))
-    ts = torch.linspace(1, T - 1, k).round().long().tolist()
-    scale = (T - 1) / len(ts)
+    strata = t_strata(T - 1 if t_samples is None else t_samples, T)
     gen = torch.Generator(device=device).manual_seed(seed)
-    sums = {"decoder": 0.0, "kl": 0.0, "prior": 0.0}
-    n = 0
+    totals, sums = [], {"decoder": 0.0, "kl": 0.0, "prior": 0.0}
     for x0 in images.split(batch_size):
         x0 = x0.to(device)
         B = x0.shape[0]
         noise = lambda: torch.randn(x0.shape, generator=gen, device=device)  # noqa: E731
-        zero = torch.zeros(B, dtype=torch.long, device=device)
-        sums["decoder"] += diffusion.vb_terms_bpd(model, x0, zero, variance, noise()).sum().item()
-        for t in ts:
-            tb = torch.full((B,), t, dtype=torch.long, device=device)
-            sums["kl"] += scale * diffusion.vb_terms_bpd(model, x0, tb, variance, noise()).sum().item()
-        sums["prior"] += diffusion.prior_bpd(x0).sum().item()
-        n += B
-    out = {k: v / max(n, 1) for k, v in sums.items()}
+        decoder = diffusion.vb_terms_bpd(model, x0, torch.zeros(B, dtype=torch.long, device=device), variance,
+                                         noise())
+        kl = torch.zeros(B, dtype=torch.float64, device=device)
+        for lo, hi in strata:
+            tb = lo + (torch.rand(B, generator=gen, device=device) * (hi - lo)).long().clamp(max=hi - lo - 1)
+            kl += (hi - lo) * diffusion.vb_terms_bpd(model, x0, tb, variance, noise()).double()
+        prior = diffusion.prior_bpd(x0)
+        totals.append(decoder.double() + kl + prior.double())
+        for key, v in (("decoder", decoder), ("kl", kl), ("prior", prior)):
+            sums[key] += v.sum().item()
+    total = torch.cat(totals)
+    out = {k: v / max(len(total), 1) for k, v in sums.items()}
     out["total"] = out["decoder"] + out["kl"] + out["prior"]
-    out["t_samples"] = len(ts)
+    out["std_err"] = (total.std() / len(total) ** 0.5).item() if len(total) > 1 else None
+    out["t_samples"] = len(strata)
     return out
 
 

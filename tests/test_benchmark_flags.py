@@ -12,9 +12,16 @@ from benchmarks import nfe
 from ddpm_fast.schedulers import DEFAULT_METHOD, DEFAULT_STEPS
 
 # the flags a module requires (parse alone never opens the run)
-REQUIRED = {m: ["--ckpt", "runs/x"] for m in ("colour_stats", "grey_tint", "guidance", "mean_prior", "nfe")}
+REQUIRED = {m: ["--ckpt", "runs/x"] for m in ("bpd_estimate", "colour_stats", "grey_tint", "guidance", "mean_prior",
+                                              "nfe")}
 
 BAD = [  # (module, the bad arguments, the flag the refusal names)
+    ("bpd_estimate", "--images 0", "--images"),
+    ("bpd_estimate", "--k 0,100", "--k"),
+    ("bpd_estimate", "--k 5,x", "--k"),
+    ("bpd_estimate", "--draws 1", "--draws"),
+    ("bpd_estimate", "--seed -1", "--seed"),
+    ("bpd_estimate", "--ckpt ,", "--ckpt"),
     ("colour_cast", "--steps 0", "--steps"),
     ("colour_cast", "--batch-size -1", "--batch-size"),
     ("colour_cast", "--lr nan", "--lr"),
@@ -129,6 +136,7 @@ def test_parsed_defaults_are_the_ones_used():
 
 
 DOCUMENTED = [  # as README.md, benchmarks/RESULTS.md, gpu_suite.sh and .ci/run call them
+    ("bpd_estimate", "--ckpt runs/default,runs/g4k_min_snr,runs/emoji5k"),
     ("colour_cast", "--changes ''"),
     ("colour_cast", "--no-diffusers --changes no_ema,adamw,cosine_lr_warmup_500"),
     ("cpu_speed", "--presets tiny --sample-presets tiny --steps 30 --rounds 5 --warmup 3 --sample-n 64"),

