@@ -61,7 +61,7 @@ def train_run(path: str, seed: int, args, device: torch.device) -> dict:
     test = load_images(args.data, args.image_size, split="test", limit=args.test_images)
     result = {"path": path, "seed": seed, "train_s": round(train_s, 1), "losses": losses,
               "final_loss": sum(losses[-len(losses) // 5:]) / max(1, len(losses) // 5),
-              "heldout_mse": heldout_mse(run.ema.model, run.diffusion, test, draws=args.mse_draws, seed=SAMPLE_SEED)}
+              "heldout_mse": heldout_mse(run.ema.model, run.diffusion, test, draws=args.mse_draws, seed=SAMPLE_SEED)[0]}
     if args.save_samples:
         images = generate(grid_sampler(run), args.save_samples, args.image_size, device, seed=SAMPLE_SEED)
         np.savez_compressed(samples_path(path, seed), images=to_uint8_nchw(images))

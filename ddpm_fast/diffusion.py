@@ -248,13 +248,17 @@ class GaussianDiffusion:
         return ((out - target).square().flatten(1).mean(1) * self.weights(abar, t)).mean()
 
     def eps_mse(self, model, x0: torch.Tensor, generator: torch.Generator | None = None,
-                y: torch.Tensor | None = None) -> torch.Tensor:
+                y: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
         """The eps error of the model's prediction, unweighted: Ho et al.'s held-out figure, whatever
         the model predicts and however its run weighted the loss (`loss` is on the run's own target,
-        weighted by its --loss-weight, so it compares only runs that share both)."""
+        weighted by its --loss-weight, so it compares only runs that share both). reduction "none":
+        one figure per image (its mean over pixels), as F.mse_loss's "none" keeps every element."""
+        if reduction not in ("mean", "none"):
+            raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
         x_t, t, noise, abar = self.training_inputs(x0, generator)
         out = model(x_t, t) if y is None else model(x_t, t, y)
-        return F.mse_loss(self.predict_eps(x_t, abar, out.float()), noise.float())
+        err = F.mse_loss(self.predict_eps(x_t, abar, out.float()), noise.float(), reduction="none")
+        return err.flatten(1).mean(1) if reduction == "none" else err.mean()
 
     def x0_mse(self, model, x0: torch.Tensor, generator: torch.Generator | None = None,
                y: torch.Tensor | None = None) -> torch.Tensor:

@@ -9,20 +9,26 @@ from .diffusion import GaussianDiffusion
 
 @torch.no_grad()
 def heldout_mse(model, diffusion: GaussianDiffusion, images: torch.Tensor, batch_size: int = 64,
-                draws: int = 4, seed: int = 0) -> float:
-    """Mean eps-MSE over `draws` (t, noise) pairs per image, with a fixed generator: unweighted and
+                draws: int = 4, seed: int = 0) -> tuple[float, float | None]:
+    """Mean eps-MSE over `draws` (t, noise) pairs per image, with a fixed generator, and its standard
+    error over the images (each image's mean over its draws; None for one image): unweighted and
     in eps whatever the model predicts (GaussianDiffusion.eps_mse), so runs of any --loss-weight
     and --prediction compare."""
     model.eval()
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
-    total, n = 0.0, 0
+    per_image = torch.zeros(len(images), dtype=torch.float64)
     for _ in range(draws):
+        start = 0
         for x0 in images.split(batch_size):
-            x0 = x0.to(device)
-            total += diffusion.eps_mse(model, x0, gen).item() * x0.shape[0]
-            n += x0.shape[0]
-    return total / max(n, 1)
+            err = diffusion.eps_mse(model, x0.to(device), gen, reduction="none")
+            per_image[start:start + len(x0)] += err.double().cpu()
+            start += len(x0)
+    per_image /= draws
+    if len(per_image) == 0:
+        return 0.0, None
+    std_err = (per_image.std() / len(per_image) ** 0.5).item() if len(per_image) > 1 else None
+    return per_image.mean().item(), std_err
 
 
 def t_strata(t_samples: int, timesteps: int) -> list[tuple[int, int]]:

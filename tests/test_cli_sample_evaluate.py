@@ -94,7 +94,7 @@ def test_evaluate_json(run, tmp_path):
     assert evaluate_cli.main(["--ckpt", str(run), "--images", "16", "--bpd-images", "4", "--bpd-t", "5",
                               "--json", str(out)]) == 0
     r = json.loads(out.read_text())
-    assert r["images"] == 16 and 0 < r["eps_mse"] < 5
+    assert r["images"] == 16 and 0 < r["eps_mse"] < 5 and 0 < r["eps_mse_std_err"] < r["eps_mse"]
     assert r["bits_per_dim"]["total"] > 0 and r["bits_per_dim"]["std_err"] > 0 and r["bits_per_dim"]["t_samples"] == 5
 
 

@@ -158,11 +158,34 @@ def test_heldout_eps_mse_is_one_unit_for_every_target_and_weight(loss_weight):
                 x_t, t, noise, _ = d.training_inputs(batch, gen)
                 want += float((torch.sin(3 * x_t) + 0.1 * t.view(-1, 1, 1, 1) - noise).square().mean()) * len(batch)
                 n += len(batch)
-        figures.append(heldout_mse(model, d, x0, batch_size=4, draws=2, seed=0))
+        figures.append(heldout_mse(model, d, x0, batch_size=4, draws=2, seed=0)[0])
         assert figures[-1] == pytest.approx(want / n, rel=1e-4), prediction
         if (prediction, loss_weight) != ("epsilon", "uniform"):
             assert float(d.loss(model, x0, torch.Generator().manual_seed(0))) != pytest.approx(figures[-1], rel=1e-2)
     assert figures == pytest.approx([figures[0]] * 3, rel=1e-4)
+
+
+def test_heldout_eps_mse_std_err_is_over_the_images():
+    """Its standard error is that of each image's mean over its draws, computed here by hand; one
+    image has none."""
+    from ddpm_fast.evaluation import heldout_mse
+
+    d = GaussianDiffusion("linear", 40)
+    model = WrongEps(d)
+    x0 = torch.rand(7, 3, 5, 4) * 2 - 1
+    per_image = torch.zeros(7, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for i, batch in zip(range(0, 7, 3), x0.split(3)):
+            x_t, t, noise, _ = d.training_inputs(batch, gen)
+            err = (torch.sin(3 * x_t) + 0.1 * t.view(-1, 1, 1, 1) - noise).square().flatten(1).mean(1)
+            per_image[i:i + len(batch)] += err.double() / 3
+    mean, std_err = heldout_mse(model, d, x0, batch_size=3, draws=3, seed=0)
+    assert mean == pytest.approx(per_image.mean().item(), rel=1e-5)
+    assert std_err == pytest.approx((per_image.std() / 7 ** 0.5).item(), rel=1e-4)
+    assert heldout_mse(model, d, x0[:1], draws=2)[1] is None
+    with pytest.raises(ValueError, match="reduction"):
+        d.eps_mse(model, x0, reduction="sum")
 
 
 def test_offset_noise_adds_a_per_channel_constant():

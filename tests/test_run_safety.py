@@ -252,7 +252,7 @@ def test_sample_refuses_non_finite_weights_and_evaluate_writes_valid_json(tiny_r
     assert str(run / "checkpoint.pt") in err and "non-finite ema weights" in err
     assert not (tmp_path / "s.png").exists()
     # A non-finite figure is null in evaluate's JSON, and so is one not computed.
-    monkeypatch.setattr("ddpm_fast.evaluation.heldout_mse", lambda *a, **k: float("nan"))
+    monkeypatch.setattr("ddpm_fast.evaluation.heldout_mse", lambda *a, **k: (float("nan"), float("nan")))
     out = tmp_path / "e.json"
     assert evaluate_cli.main(["--ckpt", str(tiny_run), "--images", "4", "--bpd-images", "0", "--json", str(out)]) == 0
 
@@ -260,7 +260,8 @@ def test_sample_refuses_non_finite_weights_and_evaluate_writes_valid_json(tiny_r
         raise AssertionError(f"{text} is not JSON")
     for text in (out.read_text(), capsys.readouterr().out):
         r = json.loads(text, parse_constant=strict)
-        assert r["eps_mse"] is None and r["bits_per_dim"] is None and r["images"] == 4
+        assert r["eps_mse"] is None and r["eps_mse_std_err"] is None and r["bits_per_dim"] is None
+        assert r["images"] == 4
 
 
 # -- one run per folder -----------------------------------------------------------------------
