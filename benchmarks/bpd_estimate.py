@@ -23,7 +23,7 @@ from ddpm_fast.argtypes import int_tuple, number, positive_int, seed_int
 from ddpm_fast.checkpoint import load_model
 from ddpm_fast.data import load_images
 from ddpm_fast.data.hf import image_folder
-from ddpm_fast.evaluation import t_strata
+from ddpm_fast.evaluation import draw_in_stratum, t_strata
 from ddpm_fast.plan import ExecutionPlan
 
 from .common import bench_env, write_result
@@ -50,13 +50,12 @@ def stratified(L: torch.Tensor, k: int, draws: int, seed: int) -> torch.Tensor:
     """`draws` stratified estimates of the mean over images of sum_{t>=1} L_t (L: the (T, n) table,
     row t the term L_t), each image drawing one t a stratum as evaluation.bits_per_dim does."""
     T, n = L.shape
-    strata = torch.tensor(t_strata(k, T))
-    lo, width = strata[:, 0], strata[:, 1] - strata[:, 0]
+    strata = t_strata(k, T)
     gen = torch.Generator().manual_seed(seed)
     est = []
     for _ in range(draws):
-        t = lo[:, None] + (torch.rand(len(lo), n, generator=gen) * width[:, None]).long()
-        est.append((L[t, torch.arange(n)] * width[:, None]).sum(0).mean())
+        per_image = sum((hi - lo) * L[draw_in_stratum(lo, hi, n, gen), torch.arange(n)] for lo, hi in strata)
+        est.append(per_image.mean())
     return torch.stack(est)
 
 

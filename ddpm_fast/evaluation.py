@@ -50,6 +50,13 @@ def t_strata(t_samples: int, timesteps: int) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:]))
 
 
+def draw_in_stratum(lo: int, hi: int, n: int, generator: torch.Generator) -> torch.Tensor:
+    """n values of t drawn uniformly from [lo, hi), on the generator's device: one stratum's draw
+    for each of n images."""
+    u = torch.rand(n, generator=generator, device=generator.device)
+    return lo + (u * (hi - lo)).long().clamp(max=hi - lo - 1)  # clamp: u * width may round up to width
+
+
 @torch.no_grad()
 def bits_per_dim(model, diffusion: GaussianDiffusion, images: torch.Tensor, batch_size: int = 64,
                  t_samples: int | None = None, variance: str = "posterior", seed: int = 0) -> dict:
@@ -76,7 +83,7 @@ def bits_per_dim(model, diffusion: GaussianDiffusion, images: torch.Tensor, batc
                                          noise())
         kl = torch.zeros(B, dtype=torch.float64, device=device)
         for lo, hi in strata:
-            tb = lo + (torch.rand(B, generator=gen, device=device) * (hi - lo)).long().clamp(max=hi - lo - 1)
+            tb = draw_in_stratum(lo, hi, B, gen)
             kl += (hi - lo) * diffusion.vb_terms_bpd(model, x0, tb, variance, noise()).double()
         prior = diffusion.prior_bpd(x0)
         totals.append(decoder.double() + kl + prior.double())
