@@ -47,13 +47,30 @@ def category(name: str) -> str:
     return next((c for c, pat in CATEGORIES if re.search(pat, low)), "other")
 
 
+# torch.library.register_autograd runs a custom op inside an autograd.Function named
+# GeneratedBackwardFor_<namespace>_<op>_<overload>, which calls the kernel below the dispatcher's
+# record of the op: on the CPU the kernel's time is that Function's self time, and the op's own row
+# holds only the dispatch. The Function's backward node ("...Backward") is the Python that calls
+# the backward op, whose kernel has a row of its own.
+_AUTOGRAD_WRAPPER = re.compile(r"GeneratedBackwardFor_ddpm_fast_(?P<op>\w+)_default(?P<node>Backward)?")
+
+
+def op_label(name: str) -> str:
+    """The row a profiler event's self time belongs to: a custom op's autograd wrapper is the op."""
+    m = _AUTOGRAD_WRAPPER.fullmatch(name)
+    if m is None:
+        return name
+    op = f"ddpm_fast::{m['op']}"
+    return f"{op}: autograd node" if m["node"] else op
+
+
 def profile_steps(fn: Callable[[], object], steps: int, device: torch.device, top: int) -> dict:
     """Profile `steps` calls of fn: the top kernels (ops on CPU) per step, categories, busy share."""
     on_gpu = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     with profile(activities=activities) as prof:
         _, wall = timed(lambda: [fn() for _ in range(steps)])
-    rows = []
+    merged: dict[str, list[float]] = {}  # label -> [self us, calls]
     for e in prof.key_averages():
         if on_gpu:  # kernels and copies: the device-side events, less record_function ranges drawn there
             device_side = e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation
@@ -61,7 +78,10 @@ def profile_steps(fn: Callable[[], object], steps: int, device: torch.device, to
         else:  # ops' own time; a parent's total would count its children twice
             us = e.self_cpu_time_total
         if us > 0:
-            rows.append((e.key, us, e.count))
+            row = merged.setdefault(op_label(e.key), [0.0, 0])
+            row[0] += us
+            row[1] = max(row[1], e.count)  # a wrapper and its op count the same calls
+    rows = [(name, us, n) for name, (us, n) in merged.items()]
     total_us = sum(us for _, us, _ in rows)
     if total_us <= 0:
         raise RuntimeError("the profiler recorded no kernel time")

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from benchmarks import epoch, fidelity, profile_step, sample
+from ddpm_fast.ops import cpp
 
 
 def test_epoch_benchmark(tmp_path, monkeypatch):
@@ -99,6 +100,31 @@ def test_profile_step(tmp_path, monkeypatch):
 ])
 def test_profile_categories(name, cat):
     assert profile_step.category(name) == cat
+
+
+@pytest.mark.parametrize("name, label", [
+    ("GeneratedBackwardFor_ddpm_fast_group_norm_act_forward_default", "ddpm_fast::group_norm_act_forward"),
+    ("GeneratedBackwardFor_ddpm_fast_group_norm_act_forward_defaultBackward",
+     "ddpm_fast::group_norm_act_forward: autograd node"),
+    ("ddpm_fast::group_norm_act_forward", "ddpm_fast::group_norm_act_forward"),
+    ("GeneratedBackwardFor_other_op_default", "GeneratedBackwardFor_other_op_default"),  # not ours: as it is
+    ("aten::convolution_backward", "aten::convolution_backward"),
+])
+def test_profile_op_label(name, label):
+    assert profile_step.op_label(name) == label
+
+
+@pytest.mark.skipif(not cpp.available(), reason="the C++ extension is not built")
+def test_profile_puts_a_custom_ops_kernel_on_its_row():
+    """Under autograd the extension's GroupNorm kernel runs inside register_autograd's Function, so
+    the profiler books its time to that Function; the op's row must carry it."""
+    x, w, b = (t.requires_grad_() for t in (torch.randn(8, 64, 16, 16), torch.randn(64), torch.randn(64)))
+    for _ in range(3):  # the first calls' set-up out of the profile
+        cpp.group_norm_act(x, 32, w, b)
+    top = profile_step.profile_steps(lambda: cpp.group_norm_act(x, 32, w, b), 20, torch.device("cpu"), top=50)["top"]
+    assert not any(r["name"].startswith("GeneratedBackwardFor") for r in top)
+    op = next(r for r in top if r["name"] == "ddpm_fast::group_norm_act_forward")
+    assert op["share"] > 0.5 and op["calls_per_step"] == 1  # unmerged, the op's row held only the dispatch
 
 
 def test_fidelity_runs_split_over_calls_and_combined(tmp_path, monkeypatch):
