@@ -22,6 +22,7 @@
 
 #include "group_norm_act.h"
 #include "ops.h"
+#include "float_rows.h"
 
 namespace ddpm_fast {
 namespace {
@@ -48,29 +49,6 @@ inline void nchw_channel_sums(const GroupNormProblem& p, const T* xg, const floa
 #pragma omp simd reduction(+ : sum)
     for (int64_t s = 0; s < hw; ++s) sum += f(static_cast<float>(xr[s]) + ac);
     acc[cl] = sum;
-  }
-}
-
-// c10::BFloat16's rounding (to nearest even, NaN to 0x7FC0) with a select for its NaN branch, so
-// that a loop of it vectorises.
-inline uint16_t bf16_bits(float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, sizeof(u));
-  const uint32_t rounded = (u + ((u >> 16) & 1u) + 0x7FFFu) >> 16;
-  return v != v ? uint16_t{0x7FC0} : static_cast<uint16_t>(rounded);
-}
-
-// Writes row[0, n) to out[0, n) in out's dtype. A loop of its own: the rounding to bf16/fp16 kept
-// the producing loop (activation) from vectorising.
-template <typename T>
-inline void store_row(const float* row, T* out, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) {
-    std::memcpy(out, row, n * sizeof(float));
-  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) out[i].x = bf16_bits(row[i]);
-  } else {
-    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(row[i]);
   }
 }
 

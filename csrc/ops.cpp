@@ -1,5 +1,6 @@
 // Every schema of the ddpm_fast operator library, in one place. The kernels register
-// themselves per device: group_norm_act.cpp / sampling_update.cpp (CPU) and the .cu files (CUDA).
+// themselves per device: group_norm_act.cpp / sampling_update.cpp / dropout.cpp (CPU) and the .cu
+// files (CUDA).
 // Fake (meta) kernels and autograd are registered from Python, in ddpm_fast/ops/cpp.py.
 #include <torch/library.h>
 
@@ -18,4 +19,7 @@ TORCH_LIBRARY(ddpm_fast, m) {
   m.def(
       "sampling_update(Tensor x, Tensor model_out, Tensor coef, bool clip_x0, Tensor[] history, Tensor? base, "
       "Tensor? noise, Tensor? seed) -> (Tensor, Tensor)");
+  // As aten::native_dropout: (x / (1 - p) where kept, else 0; the bool mask of the kept), the mask a
+  // function of (seed, memory position in x's layout). seed: int64 (1,). CPU only.
+  m.def("dropout(Tensor x, float p, Tensor seed) -> (Tensor, Tensor)");
 }

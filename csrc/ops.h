@@ -34,4 +34,8 @@ std::tuple<at::Tensor, at::Tensor> sampling_update_cpu(const at::Tensor& x, cons
                                                        const std::optional<at::Tensor>& noise,
                                                        const std::optional<at::Tensor>& seed);
 
+// Dropout with a Philox mask of (seed[0], memory position), as aten::native_dropout: (x / (1 - p)
+// where kept, else 0; the bool mask), both in x's memory format (dropout.cpp).
+std::tuple<at::Tensor, at::Tensor> dropout_cpu(const at::Tensor& x, double p, const at::Tensor& seed);
+
 }  // namespace ddpm_fast

@@ -49,6 +49,18 @@ class BatchNormAct(nn.BatchNorm2d):
         return ops.reference.activation(y, self.act)
 
 
+class Dropout(nn.Dropout):
+    """nn.Dropout through ops.dropout, so that a backend switch can swap in the extension's CPU
+    kernel (its mask drawn in parallel, where ATen's CPU dropout draws one element at a time)."""
+
+    def __init__(self, p: float, backend: str = "auto"):
+        super().__init__(p)
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.dropout(x, self.p, self.training, backend=self.backend)
+
+
 def _norm(kind: str, num_groups: int, channels: int, act: str, eps: float) -> nn.Module:
     if kind == "batch":
         return BatchNormAct(channels, act, eps)
@@ -75,7 +87,7 @@ class ResBlock(nn.Module):
         self.temb_proj = nn.Linear(temb_dim, cout)
         # The time embedding is added just before the second norm: fused into that op.
         self.norm2 = _norm(norm, groups, cout, act, eps)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
@@ -229,14 +241,18 @@ class UNet(nn.Module):
         return cls(**preset_config(name, **overrides))
 
     def set_backend(self, backend: str | dict[str, str]) -> "UNet":
-        """Route every norm and attention through `backend` (torch|triton|cpp|auto), or per op from
-        a dict {"group_norm_act": ..., "attention": ...} (an ExecutionPlan's backends)."""
-        per_op = backend if isinstance(backend, dict) else {"group_norm_act": backend, "attention": backend}
+        """Route every norm, attention and dropout through `backend` (torch|triton|cpp|auto), or per
+        op from a dict {"group_norm_act": ..., "attention": ..., "dropout": ...} (an ExecutionPlan's
+        backends)."""
+        per_op = backend if isinstance(backend, dict) else dict.fromkeys(("group_norm_act", "attention", "dropout"),
+                                                                          backend)
         for m in self.modules():
             if isinstance(m, GroupNormAct):
                 m.backend = per_op.get("group_norm_act", "auto")
             elif isinstance(m, AttnBlock):
                 m.backend = per_op.get("attention", "auto")
+            elif isinstance(m, Dropout):
+                m.backend = per_op.get("dropout", "auto")
         return self
 
     def output_hides_means(self) -> bool:

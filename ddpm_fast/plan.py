@@ -18,7 +18,7 @@ import torch
 
 from .ops.auto import device_class, extension_built, implementing, measured, picked_anywhere
 
-OPS = ("group_norm_act", "attention", "sampling_update")
+OPS = ("group_norm_act", "attention", "sampling_update", "dropout")
 KERNELS = ("auto", "torch", "triton", "cpp", "aten")  # the --kernels choices of every command
 # --compile MODE, the same flag in every command: a torch.compile mode for the fast path, or none.
 COMPILE_HELP = ("torch.compile mode of the fast path (default, max-autotune-no-cudagraphs, ...), none, or auto "

@@ -45,6 +45,19 @@ class NoHostSync:
         return self.mode.__exit__(*exc)
 
 
+@pytest.fixture
+def poisoned():
+    """Every empty allocation NaN-filled (deterministic mode), so that an output element a kernel
+    forgets to write fails the comparison."""
+    was_det, was_fill = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    assert torch.empty(4).isnan().all()  # the poison is really there
+    yield
+    torch.use_deterministic_algorithms(was_det)
+    torch.utils.deterministic.fill_uninitialized_memory = was_fill
+
+
 @pytest.fixture(autouse=True)
 def _seeded():
     torch.manual_seed(0)

@@ -1,7 +1,7 @@
 """The compiled extension (csrc/, ddpm_fast/ops/cpp.py) against ddpm_fast.ops.reference.
 
-Outputs are allocated by the ops with torch.empty; the `poisoned` fixture makes every empty
-allocation NaN-filled (deterministic mode), so an element a kernel forgets to write fails the
+Outputs are allocated by the ops with torch.empty; the `poisoned` fixture (conftest.py) makes every
+empty allocation NaN-filled (deterministic mode), so an element a kernel forgets to write fails the
 comparison. CUDA cases skip without CUDA; everything skips, naming the build command, when the
 extension is not built."""
 import math
@@ -23,17 +23,6 @@ FORMATS = [torch.contiguous_format, torch.channels_last]
 # (forward atol/rtol, gradient atol/rtol): bf16/fp16 outputs differ from the reference by the
 # rounding of the final cast, one unit in the last place.
 TOL = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (2e-2, 3e-2), torch.float16: (2e-3, 4e-3)}
-
-
-@pytest.fixture
-def poisoned():
-    was_det, was_fill = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    assert torch.empty(4).isnan().all()  # the poison is really there
-    yield
-    torch.use_deterministic_algorithms(was_det)
-    torch.utils.deterministic.fill_uninitialized_memory = was_fill
 
 
 def _close(got, want, atol, rtol):

@@ -29,7 +29,7 @@ def test_plan_of_the_flags():
     assert (fast.autocast_dtype, fast.channels_last, fast.compile, fast.cuda_graphs) == (
         torch.bfloat16, HAVE_CPP, "default", False)
     # The extension has no attention: decided here, once, for every layer.
-    assert fast.backends == {"group_norm_act": "cpp", "attention": "torch", "sampling_update": "cpp"}
+    assert fast.backends == {"group_norm_act": "cpp", "attention": "torch", "sampling_update": "cpp", "dropout": "cpp"}
     assert ExecutionPlan.resolve("cpu", fast=True, compile="none").compile is None
     assert ExecutionPlan.resolve("cpu", compile="default").compile is None  # compile belongs to the fast path
 

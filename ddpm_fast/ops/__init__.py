@@ -14,7 +14,7 @@ from . import reference
 from .auto import implementing, resolve
 from .reference import ACTIVATIONS, COEF_NAMES, MAX_HISTORY, coef_row
 
-__all__ = ["group_norm_silu", "group_norm_act", "attention", "ddpm_step", "ddim_step", "sampling_update",
+__all__ = ["group_norm_silu", "group_norm_act", "attention", "dropout", "ddpm_step", "ddim_step", "sampling_update",
            "ACTIVATIONS", "COEF_NAMES", "MAX_HISTORY", "coef_row"]
 
 
@@ -67,6 +67,24 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
 def _triton_attention_takes(q: torch.Tensor) -> bool:
     from ddpm_fast.kernels.attention import HEAD_DIMS
     return q.shape[-1] in HEAD_DIMS and not (q.is_cuda and q.dtype == torch.float32)
+
+
+def dropout(x: torch.Tensor, p: float, training: bool = True, generator: torch.Generator | None = None,
+            backend: str = "auto") -> torch.Tensor:
+    """nn.Dropout's forward: in training each element is kept with probability 1 - p and scaled by
+    1 / (1 - p), else zeroed; outside training, and at p = 0, x itself. The extension's mask is drawn
+    in-kernel from a Philox seed that is itself drawn from `generator` (torch's default: a seeded run
+    repeats its masks); it is a CPU kernel, so on other devices the reference (ATen's dropout,
+    already a parallel Philox draw on CUDA) runs."""
+    if not 0 <= p <= 1:
+        raise ValueError(f"dropout probability must be in [0, 1], got {p}")
+    if not training or p == 0:
+        return x
+    name = implementing("dropout", resolve("dropout", backend, x))
+    if name == "torch" or x.device.type != "cpu":
+        return reference.dropout(x, p)
+    seed = torch.randint(0, 2**62, (1,), generator=generator, dtype=torch.int64)
+    return _backend_module(name).dropout(x, p, seed)
 
 
 def sampling_update(x: torch.Tensor, model_out: torch.Tensor, coef: torch.Tensor, clip_x0: bool = False,

@@ -34,9 +34,9 @@ from .cpu_class import cpu_class, is_cpu_class
 
 TABLE_PATH = Path(__file__).with_name("backend_table.json")
 BACKENDS = ("torch", "triton", "cpp", "aten")
-# The ops a backend has no version of run the reference: the extension has no attention, and
-# `aten` has no sampling update (the reference's already is ATen).
-MISSING = {"cpp": ("attention",), "aten": ("sampling_update",)}
+# The ops a backend has no version of run the reference: the extension has no attention, Triton
+# no dropout, and `aten` neither sampling update nor dropout (the reference's already are ATen).
+MISSING = {"cpp": ("attention",), "triton": ("dropout",), "aten": ("sampling_update", "dropout")}
 
 
 def extension_built() -> bool:

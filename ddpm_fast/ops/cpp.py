@@ -15,7 +15,7 @@ except ImportError as e:  # not built: the rest of the package still works witho
     _C = None
     _IMPORT_ERROR = e
 
-__all__ = ["available", "group_norm_act", "sampling_update"]
+__all__ = ["available", "dropout", "group_norm_act", "sampling_update"]
 
 
 def available() -> bool:
@@ -47,6 +47,13 @@ def sampling_update(x: torch.Tensor, model_out: torch.Tensor, coef: torch.Tensor
     return torch.ops.ddpm_fast.sampling_update(x, model_out, coef, clip_x0, list(history), base, noise, seed)
 
 
+def dropout(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
+    """As reference.dropout, the mask a function of the int64 (1,) `seed` and each element's memory
+    position (csrc/dropout.cpp); CPU tensors only."""
+    _require()
+    return torch.ops.ddpm_fast.dropout(x, p, seed)[0]
+
+
 if _C is not None:
 
     @torch.library.register_fake("ddpm_fast::group_norm_act_forward")
@@ -65,6 +72,23 @@ if _C is not None:
     def _sampling_update_fake(x, model_out, coef, clip_x0, history, base, noise, seed):
         fmt = memory_format_of(x)
         return torch.empty_like(x, memory_format=fmt), torch.empty_like(x, memory_format=fmt)
+
+    @torch.library.register_fake("ddpm_fast::dropout")
+    def _dropout_fake(x, p, seed):
+        fmt = memory_format_of(x)
+        return torch.empty_like(x, memory_format=fmt), torch.empty_like(x, dtype=torch.bool, memory_format=fmt)
+
+    def _dropout_setup_context(ctx, inputs, output):
+        _x, p, _seed = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(output[1])
+        ctx.scale = 1.0 / (1.0 - p) if p < 1 else 0.0
+
+    def _dropout_backward(ctx, grad_y, _grad_mask):
+        (mask,) = ctx.saved_tensors
+        return torch.ops.aten.native_dropout_backward(grad_y, mask, ctx.scale), None, None
+
+    torch.library.register_autograd("ddpm_fast::dropout", _dropout_backward, setup_context=_dropout_setup_context)
 
     def _setup_context(ctx, inputs, output):
         x, num_groups, weight, bias, _eps, add, act = inputs

@@ -49,6 +49,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
 # base is x unless given; h are up to MAX_HISTORY earlier (clipped) x0 predictions (multistep
 # solvers). r weighs what the clip removed: r = -a * alpha_t moves the sample's own x0 component
 # to the clipped x0 as well, so the step keeps the network's noise estimate (schedulers.py).
+def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Training-mode dropout: x / (1 - p) where kept, else 0, each element kept with probability
+    1 - p, drawn from torch's generator (ATen's native_dropout)."""
+    return F.dropout(x, p, training=True)
+
+
 COEF_NAMES = ("c1", "c2", "a", "b0", "b1", "b2", "b3", "sigma", "r")
 MAX_HISTORY = 3
 
