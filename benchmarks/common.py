@@ -50,6 +50,10 @@ MEMORY_FORMAT = torch.channels_last if channels_last_pays(DEVICE, "cpp") else to
 ATTN_SHAPES = ([(128, 1, 256, 256), (128, 4, 1024, 64), (32, 1, 4096, 128)] if ON_GPU else
                [(32, 1, 64, 64), (32, 1, 256, 256)])
 SAMPLING_SHAPES = [(256, 3, 64, 64)]
+# Dropout (0.1 in every preset but tiny) on the hidden activations of cifar32's 32x32 residual
+# blocks; elementwise, so `auto` reads one case for every shape ("any").
+DROPOUT_SHAPES = [(32, 128, 32, 32)]
+DROPOUT_P = 0.1
 # A mid-trajectory DDPM-like step with noise and the clip's r term: every weight of the row
 # (ops.reference.COEF_NAMES: c1, c2, a, b0, b1, b2, b3, sigma, r) but the history's
 COEF = [1.02, 0.2, 0.4, 0.6, 0.0, 0.0, 0.0, 0.1, -0.3]
@@ -231,6 +235,8 @@ def op_function(op: str, backend: str) -> Callable:
         return lambda x, g, w, b: ops.group_norm_act(x, g, w, b, 1e-5, None, "silu", backend=backend)
     if op == "attention":
         return lambda q, k, v: ops.attention(q, k, v, backend=backend)
+    if op == "dropout":
+        return lambda x: ops.dropout(x, DROPOUT_P, backend=backend)
     return lambda x, e, c, clip, noise: ops.sampling_update(x, e, c, clip, (), None, noise, backend=backend)
 
 
@@ -343,3 +349,30 @@ def bench_sampling_update(backend: str, shape: tuple[int, ...], dtype: torch.dty
     # with the same explicit noise every backend computes the same step: out and x0 both checked
     return _gated(row, dtype, lambda f: list(f(x, eps, coef, True, noise)),
                   lambda f: lambda: f(x, eps, coef, True, None))
+
+
+def bench_dropout(backend: str, shape: tuple[int, ...], direction: str, dtype: torch.dtype = torch.bfloat16
+                  ) -> tuple[dict, Callable | None]:
+    """Training-mode dropout (p = DROPOUT_P) in the fast path's layout. Two backends draw different
+    masks, so the gate compares what any correct dropout gives: the output (and gradient) with each
+    dropped element filled in by its kept value, x / (1 - p) (dy / (1 - p)), and the kept share
+    in percent."""
+    row = _row("dropout", direction, shape, dtype, backend, "any",
+               bytes=2 * math.prod(shape) * dtype.itemsize * (1 if direction == "fwd" else 2))
+    grad = direction != "fwd"
+    x = torch.randn(shape, device=DEVICE, dtype=dtype).contiguous(memory_format=MEMORY_FORMAT).requires_grad_(grad)
+    dy = torch.randn_like(x)
+    scale = 1 / (1 - DROPOUT_P)
+
+    def filled(f):
+        x.grad = None
+        y = f(x)
+        kept = y != 0
+        # the share to two places: two draws of 4M elements differ in the fourth
+        out = [torch.where(kept, y, x * scale).detach(), (kept.float().mean() * 100).round().reshape(1)]
+        if grad:
+            y.backward(dy)
+            out.append(torch.where(kept, x.grad, dy * scale))
+        return out
+    call = (lambda f: lambda: f(x).backward(dy)) if grad else (lambda f: lambda: f(x))
+    return _gated(row, dtype, filled, call, grad_to_none=(x,) if grad else ())
