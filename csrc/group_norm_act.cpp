@@ -16,13 +16,11 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
-#include <type_traits>
 #include <vector>
 
+#include "float_rows.h"
 #include "group_norm_act.h"
 #include "ops.h"
-#include "float_rows.h"
 
 namespace ddpm_fast {
 namespace {
