@@ -14,10 +14,10 @@
 #include <cmath>
 #include <tuple>
 
+#include "float_rows.h"
 #include "layout.h"
 #include "ops.h"
 #include "philox.h"
-#include "float_rows.h"
 
 namespace ddpm_fast {
 namespace {
