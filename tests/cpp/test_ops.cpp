@@ -164,6 +164,30 @@ void test_sampling_update() {
   }
 }
 
+// The vectorised Philox lanes of dropout_cpu against the known-answer-tested philox4x32_10: element
+// i = 64 c + 16 w + l is kept when word w at counter 16 c + l is below (1 - p) 2^32; every element
+// of the output and mask, a size that is not a multiple of the 64-element chunk.
+void test_dropout() {
+  const uint64_t seed = 0x123456789abcdefULL;
+  const at::Tensor x = at::randn({3, 5, 7, 11});
+  const auto xv = to_vec(x);
+  for (double p : {0.1, 0.5}) {
+    const auto [y, mask] = ddpm_fast::dropout_cpu(x, p, at::tensor(std::vector<int64_t>{static_cast<int64_t>(seed)}));
+    const auto yv = to_vec(y);
+    const bool* mv = mask.const_data_ptr<bool>();
+    const uint64_t bound = static_cast<uint64_t>(std::llround((1.0 - p) * 4294967296.0));
+    for (size_t i = 0; i < xv.size(); ++i) {
+      const uint64_t c = i / 64, w = (i % 64) / 16, l = i % 16;
+      const ddpm_fast::Philox4 r = ddpm_fast::philox4x32_10(
+          ddpm_fast::Philox4{{static_cast<uint32_t>(16 * c + l), 0u, 0u, 0u}}, static_cast<uint32_t>(seed),
+          static_cast<uint32_t>(seed >> 32));
+      const bool keep = r.v[w] < bound;
+      check(mv[i] == keep, "dropout mask", mv[i], keep);
+      check_close(yv[i], keep ? xv[i] * static_cast<float>(1.0 / (1.0 - p)) : 0.0, 1e-6, 1e-6, "dropout output");
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -174,6 +198,7 @@ int main() {
     for (bool cl : {false, true}) test_group_norm(act, name, cl);
   }
   test_sampling_update();
+  test_dropout();
   std::printf(failures ? "%d checks FAILED\n" : "all checks passed\n", failures);
   return failures ? 1 : 0;
 }
