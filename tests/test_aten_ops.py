@@ -97,8 +97,9 @@ def test_the_op_aten_lacks_runs_the_reference():
                          ops.sampling_update(x, e, coef, True, noise=z, backend="torch")):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     plan = ExecutionPlan.resolve("cpu", kernels="aten")
-    assert plan.backends == {"group_norm_act": "aten", "attention": "aten", "sampling_update": "torch"}
-    assert auto.MISSING["aten"] == ("sampling_update",)
+    assert plan.backends == {"group_norm_act": "aten", "attention": "aten", "sampling_update": "torch",
+                             "dropout": "torch"}
+    assert auto.MISSING["aten"] == ("sampling_update", "dropout")
 
 
 def test_a_model_on_aten_matches_the_reference_under_bf16_autocast():
