@@ -4,7 +4,10 @@ torch.profiler over `--steps` steps after `--warmup` (compile and cuDNN plans st
 training step and a sampling step (model + update, no grad) of the reference path (fp32 eager)
 and the fast path (bf16, channels_last, torch.compile): the top kernels by device time (on the
 CPU: ops by self CPU time) with their share, a share per category (CATEGORIES), and how busy the
-device was (kernel time / wall time).
+device was (kernel time / wall time). Each workload also counts the GFLOP of its matrix products
+and convolutions (step_gflop) and times its steps again outside the profiler, whose per-op records
+slow a CPU step, giving the rate the step reaches; with `--floor` it measures the device's bf16
+matmul ceiling (benchmarks.ceilings) and sets each step against the time that ceiling allows.
 
 The fast path is profiled without its CUDA graphs: the graphs remove launch gaps, not kernel time,
 and outside a graph every kernel is attributed to its op. The gap they close shows here as
@@ -16,18 +19,20 @@ from __future__ import annotations
 import argparse
 import re
 import tempfile
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
 
 from ddpm_fast import FastSampler, GaussianDiffusion, UNet
+from ddpm_fast.model import preset_config
 from ddpm_fast.argtypes import comma_choices, non_negative_int, positive_int
 from ddpm_fast.plan import KERNELS, ExecutionPlan
 from ddpm_fast.training.config import TrainConfig
 from ddpm_fast.training.run import build_run
 
-from . import report_parts
+from . import ceilings, report_parts
 from .common import DEVICE, allow_tf32, bench_env, timed, write_result
 
 # First match wins: attention before matmul (flash kernels are GEMMs too), normalisation before
@@ -102,7 +107,30 @@ def profile_steps(fn: Callable[[], object], steps: int, device: torch.device, to
     }
 
 
-def train_workload(path: str, args, device: torch.device) -> Callable[[], object]:
+class Workload(NamedTuple):
+    step: Callable[[], object]  # one step
+    model_config: dict  # UNet(**model_config) is the network the step runs
+    batch: int
+    train: bool
+
+
+def step_gflop(w: Workload, image_size: int) -> float:
+    """GFLOP of the matrix products and convolutions of one step of `w` (forward; when training,
+    backward to the weights and activations, not to the images), by torch.utils.flop_counter on
+    the meta device: nothing runs, so counting costs the measured device nothing. The reference
+    ops count the same as the fused ones, which do no products; the elementwise rest is left out."""
+    with torch.device("meta"):
+        net = UNet(**w.model_config).set_backend("torch")
+        x = torch.randn(w.batch, net.conv_in.in_channels, image_size, image_size)
+        t = torch.randint(0, 1000, (w.batch,))
+    with FlopCounterMode(display=False) as counter, torch.set_grad_enabled(w.train):
+        out = net(x, t)
+        if w.train:
+            out.float().square().mean().backward()
+    return counter.get_total_flops() / 1e9
+
+
+def train_workload(path: str, args, device: torch.device) -> Workload:
     """One training step of `path` on a fixed random batch (data loading is not profiled): the
     trainer's own step (build_run), on the plan of the path without CUDA graphs."""
     fast = path == "fast"
@@ -113,20 +141,39 @@ def train_workload(path: str, args, device: torch.device) -> Callable[[], object
     run = build_run(cfg, plan=plan)
     x0 = torch.rand(args.batch_size, 3, args.image_size, args.image_size, device=device) * 2 - 1
     counter = iter(range(run.total))
-    return lambda: run.step_fn(next(counter), x0)
+    return Workload(lambda: run.step_fn(next(counter), x0), dict(cfg.model), args.batch_size, train=True)
 
 
-def sample_workload(path: str, args, device: torch.device) -> Callable[[], object]:
+def sample_workload(path: str, args, device: torch.device) -> Workload:
     """One DDPM sampling step of `path` (model forward + update) on a batch of `--sample-n`, on the
     plan of the path without CUDA graphs."""
     torch.manual_seed(0)
     fast = path == "fast"
     plan = ExecutionPlan.resolve(device, fast=fast, kernels=args.kernels if fast else "torch",
                                  compile="default" if args.sample_compile else None, cuda_graphs=False)
-    model = plan.prepare(UNet.from_preset(args.preset, image_size=args.image_size).eval())
+    config = preset_config(args.preset, image_size=args.image_size)
+    model = plan.prepare(UNet(**config).eval())
     sampler = FastSampler(model, GaussianDiffusion("linear", 1000), method="ddpm", plan=plan)
     x = torch.randn(args.sample_n, 3, args.image_size, args.image_size, device=device)
-    return lambda: sampler.sample(args.sample_n, args.image_size, x_start=x, start_t=0)  # one step: t = 0
+    # one step: t = 0
+    return Workload(lambda: sampler.sample(args.sample_n, args.image_size, x_start=x, start_t=0), config,
+                    args.sample_n, train=False)
+
+
+def rates(w: Workload, args, row: dict, ceiling: dict | None) -> dict:
+    """The step timed outside the profiler, its GFLOP and the rate they make; the matmul/conv
+    category's own rate (its profiled ms); with a ceiling, the time the ceiling allows (floor) and
+    how many of it the step takes."""
+    _, s = timed(lambda: [w.step() for _ in range(args.steps)])
+    ms = 1e3 * s / args.steps
+    gflop = step_gflop(w, args.image_size)
+    conv_ms = row["kernel_ms_per_step"] * row["categories"].get("matmul/conv", 0.0)
+    out = {"ms_per_step": ms, "gflop_per_step": gflop, "TFLOPs": gflop / ms,
+           "matmul_conv_TFLOPs": gflop / conv_ms if conv_ms > 0 else None}
+    if ceiling:
+        floor_ms = gflop / ceiling["bf16_matmul_TFLOPs"]  # GFLOP / (TFLOP/s) = ms
+        out |= {"floor_ms_per_step": floor_ms, "x_floor": ms / floor_ms}
+    return {k: v if v is None else float(f"{v:.4g}") for k, v in out.items()}
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -146,6 +193,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=non_negative_int, default=3)
     p.add_argument("--steps", type=positive_int, default=5, help="profiled steps per workload")
     p.add_argument("--top", type=positive_int, default=15)
+    p.add_argument("--floor", action="store_true",
+                   help="measure the bf16 matmul ceiling and set each step against the time it allows")
     return p.parse_args(argv)
 
 
@@ -155,14 +204,17 @@ def main(argv: list[str] | None = None) -> int:
     env = bench_env(preset=args.preset, batch_size=args.batch_size, sample_n=args.sample_n,
                     image_size=args.image_size, compile=args.compile, sample_compile=args.sample_compile,
                     kernels=args.kernels)
+    if args.floor:
+        env["ceiling"] = ceilings.matmul_TFLOPs(DEVICE)
     makers = {"train": train_workload, "sample": sample_workload}
     results = []
     for workload in args.workloads:
         for path in args.paths:
-            fn = makers[workload](path, args, DEVICE)
-            _, warm_s = timed(lambda: [fn() for _ in range(args.warmup)])
-            results.append({"workload": workload, "path": path, "warmup_s": round(warm_s, 2),
-                            **profile_steps(fn, args.steps, DEVICE, args.top)})
+            w = makers[workload](path, args, DEVICE)
+            _, warm_s = timed(lambda: [w.step() for _ in range(args.warmup)])
+            row = {"workload": workload, "path": path, "warmup_s": round(warm_s, 2),
+                   **profile_steps(w.step, args.steps, DEVICE, args.top)}
+            results.append(row | rates(w, args, row, env.get("ceiling")))
             write_result("profile", {"env": env, "profile": results})  # after each: a timeout keeps the rest
             print(report_parts.profile(results[-1:], env, top=args.top), flush=True)
     return 0

@@ -79,6 +79,18 @@ def profile(rows: list[dict], env: dict, top: int = 8) -> str:
                          r["kernels_per_step"], ", ".join(f"{c} {s:.0%}" for c, s in r["categories"].items())]
                         for r in rows])
     parts = [head, summary]
+    if all("gflop_per_step" in r for r in rows):  # profiles written before the rates lack them
+        ceiling = env.get("ceiling")
+        parts.append(
+            "Outside the profiler: ms/step, the GFLOP of its products and convolutions, the rate they make "
+            "(all ops; matmul/conv: their profiled ms)"
+            + (f", and the floor those GFLOP take at the bf16 matmul ceiling, {ceiling['bf16_matmul_TFLOPs']:.3g} "
+               f"TFLOP/s ({ceiling['matmul_n']}-square products):" if ceiling else ":"))
+        parts.append(md_table(
+            ["workload", "path", "ms/step", "GFLOP/step", "TFLOP/s", "matmul/conv TFLOP/s"]
+            + (["floor ms", "x floor"] if ceiling else []),
+            [[r["workload"], r["path"], r["ms_per_step"], r["gflop_per_step"], r["TFLOPs"], r["matmul_conv_TFLOPs"]]
+             + ([r["floor_ms_per_step"], f"{r['x_floor']:.2f}x"] if ceiling else []) for r in rows]))
     for r in rows:
         parts.append(f"Top kernels, {r['workload']} / {r['path']}:\n\n" + md_table(
             ["share", "ms/step", "calls/step", "category", "kernel"],

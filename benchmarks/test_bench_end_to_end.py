@@ -23,7 +23,7 @@ def step_args() -> argparse.Namespace:
 def test_step(benchmark, workload, path):
     args = step_args()
     make = {"train": profile_step.train_workload, "sample": profile_step.sample_workload}[workload]
-    fn = make(path, args, common.DEVICE)
+    fn = make(path, args, common.DEVICE).step
     benchmark.group = f"{workload} step, {args.preset}, batch {args.batch_size if workload == 'train' else args.sample_n}"
     benchmark.extra_info.update(path=path, device=str(common.DEVICE))
     benchmark.pedantic(common.synced(fn), rounds=10, warmup_rounds=3)  # warm-up: compile, cuDNN plans, allocator

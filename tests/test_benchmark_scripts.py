@@ -7,7 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmarks import epoch, fidelity, profile_step, sample
+from benchmarks import ceilings, epoch, fidelity, profile_step, sample
+from benchmarks.common import cpu_model
+from ddpm_fast import UNet
+from ddpm_fast.model import AttnBlock
 from ddpm_fast.ops import cpp
 
 
@@ -74,8 +77,9 @@ def test_fidelity_report(tmp_path, monkeypatch):
 def test_profile_step(tmp_path, monkeypatch):
     monkeypatch.setenv("OUT", str(tmp_path))
     assert profile_step.main(["--preset", "tiny", "--image-size", "8", "--batch-size", "2", "--sample-n", "2",
-                              "--compile", "none", "--warmup", "1", "--steps", "2", "--top", "5"]) == 0
-    rows = json.loads((tmp_path / "profile.json").read_text())["profile"]
+                              "--compile", "none", "--warmup", "1", "--steps", "2", "--top", "5", "--floor"]) == 0
+    result = json.loads((tmp_path / "profile.json").read_text())
+    rows, tflops = result["profile"], result["env"]["ceiling"]["bf16_matmul_TFLOPs"]
     assert [(r["workload"], r["path"]) for r in rows] == [
         ("train", "reference"), ("train", "fast"), ("sample", "reference"), ("sample", "fast")]
     for r in rows:
@@ -84,8 +88,51 @@ def test_profile_step(tmp_path, monkeypatch):
         assert sum(r["categories"].values()) == pytest.approx(1, abs=2e-3)
         assert r["categories"]["matmul/conv"] > 0.1  # a UNet step is mostly convolutions, even on CPU
         assert 0 < r["kernel_ms_per_step"] and 0 < r["busy"] <= 1.5
+        assert r["TFLOPs"] == pytest.approx(r["gflop_per_step"] / r["ms_per_step"], rel=1e-2)
+        assert r["floor_ms_per_step"] == pytest.approx(r["gflop_per_step"] / tflops, rel=1e-2)
+        assert r["x_floor"] == pytest.approx(r["ms_per_step"] / r["floor_ms_per_step"], rel=1e-2)
+    # both paths run the same products; a training step's are about three times a forward's
+    assert rows[0]["gflop_per_step"] == rows[1]["gflop_per_step"] > 2.5 * rows[2]["gflop_per_step"] > 0
     train_ops = {k["name"] for k in rows[0]["top"]}
     assert any("convolution" in n for n in train_ops)
+
+
+def _hooked_gflop(net: torch.nn.Module, x: torch.Tensor, t: torch.Tensor) -> tuple[float, float]:
+    """(forward, training) GFLOP of the convolutions, linear layers and attention products (q k^T,
+    and its weights times v), counted by hand from each call's shapes, 2 per multiply-add. Training
+    adds a product to the weights for each layer, and one to the input where the input needs a
+    gradient (not the images or the sinusoidal time embedding); attention's two products each
+    send gradients to both their operands."""
+    fwd, train = [], []
+
+    def count(f: int, to_input: bool) -> None:
+        fwd.append(f)
+        train.append(f * (3 if to_input else 2))
+
+    def conv(m, inp, out):
+        count(2 * out.numel() * m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1], inp[0].requires_grad)
+
+    def linear(m, inp, out):
+        count(2 * out.numel() * m.in_features, inp[0].requires_grad)
+
+    def attention(m, inp, out):
+        B, C, H, W = inp[0].shape
+        count(2 * 2 * B * (H * W) ** 2 * C, True)
+    kinds = {torch.nn.Conv2d: conv, torch.nn.Linear: linear, AttnBlock: attention}
+    hooks = [m.register_forward_hook(kinds[type(m)]) for m in net.modules() if type(m) in kinds]
+    net(x, t)
+    for h in hooks:
+        h.remove()
+    return sum(fwd) / 1e9, sum(train) / 1e9
+
+
+@pytest.mark.parametrize("batch, size", [(3, 24), (1, 8)])
+def test_profile_step_gflop_counts_the_products(batch, size):
+    config = dict(image_size=size, ch=32, ch_mult=(1, 2), attn_res=(size // 2,), num_res_blocks=1, dropout=0.0)
+    fwd, train = _hooked_gflop(UNet(**config), torch.randn(batch, 3, size, size), torch.randint(0, 1000, (batch,)))
+    sample = profile_step.Workload(lambda: None, config, batch, train=False)
+    assert profile_step.step_gflop(sample, size) == pytest.approx(fwd, rel=1e-6)
+    assert profile_step.step_gflop(sample._replace(train=True), size) == pytest.approx(train, rel=1e-6)
 
 
 @pytest.mark.parametrize("name, cat", [
@@ -198,7 +245,6 @@ def test_fidelity_report_pairs():
 
 
 def test_cpu_model_names_the_cpu_and_its_bf16_features(tmp_path):
-    from benchmarks.common import cpu_model
     block = "processor\t: {n}\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Processor\nflags\t\t: {f}\n"
     amx = tmp_path / "amx"
     amx.write_text("\n".join(block.format(n=n, f="fpu avx512f amx_tile avx512_bf16 amx_bf16") for n in (0, 1)))
@@ -207,3 +253,23 @@ def test_cpu_model_names_the_cpu_and_its_bf16_features(tmp_path):
     plain.write_text(block.format(n=0, f="fpu avx2").replace("Intel(R) Xeon(R) Processor", "AMD EPYC 7B13"))
     assert cpu_model(plain) == "AMD EPYC 7B13 (no bf16 instructions)"
     assert cpu_model(tmp_path / "absent")  # no cpuinfo: platform's name, never an error
+
+
+def test_ceilings_on_the_cpu(tmp_path, monkeypatch):
+    monkeypatch.setitem(ceilings.COPY_BYTES, "cpu", 3 << 20)
+    monkeypatch.setitem(ceilings.MATMUL_N, "cpu", 200)
+    assert ceilings.main(["--json", str(tmp_path / "c.json")]) == 0
+    c = json.loads((tmp_path / "c.json").read_text())["ceilings"]
+    assert c["cpu"] == cpu_model() and c["threads"] == torch.get_num_threads()
+    assert c["copy_bytes"] == 6 << 20 and c["matmul_n"] == 200
+    assert c["copy_GBps"] == pytest.approx(c["copy_bytes"] / c["copy_ms"] / 1e6)
+    assert c["bf16_matmul_TFLOPs"] == pytest.approx(2 * 200 ** 3 / c["matmul_ms"] / 1e9)
+    assert 0 < c["copy_ms"] and 0 < c["matmul_ms"]
+
+
+def test_ceilings_refuse_a_wrong_product(monkeypatch):
+    """The rate is of the product that was timed: a matmul that computes something else fails."""
+    matmul = torch.matmul
+    monkeypatch.setattr(torch, "matmul", lambda a, b, out: matmul(a, b.t(), out=out))
+    with pytest.raises(AssertionError, match="product is wrong"):
+        ceilings.matmul_TFLOPs(torch.device("cpu"), n=64)
