@@ -26,8 +26,8 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from ddpm_fast import FastSampler, GaussianDiffusion, UNet
-from ddpm_fast.model import preset_config
 from ddpm_fast.argtypes import comma_choices, non_negative_int, positive_int
+from ddpm_fast.model import preset_config
 from ddpm_fast.plan import KERNELS, ExecutionPlan
 from ddpm_fast.training.config import TrainConfig
 from ddpm_fast.training.run import build_run
