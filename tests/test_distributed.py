@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from ddpm_fast import checkpoint as ckpt_mod
+from ddpm_fast.training.config import TRAIN_DEFAULTS
 from ddpm_fast.training.distributed import distributed_session, per_rank_batch, rank_device
 
 train_cli = importlib.import_module("ddpm_fast.commands.train")
@@ -123,7 +124,8 @@ def test_ranks_end_identical_and_rank0_writes_one_run(runs):
     assert (full / "loss.png").is_file() and (full / "samples" / "final.png").is_file()
     log = runs["log"]
     assert log.count("ddpm-fast: preset tiny") == 1 and log.count("done: 8 steps") == 1
-    assert "global batch 8 (4 per rank x 2 processes; lr not rescaled), lr 0.001" in log
+    lr = TRAIN_DEFAULTS["tiny"]["lr"]  # the preset's, not multiplied by the 2 ranks
+    assert f"global batch 8 (4 per rank x 2 processes; lr not rescaled), lr {lr}," in log
 
 
 def test_two_process_resume_is_exact(runs):
