@@ -85,3 +85,28 @@ def test_bad_spec_names_the_key(tmp_path, capsys):
     spec.write_text('[base]\npreset = "tiny"\nlearning_rate = 1\n')
     assert ablate.main([str(spec)]) == 2
     assert "learning_rate" in capsys.readouterr().err
+
+
+def test_report_pairs_each_config_with_the_base_seed_by_seed(tmp_path):
+    """A config below the base on every seed is counted so even where the seeds' spread swallows the
+    mean gain; the count pairs seed i with seed i, not the sorted values."""
+    from ddpm_fast.commands.ablate import Plan, summarise, write_report
+
+    finals = {"base": [0.10, 0.20, 0.30], "paired": [0.09, 0.19, 0.29], "shuffled": [0.25, 0.05, 0.15]}
+    for name, kids in finals.items():
+        for seed, kid in enumerate(kids):
+            folder = tmp_path / name / f"seed{seed}"
+            folder.mkdir(parents=True)
+            (folder / "metrics.csv").write_text(
+                f"step,loss,kid,x0_mse\n1,0.5,,\n2,0.4,{kid + 0.1},1.0\n4,0.3,{kid},{1.0 - kid}\n")
+    plan = Plan(out=tmp_path, steps=4, eval_every=2, eval_samples=8, seeds=[0, 1, 2], sampler={}, base={},
+                configs={"base": {}, "paired": {"lr": 1e-3}, "shuffled": {"lr": 2e-3}})
+    summary = summarise(plan)
+    paired, shuffled = summary["paired"], summary["shuffled"]
+    assert paired["kid_per_seed"] == finals["paired"] and paired["steps"] == [2, 4]
+    assert paired["kid_seeds_below_base"] == 3 and not paired["kid_beyond_spread"]
+    assert shuffled["kid_seeds_below_base"] == 2  # seeds 1 and 2; sorted values would give 3
+    assert paired["x0_mse_seeds_below_base"] == 0  # its x0-MSE is above the base's on each seed
+    report = write_report(plan, summary).read_text()
+    assert "| paired | lr=0.001 | 0.1900 ± 0.1000 | +0.0100 | 3/3 |" in report
+    assert "| shuffled | lr=0.002 |" in report and "| 2/3 |" in report and "| base | (base) |" in report

@@ -25,9 +25,9 @@ Each config trains through build_run (the trainer itself) into its own folder an
 (the sampler's x_T fixed per seed) and the held-out x0-MSE at intervals. A killed harness, run
 again, continues with the runs and steps not done. It writes `ablation.md` (mean and spread over
 the seeds of each config's final KID and x0-MSE, its gain against the base and whether that
-exceeds the seed spread, and how many steps the best config needs to reach the base's final
-KID), `ablation.json` and `ablation_kid.png` (KID against step). `--dry-run` prints the plan and
-its estimated time."""
+exceeds the seed spread, on how many seeds its KID is below the base's of that seed, and how many
+steps the best config needs to reach the base's final KID), `ablation.json` and `ablation_kid.png`
+(KID against step). `--dry-run` prints the plan and its estimated time."""
 from __future__ import annotations
 
 import argparse
@@ -142,7 +142,8 @@ def summarise(plan: Plan) -> dict:
         row: dict = {"changes": plan.configs[name], "steps": steps}
         for metric in ("kid", "x0_mse"):
             if steps and all(metric in r[steps[-1]] for r in runs):
-                row[metric] = mean_spread([r[steps[-1]][metric] for r in runs])
+                row[f"{metric}_per_seed"] = [r[steps[-1]][metric] for r in runs]
+                row[metric] = mean_spread(row[f"{metric}_per_seed"])
                 row[f"{metric}_curve"] = [statistics.fmean(r[s][metric] for r in runs) for s in steps]
         out[name] = row
     base = out["base"]
@@ -153,6 +154,10 @@ def summarise(plan: Plan) -> dict:
                 row[f"{metric}_gain"] = gain
                 # beyond the seed spread: larger than either config's seed-to-seed standard deviation
                 row[f"{metric}_beyond_spread"] = abs(gain) > max(base[metric][1], row[metric][1])
+                # paired by seed: a seed fixes the initial weights, the data order and the KID's x_T alike,
+                # so a config below its base on every seed is a finding the seeds' spread can hide
+                row[f"{metric}_seeds_below_base"] = sum(
+                    c < b for c, b in zip(row[f"{metric}_per_seed"], base[f"{metric}_per_seed"]))
     ranked = [n for n in out if "kid" in out[n]]
     if ranked and "kid" in base:
         best = min(ranked, key=lambda n: out[n]["kid"][0])
@@ -165,8 +170,10 @@ def write_report(plan: Plan, summary: dict) -> Path:
     header = (f"Ablation `{plan.out}`: {plan.steps} steps, seeds {plan.seeds}, KID of {plan.eval_samples} samples "
               f"({plan.sampler.get('method', 'ddim')}-{plan.sampler.get('steps', 25)}) against the val split and "
               "held-out x0-MSE, final evaluation; mean ± spread (standard deviation over the seeds). A gain is "
-              "the base's figure minus the config's (positive: better); * marks a gain beyond the seed spread.")
-    lines = [header, "", "| config | changes | KID | KID gain | x0-MSE | x0-MSE gain |", "|---|---|---|---|---|---|"]
+              "the base's figure minus the config's (positive: better); * marks a gain beyond the seed spread; "
+              "seeds below base: on how many seeds the config's final KID is below the base's of the same seed.")
+    lines = [header, "", "| config | changes | KID | KID gain | seeds below base | x0-MSE | x0-MSE gain |",
+             "|---|---|---|---|---|---|---|"]
 
     def cell(row: dict, metric: str) -> tuple[str, str]:
         if metric not in row:
@@ -178,8 +185,10 @@ def write_report(plan: Plan, summary: dict) -> Path:
         if name.startswith("_"):
             continue
         changes = ", ".join(f"{k}={_text(v)}" for k, v in row["changes"].items()) or "(base)"
-        lines.append(f"| {name} | {changes} | " + " | ".join(" | ".join(cell(row, m)) for m in ("kid", "x0_mse"))
-                     + " |")
+        below = "-" if name == "base" or "kid_seeds_below_base" not in row else \
+            f"{row['kid_seeds_below_base']}/{len(row['kid_per_seed'])}"
+        lines.append(f"| {name} | {changes} | {' | '.join(cell(row, 'kid'))} | {below} | "
+                     f"{' | '.join(cell(row, 'x0_mse'))} |")
     best = summary.get("_best")
     if best:
         reach = best["steps_to_base_final_kid"]
