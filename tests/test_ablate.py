@@ -110,3 +110,75 @@ def test_report_pairs_each_config_with_the_base_seed_by_seed(tmp_path):
     report = write_report(plan, summary).read_text()
     assert "| paired | lr=0.001 | 0.1900 ± 0.1000 | +0.0100 | 3/3 |" in report
     assert "| shuffled | lr=0.002 |" in report and "| 2/3 |" in report and "| base | (base) |" in report
+
+
+IMAGES_SPEC = """
+out = "{out}"
+images = 192
+eval_images = 96
+eval_samples = 4
+seeds = [0]
+
+[base]
+preset = "tiny"
+{base_batch}
+
+[variants]
+half = {{ batch_size = 8 }}
+double = {{ batch_size = 32, lr = 2e-3 }}
+"""
+
+
+def test_a_budget_in_images_gives_each_batch_size_its_steps(tmp_path):
+    """Configs of different batch sizes see the same images: steps and evaluations scale inversely."""
+    from ddpm_fast.commands.ablate import load_spec, train_config
+
+    spec = tmp_path / "spec.toml"
+    spec.write_text(IMAGES_SPEC.format(out=tmp_path / "abl", base_batch="batch_size = 16"))
+    plan = load_spec(spec)
+    assert {n: plan.schedule(n) for n in plan.configs} == {"base": (12, 6), "half": (24, 12), "double": (6, 3)}
+    cfg = train_config(plan, "half", 0, resume=False)
+    assert (cfg.steps, cfg.eval_every, cfg.save_every, cfg.batch_size) == (24, 12, 12, 8)
+    assert "192 images, evaluated every 96 (steps: base 12, half 24, double 6)" == plan.describe()
+
+
+@pytest.mark.parametrize("text, message", [
+    (IMAGES_SPEC.format(out="x", base_batch=""), "needs batch_size in [base] or in config base"),
+    (IMAGES_SPEC.format(out="x", base_batch="batch_size = 20"), "images = 192 is not a whole number of config base's"),
+    (IMAGES_SPEC.format(out="x", base_batch="batch_size = 16").replace("double = {", "odd = { batch_size = 64 }\n"
+                                                                        "double = {"), "config odd's batches of 64"),
+    ("steps = 10\n" + IMAGES_SPEC.format(out="x", base_batch="batch_size = 16"), "either steps and eval_every or"),
+    (IMAGES_SPEC.format(out="x", base_batch="batch_size = 16").replace("eval_images = 96", ""), "either steps"),
+])
+def test_a_budget_in_images_refuses_what_it_cannot_split(tmp_path, text, message):
+    from ddpm_fast.commands.ablate import load_spec
+
+    spec = tmp_path / "spec.toml"
+    spec.write_text(text)
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        load_spec(spec)
+
+
+def test_report_under_a_budget_in_images_plots_and_reaches_by_images(tmp_path):
+    """Curves are indexed by images (step x batch), the reach is told in images, and each config's
+    median logged img/s stands beside its KID."""
+    from ddpm_fast.commands.ablate import Plan, summarise, write_report
+
+    rows = {"base": (16, {3: 0.30, 6: 0.20}, [100.0, 110.0, 90.0]),
+            "half": (8, {6: 0.15, 12: 0.10}, [70.0, 80.0, 75.0])}
+    for name, (batch, kids, speeds) in rows.items():
+        folder = tmp_path / name / "seed0"
+        folder.mkdir(parents=True)
+        lines = ["step,loss,img_per_s,kid,x0_mse"] + [f"{i},0.5,{v},," for i, v in enumerate(speeds, 1)]
+        lines += [f"{step},0.4,,{kid},1.0" for step, kid in kids.items()]
+        (folder / "metrics.csv").write_text("\n".join(lines) + "\n")
+    plan = Plan(out=tmp_path, steps=0, eval_every=0, eval_samples=8, seeds=[0], sampler={}, base={"batch_size": 16},
+                configs={"base": {}, "half": {"batch_size": 8}}, images=96, eval_images=48)
+    summary = summarise(plan)
+    assert summary["half"]["images"] == [48, 96] == summary["base"]["images"]
+    assert summary["half"]["img_per_s"] == 75.0 and summary["base"]["img_per_s"] == 100.0
+    assert summary["_best"] == {"config": "half", "images_to_base_final_kid": 48}  # 0.15 <= the base's 0.20
+    report = write_report(plan, summary).read_text()
+    assert "it reaches the base's final KID after 48 of 96 images." in report
+    assert "| half | batch_size=8 | 0.1000 ± 0.0000 | +0.1000 * | 1/1 |" in report and report.count("| 75.0 |") == 1
+    assert (tmp_path / "ablation_kid.png").stat().st_size > 0

@@ -21,6 +21,11 @@ SPEC is a TOML file: a base config, what to vary, the seeds and the budget.
     no_attention = { attn_res = [] }
     no_ema = { ema_decay = 0.0 }
 
+A budget in images (`images = 29440` and `eval_images = 14720` in place of `steps` and
+`eval_every`) gives every config the same number of training images, so configs of different batch
+sizes compare at equal data: each config's steps are its images over its batch_size, which the base
+or the config must then set and which must divide both.
+
 Each config trains through build_run (the trainer itself) into its own folder and evaluates KID
 (the sampler's x_T fixed per seed) and the held-out x0-MSE at intervals. A killed harness, run
 again, continues with the runs and steps not done. It writes `ablation.md` (mean and spread over
@@ -42,7 +47,8 @@ from pathlib import Path
 
 from .cli import run as run_cli
 
-SPEC_KEYS = {"out", "steps", "eval_every", "eval_samples", "seeds", "sampler", "base", "grid", "variants"}
+SPEC_KEYS = {"out", "steps", "eval_every", "images", "eval_images", "eval_samples", "seeds", "sampler", "base", "grid",
+             "variants"}
 
 
 @dataclass
@@ -55,6 +61,29 @@ class Plan:
     sampler: dict
     configs: dict[str, dict]     # name -> train-config changes from the base ("base": {})
     base: dict
+    images: int | None = None    # a budget in images: steps and eval_every per config, by its batch size
+    eval_images: int | None = None
+
+    def batch_size(self, name: str) -> int | None:
+        return (self.base | self.configs[name]).get("batch_size")
+
+    @property
+    def unit(self) -> str:
+        """What a curve's x counts: steps, or images under a budget in images."""
+        return "steps" if self.images is None else "images"
+
+    def describe(self) -> str:
+        if self.images is None:
+            return f"{self.steps} steps, evaluated every {self.eval_every}"
+        steps = ", ".join(f"{name} {self.schedule(name)[0]}" for name in self.configs)
+        return f"{self.images} images, evaluated every {self.eval_images} (steps: {steps})"
+
+    def schedule(self, name: str) -> tuple[int, int]:
+        """(steps, eval_every) of config `name`."""
+        if self.images is None:
+            return self.steps, self.eval_every
+        batch = self.batch_size(name)
+        return self.images // batch, self.eval_images // batch
 
 
 def load_spec(path: str | Path) -> Plan:
@@ -81,10 +110,25 @@ def load_spec(path: str | Path) -> Plan:
         if change and any(base.get(k, getattr(TrainConfig, k)) != v for k, v in change.items()):  # not the base again
             configs["-".join(f"{k}={_text(v)}" for k, v in change.items())] = change
     configs.update(variants)
-    return Plan(out=Path(spec.get("out", "runs/ablation")), steps=int(spec.get("steps", 1000)),
+    plan = Plan(out=Path(spec.get("out", "runs/ablation")), steps=int(spec.get("steps", 1000)),
                 eval_every=int(spec.get("eval_every", 250)), eval_samples=int(spec.get("eval_samples", 128)),
                 seeds=[int(s) for s in spec.get("seeds", [0, 1])], sampler=spec.get("sampler", {}),
                 configs=configs, base=base)
+    if "images" in spec or "eval_images" in spec:
+        if {"steps", "eval_every"} & set(spec) or not {"images", "eval_images"} <= set(spec):
+            raise ValueError(f"ablation spec {path}: a budget is either steps and eval_every or images and "
+                             "eval_images")
+        plan.images, plan.eval_images = int(spec["images"]), int(spec["eval_images"])
+        for name in configs:
+            batch = plan.batch_size(name)
+            if batch is None:
+                raise ValueError(f"ablation spec {path}: a budget in images needs batch_size in [base] or in config "
+                                 f"{name}")
+            for key in ("images", "eval_images"):
+                if getattr(plan, key) % batch:
+                    raise ValueError(f"ablation spec {path}: {key} = {getattr(plan, key)} is not a whole number of "
+                                     f"config {name}'s batches of {batch}")
+    return plan
 
 
 def _text(v) -> str:
@@ -95,9 +139,10 @@ def train_config(plan: Plan, name: str, seed: int, resume: bool):
     from ..training.config import TrainConfig
 
     out = plan.out / name / f"seed{seed}"
+    steps, eval_every = plan.schedule(name)
     kw = plan.base | plan.configs[name] | dict(
-        seed=seed, steps=plan.steps, eval_every=plan.eval_every, eval_samples=plan.eval_samples,
-        save_every=plan.eval_every, sample_every=plan.steps, out=str(out), resume=str(out) if resume else None,
+        seed=seed, steps=steps, eval_every=eval_every, eval_samples=plan.eval_samples,
+        save_every=eval_every, sample_every=steps, out=str(out), resume=str(out) if resume else None,
         sample_method=plan.sampler.get("method", "ddim"), sample_steps=plan.sampler.get("steps", 25))
     kw = {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()}
     return TrainConfig(**kw)
@@ -116,7 +161,7 @@ def run_all(plan: Plan) -> None:
     for name, seed in itertools.product(plan.configs, plan.seeds):
         folder = plan.out / name / f"seed{seed}"
         done = steps_done(folder)
-        if done >= plan.steps:
+        if done >= plan.schedule(name)[0]:
             continue
         print(f"== ablation: {name}, seed {seed}" + (f" (resuming at step {done})" if done else ""), flush=True)
         train(train_config(plan, name, seed, resume=done > 0))
@@ -126,6 +171,12 @@ def curves(folder: Path) -> dict[int, dict]:
     """step -> the run's evaluation (kid, x0_mse), from the --eval-every rows of its metrics.csv."""
     with (folder / "metrics.csv").open() as f:
         return {int(r["step"]): {k: float(r[k]) for k in ("kid", "x0_mse")} for r in csv.DictReader(f) if r.get("kid")}
+
+
+def training_speeds(folder: Path) -> list[float]:
+    """The img/s of the run's logged training rows (evaluations excluded: the trainer times steps)."""
+    with (folder / "metrics.csv").open() as f:
+        return [float(r["img_per_s"]) for r in csv.DictReader(f) if r.get("img_per_s")]
 
 
 def mean_spread(values: list[float]) -> tuple[float, float]:
@@ -140,6 +191,11 @@ def summarise(plan: Plan) -> dict:
         runs = [curves(plan.out / name / f"seed{s}") for s in plan.seeds]
         steps = sorted(set.intersection(*(set(r) for r in runs)))
         row: dict = {"changes": plan.configs[name], "steps": steps}
+        if plan.images is not None:
+            row["images"] = [s * plan.batch_size(name) for s in steps]
+        speeds = [v for s in plan.seeds for v in training_speeds(plan.out / name / f"seed{s}")]
+        if speeds:  # the wall-clock price of a config, beside its quality: median over every logged row
+            row["img_per_s"] = statistics.median(speeds)
         for metric in ("kid", "x0_mse"):
             if steps and all(metric in r[steps[-1]] for r in runs):
                 row[f"{metric}_per_seed"] = [r[steps[-1]][metric] for r in runs]
@@ -161,19 +217,22 @@ def summarise(plan: Plan) -> dict:
     ranked = [n for n in out if "kid" in out[n]]
     if ranked and "kid" in base:
         best = min(ranked, key=lambda n: out[n]["kid"][0])
-        reach = next((s for s, k in zip(out[best]["steps"], out[best]["kid_curve"]) if k <= base["kid"][0]), None)
-        out["_best"] = {"config": best, "steps_to_base_final_kid": reach}
+        xs = out[best][plan.unit]
+        reach = next((x for x, k in zip(xs, out[best]["kid_curve"]) if k <= base["kid"][0]), None)
+        out["_best"] = {"config": best, f"{plan.unit}_to_base_final_kid": reach}
     return out
 
 
 def write_report(plan: Plan, summary: dict) -> Path:
-    header = (f"Ablation `{plan.out}`: {plan.steps} steps, seeds {plan.seeds}, KID of {plan.eval_samples} samples "
+    header = (f"Ablation `{plan.out}`: {plan.describe()}, seeds {plan.seeds}, KID of {plan.eval_samples} samples "
               f"({plan.sampler.get('method', 'ddim')}-{plan.sampler.get('steps', 25)}) against the val split and "
               "held-out x0-MSE, final evaluation; mean ± spread (standard deviation over the seeds). A gain is "
               "the base's figure minus the config's (positive: better); * marks a gain beyond the seed spread; "
-              "seeds below base: on how many seeds the config's final KID is below the base's of the same seed.")
-    lines = [header, "", "| config | changes | KID | KID gain | seeds below base | x0-MSE | x0-MSE gain |",
-             "|---|---|---|---|---|---|---|"]
+              "seeds below base: on how many seeds the config's final KID is below the base's of the same seed; "
+              "train img/s: the median of the runs' logged training speed, evaluations excluded (runs made "
+              "at other times or beside other jobs compare only roughly).")
+    lines = [header, "", "| config | changes | KID | KID gain | seeds below base | x0-MSE | x0-MSE gain | train img/s |",
+             "|---|---|---|---|---|---|---|---|"]
 
     def cell(row: dict, metric: str) -> tuple[str, str]:
         if metric not in row:
@@ -187,13 +246,15 @@ def write_report(plan: Plan, summary: dict) -> Path:
         changes = ", ".join(f"{k}={_text(v)}" for k, v in row["changes"].items()) or "(base)"
         below = "-" if name == "base" or "kid_seeds_below_base" not in row else \
             f"{row['kid_seeds_below_base']}/{len(row['kid_per_seed'])}"
+        speed = f"{row['img_per_s']:.1f}" if "img_per_s" in row else "-"
         lines.append(f"| {name} | {changes} | {' | '.join(cell(row, 'kid'))} | {below} | "
-                     f"{' | '.join(cell(row, 'x0_mse'))} |")
+                     f"{' | '.join(cell(row, 'x0_mse'))} | {speed} |")
     best = summary.get("_best")
     if best:
-        reach = best["steps_to_base_final_kid"]
+        reach = best[f"{plan.unit}_to_base_final_kid"]
+        at = (f"at step {reach} of {plan.steps}." if plan.unit == "steps" else f"after {reach} of {plan.images} images.")
         lines += ["", f"Best final KID: **{best['config']}**; it reaches the base's final KID "
-                  + (f"at step {reach} of {plan.steps}." if reach is not None else "at no evaluated step.")]
+                  + (at if reach is not None else "at no evaluated step.")]
     path = plan.out / "ablation.md"
     path.write_text("\n".join(lines) + "\n")
     (plan.out / "ablation.json").write_text(json.dumps(summary, indent=1))
@@ -209,9 +270,9 @@ def plot(plan: Plan, summary: dict) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, row in summary.items():
         if "kid_curve" in row:
-            ax.plot(row["steps"], row["kid_curve"], "o-" if name == "base" else ".-", label=name,
+            ax.plot(row[plan.unit], row["kid_curve"], "o-" if name == "base" else ".-", label=name,
                     linewidth=2.5 if name == "base" else 1.2)
-    ax.set_xlabel("step"), ax.set_ylabel(f"KID (mean over seeds {plan.seeds})"), ax.grid(alpha=0.3)
+    ax.set_xlabel("training images" if plan.unit == "images" else "step"), ax.set_ylabel(f"KID (mean over seeds {plan.seeds})"), ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(plan.out / "ablation_kid.png", dpi=110)
@@ -219,7 +280,8 @@ def plot(plan: Plan, summary: dict) -> None:
 
 
 def estimate_seconds(plan: Plan) -> float:
-    """Seconds for the whole plan: a few timed steps and one timed evaluation of the base config."""
+    """Seconds for the whole plan: a few timed steps and one timed evaluation of the base config (a
+    config of another batch size taken to cost the same per image)."""
     from ..evaluation import generate
     from ..training.loop import grid_sampler
     from ..training.run import build_run
@@ -237,9 +299,13 @@ def estimate_seconds(plan: Plan) -> float:
     generate(grid_sampler(run), 8, cfg.model["image_size"], run.device)
     sample_s = (time.perf_counter() - t0) / 8
     inception_s = 0.3 if run.device.type == "cpu" else 0.002  # per image, measured on 2 CPU cores
-    evals = plan.steps // plan.eval_every
-    per_run = plan.steps * step_s + evals * plan.eval_samples * (sample_s + inception_s)
-    return per_run * len(plan.configs) * len(plan.seeds)
+    total = 0.0
+    for name in plan.configs:
+        steps, eval_every = plan.schedule(name)
+        batch, base_batch = plan.batch_size(name), plan.batch_size("base")
+        per_image_scale = batch / base_batch if batch and base_batch else 1.0
+        total += steps * step_s * per_image_scale + steps // eval_every * plan.eval_samples * (sample_s + inception_s)
+    return total * len(plan.seeds)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -260,8 +326,8 @@ def main(argv: list[str] | None = None) -> int:
                 done = [steps_done(plan.out / name / f"seed{s}") for s in plan.seeds]
                 print(f"{name:40} {change or '(base)'}  steps done per seed: {done}")
             hours = estimate_seconds(plan) / 3600
-            print(f"{len(plan.configs)} configs x {len(plan.seeds)} seeds x {plan.steps} steps, evaluated every "
-                  f"{plan.eval_every}: about {hours:.1f} h from scratch on this machine")
+            print(f"{len(plan.configs)} configs x {len(plan.seeds)} seeds x {plan.describe()}: about {hours:.1f} h "
+                  "from scratch on this machine")
             return
         if not args.report_only:
             run_all(plan)
