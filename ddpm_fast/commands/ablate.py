@@ -231,7 +231,8 @@ def write_report(plan: Plan, summary: dict) -> Path:
               "seeds below base: on how many seeds the config's final KID is below the base's of the same seed; "
               "train img/s: the median of the runs' logged training speed, evaluations excluded (runs made "
               "at other times or beside other jobs compare only roughly).")
-    lines = [header, "", "| config | changes | KID | KID gain | seeds below base | x0-MSE | x0-MSE gain | train img/s |",
+    lines = [header, "",
+             "| config | changes | KID | KID gain | seeds below base | x0-MSE | x0-MSE gain | train img/s |",
              "|---|---|---|---|---|---|---|---|"]
 
     def cell(row: dict, metric: str) -> tuple[str, str]:
@@ -252,7 +253,7 @@ def write_report(plan: Plan, summary: dict) -> Path:
     best = summary.get("_best")
     if best:
         reach = best[f"{plan.unit}_to_base_final_kid"]
-        at = (f"at step {reach} of {plan.steps}." if plan.unit == "steps" else f"after {reach} of {plan.images} images.")
+        at = f"at step {reach} of {plan.steps}." if plan.unit == "steps" else f"after {reach} of {plan.images} images."
         lines += ["", f"Best final KID: **{best['config']}**; it reaches the base's final KID "
                   + (at if reach is not None else "at no evaluated step.")]
     path = plan.out / "ablation.md"
@@ -272,7 +273,8 @@ def plot(plan: Plan, summary: dict) -> None:
         if "kid_curve" in row:
             ax.plot(row[plan.unit], row["kid_curve"], "o-" if name == "base" else ".-", label=name,
                     linewidth=2.5 if name == "base" else 1.2)
-    ax.set_xlabel("training images" if plan.unit == "images" else "step"), ax.set_ylabel(f"KID (mean over seeds {plan.seeds})"), ax.grid(alpha=0.3)
+    ax.set_xlabel("training images" if plan.unit == "images" else "step")
+    ax.set_ylabel(f"KID (mean over seeds {plan.seeds})"), ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(plan.out / "ablation_kid.png", dpi=110)
