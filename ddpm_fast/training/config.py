@@ -26,8 +26,8 @@ from .kept import run_folder
 # 2e-3, both better than 1e-3, on emoji glyphs at batch 16; and at 4,000 steps it beat 1e-3 too
 # (benchmarks/RESULTS.md, "The learning rate at the first command's budget"). Its batch: at the same
 # 8 epochs, batch 16 (twice the steps, the warm-up held at 3,200 images) reached a lower KID than 32
-# on every seed, at 4e-3 as at the square-root rule's 2.8e-3, for about a tenth more time per image
-# on a CPU; batch 64 fell far behind ("The batch size at the first command's budget").
+# on every seed, at 4e-3 as at the square-root rule's 2.8e-3, and stayed ahead of batch 32 given the
+# 1.15x time it takes on a CPU; batch 64 fell far behind ("The batch size at the first command's budget").
 TRAIN_DEFAULTS: dict[str, dict] = {
     "tiny": dict(batch_size=16, epochs=8, lr=4e-3, warmup=200),
     "cifar32": dict(batch_size=128, epochs=100, lr=2e-4, warmup=5000),
