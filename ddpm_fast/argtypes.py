@@ -64,4 +64,5 @@ positive_float = number(float, 0, low_open=True)
 non_negative_float = number(float, 0)
 probability = number(float, 0, 1)               # a decay, a share of labels
 below_one = number(float, 0, 1, high_open=True)  # Adam's betas, dropout
+above_one = number(float, 1, low_open=True)     # the EMA's warm-up constant
 seed_int = number(int, 0, 2**32 - 1)            # every generator takes it (numpy's legacy ones the narrowest)

@@ -14,8 +14,8 @@ import math
 from dataclasses import MISSING, InitVar, asdict, dataclass, field, fields
 from pathlib import Path
 
-from ..argtypes import (below_one, int_tuple, non_negative_float, non_negative_int, positive_float, positive_int,
-                        probability, seed_int)
+from ..argtypes import (above_one, below_one, int_tuple, non_negative_float, non_negative_int, positive_float,
+                        positive_int, probability, seed_int)
 from ..plan import COMPILE_HELP, FAST_HELP, KERNELS
 from ..presets import MODEL_FIELDS, PRESETS, preset_config
 from ..schedulers import DEFAULT_CLIP_X0, DEFAULT_METHOD, DEFAULT_STEPS, METHODS
@@ -37,12 +37,12 @@ GENERIC_DEFAULTS = dict(batch_size=64, epochs=100, lr=2e-4, warmup=1000)
 # What a resume may change: how fast and how long it trains from here, what it logs, and where
 # and how it computes. Everything else (the model, preset, diffusion schedule and T, the data and
 # the seed of its order) defines the run: a checkpoint continued under other values would be a
-# different run wearing this one's name. The EMA decay and gradient clipping may change: like the
-# lr they only shape the steps still to come, and a lower lr with tighter clipping is what a run
-# that stopped diverging is resumed with.
+# different run wearing this one's name. The EMA's decay and warm-up and gradient clipping may
+# change: like the lr they only shape the steps still to come, and a lower lr with tighter clipping
+# is what a run that stopped diverging is resumed with.
 RESUME_MAY_CHANGE = frozenset({
-    "lr", "lr_schedule", "warmup", "ema_decay", "grad_clip", "max_skips", "steps", "epochs", "batch_size",
-    "grad_accum", "save_every", "keep_checkpoints", "sample_every", "log_every", "log_to", "sample_n",
+    "lr", "lr_schedule", "warmup", "ema_decay", "ema_warmup", "grad_clip", "max_skips", "steps", "epochs",
+    "batch_size", "grad_accum", "save_every", "keep_checkpoints", "sample_every", "log_every", "log_to", "sample_n",
     "sample_method", "sample_steps", "sample_clip_x0", "eval_every", "eval_samples", "kernels", "fast", "compile",
     "workers", "loader", "device"})
 
@@ -107,8 +107,11 @@ class TrainConfig:
     adam_beta2: float = flag(0.999, "Adam's beta2", "optimisation", type=below_one)
     weight_decay: float = flag(0.0, "weight decay (AdamW's decoupled, Adam's L2)", "optimisation",
                                type=non_negative_float)
-    ema_decay: float = flag(0.9999, "EMA decay (warmed up as min(decay, (1+n)/(10+n)))", "optimisation",
-                            type=probability)
+    ema_decay: float = flag(0.9999, "EMA decay (warmed up as min(decay, (1+n)/(K+n)), K the --ema-warmup)",
+                            "optimisation", type=probability)
+    ema_warmup: float = flag(10.0, "K of the EMA's warm-up, min(decay, (1+n)/(K+n)): the average at step n lags "
+                                   "about n/K steps behind the weights, so a lower K averages more of a short run",
+                             "optimisation", metavar="K", type=above_one)
     grad_clip: float = flag(1.0, "max gradient norm (0: off)", "optimisation", type=non_negative_float)
     max_skips: int = flag(20, "stop after this many consecutive steps skipped for a non-finite loss or gradient "
                               "(checked at each --log-every)", "optimisation", type=positive_int)

@@ -142,7 +142,7 @@ def build_run(cfg: TrainConfig, ctx: DistContext | None = None, plan: ExecutionP
     model = wrap_model(net, ctx)
     diffusion = GaussianDiffusion.from_config(cfg.to_dict())
     opt = make_optimizer(net, cfg.lr, plan, cfg.optimizer, (cfg.adam_beta1, cfg.adam_beta2), cfg.weight_decay)
-    ema = EMA(net, cfg.ema_decay)
+    ema = EMA(net, cfg.ema_decay, cfg.ema_warmup)
     gen = torch.Generator(device=plan.device).manual_seed(cfg.seed + ctx.rank)
     total = cfg.steps or cfg.epochs * len(loader)
     step = epoch = batch_in_epoch = 0
