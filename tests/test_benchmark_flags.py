@@ -13,7 +13,7 @@ from ddpm_fast.schedulers import DEFAULT_METHOD, DEFAULT_STEPS
 
 # the flags a module requires (parse alone never opens the run)
 REQUIRED = {m: ["--ckpt", "runs/x"] for m in ("bpd_estimate", "colour_stats", "grey_tint", "guidance", "mean_prior",
-                                              "nfe")}
+                                              "nfe")} | {"shape_time": ["--shape", "base="]}
 
 BAD = [  # (module, the bad arguments, the flag the refusal names)
     ("bpd_estimate", "--images 0", "--images"),
@@ -103,6 +103,14 @@ BAD = [  # (module, the bad arguments, the flag the refusal names)
     ("sample", "--few-step ddim:0", "--few-step"),
     ("sample", "--few-step dim:10", "--few-step"),
     ("sample", "--paths reference,fsat", "--paths"),
+    ("shape_time", "--rounds 0", "--rounds"),
+    ("shape_time", "--steps 0", "--steps"),
+    ("shape_time", "--warmup -1", "--warmup"),
+    ("shape_time", "--shape mult4", "--shape"),  # no =
+    ("shape_time", "--shape base=", "--shape"),  # a name twice (REQUIRED gives base= too)
+    ("shape_time", "--shape 'x=--num-res-blocks 0'", "--shape"),  # the trainer's refusal, under --shape
+    ("shape_time", "--shape 'x=--bogus 1'", "--shape"),
+    ("shape_time", "--shape 'x=--attn-res \"8'", "--shape"),  # an unclosed quote
     ("sm90", "--jobs 0", "--jobs"),
 ]
 
@@ -159,6 +167,8 @@ DOCUMENTED = [  # as README.md, benchmarks/RESULTS.md, gpu_suite.sh and .ci/run 
                      "--paths fast --compile none --steps 5"),
     ("profile_step", "--steps 3"),
     ("sample", "--quick"),
+    ("shape_time", "--shape 'mult4=--ch-mult 1,2,2,2' --shape 'res2=--num-res-blocks 2' "
+                   "--shape 'attn16=--attn-res 8,16'"),
     ("sm90", "--require-hgmma"),
 ]
 
