@@ -82,9 +82,21 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    configs, runs, steps = args.configs, {}, {}
-    tmp = Path(tempfile.mkdtemp(prefix="shape_time_"))  # each run's --out; build_run writes nothing there
-    for name, cfg in configs.items():
+    with tempfile.TemporaryDirectory(prefix="shape_time_") as tmp:  # each run's --out (build_run writes nothing)
+        rows = measure(args, Path(tmp))
+    env = bench_env(rounds=args.rounds, steps=args.steps, warmup=args.warmup)
+    write_result("shape_time", {"env": env, "rows": rows})
+    print("| shape | flags | ms/step | x base | parameters (M) | GFLOP/step |\n|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['shape']} | `{r['flags']}` | {r['ms_per_step']} ({r['min']}-{r['max']}) | {r['x_base']} "
+              f"| {r['params_m']} | {r['gflop_per_step']} |")
+    return 0
+
+
+def measure(args: argparse.Namespace, tmp: Path) -> list[dict]:
+    """Build every shape's run, time the rounds, and return a row per shape."""
+    runs, steps = {}, {}
+    for name, cfg in args.configs.items():
         run = build_run(dataclasses.replace(cfg, out=str(tmp / name)))
         model = run.cfg.model  # with what build_run resolves (the channels of the data)
         x0 = torch.rand(run.cfg.batch_size, model["in_ch"], model["image_size"], model["image_size"],
@@ -92,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         counter = iter(range(run.total))
         runs[name] = run
         steps[name] = (lambda r=run, c=counter, x=x0: r.step_fn(next(c), x))
-    ms = {name: [] for name in configs}
+    ms = {name: [] for name in args.configs}
     for _ in range(args.rounds):
         for name, step in steps.items():
             for _ in range(args.warmup):
@@ -110,13 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                      "params_m": round(sum(p.numel() for p in runs[name].net.parameters()) / 1e6, 3),
                      "gflop_per_step": round(step_gflop(work, cfg.model["image_size"]), 1),
                      "plan": runs[name].plan.describe()})
-    env = bench_env(rounds=args.rounds, steps=args.steps, warmup=args.warmup)
-    write_result("shape_time", {"env": env, "rows": rows})
-    print("| shape | flags | ms/step | x base | parameters (M) | GFLOP/step |\n|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['shape']} | `{r['flags']}` | {r['ms_per_step']} ({r['min']}-{r['max']}) | {r['x_base']} "
-              f"| {r['params_m']} | {r['gflop_per_step']} |")
-    return 0
+    return rows
 
 
 if __name__ == "__main__":
