@@ -101,9 +101,12 @@ def measure(args: argparse.Namespace, tmp: Path) -> list[dict]:
         model = run.cfg.model  # with what build_run resolves (the channels of the data)
         x0 = torch.rand(run.cfg.batch_size, model["in_ch"], model["image_size"], model["image_size"],
                         device=run.plan.device) * 2 - 1
+        # a class-conditional shape steps on (images, labels), as its loader would feed it
+        batch = (x0, torch.randint(model["num_classes"], (len(x0),), device=x0.device)) \
+            if model.get("num_classes") else x0
         counter = iter(range(run.total))
         runs[name] = run
-        steps[name] = (lambda r=run, c=counter, x=x0: r.step_fn(next(c), x))
+        steps[name] = (lambda r=run, c=counter, b=batch: r.step_fn(next(c), b))
     ms = {name: [] for name in args.configs}
     for _ in range(args.rounds):
         for name, step in steps.items():

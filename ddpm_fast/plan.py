@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .ops.auto import device_class, extension_built, implementing, measured, picked_anywhere
+from .ops.cpu_class import native_bf16
 
 OPS = ("group_norm_act", "attention", "sampling_update", "dropout")
 KERNELS = ("auto", "torch", "triton", "cpp", "aten")  # the --kernels choices of every command
@@ -25,7 +26,8 @@ COMPILE_HELP = ("torch.compile mode of the fast path (default, max-autotune-no-c
                 "(default on a GPU; none on the CPU, where a first compile outlasts what a short run saves)")
 FAST_HELP = ("the fast path: bf16 autocast (fp32 master weights), channels_last (on the CPU with the C++ "
              "extension's GroupNorm), on a GPU also CUDA graphs "
-             "(default: on on the CPU, where it is measured to learn the same, faster; off on a GPU until measured)")
+             "(default: on on a CPU with bf16 instructions, AMX or AVX-512 BF16, where it is measured to learn the same, "
+             "faster; off on a CPU without them, which emulates bf16 far more slowly, and on a GPU until measured)")
 
 
 def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
@@ -59,11 +61,13 @@ def op_backends(kernels: str, device: torch.device, autocast_dtype: torch.dtype 
 
 
 def fast_by_default(device: torch.device) -> bool:
-    """Whether a run that says neither --fast nor --no-fast takes the fast path: on the CPU, where
-    it measured 1.5-3.2x the reference's img/s (tiny and cifar32, two machines) and learns the same
-    (held-out loss and KID within the seed-to-seed spread); not yet on a GPU, where its learning has
-    not been measured (both: benchmarks/RESULTS.md)."""
-    return device.type == "cpu"
+    """Whether a run that says neither --fast nor --no-fast takes the fast path: on a CPU that
+    computes bf16 natively (cpu_class.native_bf16), where it measured 1.5-3.2x the reference's img/s
+    (tiny and cifar32, two machines) and learns the same (held-out loss and KID within the
+    seed-to-seed spread); not on a CPU that emulates bf16, where a training step measured 14x
+    slower than the reference's; not yet on a GPU, where its learning has not been measured (all:
+    benchmarks/RESULTS.md)."""
+    return device.type == "cpu" and native_bf16()
 
 
 def compile_by_default(device: torch.device) -> str | None:
@@ -165,6 +169,8 @@ class ExecutionPlan:
             cls = device_class(self.device)
             kernels += (f" (auto: {cls}'s measurements)" if measured(self.device) else
                         f" (auto: {cls} not measured, the reference kernels)")
+        emulated = self.fast and self.device.type == "cpu" and not native_bf16()
         return (f"{self.device}, {'bf16 autocast' if self.fast else 'fp32'}"
+                f"{' (emulated: this CPU has no bf16 instructions, --no-fast is faster)' if emulated else ''}"
                 f"{', channels_last' if self.channels_last else ''}, compile {self.compile or 'off'}, "
                 f"CUDA graphs {'on' if self.cuda_graphs else 'off'}; kernels: {kernels}")

@@ -6,7 +6,7 @@ import torch
 
 from ddpm_fast import ops
 from ddpm_fast.ops import auto, reference
-from ddpm_fast.ops.cpu_class import cpu_class, is_cpu_class
+from ddpm_fast.ops.cpu_class import cpu_class, is_cpu_class, native_bf16
 
 BLOCK = "processor\t: {n}\nvendor_id\t: {vendor}\nmodel name\t: {name}\nflags\t\t: {flags}\n"
 
@@ -27,6 +27,8 @@ def cpuinfo(tmp_path, vendor, flags, name="a CPU"):
 def test_cpu_class_is_the_vendor_and_the_widest_feature(tmp_path, vendor, flags, kind):
     assert cpu_class(cpuinfo(tmp_path, vendor, flags)) == kind
     assert is_cpu_class(kind)
+    # bf16 in hardware: AMX tiles or AVX-512 BF16; AVX-512F alone and AVX2 emulate it
+    assert native_bf16(cpuinfo(tmp_path, vendor, flags)) == kind.endswith(("amx_bf16", "avx512_bf16"))
 
 
 def test_cpu_class_without_cpuinfo_names_the_machine(tmp_path):

@@ -134,26 +134,35 @@ def test_compile_is_one_flag_in_every_command():
         assert plan_from_args(parse("--no-fast", "--compile")).compile is None  # compile belongs to the fast path
 
 
-def test_the_fast_path_is_the_cpus_default_and_compile_the_gpus():
+@pytest.mark.parametrize("native", [True, False], ids=["bf16_cpu", "avx2_cpu"])
+def test_the_fast_path_is_the_default_of_a_bf16_cpu_and_compile_the_gpus(monkeypatch, native):
     """Neither --fast nor --no-fast: the plan decides from the device, once (plan.fast_by_default,
-    compile_by_default), for train, sample and evaluate alike."""
+    compile_by_default), for train, sample and evaluate alike: the fast path on a CPU with bf16
+    instructions, fp32 on one that emulates bf16 (cpu_class.native_bf16)."""
+    from ddpm_fast import plan
     from ddpm_fast.commands.cli import plan_from_args
     from ddpm_fast.plan import channels_last_pays, compile_by_default, fast_by_default
     from ddpm_fast.training.config import TrainConfig
 
+    monkeypatch.setattr(plan, "native_bf16", lambda: native)
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
-    assert (fast_by_default(cpu), fast_by_default(gpu)) == (True, False)
+    assert (fast_by_default(cpu), fast_by_default(gpu)) == (native, False)
     assert (compile_by_default(cpu), compile_by_default(gpu)) == (None, "default")
     train = lambda *a: TrainConfig.from_args(train_cli.build_parser().parse_args(list(a)))  # noqa: E731
     assert (train().fast, train("--fast").fast, train("--no-fast").fast) == (None, True, False)
     default = ExecutionPlan.resolve("cpu", fast=train().fast, compile=train().compile)
     # channels_last where this kind of CPU's table picks the extension's GroupNorm (test above)
-    assert (default.autocast_dtype, default.compile, default.channels_last) == (torch.bfloat16, None,
-                                                                                 channels_last_pays(cpu))
+    assert (default.autocast_dtype, default.compile, default.channels_last) == (
+        (torch.bfloat16, None, channels_last_pays(cpu)) if native else (None, None, False))
     assert not ExecutionPlan.resolve("cpu", fast=train("--no-fast").fast).fast
+    # --fast is still obeyed where bf16 is emulated; the plan's line says what it costs
+    forced = ExecutionPlan.resolve("cpu", fast=train("--fast").fast)
+    assert forced.autocast_dtype == torch.bfloat16
+    assert ("no bf16 instructions, --no-fast is faster" in forced.describe()) == (not native)
+    assert "emulated" not in default.describe()
     for cli in (sample_cli, evaluate_cli):
         parse = lambda *a: cli.build_parser().parse_args(["--ckpt", "run", "--device", "cpu", *a])  # noqa: E731
-        assert (plan_from_args(parse()).fast, plan_from_args(parse("--no-fast")).fast) == (True, False)
+        assert (plan_from_args(parse()).fast, plan_from_args(parse("--no-fast")).fast) == (native, False)
 
 
 def test_a_sampler_given_options_not_a_plan_gets_the_plans_decisions():

@@ -42,3 +42,14 @@ def test_rows_are_each_shapes_own(tmp_path, monkeypatch):
     assert rows["res2"]["x_base"] == pytest.approx(rows["res2"]["ms_per_step"] / rows["base"]["ms_per_step"], abs=2e-3)
     assert rows["res2"]["gflop_per_step"] > rows["base"]["gflop_per_step"] * 1.2  # its extra blocks' convolutions
     assert rows["res2"]["flags"] == "--batch-size 4 --num-res-blocks 2"
+
+
+def test_a_class_conditional_shape_steps_on_labels(tmp_path, monkeypatch):
+    # its step takes (images, labels) as the trainer's loader feeds it: the class embedding is trained
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert shape_time.main(["--shape", "base=--batch-size 4", "--shape", "cond=--batch-size 4 --class-cond",
+                            "--rounds", "1", "--steps", "1", "--warmup", "0"]) == 0
+    rows = {r["shape"]: r for r in json.loads((tmp_path / "shape_time.json").read_text())["rows"]}
+    net = UNet(**preset_config("tiny", num_classes=4))  # the embedded set's four classes
+    assert rows["cond"]["params_m"] == round(sum(p.numel() for p in net.parameters()) / 1e6, 3)
+    assert rows["cond"]["params_m"] > rows["base"]["params_m"]

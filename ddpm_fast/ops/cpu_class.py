@@ -43,6 +43,18 @@ def cpu_class(path: str | Path = "/proc/cpuinfo") -> str:
     return f"cpu-{vendor}-{next((f for f in CLASS_FEATURES if f in flags), 'base')}"
 
 
+# The features with which oneDNN computes bf16 natively: AMX tiles, AVX-512 BF16 dot products. A CPU
+# without either (AVX2 alone: most desktops and laptops, AMD before Zen 4) emulates bf16 through
+# fp32 conversions, and there the fast path's bf16 autocast measured 14x slower than fp32
+# (benchmarks/RESULTS.md, "A CPU without bf16 instructions").
+NATIVE_BF16 = ("amx_bf16", "avx512_bf16")
+
+
+def native_bf16(path: str | Path = "/proc/cpuinfo") -> bool:
+    """Whether this CPU computes bf16 natively (NATIVE_BF16): its class names one of those features."""
+    return cpu_class(path).rsplit("-", 1)[-1] in NATIVE_BF16
+
+
 def is_cpu_class(device_class: str) -> bool:
     """Whether a measurement's device class is a CPU's ("cpu" is a module JSON's, which names none)."""
     return device_class == "cpu" or device_class.startswith("cpu-")
