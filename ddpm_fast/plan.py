@@ -126,9 +126,9 @@ class ExecutionPlan:
                      cuda_graphs: bool = False, backend: str = "auto") -> "ExecutionPlan":
         """The plan of a caller that gives its options one by one (FastSampler without a plan). dtype
         None is the library's default on the device, the fast path's bf16 autocast where that is the
-        default (fast_by_default: the CPU), else fp32; torch.float32 is fp32, no autocast. channels_last
-        goes with a reduced-precision autocast, as on the fast path (the model need not be converted:
-        its convolutions follow the input's layout)."""
+        default (fast_by_default: a CPU with bf16 instructions), else fp32; torch.float32 is fp32, no
+        autocast. channels_last goes with a reduced-precision autocast, as on the fast path (the model
+        need not be converted: its convolutions follow the input's layout)."""
         if dtype is None:
             dtype = torch.bfloat16 if fast_by_default(device) else None
         dtype = None if dtype == torch.float32 else dtype

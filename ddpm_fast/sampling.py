@@ -63,7 +63,8 @@ class FastSampler:
     `plan` (an ExecutionPlan) gives the device, autocast dtype, memory format, compile mode, CUDA
     graphs and the update's backend; without one they come from dtype/compile/cuda_graph/backend and
     the model's device. `dtype` None is the library's default there (ExecutionPlan.from_options):
-    bf16 autocast on the CPU, where the fast path is the default, fp32 on a GPU until measured;
+    bf16 autocast on a CPU with bf16 instructions, where the fast path is the default, fp32 on one
+    without them (where bf16 is emulated and slower) and on a GPU until measured;
     torch.float32 samples in fp32, as the references the tests compare with. cuda_graph: "auto"
     (graphs on CUDA when no generator is given and no trajectory asked for), True (graphs whenever a
     trajectory is not asked for; a generator is refused) or False.
