@@ -8,10 +8,10 @@ thread pool shared between rows), on the built-in data at the preset's size and 
   bf16           bf16 autocast alone (fp32 master weights), the reference GroupNorm
   channels_last  channels_last alone
   compile        torch.compile alone (fp32)
-  fast_eager     `python -m ddpm_fast.train --fast`, the default on a CPU with bf16 instructions (AMX or
-                 AVX-512 BF16; on one without them the default is the reference): bf16 and auto's kernels (on the CPU
-                 the extension's GroupNorm where measured faster, and per pass: tiny's attention
-                 trains on SDPA's math path), channels_last with the extension built
+  fast_eager     `python -m ddpm_fast.train --fast`, the default on a CPU with bf16 instructions (AMX
+                 or AVX-512 BF16; on one without them the default is the reference): bf16 and auto's
+                 kernels (on the CPU the extension's GroupNorm where measured faster, and per pass:
+                 tiny's attention trains on SDPA's math path), channels_last with the extension built
                  (plan.channels_last_pays), no compile
   fast           fast_eager + torch.compile: `--compile`
   diffusers      benchmarks/diffusers_loop.py: UNet2DModel of the same parameters, AdamW, EMA, fp32
@@ -22,11 +22,11 @@ preset's timed steps; img/s is the median over rounds with its min and max.
 
 Sampling rows (SAMPLE_ROWS), --sample-n images with the default sampler (DPM-Solver++(2M) SDE on
 Karras sigmas, 20 evaluations) on the same random weights: ddpm-fast's reference (fp32 eager),
-fast_eager (`--fast`, the default on a CPU with bf16 instructions: bf16, auto's kernels) and fast (+ torch.compile), and diffusers' DDPMPipeline with
-DPMSolverMultistepScheduler(sde-dpmsolver++, Karras), the same solver. One more on request,
-library: `FastSampler(model, diffusion)` as the Python API is called, no plan and the model as
-given (no channels_last conversion, no set_backend). A first call of each is its warm-up (compile
-included); then --rounds timed calls.
+fast_eager (`--fast`, the default on a CPU with bf16 instructions: bf16, auto's kernels) and fast
+(+ torch.compile), and diffusers' DDPMPipeline with DPMSolverMultistepScheduler(sde-dpmsolver++,
+Karras), the same solver. One more on request, library: `FastSampler(model, diffusion)` as the
+Python API is called, no plan and the model as given (no channels_last conversion, no
+set_backend). A first call of each is its warm-up (compile included); then --rounds timed calls.
 
 JSON to $OUT/cpu_speed.json when OUT is set, else benchmarks/results/; a table on stdout."""
 from __future__ import annotations

@@ -26,8 +26,9 @@ COMPILE_HELP = ("torch.compile mode of the fast path (default, max-autotune-no-c
                 "(default on a GPU; none on the CPU, where a first compile outlasts what a short run saves)")
 FAST_HELP = ("the fast path: bf16 autocast (fp32 master weights), channels_last (on the CPU with the C++ "
              "extension's GroupNorm), on a GPU also CUDA graphs "
-             "(default: on on a CPU with bf16 instructions, AMX or AVX-512 BF16, where it is measured to learn the same, "
-             "faster; off on a CPU without them, which emulates bf16 far more slowly, and on a GPU until measured)")
+             "(default: on on a CPU with bf16 instructions, AMX or AVX-512 BF16, where it is measured to learn the "
+             "same, faster; off on a CPU without them, which emulates bf16 far more slowly, and on a GPU until "
+             "measured)")
 
 
 def resolve_device(name: str | torch.device | None = "auto") -> torch.device:

@@ -5,6 +5,7 @@ import json
 import statistics
 
 import pytest
+import torch
 
 from benchmarks import shape_time
 from ddpm_fast import UNet
@@ -45,10 +46,19 @@ def test_rows_are_each_shapes_own(tmp_path, monkeypatch):
 
 
 def test_a_class_conditional_shape_steps_on_labels(tmp_path, monkeypatch):
-    # its step takes (images, labels) as the trainer's loader feeds it: the class embedding is trained
+    """A class-conditional shape's step gets (images, labels) as the trainer's loader feeds it, not
+    images alone (which its model would read as the null class, leaving the label path untimed)."""
+    from ddpm_fast.training.step import TrainStep
+
+    batches, call = [], TrainStep.__call__
+    monkeypatch.setattr(TrainStep, "__call__", lambda self, i, b: batches.append(b) or call(self, i, b))
     monkeypatch.setenv("OUT", str(tmp_path))
     assert shape_time.main(["--shape", "base=--batch-size 4", "--shape", "cond=--batch-size 4 --class-cond",
                             "--rounds", "1", "--steps", "1", "--warmup", "0"]) == 0
+    base, cond = batches  # one timed step each, in turn
+    assert isinstance(base, torch.Tensor) and base.shape == (4, 3, 32, 32)
+    x, y = cond
+    assert x.shape == (4, 3, 32, 32) and y.shape == (4,) and y.dtype == torch.long and 0 <= y.min() <= y.max() < 4
     rows = {r["shape"]: r for r in json.loads((tmp_path / "shape_time.json").read_text())["rows"]}
     net = UNet(**preset_config("tiny", num_classes=4))  # the embedded set's four classes
     assert rows["cond"]["params_m"] == round(sum(p.numel() for p in net.parameters()) / 1e6, 3)

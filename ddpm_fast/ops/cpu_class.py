@@ -44,9 +44,9 @@ def cpu_class(path: str | Path = "/proc/cpuinfo") -> str:
 
 
 # The features with which oneDNN computes bf16 natively: AMX tiles, AVX-512 BF16 dot products. A CPU
-# without either (AVX2 alone: most desktops and laptops, AMD before Zen 4) emulates bf16 through
-# fp32 conversions, and there the fast path's bf16 autocast measured 14x slower than fp32
-# (benchmarks/RESULTS.md, "A CPU without bf16 instructions").
+# without either (AVX2 alone: AMD before Zen 4, Intel's desktop and laptop parts) emulates bf16,
+# and there the fast path's bf16 autocast trained 14-15x slower than fp32 (benchmarks/RESULTS.md,
+# "A CPU without bf16 instructions").
 NATIVE_BF16 = ("amx_bf16", "avx512_bf16")
 
 
