@@ -171,7 +171,7 @@ def rates(w: Workload, args, row: dict, ceiling: dict | None) -> dict:
     out = {"ms_per_step": ms, "gflop_per_step": gflop, "TFLOPs": gflop / ms,
            "matmul_conv_TFLOPs": gflop / conv_ms if conv_ms > 0 else None}
     if ceiling:
-        floor_ms = gflop / ceiling["bf16_matmul_TFLOPs"]  # GFLOP / (TFLOP/s) = ms
+        floor_ms = gflop / ceilings.matmul_rate(ceiling)[1]  # GFLOP / (TFLOP/s) = ms
         out |= {"floor_ms_per_step": floor_ms, "x_floor": ms / floor_ms}
     return {k: v if v is None else float(f"{v:.4g}") for k, v in out.items()}
 
@@ -194,7 +194,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=positive_int, default=5, help="profiled steps per workload")
     p.add_argument("--top", type=positive_int, default=15)
     p.add_argument("--floor", action="store_true",
-                   help="measure the bf16 matmul ceiling and set each step against the time it allows")
+                   help="measure the bf16 matmul ceiling (fp32 on a CPU without bf16 instructions) and set each "
+                        "step against the time it allows")
     return p.parse_args(argv)
 
 

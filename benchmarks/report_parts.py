@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+from .ceilings import matmul_rate
+
 
 def md_table(header: list[str], rows: list[list[object]]) -> str:
     """A markdown table; a None cell shows as "-"."""
@@ -84,8 +86,8 @@ def profile(rows: list[dict], env: dict, top: int = 8) -> str:
         parts.append(
             "Outside the profiler: ms/step, the GFLOP of its products and convolutions, the rate they make "
             "(all ops; matmul/conv: their profiled ms)"
-            + (f", and the floor those GFLOP take at the bf16 matmul ceiling, {ceiling['bf16_matmul_TFLOPs']:.3g} "
-               f"TFLOP/s ({ceiling['matmul_n']}-square products):" if ceiling else ":"))
+            + (f", and the floor those GFLOP take at the {matmul_rate(ceiling)[0]} matmul ceiling, "
+               f"{matmul_rate(ceiling)[1]:.3g} TFLOP/s ({ceiling['matmul_n']}-square products):" if ceiling else ":"))
         parts.append(md_table(
             ["workload", "path", "ms/step", "GFLOP/step", "TFLOP/s", "matmul/conv TFLOP/s"]
             + (["floor ms", "x floor"] if ceiling else []),

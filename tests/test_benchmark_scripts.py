@@ -79,7 +79,7 @@ def test_profile_step(tmp_path, monkeypatch):
     assert profile_step.main(["--preset", "tiny", "--image-size", "8", "--batch-size", "2", "--sample-n", "2",
                               "--compile", "none", "--warmup", "1", "--steps", "2", "--top", "5", "--floor"]) == 0
     result = json.loads((tmp_path / "profile.json").read_text())
-    rows, tflops = result["profile"], result["env"]["ceiling"]["bf16_matmul_TFLOPs"]
+    rows, (_, tflops) = result["profile"], ceilings.matmul_rate(result["env"]["ceiling"])
     assert [(r["workload"], r["path"]) for r in rows] == [
         ("train", "reference"), ("train", "fast"), ("sample", "reference"), ("sample", "fast")]
     for r in rows:
@@ -255,7 +255,11 @@ def test_cpu_model_names_the_cpu_and_its_bf16_features(tmp_path):
     assert cpu_model(tmp_path / "absent")  # no cpuinfo: platform's name, never an error
 
 
-def test_ceilings_on_the_cpu(tmp_path, monkeypatch):
+@pytest.mark.parametrize("native", [True, False], ids=["bf16_cpu", "avx2_cpu"])
+def test_ceilings_on_the_cpu(tmp_path, monkeypatch, native):
+    """The product's dtype is the CPU's native one: bf16 with bf16 instructions, else fp32 (where
+    bf16 is emulated, its product is no ceiling); the rate is named by it."""
+    monkeypatch.setattr(ceilings, "native_bf16", lambda: native)
     monkeypatch.setitem(ceilings.COPY_BYTES, "cpu", 3 << 20)
     monkeypatch.setitem(ceilings.MATMUL_N, "cpu", 200)
     assert ceilings.main(["--json", str(tmp_path / "c.json")]) == 0
@@ -263,13 +267,21 @@ def test_ceilings_on_the_cpu(tmp_path, monkeypatch):
     assert c["cpu"] == cpu_model() and c["threads"] == torch.get_num_threads()
     assert c["copy_bytes"] == 6 << 20 and c["matmul_n"] == 200
     assert c["copy_GBps"] == pytest.approx(c["copy_bytes"] / c["copy_ms"] / 1e6)
-    assert c["bf16_matmul_TFLOPs"] == pytest.approx(2 * 200 ** 3 / c["matmul_ms"] / 1e9)
+    dtype = "bf16" if native else "fp32"
+    assert c["matmul_dtype"] == dtype and f"{'fp32' if native else 'bf16'}_matmul_TFLOPs" not in c
+    assert c[f"{dtype}_matmul_TFLOPs"] == pytest.approx(2 * 200 ** 3 / c["matmul_ms"] / 1e9)
+    assert ceilings.matmul_rate(c) == (dtype, c[f"{dtype}_matmul_TFLOPs"])
     assert 0 < c["copy_ms"] and 0 < c["matmul_ms"]
+
+
+def test_a_ceiling_written_before_its_dtype_was_named_is_bf16s():
+    assert ceilings.matmul_rate({"matmul_n": 2048, "bf16_matmul_TFLOPs": 0.4}) == ("bf16", 0.4)
 
 
 def test_ceilings_refuse_a_wrong_product(monkeypatch):
     """The rate is of the product that was timed: a matmul that computes something else fails."""
     matmul = torch.matmul
     monkeypatch.setattr(torch, "matmul", lambda a, b, out: matmul(a, b.t(), out=out))
-    with pytest.raises(AssertionError, match="product is wrong"):
-        ceilings.matmul_TFLOPs(torch.device("cpu"), n=64)
+    for dtype in ("bf16", "fp32"):
+        with pytest.raises(AssertionError, match=f"the {dtype} product is wrong"):
+            ceilings.matmul_TFLOPs(torch.device("cpu"), n=64, dtype=dtype)
