@@ -83,11 +83,12 @@ def profile(rows: list[dict], env: dict, top: int = 8) -> str:
     parts = [head, summary]
     if all("gflop_per_step" in r for r in rows):  # profiles written before the rates lack them
         ceiling = env.get("ceiling")
+        dtype, rate = matmul_rate(ceiling) if ceiling else (None, None)
         parts.append(
             "Outside the profiler: ms/step, the GFLOP of its products and convolutions, the rate they make "
             "(all ops; matmul/conv: their profiled ms)"
-            + (f", and the floor those GFLOP take at the {matmul_rate(ceiling)[0]} matmul ceiling, "
-               f"{matmul_rate(ceiling)[1]:.3g} TFLOP/s ({ceiling['matmul_n']}-square products):" if ceiling else ":"))
+            + (f", and the floor those GFLOP take at the {dtype} matmul ceiling, {rate:.3g} TFLOP/s "
+               f"({ceiling['matmul_n']}-square products):" if ceiling else ":"))
         parts.append(md_table(
             ["workload", "path", "ms/step", "GFLOP/step", "TFLOP/s", "matmul/conv TFLOP/s"]
             + (["floor ms", "x floor"] if ceiling else []),
