@@ -29,14 +29,19 @@ def _model_device(model: Callable) -> torch.device:
     return torch.device("cpu")
 
 
+def _config(model: Callable) -> dict:
+    """A model's config as a mapping: ours is a dict, diffusers' a FrozenDict (a dict too); a compiled
+    or DDP-wrapped model's is its inner model's; a plain callable's is empty."""
+    inner = getattr(model, "_orig_mod", getattr(model, "module", model))
+    config = getattr(inner, "config", None)
+    return config if isinstance(config, dict) else {}
+
+
 def model_channels(model: Callable) -> int:
     """The image channels a model takes: ours (config in_ch), diffusers' (config.in_channels), a
     compiled or DDP-wrapped one's; 3 for a plain callable."""
-    inner = getattr(model, "_orig_mod", getattr(model, "module", model))
-    config = getattr(inner, "config", None)
-    if isinstance(config, dict):
-        return config.get("in_ch", 3)
-    return getattr(config, "in_channels", 3)
+    config = _config(model)
+    return config.get("in_ch", config.get("in_channels", 3))
 
 
 class FastSampler:

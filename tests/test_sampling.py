@@ -247,3 +247,18 @@ def test_graphed_ddpm_from_start_t_and_its_noise(model, monkeypatch):
     eager = FastSampler(model, GaussianDiffusion("linear", 30), method="ddim", steps=10, cuda_graph=False)
     torch.testing.assert_close(ddim.sample(2, 8, x_start=x, start_t=8), eager.sample(2, 8, x_start=x, start_t=8))
     assert calls == [2, 2]
+
+
+def test_a_diffusers_model_samples_its_own_channels():
+    """diffusers' config is a FrozenDict, a dict: its in_channels must be read as such (a grey
+    UNet2DModel once got 3-channel noise, our config's default)."""
+    from diffusers import UNet2DModel
+
+    from ddpm_fast.sampling import model_channels
+
+    grey = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32),
+                       down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2,
+                       layers_per_block=1, norm_num_groups=8).eval()
+    assert model_channels(grey) == 1 and model_channels(lambda x, t: x) == 3
+    x = FastSampler(grey, GaussianDiffusion("linear", 20), steps=3).sample(2, 8, generator=torch.Generator().manual_seed(0))
+    assert x.shape == (2, 1, 8, 8) and torch.isfinite(x).all()
