@@ -24,9 +24,10 @@ Sampling rows (SAMPLE_ROWS), --sample-n images with the default sampler (DPM-Sol
 Karras sigmas, 20 evaluations) on the same random weights: ddpm-fast's reference (fp32 eager),
 fast_eager (`--fast`, the default on a CPU with bf16 instructions: bf16, auto's kernels) and fast
 (+ torch.compile), and diffusers' DDPMPipeline with DPMSolverMultistepScheduler(sde-dpmsolver++,
-Karras), the same solver. One more on request, library: `FastSampler(model, diffusion)` as the
-Python API is called, no plan and the model as given (no channels_last conversion, no
-set_backend). A first call of each is its warm-up (compile included); then --rounds timed calls.
+Karras), the same solver. ddpm-fast's rows sample on their plans as resolved, so in chunks where
+this kind of CPU caps a model call (plan.EVAL_ELEMENTS). One more on request, library:
+`FastSampler(model, diffusion)` as the Python API is called, no plan and the model as given (no
+channels_last conversion, no set_backend). A first call of each is its warm-up (compile included); then --rounds timed calls.
 
 JSON to $OUT/cpu_speed.json when OUT is set, else benchmarks/results/; a table on stdout."""
 from __future__ import annotations

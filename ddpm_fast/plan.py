@@ -6,9 +6,11 @@ to the model, the train step, the sampler and evaluation, none of which decides 
 
 `fast` is the fast path: bf16 autocast (fp32 master weights), channels_last, torch.compile and,
 on a GPU, CUDA graphs. On the CPU channels_last goes with the extension's GroupNorm only
-(channels_last_pays). `kernels` is the backend of the fused ops; a backend that lacks an op for
-this plan falls back to the reference for that op here, in one place (the extension has no
-attention; Triton's attention is fp16/bf16-only on a GPU)."""
+(channels_last_pays). On a kind of CPU where it measured faster, on either path, an inference call
+of the model takes a large batch in chunks that keep its activations in cache (eval_elements).
+`kernels` is the backend of the fused ops; a backend that lacks an op for this plan falls back to
+the reference for that op here, in one place (the extension has no attention; Triton's attention is
+fp16/bf16-only on a GPU)."""
 from __future__ import annotations
 
 import contextlib
@@ -71,6 +73,22 @@ def fast_by_default(device: torch.device) -> bool:
     return device.type == "cpu" and native_bf16()
 
 
+# On each kind of CPU where it was measured (cpu_class), the most elements the model's widest activation
+# (its top level: width x size^2 an image) may hold in one inference call; a larger batch is evaluated
+# in chunks of that many images (ExecutionPlan.images_per_call). A batch whose activations outgrow the
+# cache runs slower an image: on the 2-core AVX2 EPYC, 256 tiny images took 1.7x the time an image of
+# chunks of 16-32, and 32 anime64 images 1.4x that of chunks of 2-8, with the same outputs (fp32);
+# 1 Mi elements (4 MiB in fp32) gives tiny 32, cifar32 8, anime64 4, each inside or at the edge of
+# its measured best (benchmarks.eval_chunk; benchmarks/RESULTS.md, "Inference in chunks"). A kind not
+# measured, and a GPU, evaluate the whole batch at once.
+EVAL_ELEMENTS = {"cpu-amd-avx2": 1 << 20}
+
+
+def eval_elements_of(device: torch.device) -> int | None:
+    """EVAL_ELEMENTS of this device's kind of CPU; None (the whole batch) elsewhere."""
+    return EVAL_ELEMENTS.get(device_class(device)) if device.type == "cpu" else None
+
+
 def compile_by_default(device: torch.device) -> str | None:
     """The torch.compile mode of a fast run that does not name one: on a GPU the default mode; on
     the CPU none, since a first compile (a minute or more) outlasts what it saves in a short run:
@@ -102,6 +120,7 @@ class ExecutionPlan:
     backends: dict = field(default_factory=lambda: dict.fromkeys(OPS, "auto"))
     compile: str | None = None                  # torch.compile mode, None: eager
     cuda_graphs: bool = False
+    eval_elements: int | None = None            # per inference call, of the widest activation; None: no cap
 
     @classmethod
     def resolve(cls, device: str | torch.device = "auto", *, fast: bool | None = False, kernels: str = "auto",
@@ -120,7 +139,7 @@ class ExecutionPlan:
         backends = op_backends(kernels, dev, dtype)
         return cls(device=dev, autocast_dtype=dtype,
                    channels_last=fast and channels_last_pays(dev, backends["group_norm_act"]),
-                   backends=backends, compile=mode, cuda_graphs=graphs)
+                   backends=backends, compile=mode, cuda_graphs=graphs, eval_elements=eval_elements_of(dev))
 
     @classmethod
     def from_options(cls, device: torch.device, *, dtype: torch.dtype | None = None, compile: bool = False,
@@ -136,11 +155,19 @@ class ExecutionPlan:
         return cls(device=device, autocast_dtype=dtype,
                    channels_last=dtype is not None and channels_last_pays(device, backend),
                    backends=dict.fromkeys(OPS, backend), compile="default" if compile else None,
-                   cuda_graphs=cuda_graphs)
+                   cuda_graphs=cuda_graphs, eval_elements=eval_elements_of(device))
 
     def with_graphs(self, on: bool) -> "ExecutionPlan":
         """This plan with CUDA graphs on or off (the training grids draw from a seeded generator)."""
         return replace(self, cuda_graphs=on and self.device.type == "cuda")
+
+    def images_per_call(self, width: int | None, image_size: int) -> int | None:
+        """The most images one inference call of a model whose top level is `width` channels wide
+        should take (eval_elements), at least 1; None: any batch at once (no cap here, or the width
+        unknown)."""
+        if self.eval_elements is None or width is None:
+            return None
+        return max(1, self.eval_elements // (width * image_size ** 2))
 
     @property
     def fast(self) -> bool:
@@ -171,7 +198,10 @@ class ExecutionPlan:
             kernels += (f" (auto: {cls}'s measurements)" if measured(self.device) else
                         f" (auto: {cls} not measured, the reference kernels)")
         emulated = self.fast and self.device.type == "cpu" and not native_bf16()
+        chunks = (f", inference in chunks of {self.eval_elements / 2 ** 20:g} Mi activations" if self.eval_elements
+                  else "")
         return (f"{self.device}, {'bf16 autocast' if self.fast else 'fp32'}"
                 f"{' (emulated: this CPU has no bf16 instructions, --no-fast is faster)' if emulated else ''}"
                 f"{', channels_last' if self.channels_last else ''}, compile {self.compile or 'off'}, "
-                f"CUDA graphs {'on' if self.cuda_graphs else 'off'}; kernels: {kernels}")
+                f"CUDA graphs {'on' if self.cuda_graphs else 'off'}"
+                f"{chunks}; kernels: {kernels}")

@@ -44,6 +44,17 @@ def model_channels(model: Callable) -> int:
     return config.get("in_ch", config.get("in_channels", 3))
 
 
+def model_width(model: Callable) -> int | None:
+    """The channels of a model's top level, the widest activation an image (ExecutionPlan.images_per_call):
+    ours (config ch x ch_mult[0]), diffusers' (config.block_out_channels[0]), a compiled or DDP-wrapped
+    one's; None for a plain callable."""
+    config = _config(model)
+    if "ch" in config:
+        return config["ch"] * config["ch_mult"][0]
+    widths = config.get("block_out_channels")
+    return widths[0] if widths else None
+
+
 class FastSampler:
     """Images from a model `(x, t) -> out` (or a module whose output has `.sample`), where out is what
     `prediction_type` names (default: what the diffusion was trained for). `method` defaults to the
@@ -66,14 +77,15 @@ class FastSampler:
     the null class's u, both from one batch of 2n (w = 1: the conditional output alone).
 
     `plan` (an ExecutionPlan) gives the device, autocast dtype, memory format, compile mode, CUDA
-    graphs and the update's backend; without one they come from dtype/compile/cuda_graph/backend and
-    the model's device. `dtype` None is the library's default there (ExecutionPlan.from_options):
-    bf16 autocast on a CPU with bf16 instructions, where the fast path is the default, fp32 on one
-    without them (where bf16 is emulated and slower) and on a GPU until measured;
-    torch.float32 samples in fp32, as the references the tests compare with. cuda_graph: "auto"
-    (graphs on CUDA when no generator is given and no trajectory asked for), True (graphs whenever a
-    trajectory is not asked for; a generator is refused) or False.
-    A plan's cuda_graphs acts as "auto". `channels`: of the images (default: the model's,
+    graphs, the update's backend and the cap on one model call (on a kind of CPU where it measured
+    faster, a batch larger than images_per_call is evaluated in chunks of that size); without one
+    they come from dtype/compile/cuda_graph/backend and the model's device. `dtype` None is the
+    library's default there (ExecutionPlan.from_options): bf16 autocast on a CPU with bf16
+    instructions, where the fast path is the default, fp32 on one without them (where bf16 is
+    emulated and slower) and on a GPU until measured; torch.float32 samples in fp32, as the
+    references the tests compare with. cuda_graph: "auto" (graphs on CUDA when no generator is given
+    and no trajectory asked for), True (graphs whenever a trajectory is not asked for; a generator
+    is refused) or False. A plan's cuda_graphs acts as "auto". `channels`: of the images (default: the model's,
     model_channels)."""
 
     def __init__(self, model: Callable, diffusion: GaussianDiffusion, *, method: str = DEFAULT_METHOD,
@@ -95,6 +107,7 @@ class FastSampler:
             raise ValueError("give a plan or dtype/compile/cuda_graph/backend, not both")
         self.model, self.diffusion, self.method, self.plan, self.cfg_scale = model, diffusion, method, plan, cfg_scale
         self.channels = channels or model_channels(model)
+        self._width = model_width(model)
         self._refuse_generator = cuda_graph is True
         self._call = torch.compile(model, mode=plan.compile) if plan.compile else model
         self.scheduler = Scheduler(diffusion, method, spacing=spacing, order=order, eta=eta, variance=variance,
@@ -116,16 +129,27 @@ class FastSampler:
         """Each evaluation's place on the training steps."""
         return self.scheduler.grid_t
 
+    def _evaluate(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """The model's output on (x, t[, y]), in chunks of the plan's images_per_call where it sets one."""
+        x = inputs[0]
+        per_call = self.plan.images_per_call(self._width, x.shape[-1])
+        if per_call is None or x.shape[0] <= per_call:
+            chunks = [inputs]
+        else:
+            chunks = list(zip(*(v.split(per_call) for v in inputs)))
+        outs = [self._call(*chunk) for chunk in chunks]
+        outs = [out.sample if hasattr(out, "sample") else out for out in outs]
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
     def _model_out(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         with self.plan.autocast():
             if y is None:
-                out = self._call(x, t)
+                out = self._evaluate(x, t)
             elif self.cfg_scale == 1:
-                out = self._call(x, t, y)
+                out = self._evaluate(x, t, y)
             else:  # conditional and null-class outputs in one batch of 2n
                 null = torch.full_like(y, self.model.num_classes)
-                out = self._call(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
-        out = out.sample if hasattr(out, "sample") else out
+                out = self._evaluate(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
         if y is not None and self.cfg_scale != 1:
             cond, uncond = out.float().chunk(2)
             out = uncond + self.cfg_scale * (cond - uncond)

@@ -92,6 +92,14 @@ BAD = [  # (module, the bad arguments, the flag the refusal names)
     ("profile_step", "--warmup -1", "--warmup"),
     ("profile_step", "--steps 0", "--steps"),
     ("profile_step", "--top 0", "--top"),
+    ("eval_chunk", "--presets tiny", "--presets"),  # no =N
+    ("eval_chunk", "--presets huge=8", "--presets"),
+    ("eval_chunk", "--presets tiny=0", "--presets"),
+    ("eval_chunk", "--chunks 8,0", "--chunks"),
+    ("eval_chunk", "--elements 0", "--elements"),
+    ("eval_chunk", "--rounds 0", "--rounds"),
+    ("eval_chunk", "--sample-preset tiny", "--sample-preset"),
+    ("eval_chunk", "--sampler-rows capped,wole", "--sampler-rows"),
     ("profile_step", "--paths reference,fats", "--paths"),
     ("profile_step", "--workloads train,infer", "--workloads"),
     ("sample", "--image-size 0", "--image-size"),
@@ -153,6 +161,7 @@ DOCUMENTED = [  # as README.md, benchmarks/RESULTS.md, gpu_suite.sh and .ci/run 
     ("cpu_speed", "--presets tiny --train-rows '' --sample-presets tiny "
                   "--sample-rows reference,fast_eager,library,diffusers --rounds 5 --warmup 3 --sample-n 64"),
     ("epoch", "--quick --paths reference,fast_eager,fast"),
+    ("eval_chunk", ""),
     ("fidelity", "--steps 300 --kid-samples 128 --test-images 206 --runs reference:0,fast:0,reference:1,fast:1"),
     ("fidelity", "--preset anime64 --image-size 64 --batch-size 128 --steps 400 --lr 2e-4 --warmup 100 "
                  "--compile none --save-samples 500 --runs reference:0,fast:0,fast:1"),

@@ -175,3 +175,27 @@ def test_a_sampler_given_options_not_a_plan_gets_the_plans_decisions():
         torch.bfloat16, False, "torch")  # channels_last only where it pays: not with ATen's CPU GroupNorm
     fp32 = FastSampler(model, d, dtype=torch.float32).plan
     assert (fp32.autocast_dtype, fp32.channels_last, fp32.compile, fp32.cuda_graphs) == (None, False, None, False)
+
+
+@pytest.mark.parametrize("kind", ["cpu-amd-avx2", "cpu-intel-avx2"])
+def test_inference_chunks_where_measured_and_their_size(monkeypatch, kind):
+    """A plan caps an inference call's top-level activation at EVAL_ELEMENTS of its kind of CPU, on
+    either path and whichever way it is built; a kind not measured, and a GPU, take any batch at once.
+    images_per_call divides that cap by an image's top-level elements, and is never below 1."""
+    from ddpm_fast import plan
+    from ddpm_fast.plan import EVAL_ELEMENTS, eval_elements_of
+
+    monkeypatch.setattr(plan, "device_class", lambda device: kind)
+    cap = EVAL_ELEMENTS.get(kind)
+    cpu = torch.device("cpu")
+    assert kind != "cpu-amd-avx2" or cap == 1 << 20  # the measured kind (benchmarks.eval_chunk)
+    assert eval_elements_of(cpu) == cap and eval_elements_of(torch.device("cuda", 0)) is None
+    for p in (ExecutionPlan.resolve("cpu"), ExecutionPlan.resolve("cpu", fast=True),
+              ExecutionPlan.from_options(cpu), ExecutionPlan.from_options(cpu, dtype=torch.bfloat16)):
+        assert p.eval_elements == cap
+        assert ("inference in chunks of 1 Mi activations" in p.describe()) == (cap is not None)
+    capped = ExecutionPlan(eval_elements=1 << 20)
+    # the presets' top levels: tiny 32 wide at 32 px, cifar32 128 at 32, anime64 64 at 64, butterflies256 64 at 256
+    assert [capped.images_per_call(w, s) for w, s in ((32, 32), (128, 32), (64, 64), (64, 256))] == [32, 8, 4, 1]
+    assert ExecutionPlan(eval_elements=1000).images_per_call(3, 7) == 1000 // 147
+    assert capped.images_per_call(None, 32) is None and ExecutionPlan().images_per_call(32, 32) is None

@@ -260,5 +260,49 @@ def test_a_diffusers_model_samples_its_own_channels():
                        down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2,
                        layers_per_block=1, norm_num_groups=8).eval()
     assert model_channels(grey) == 1 and model_channels(lambda x, t: x) == 3
-    x = FastSampler(grey, GaussianDiffusion("linear", 20), steps=3).sample(2, 8, generator=torch.Generator().manual_seed(0))
+    x = FastSampler(grey, GaussianDiffusion("linear", 20), steps=3).sample(
+        2, 8, generator=torch.Generator().manual_seed(0))
     assert x.shape == (2, 1, 8, 8) and torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_inference_in_chunks_draws_the_same_images(channels_last):
+    """Where the plan caps an inference call (eval_elements), each evaluation calls the model on
+    chunks of at most images_per_call images, the remainder last, in either layout, and the chain
+    draws the images the uncapped one does; classifier-free guidance chunks its batch of 2n alike."""
+    from dataclasses import replace
+
+    d = GaussianDiffusion("linear", 50)
+    model = UNet.from_preset("tiny", image_size=8, ch_mult=(1, 2), attn_res=(4,), num_classes=3).eval()
+    calls = []
+    model.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
+    whole = ExecutionPlan(channels_last=channels_last)
+    capped = replace(whole, eval_elements=32 * 8 * 8 * 3)  # top level 32 wide, 8 px: 3 images a call
+    assert capped.images_per_call(32, 8) == 3
+    for cfg_scale, n, chunks in ((1.0, 7, [3, 3, 1]), (2.0, 5, [3, 3, 3, 1])):
+        got = {}
+        for name, plan in (("whole", whole), ("capped", capped)):
+            calls.clear()
+            sampler = FastSampler(plan.prepare(model), d, steps=4, cfg_scale=cfg_scale, plan=plan)
+            got[name] = sampler.sample(n, 8, generator=torch.Generator().manual_seed(3),
+                                       classes=[0, 1, 2, 0, 1, 2, 0][:n])
+            assert calls == ([2 * n if cfg_scale != 1 else n] if name == "whole" else chunks) * 4
+        torch.testing.assert_close(got["capped"], got["whole"], rtol=0, atol=1e-3)  # rounding, through 4 SDE steps
+        assert (got["whole"] - FastSampler(model, d, steps=4, plan=whole, cfg_scale=cfg_scale).sample(
+            n, 8, generator=torch.Generator().manual_seed(4), classes=0)).abs().max() > 1e-2  # the seed matters
+
+
+def test_model_width_reads_ours_diffusers_and_wrapped_models():
+    from diffusers import UNet2DModel
+
+    from ddpm_fast.sampling import model_width
+
+    ours = UNet.from_preset("tiny", image_size=8, ch=16, ch_mult=(3, 2), attn_res=())
+    theirs = UNet2DModel(sample_size=8, block_out_channels=(24, 48), down_block_types=("DownBlock2D",) * 2,
+                         up_block_types=("UpBlock2D",) * 2, layers_per_block=1, norm_num_groups=8)
+    assert (model_width(ours), model_width(theirs)) == (48, 24)
+    for attr in ("_orig_mod", "module"):  # where torch.compile's and DDP's wrappers keep the model
+        wrapped = torch.nn.Module()
+        setattr(wrapped, attr, ours)
+        assert model_width(wrapped) == 48
+    assert model_width(lambda x, t: x) is None
