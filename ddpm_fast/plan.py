@@ -7,7 +7,7 @@ to the model, the train step, the sampler and evaluation, none of which decides 
 `fast` is the fast path: bf16 autocast (fp32 master weights), channels_last, torch.compile and,
 on a GPU, CUDA graphs. On the CPU channels_last goes with the extension's GroupNorm only
 (channels_last_pays). On a kind of CPU where it measured faster, on either path, an inference call
-of the model takes a large batch in chunks that keep its activations in cache (eval_elements).
+of the model takes a large batch in chunks (eval_elements).
 `kernels` is the backend of the fused ops; a backend that lacks an op for this plan falls back to
 the reference for that op here, in one place (the extension has no attention; Triton's attention is
 fp16/bf16-only on a GPU)."""
@@ -75,12 +75,13 @@ def fast_by_default(device: torch.device) -> bool:
 
 # On each kind of CPU where it was measured (cpu_class), the most elements the model's widest activation
 # (its top level: width x size^2 an image) may hold in one inference call; a larger batch is evaluated
-# in chunks of that many images (ExecutionPlan.images_per_call). A batch whose activations outgrow the
-# cache runs slower an image: on the 2-core AVX2 EPYC, 256 tiny images took 1.7x the time an image of
-# chunks of 16-32, and 32 anime64 images 1.4x that of chunks of 2-8, with the same outputs (fp32);
-# 1 Mi elements (4 MiB in fp32) gives tiny 32, cifar32 8, anime64 4, each inside or at the edge of
-# its measured best (benchmarks.eval_chunk; benchmarks/RESULTS.md, "Inference in chunks"). A kind not
-# measured, and a GPU, evaluate the whole batch at once.
+# in chunks of that many images (ExecutionPlan.images_per_call). A large batch ran slower an image: on
+# the 2-core AVX2 EPYC, 256 tiny images took 1.73x the time an image of chunks of 32, 256 cifar32 ones
+# 1.54x that of chunks of 8, and 32 anime64 ones 1.2-1.3x that of chunks of 2-16, with the same
+# outputs (fp32), most likely as the batch's activations outgrew the cache. 1 Mi elements (4 MiB in
+# fp32) gives tiny 32, cifar32 8, anime64 4, each at or within the rounds' spread of its best measured
+# size (benchmarks.eval_chunk; benchmarks/RESULTS.md, "Inference in chunks"). A kind not measured, and
+# a GPU, evaluate the whole batch at once.
 EVAL_ELEMENTS = {"cpu-amd-avx2": 1 << 20}
 
 
