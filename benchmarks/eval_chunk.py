@@ -31,7 +31,7 @@ from ddpm_fast import FastSampler, GaussianDiffusion, UNet
 from ddpm_fast.argtypes import positive_int
 from ddpm_fast.plan import ExecutionPlan
 from ddpm_fast.presets import PRESETS
-from ddpm_fast.sampling import model_width
+from ddpm_fast.chunking import model_width
 from ddpm_fast.schedulers import DEFAULT_METHOD, DEFAULT_STEPS
 
 from .common import bench_env, write_result

@@ -14,6 +14,7 @@ import torch
 
 from . import graphs
 from .channel_means import prior_for
+from .chunking import in_chunks, model_config, model_width
 from .diffusion import GaussianDiffusion
 from .plan import ExecutionPlan
 from .schedulers import DEFAULT_CLIP_X0, DEFAULT_METHOD, METHODS, SPACINGS, Scheduler
@@ -29,30 +30,11 @@ def _model_device(model: Callable) -> torch.device:
     return torch.device("cpu")
 
 
-def _config(model: Callable) -> dict:
-    """A model's config as a mapping: ours is a dict, diffusers' a FrozenDict (a dict too); a compiled
-    or DDP-wrapped model's is its inner model's; a plain callable's is empty."""
-    inner = getattr(model, "_orig_mod", getattr(model, "module", model))
-    config = getattr(inner, "config", None)
-    return config if isinstance(config, dict) else {}
-
-
 def model_channels(model: Callable) -> int:
     """The image channels a model takes: ours (config in_ch), diffusers' (config.in_channels), a
     compiled or DDP-wrapped one's; 3 for a plain callable."""
-    config = _config(model)
+    config = model_config(model)
     return config.get("in_ch", config.get("in_channels", 3))
-
-
-def model_width(model: Callable) -> int | None:
-    """The channels of a model's top level, the widest activation an image (ExecutionPlan.images_per_call):
-    ours (config ch x ch_mult[0]), diffusers' (config.block_out_channels[0]), a compiled or DDP-wrapped
-    one's; None for a plain callable."""
-    config = _config(model)
-    if "ch" in config:
-        return config["ch"] * config["ch_mult"][0]
-    widths = config.get("block_out_channels")
-    return widths[0] if widths else None
 
 
 class FastSampler:
@@ -107,9 +89,9 @@ class FastSampler:
             raise ValueError("give a plan or dtype/compile/cuda_graph/backend, not both")
         self.model, self.diffusion, self.method, self.plan, self.cfg_scale = model, diffusion, method, plan, cfg_scale
         self.channels = channels or model_channels(model)
-        self._width = model_width(model)
         self._refuse_generator = cuda_graph is True
-        self._call = torch.compile(model, mode=plan.compile) if plan.compile else model
+        self._call = in_chunks(torch.compile(model, mode=plan.compile) if plan.compile else model, plan,
+                               model_width(model))
         self.scheduler = Scheduler(diffusion, method, spacing=spacing, order=order, eta=eta, variance=variance,
                                    clip_x0=clip_x0, thresholding=thresholding,
                                    use_clipped_model_output=use_clipped_model_output,
@@ -129,27 +111,15 @@ class FastSampler:
         """Each evaluation's place on the training steps."""
         return self.scheduler.grid_t
 
-    def _evaluate(self, *inputs: torch.Tensor) -> torch.Tensor:
-        """The model's output on (x, t[, y]), in chunks of the plan's images_per_call where it sets one."""
-        x = inputs[0]
-        per_call = self.plan.images_per_call(self._width, x.shape[-1])
-        if per_call is None or x.shape[0] <= per_call:
-            chunks = [inputs]
-        else:
-            chunks = list(zip(*(v.split(per_call) for v in inputs)))
-        outs = [self._call(*chunk) for chunk in chunks]
-        outs = [out.sample if hasattr(out, "sample") else out for out in outs]
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
-
     def _model_out(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         with self.plan.autocast():
             if y is None:
-                out = self._evaluate(x, t)
+                out = self._call(x, t)
             elif self.cfg_scale == 1:
-                out = self._evaluate(x, t, y)
+                out = self._call(x, t, y)
             else:  # conditional and null-class outputs in one batch of 2n
                 null = torch.full_like(y, self.model.num_classes)
-                out = self._evaluate(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
+                out = self._call(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
         if y is not None and self.cfg_scale != 1:
             cond, uncond = out.float().chunk(2)
             out = uncond + self.cfg_scale * (cond - uncond)

@@ -291,18 +291,3 @@ def test_inference_in_chunks_draws_the_same_images(channels_last):
         assert (got["whole"] - FastSampler(model, d, steps=4, plan=whole, cfg_scale=cfg_scale).sample(
             n, 8, generator=torch.Generator().manual_seed(4), classes=0)).abs().max() > 1e-2  # the seed matters
 
-
-def test_model_width_reads_ours_diffusers_and_wrapped_models():
-    from diffusers import UNet2DModel
-
-    from ddpm_fast.sampling import model_width
-
-    ours = UNet.from_preset("tiny", image_size=8, ch=16, ch_mult=(3, 2), attn_res=())
-    theirs = UNet2DModel(sample_size=8, block_out_channels=(24, 48), down_block_types=("DownBlock2D",) * 2,
-                         up_block_types=("UpBlock2D",) * 2, layers_per_block=1, norm_num_groups=8)
-    assert (model_width(ours), model_width(theirs)) == (48, 24)
-    for attr in ("_orig_mod", "module"):  # where torch.compile's and DDP's wrappers keep the model
-        wrapped = torch.nn.Module()
-        setattr(wrapped, attr, ours)
-        assert model_width(wrapped) == 48
-    assert model_width(lambda x, t: x) is None
