@@ -1,9 +1,9 @@
 """A model's inference calls in chunks. On a kind of CPU where a large batch measured slower an
 image than chunks of it, the plan caps how many images one call takes (plan.EVAL_ELEMENTS,
-ExecutionPlan.images_per_call); `in_chunks` applies that cap to a model wherever it runs for
-inference: the sampler's evaluations and evaluate's held-out figures. A model's output for one
-image does not depend on the others in its batch in eval mode, so the chunks' outputs joined are
-the batch's (bit for bit at the sizes measured; docs/DESIGN.md, "Inference in chunks")."""
+ExecutionPlan.images_per_call); `in_chunks` applies that cap to the sampler's model calls. A
+model's output for one image does not depend on the others in its batch in eval mode, so the
+chunks' outputs joined are the batch's (bit for bit at the sizes measured; docs/DESIGN.md,
+"Inference in chunks")."""
 from __future__ import annotations
 
 from typing import Callable

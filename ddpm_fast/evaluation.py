@@ -4,34 +4,24 @@ from __future__ import annotations
 
 import torch
 
-from .chunking import in_chunks, model_width
 from .diffusion import GaussianDiffusion
-from .plan import ExecutionPlan, eval_elements_of
-
-
-def _cap_of(device: torch.device) -> ExecutionPlan:
-    """A caller without a plan: the device's cap on one model call, as a plan resolved there has."""
-    return ExecutionPlan(device=device, eval_elements=eval_elements_of(device))
 
 
 @torch.no_grad()
 def heldout_mse(model, diffusion: GaussianDiffusion, images: torch.Tensor, batch_size: int = 64,
-                draws: int = 4, seed: int = 0, plan: ExecutionPlan | None = None) -> tuple[float, float | None]:
+                draws: int = 4, seed: int = 0) -> tuple[float, float | None]:
     """Mean eps-MSE over `draws` (t, noise) pairs per image, with a fixed generator, and its standard
     error over the images (each image's mean over its draws; None for one image): unweighted and
     in eps whatever the model predicts (GaussianDiffusion.eps_mse), so runs of any --loss-weight
-    and --prediction compare. The noise is drawn a batch at a time; each model call is capped as
-    `plan` says (chunking.in_chunks; without a plan, as one resolved on the model's device would),
-    which leaves the figures as they are."""
+    and --prediction compare."""
     model.eval()
     device = next(model.parameters()).device
-    call = in_chunks(model, plan or _cap_of(device), model_width(model))
     gen = torch.Generator(device=device).manual_seed(seed)
     per_image = torch.zeros(len(images), dtype=torch.float64)
     for _ in range(draws):
         start = 0
         for x0 in images.split(batch_size):
-            err = diffusion.eps_mse(call, x0.to(device), gen, reduction="none")
+            err = diffusion.eps_mse(model, x0.to(device), gen, reduction="none")
             per_image[start:start + len(x0)] += err.double().cpu()
             start += len(x0)
     per_image /= draws
@@ -69,20 +59,18 @@ def draw_in_stratum(lo: int, hi: int, n: int, generator: torch.Generator) -> tor
 
 @torch.no_grad()
 def bits_per_dim(model, diffusion: GaussianDiffusion, images: torch.Tensor, batch_size: int = 64,
-                 t_samples: int | None = None, variance: str = "posterior", seed: int = 0,
-                 plan: ExecutionPlan | None = None) -> dict:
+                 t_samples: int | None = None, variance: str = "posterior", seed: int = 0) -> dict:
     """Negative ELBO in bits/dim: L_0 (exact) + sum_{t>=1} L_t + L_T (prior), and its standard error
     over the images.
 
     With t_samples < T-1 the sum over t >= 1 is a stratified estimate (t_strata): each image draws
     one t in each stratum, its term weighted by the stratum's width, so the estimate is unbiased
     and costs t_samples model calls per image instead of T-1 (docs/bpd_estimate.json measures its
-    spread against the exact sum's). `plan` caps each model call, as in heldout_mse."""
+    spread against the exact sum's)."""
     if diffusion.schedule == "continuous":
         raise ValueError("bits/dim needs a discrete schedule (linear or cosine)")
     model.eval()
     device = next(model.parameters()).device
-    call = in_chunks(model, plan or _cap_of(device), model_width(model))
     T = diffusion.timesteps
     strata = t_strata(T - 1 if t_samples is None else t_samples, T)
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -91,12 +79,12 @@ def bits_per_dim(model, diffusion: GaussianDiffusion, images: torch.Tensor, batc
         x0 = x0.to(device)
         B = x0.shape[0]
         noise = lambda: torch.randn(x0.shape, generator=gen, device=device)  # noqa: E731
-        decoder = diffusion.vb_terms_bpd(call, x0, torch.zeros(B, dtype=torch.long, device=device), variance,
+        decoder = diffusion.vb_terms_bpd(model, x0, torch.zeros(B, dtype=torch.long, device=device), variance,
                                          noise())
         kl = torch.zeros(B, dtype=torch.float64, device=device)
         for lo, hi in strata:
             tb = draw_in_stratum(lo, hi, B, gen)
-            kl += (hi - lo) * diffusion.vb_terms_bpd(call, x0, tb, variance, noise()).double()
+            kl += (hi - lo) * diffusion.vb_terms_bpd(model, x0, tb, variance, noise()).double()
         prior = diffusion.prior_bpd(x0)
         totals.append(decoder.double() + kl + prior.double())
         for key, v in (("decoder", decoder), ("kl", kl), ("prior", prior)):

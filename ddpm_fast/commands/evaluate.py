@@ -77,11 +77,11 @@ def _evaluate(args) -> dict:
     # by at most a fifteenth of its standard error (docs/bpd_estimate.json); --no-fast for fp32.
     with plan.autocast():
         result["eps_mse"], result["eps_mse_std_err"] = heldout_mse(model, diffusion, images, args.batch_size,
-                                                                   args.mse_draws, args.seed, plan)
+                                                                   args.mse_draws, args.seed)
         result["bits_per_dim"] = None  # null in the JSON when not computed
         if args.bpd_images > 0 and diffusion.schedule != "continuous":
             result["bits_per_dim"] = bits_per_dim(model, diffusion, images[: args.bpd_images], args.batch_size,
-                                                  args.bpd_t, seed=args.seed, plan=plan)
+                                                  args.bpd_t, seed=args.seed)
     if args.fid or args.kid:
         from ..evaluation import sample_quality
 
