@@ -121,6 +121,12 @@ def bench_env(**settings) -> dict:
     return {"device": device_name(), **cpu, "torch": torch.__version__, **settings}
 
 
+def spread(values: list[float], digits: int = 2) -> dict:
+    """The median of repeated measurements with their min, max and count, rounded to `digits`."""
+    return {"median": round(statistics.median(values), digits), "min": round(min(values), digits),
+            "max": round(max(values), digits), "rounds": len(values)}
+
+
 def allow_tf32() -> None:
     """TF32 matmuls and convolutions on a GPU, as the original (seed-style) script runs them."""
     if ON_GPU:

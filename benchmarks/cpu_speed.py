@@ -27,7 +27,8 @@ fast_eager (`--fast`, the default on a CPU with bf16 instructions: bf16, auto's 
 Karras), the same solver. ddpm-fast's rows sample on their plans as resolved, so in chunks where
 this kind of CPU caps a model call (plan.EVAL_ELEMENTS). One more on request, library:
 `FastSampler(model, diffusion)` as the Python API is called, no plan and the model as given (no
-channels_last conversion, no set_backend). A first call of each is its warm-up (compile included); then --rounds timed calls.
+channels_last conversion, no set_backend). A first call of each is its warm-up (compile included);
+then --rounds timed calls.
 
 JSON to $OUT/cpu_speed.json when OUT is set, else benchmarks/results/; a table on stdout."""
 from __future__ import annotations
@@ -36,7 +37,6 @@ import argparse
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,7 +51,7 @@ from ddpm_fast.plan import KERNELS, OPS, ExecutionPlan
 from ddpm_fast.presets import PRESETS
 
 from . import report_parts
-from .common import bench_env, forever, write_result
+from .common import bench_env, forever, spread, write_result
 
 TRAIN_ROWS = ("reference", "bf16", "channels_last", "compile", "fast_eager", "fast", "diffusers")
 SAMPLE_ROWS = ("reference", "fast_eager", "fast", "diffusers")
@@ -62,11 +62,6 @@ STEPS = {"tiny": 60, "cifar32": 8}  # timed steps per round: ~10 s of the refere
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def spread(values: list[float]) -> dict:
-    return {"median": round(statistics.median(values), 2), "min": round(min(values), 2),
-            "max": round(max(values), 2), "rounds": len(values)}
 
 
 def plan_of(row: str, kernels: str = "auto"):
@@ -131,18 +126,9 @@ def sample_row(row: str, args) -> dict:
     s = model.config["image_size"]
     diffusion = GaussianDiffusion("linear", 1000)
     if row == "diffusers":
-        from diffusers import DDPMPipeline
+        from .diffusers_loop import pipeline_sampler
 
-        from ddpm_fast.interop import to_diffusers
-        from ddpm_fast.schedulers import DEFAULT_METHOD
-
-        # the default sampler's scheduler as export writes it, less the clip (diffusers' thresholding
-        # takes a quantile a step, which would slow the peer)
-        unet, sched = to_diffusers(model, diffusion, DEFAULT_METHOD, clip_x0=False)
-        pipe = DDPMPipeline(unet=unet.eval(), scheduler=sched)
-        pipe.set_progress_bar_config(disable=True)
-        go = lambda: pipe(batch_size=args.sample_n, num_inference_steps=DEFAULT_STEPS,  # noqa: E731
-                          generator=torch.Generator().manual_seed(0), output_type="np")
+        go = pipeline_sampler(model, diffusion, args.sample_n)
     elif row == LIBRARY_ROW:
         sampler = FastSampler(model, diffusion)
         go = lambda: sampler.sample(args.sample_n, s, generator=torch.Generator().manual_seed(0))  # noqa: E731

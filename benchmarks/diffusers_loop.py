@@ -5,10 +5,12 @@ UNet2DModel in the same layout (interop.to_diffusers of a fresh preset UNet: the
 count, PyTorch's default init, which UNet2DModel's layers use too), AdamW (betas 0.95, 0.999, weight
 decay 1e-6), cosine lr after a linear warm-up, EMA with power-3/4 warm-up, gradient clipping at 1,
 DDPMScheduler's add_noise and the eps MSE, fp32 eager. The benchmarks feed it ddpm-fast's loader,
-so a comparison times the two steps, not two ways of reading files."""
+so a comparison times the two steps, not two ways of reading files. Its sampling counterpart,
+`pipeline_sampler`: DDPMPipeline with ddpm-fast's default solver, as export writes it."""
 from __future__ import annotations
 
 import copy
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -55,3 +57,20 @@ class DiffusersLoop:
         out = copy.deepcopy(self.unet)
         self.ema.copy_to(out.parameters())
         return out.eval()
+
+
+def pipeline_sampler(model: torch.nn.Module, diffusion, n: int) -> Callable[[], object]:
+    """A call that draws n samples with diffusers' DDPMPipeline of `model` (an ddpm-fast UNet) and the
+    library's default sampler's scheduler (DPMSolverMultistepScheduler, sde-dpmsolver++, Karras) as
+    export writes it, less the clip: diffusers' thresholding takes a quantile a step, which would
+    slow the peer."""
+    from diffusers import DDPMPipeline
+
+    from ddpm_fast.interop import to_diffusers
+    from ddpm_fast.schedulers import DEFAULT_METHOD, DEFAULT_STEPS
+
+    unet, sched = to_diffusers(model, diffusion, DEFAULT_METHOD, clip_x0=False)
+    pipe = DDPMPipeline(unet=unet.eval(), scheduler=sched)
+    pipe.set_progress_bar_config(disable=True)
+    return lambda: pipe(batch_size=n, num_inference_steps=DEFAULT_STEPS, generator=torch.Generator().manual_seed(0),
+                        output_type="np")

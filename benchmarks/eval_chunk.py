@@ -22,27 +22,22 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
 import time
 
 import torch
 
 from ddpm_fast import FastSampler, GaussianDiffusion, UNet
 from ddpm_fast.argtypes import positive_int
+from ddpm_fast.chunking import model_width
 from ddpm_fast.plan import ExecutionPlan
 from ddpm_fast.presets import PRESETS
-from ddpm_fast.chunking import model_width
-from ddpm_fast.schedulers import DEFAULT_METHOD, DEFAULT_STEPS
+from ddpm_fast.schedulers import DEFAULT_STEPS
 
-from .common import bench_env, write_result
+from .common import bench_env, spread, write_result
+from .diffusers_loop import pipeline_sampler
 from .report_parts import md_table
 
 SAMPLER_ROWS = ("capped", "whole", "diffusers")
-
-
-def spread(values: list[float]) -> dict:
-    return {"median": round(statistics.median(values), 3), "min": round(min(values), 3),
-            "max": round(max(values), 3), "rounds": len(values)}
 
 
 def preset_n(text: str) -> tuple[str, int]:
@@ -73,17 +68,13 @@ def forward_part(preset: str, n: int, chunks: list[int], rounds: int, elements: 
                 t0 = time.perf_counter()
                 run(c)
                 times[c].append((time.perf_counter() - t0) * 1000 / n)
-    rule = dataclasses.replace(ExecutionPlan(), eval_elements=elements).images_per_call(model_width(model), s)
+    rule = ExecutionPlan(eval_elements=elements).images_per_call(model_width(model), s)
     return {"preset": preset, "n": n, "width": model_width(model), "rule_chunk": rule,
-            "rows": [{"chunk": c, "ms_per_image": spread(times[c]), "max_abs_diff": diff[c]} for c in sizes]}
+            "rows": [{"chunk": c, "ms_per_image": spread(times[c], 3), "max_abs_diff": diff[c]} for c in sizes]}
 
 
 def sampler_part(preset: str, n: int, rows: list[str], rounds: int, elements: int) -> dict:
     """img/s of the default sampler, capped and whole, and of diffusers' pipeline, in turns."""
-    from diffusers import DDPMPipeline
-
-    from ddpm_fast.interop import to_diffusers
-
     torch.manual_seed(0)
     model = UNet.from_preset(preset).eval()
     s = model.config["image_size"]
@@ -93,12 +84,7 @@ def sampler_part(preset: str, n: int, rows: list[str], rounds: int, elements: in
              "whole": FastSampler(model, diffusion, plan=dataclasses.replace(plan, eval_elements=None))}
     go = {name: (lambda sampler=sampler: sampler.sample(n, s, generator=torch.Generator().manual_seed(0)))
           for name, sampler in calls.items()}
-    # the default sampler's scheduler as export writes it, less the clip (as benchmarks.cpu_speed's peer)
-    unet, sched = to_diffusers(model, diffusion, DEFAULT_METHOD, clip_x0=False)
-    pipe = DDPMPipeline(unet=unet.eval(), scheduler=sched)
-    pipe.set_progress_bar_config(disable=True)
-    go["diffusers"] = lambda: pipe(batch_size=n, num_inference_steps=DEFAULT_STEPS,
-                                   generator=torch.Generator().manual_seed(0), output_type="np")
+    go["diffusers"] = pipeline_sampler(model, diffusion, n)
     times: dict[str, list[float]] = {r: [] for r in rows}
     images = {}
     with torch.inference_mode():
@@ -113,7 +99,7 @@ def sampler_part(preset: str, n: int, rows: list[str], rounds: int, elements: in
     out = {"preset": preset, "n": n, "evaluations": DEFAULT_STEPS,
            "per_call": plan.images_per_call(model_width(model), s), "max_abs_diff": diff, "rows": []}
     for r in rows:
-        out["rows"].append({"row": r, "s": spread(times[r]), "img_per_s": spread([n / v for v in times[r]])})
+        out["rows"].append({"row": r, "s": spread(times[r], 3), "img_per_s": spread([n / v for v in times[r]], 3)})
     base = {r["row"]: r["img_per_s"]["median"] for r in out["rows"]}
     for r in out["rows"]:
         for ref in ("whole", "diffusers"):
