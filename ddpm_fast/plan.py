@@ -7,7 +7,8 @@ to the model, the train step, the sampler and evaluation, none of which decides 
 `fast` is the fast path: bf16 autocast (fp32 master weights), channels_last, torch.compile and,
 on a GPU, CUDA graphs. On the CPU channels_last goes with the extension's GroupNorm only
 (channels_last_pays). On a kind of CPU where it measured faster, on either path, an inference call
-of the model takes a large batch in chunks (eval_elements).
+of the model takes a large batch in chunks (eval_elements), and the commands keep the memory a
+step frees in the process's heap for the next (keep_heap).
 `kernels` is the backend of the fused ops; a backend that lacks an op for this plan falls back to
 the reference for that op here, in one place (the extension has no attention; Triton's attention is
 fp16/bf16-only on a GPU)."""
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from .heap import can_keep_freed_memory
 from .ops.auto import device_class, extension_built, implementing, measured, picked_anywhere
 from .ops.cpu_class import native_bf16
 
@@ -90,6 +92,19 @@ def eval_elements_of(device: torch.device) -> int | None:
     return EVAL_ELEMENTS.get(device_class(device)) if device.type == "cpu" else None
 
 
+# The kinds of CPU where a run measured faster with glibc's malloc keeping freed memory in its heap
+# (heap.keep_freed_memory) than with its default, which maps each large block afresh and faults its
+# pages in again every step. On the 2-core AVX2 EPYC: MEASURED (benchmarks/RESULTS.md, "The heap").
+# A kind not measured keeps malloc's default, and so does a user who configures malloc themselves.
+KEEP_HEAP = {"cpu-amd-avx2"}
+
+
+def keep_heap_of(device: torch.device) -> bool:
+    """Whether the commands of a run on `device` call heap.keep_freed_memory: on a kind of CPU in
+    KEEP_HEAP, where glibc's malloc is the user's unconfigured allocator."""
+    return device.type == "cpu" and device_class(device) in KEEP_HEAP and can_keep_freed_memory()
+
+
 def compile_by_default(device: torch.device) -> str | None:
     """The torch.compile mode of a fast run that does not name one: on a GPU the default mode; on
     the CPU none, since a first compile (a minute or more) outlasts what it saves in a short run:
@@ -122,6 +137,7 @@ class ExecutionPlan:
     compile: str | None = None                  # torch.compile mode, None: eager
     cuda_graphs: bool = False
     eval_elements: int | None = None            # per inference call, of the widest activation; None: no cap
+    keep_heap: bool = False                     # the commands keep freed memory in the heap (keep_heap_of)
 
     @classmethod
     def resolve(cls, device: str | torch.device = "auto", *, fast: bool | None = False, kernels: str = "auto",
@@ -140,7 +156,8 @@ class ExecutionPlan:
         backends = op_backends(kernels, dev, dtype)
         return cls(device=dev, autocast_dtype=dtype,
                    channels_last=fast and channels_last_pays(dev, backends["group_norm_act"]),
-                   backends=backends, compile=mode, cuda_graphs=graphs, eval_elements=eval_elements_of(dev))
+                   backends=backends, compile=mode, cuda_graphs=graphs, eval_elements=eval_elements_of(dev),
+                   keep_heap=keep_heap_of(dev))
 
     @classmethod
     def from_options(cls, device: torch.device, *, dtype: torch.dtype | None = None, compile: bool = False,
@@ -201,8 +218,9 @@ class ExecutionPlan:
         emulated = self.fast and self.device.type == "cpu" and not native_bf16()
         chunks = (f", inference in chunks of {self.eval_elements / 2 ** 20:g} Mi activations" if self.eval_elements
                   else "")
+        heap = ", freed memory kept in the heap" if self.keep_heap else ""
         return (f"{self.device}, {'bf16 autocast' if self.fast else 'fp32'}"
                 f"{' (emulated: this CPU has no bf16 instructions, --no-fast is faster)' if emulated else ''}"
                 f"{', channels_last' if self.channels_last else ''}, compile {self.compile or 'off'}, "
                 f"CUDA graphs {'on' if self.cuda_graphs else 'off'}"
-                f"{chunks}; kernels: {kernels}")
+                f"{chunks}{heap}; kernels: {kernels}")

@@ -18,6 +18,7 @@ import torch
 
 from ..checkpoint import CHECKPOINT_NAME
 from ..files import atomic_write
+from ..heap import keep_freed_memory
 from ..images import save_image_grid
 from ..plan import resolve_device
 from ..sampling import FastSampler
@@ -49,7 +50,10 @@ class Interrupted(KeyboardInterrupt):
 
 
 def fit(run: Run) -> Path:
-    """Train `run` to its end, its folder locked meanwhile (by rank 0, which alone writes it)."""
+    """Train `run` to its end, its folder locked meanwhile (by rank 0, which alone writes it); the
+    process's heap kept for the steps where the plan says so (plan.KEEP_HEAP)."""
+    if run.plan.keep_heap:
+        keep_freed_memory()
     with claim(run.out, run.cfg.checkpoint) if run.ctx.is_main else contextlib.nullcontext():
         with stop_at_step_boundary(run.ctx) as stop:
             return train_steps(run, stop)
