@@ -15,8 +15,11 @@ thread pool shared between rows), on the built-in data at the preset's size and 
                  (plan.channels_last_pays), no compile
   fast           fast_eager + torch.compile: `--compile`
   diffusers      benchmarks/diffusers_loop.py: UNet2DModel of the same parameters, AdamW, EMA, fp32
-and two rows only on request (LAYOUT_ROWS, training and sampling), fast_eager in one layout
-whatever the plan would pick: fast_nchw and fast_cl, how plan.channels_last_pays is decided.
+and rows only on request (training and sampling): LAYOUT_ROWS, fast_eager in one layout whatever
+the plan would pick: fast_nchw and fast_cl, how plan.channels_last_pays is decided; and
+system_heap, the reference with malloc's default heap where the plan keeps freed memory in it
+(plan.KEEP_HEAP, heap.py): the ddpm-fast rows keep it as the commands do, the diffusers row and the
+library row (the Python API) never.
 Each row runs --warmup steps (the compile, reported apart as warmup_s), then --rounds rounds of the
 preset's timed steps; img/s is the median over rounds with its min and max.
 
@@ -47,6 +50,7 @@ from pathlib import Path
 import torch
 
 from ddpm_fast.argtypes import non_negative_int, positive_int
+from ddpm_fast.heap import keep_freed_memory
 from ddpm_fast.plan import KERNELS, OPS, ExecutionPlan
 from ddpm_fast.presets import PRESETS
 
@@ -56,6 +60,7 @@ from .common import bench_env, forever, spread, write_result
 TRAIN_ROWS = ("reference", "bf16", "channels_last", "compile", "fast_eager", "fast", "diffusers")
 SAMPLE_ROWS = ("reference", "fast_eager", "fast", "diffusers")
 LAYOUT_ROWS = ("fast_nchw", "fast_cl")
+HEAP_ROW = "system_heap"
 LIBRARY_ROW = "library"
 STEPS = {"tiny": 60, "cifar32": 8}  # timed steps per round: ~10 s of the reference on 2 cores
 
@@ -74,7 +79,13 @@ def plan_of(row: str, kernels: str = "auto"):
             "channels_last": replace(ref, channels_last=True), "compile": replace(ref, compile="default"),
             "fast_eager": fast_eager, "fast": replace(fast_eager, compile="default"),
             "fast_nchw": replace(fast_eager, channels_last=False),
-            "fast_cl": replace(fast_eager, channels_last=True)}[row]
+            "fast_cl": replace(fast_eager, channels_last=True), HEAP_ROW: replace(ref, keep_heap=False)}[row]
+
+
+def set_heap(plan) -> None:
+    """This row's process heap as a command on `plan` would have it (training/loop.fit)."""
+    if plan.keep_heap:
+        keep_freed_memory()
 
 
 def train_row(row: str, args) -> dict:
@@ -99,6 +110,7 @@ def train_row(row: str, args) -> dict:
             cfg = TrainConfig(preset=args.preset, batch_size=args.batch_size, lr=2e-4, warmup=0, steps=total,
                               workers=0, out=out, **size)
             run = build_run(cfg, plan=plan_of(row, args.kernels))
+        set_heap(run.plan)
         loader, step = run.loader, run.step_fn
     batches = forever(loader)
     t0 = time.perf_counter()
@@ -134,6 +146,7 @@ def sample_row(row: str, args) -> dict:
         go = lambda: sampler.sample(args.sample_n, s, generator=torch.Generator().manual_seed(0))  # noqa: E731
     else:
         plan = plan_of(row, args.kernels)
+        set_heap(plan)
         sampler = FastSampler(plan.prepare(model), diffusion, plan=plan)
         go = lambda: sampler.sample(args.sample_n, s, generator=torch.Generator().manual_seed(0))  # noqa: E731
     with torch.inference_mode():
@@ -191,8 +204,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     # plain strings, not comma_choices: an empty list (`--train-rows ""`) is a documented run; the
     # presets too, which would otherwise fail in a child after the rows before them
-    for name, allowed in (("--train-rows", TRAIN_ROWS + LAYOUT_ROWS),
-                          ("--sample-rows", SAMPLE_ROWS + LAYOUT_ROWS + (LIBRARY_ROW,)),
+    for name, allowed in (("--train-rows", TRAIN_ROWS + LAYOUT_ROWS + (HEAP_ROW,)),
+                          ("--sample-rows", SAMPLE_ROWS + LAYOUT_ROWS + (HEAP_ROW, LIBRARY_ROW)),
                           ("--presets", tuple(PRESETS)), ("--sample-presets", tuple(PRESETS))):
         bad = [r for r in getattr(args, name[2:].replace("-", "_")).split(",") if r and r not in allowed]
         if bad:
@@ -210,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
 
     env = bench_env(threads=torch.get_num_threads(), batch_size=args.batch_size, warmup=args.warmup,
                     rounds=args.rounds, sample_n=args.sample_n, cpu_count=os.cpu_count(), kernels=args.kernels,
-                    fast_eager_plan=plan_of("fast_eager", args.kernels).describe())
+                    fast_eager_plan=plan_of("fast_eager", args.kernels).describe(),
+                    reference_plan=plan_of("reference").describe())
     result: dict = {"env": env, "train": [], "sample": []}
     for kind, presets, rows in (("train", args.presets, args.train_rows),
                                 ("sample", args.sample_presets, args.sample_rows)):
