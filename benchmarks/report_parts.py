@@ -72,6 +72,24 @@ def cpu_speed(result: dict) -> str:
     return out
 
 
+def heap(result: dict) -> str:
+    """benchmarks.heap's table: a step's ms, faults and peak with freed memory kept and without."""
+    env, summ = result["env"], result["summary"]
+
+    def cell(v: dict) -> str:
+        return f"{v['median']:g} ({v['min']:g}-{v['max']:g})"
+
+    size = env.get("image_size") or "the preset's size"
+    head = (f"`python -m benchmarks.heap` on {env.get('cpu', env.get('device', '?'))}: preset {env.get('preset')} at "
+            f"{size}, batch {env.get('batch_size')}, the reference path; each mode's median (min-max) over "
+            f"{env.get('pairs')} runs in turn, each the median of {env.get('steps')} steps.")
+    rows = [[m, cell(summ[m]["step_ms"]), cell(summ[m]["minor_faults_per_step"]), cell(summ[m]["peak_rss_mib"])]
+            for m in ("kept", "system")]
+    ratio = summ["kept_over_system"]
+    return (f"{head}\n\n" + md_table(["heap", "ms/step", "minor faults/step", "peak RSS MiB"], rows)
+            + f"\n\nkept / system, pair by pair: {cell(ratio)}")
+
+
 def profile(rows: list[dict], env: dict, top: int = 8) -> str:
     head = (f"`python -m benchmarks.profile_step` on {env.get('device', '?')}: torch.profiler, preset "
             f"{env.get('preset', '?')}, batch {env.get('batch_size', '?')} (sampling: {env.get('sample_n', '?')}), "
