@@ -114,3 +114,27 @@ def test_the_commands_keep_the_heap_when_the_plan_says(monkeypatch, tmp_path, ke
     assert run.plan.keep_heap is keep
     loop.fit(run)
     assert len(calls) == 2 * keep
+
+
+def test_the_heap_benchmark_alternates_the_modes_and_pairs_them(tmp_path, monkeypatch):
+    """benchmarks.heap: fresh processes in turn, kept then system; only the kept ones keep the heap
+    (where glibc can); the ratio is the pairs' step medians, each a median of the run's steps."""
+    import json
+
+    from benchmarks import heap as bench
+
+    monkeypatch.setenv("OUT", str(tmp_path))
+    for var in heap.USER_SETTINGS + ("GLIBC_TUNABLES", "LD_PRELOAD"):
+        monkeypatch.delenv(var, raising=False)
+    assert bench.main(["--image-size", "8", "--batch-size", "2", "--steps", "3", "--warmup", "0", "--pairs", "2"]) == 0
+    result = json.loads((tmp_path / "heap.json").read_text())
+    runs = result["runs"]
+    assert [r["mode"] for r in runs] == ["kept", "system"] * 2
+    assert [r["kept"] for r in runs] == [GLIBC, False] * 2
+    ratios = sorted(runs[i]["step_ms"] / runs[i + 1]["step_ms"] for i in (0, 2))
+    summary = result["summary"]
+    assert summary["kept_over_system"] == {"median": round(sum(ratios) / 2, 3), "min": round(ratios[0], 3),
+                                           "max": round(ratios[1], 3), "rounds": 2}
+    steps = sorted(r["step_ms"] for r in runs if r["mode"] == "system")
+    assert (summary["system"]["step_ms"]["min"], summary["system"]["step_ms"]["max"]) == tuple(steps)
+    assert all(r["step_ms"] > 0 and r["minor_faults_per_step"] >= 0 and r["peak_rss_mib"] > 100 for r in runs)
