@@ -12,8 +12,10 @@ import json
 import math
 import os
 import platform
+import resource
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -125,6 +127,20 @@ def spread(values: list[float], digits: int = 2) -> dict:
     """The median of repeated measurements with their min, max and count, rounded to `digits`."""
     return {"median": round(statistics.median(values), digits), "min": round(min(values), digits),
             "max": round(max(values), digits), "rounds": len(values)}
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far, in MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def child_json(module: str, args: list[str], what: str) -> dict:
+    """Run `python -m module args` in a fresh process (a benchmark's row or run of its own: a clean
+    peak RSS and heap, no cache or thread pool shared) and return the JSON of its last line."""
+    r = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=os.environ)
+    if r.returncode != 0:
+        raise RuntimeError(f"{what} failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def allow_tf32() -> None:

@@ -39,9 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -55,7 +52,7 @@ from ddpm_fast.plan import KERNELS, OPS, ExecutionPlan
 from ddpm_fast.presets import PRESETS
 
 from . import report_parts
-from .common import bench_env, forever, spread, write_result
+from .common import bench_env, child_json, forever, peak_rss_mib, spread, write_result
 
 TRAIN_ROWS = ("reference", "bf16", "channels_last", "compile", "fast_eager", "fast", "diffusers")
 SAMPLE_ROWS = ("reference", "fast_eager", "fast", "diffusers")
@@ -63,10 +60,6 @@ LAYOUT_ROWS = ("fast_nchw", "fast_cl")
 HEAP_ROW = "system_heap"
 LIBRARY_ROW = "library"
 STEPS = {"tiny": 60, "cifar32": 8}  # timed steps per round: ~10 s of the reference on 2 cores
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def plan_of(row: str, kernels: str = "auto"):
@@ -165,15 +158,11 @@ def sample_row(row: str, args) -> dict:
 
 def child(kind: str, row: str, preset: str, args) -> dict:
     """Run one row in a fresh process and return its JSON."""
-    cmd = [sys.executable, "-m", "benchmarks.cpu_speed", "--one", f"{kind}:{row}", "--presets", preset,
-           "--batch-size", str(args.batch_size), "--warmup", str(args.warmup), "--rounds", str(args.rounds),
-           "--sample-n", str(args.sample_n), "--kernels", args.kernels]
-    cmd += ["--steps", str(args.steps)] if args.steps else []
-    cmd += ["--image-size", str(args.image_size)] if args.image_size else []
-    r = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
-    if r.returncode != 0:
-        raise RuntimeError(f"{kind} row {row} ({preset}) failed:\n{r.stderr[-3000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    argv = ["--one", f"{kind}:{row}", "--presets", preset, "--batch-size", str(args.batch_size), "--warmup",
+            str(args.warmup), "--rounds", str(args.rounds), "--sample-n", str(args.sample_n), "--kernels", args.kernels]
+    argv += ["--steps", str(args.steps)] if args.steps else []
+    argv += ["--image-size", str(args.image_size)] if args.image_size else []
+    return child_json("benchmarks.cpu_speed", argv, f"{kind} row {row} ({preset})")
 
 
 def ratios(rows: list[dict]) -> None:

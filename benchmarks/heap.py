@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 
@@ -27,7 +24,7 @@ from ddpm_fast.argtypes import non_negative_int, positive_int
 from ddpm_fast.presets import PRESETS
 
 from . import report_parts
-from .common import bench_env, spread, write_result
+from .common import bench_env, child_json, peak_rss_mib, spread, write_result
 
 MODES = ("kept", "system")
 
@@ -59,17 +56,14 @@ def one_run(mode: str, args: argparse.Namespace) -> dict:
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     return {"mode": mode, "kept": kept, "step_ms": round(1000 * statistics.median(times), 1),
             "minor_faults_per_step": round(faults / args.steps), "threads": torch.get_num_threads(),
-            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+            "peak_rss_mib": round(peak_rss_mib(), 1)}
 
 
 def child(mode: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, "-m", "benchmarks.heap", "--one", mode, "--preset", args.preset,
-           "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup)]
-    cmd += ["--image-size", str(args.image_size)] if args.image_size else []
-    r = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
-    if r.returncode != 0:
-        raise RuntimeError(f"the {mode} run failed:\n{r.stderr[-3000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    argv = ["--one", mode, "--preset", args.preset, "--batch-size", str(args.batch_size), "--steps", str(args.steps),
+            "--warmup", str(args.warmup)]
+    argv += ["--image-size", str(args.image_size)] if args.image_size else []
+    return child_json("benchmarks.heap", argv, f"the {mode} run")
 
 
 def summary(runs: list[dict]) -> dict:
