@@ -17,9 +17,9 @@ thread pool shared between rows), on the built-in data at the preset's size and 
   diffusers      benchmarks/diffusers_loop.py: UNet2DModel of the same parameters, AdamW, EMA, fp32
 and rows only on request (training and sampling): LAYOUT_ROWS, fast_eager in one layout whatever
 the plan would pick: fast_nchw and fast_cl, how plan.channels_last_pays is decided; and
-system_heap, the reference with malloc's default heap where the plan keeps freed memory in it
-(plan.KEEP_HEAP, heap.py): the ddpm-fast rows keep it as the commands do, the diffusers row and the
-library row (the Python API) never.
+system_heap, the reference on malloc's default heap where the plan keeps freed memory in it
+(plan.KEEP_HEAP, heap.py), so with the chunks that go with that heap: the ddpm-fast rows keep it as
+the commands do, the diffusers row and the library row (the Python API) never.
 Each row runs --warmup steps (the compile, reported apart as warmup_s), then --rounds rounds of the
 preset's timed steps; img/s is the median over rounds with its min and max.
 
@@ -72,7 +72,8 @@ def plan_of(row: str, kernels: str = "auto"):
             "channels_last": replace(ref, channels_last=True), "compile": replace(ref, compile="default"),
             "fast_eager": fast_eager, "fast": replace(fast_eager, compile="default"),
             "fast_nchw": replace(fast_eager, channels_last=False),
-            "fast_cl": replace(fast_eager, channels_last=True), HEAP_ROW: replace(ref, keep_heap=False)}[row]
+            "fast_cl": replace(fast_eager, channels_last=True),
+            HEAP_ROW: ExecutionPlan.resolve("cpu", fast=False, keep_heap=False)}[row]
 
 
 def set_heap(plan) -> None:

@@ -6,9 +6,10 @@ to the model, the train step, the sampler and evaluation, none of which decides 
 
 `fast` is the fast path: bf16 autocast (fp32 master weights), channels_last, torch.compile and,
 on a GPU, CUDA graphs. On the CPU channels_last goes with the extension's GroupNorm only
-(channels_last_pays). On a kind of CPU where it measured faster, on either path, an inference call
-of the model takes a large batch in chunks (eval_elements), and the commands keep the memory a
-step frees in the process's heap for the next (keep_heap).
+(channels_last_pays). On a kind of CPU where it measured faster, the commands keep the memory a
+step frees in the process's heap for the next (keep_heap); where the heap is not kept (the Python
+API, a user's own malloc setting), an inference call of the model takes a large batch in chunks
+instead (eval_elements), on either path.
 `kernels` is the backend of the fused ops; a backend that lacks an op for this plan falls back to
 the reference for that op here, in one place (the extension has no attention; Triton's attention is
 fp16/bf16-only on a GPU)."""
@@ -76,20 +77,24 @@ def fast_by_default(device: torch.device) -> bool:
 
 
 # On each kind of CPU where it was measured (cpu_class), the most elements the model's widest activation
-# (its top level: width x size^2 an image) may hold in one inference call; a larger batch is evaluated
-# in chunks of that many images (ExecutionPlan.images_per_call). A large batch ran slower an image: on
-# the 2-core AVX2 EPYC, 256 tiny images took 1.73x the time an image of chunks of 32, 256 cifar32 ones
-# 1.54x that of chunks of 8, and 32 anime64 ones 1.2-1.3x that of chunks of 2-16, with the same
-# outputs (fp32), most likely as the batch's activations outgrew the cache. 1 Mi elements (4 MiB in
-# fp32) gives tiny 32, cifar32 8, anime64 4, each at or within the rounds' spread of its best measured
-# size (benchmarks.eval_chunk; benchmarks/RESULTS.md, "Inference in chunks"). A kind not measured, and
-# a GPU, evaluate the whole batch at once.
+# (its top level: width x size^2 an image) may hold in one inference call on malloc's default heap; a
+# larger batch is evaluated in chunks of that many images (ExecutionPlan.images_per_call). There a large
+# batch ran slower an image: on the 2-core AVX2 EPYC, 256 tiny images took 1.73x the time an image of
+# chunks of 32, 256 cifar32 ones 1.54x that of chunks of 8, and 32 anime64 ones 1.2-1.3x that of chunks
+# of 2-16, with the same outputs (fp32). 1 Mi elements (4 MiB in fp32) gives tiny 32, cifar32 8,
+# anime64 4, each at or within the rounds' spread of its best measured size (benchmarks.eval_chunk;
+# benchmarks/RESULTS.md, "Inference in chunks"). The cause was malloc's, not the cache's: with the heap
+# kept (KEEP_HEAP) the whole batch ran faster than any chunk (tiny 256: 4.19 ms an image against 4.49
+# in chunks of 32; cifar32 64: 78.0 against 85.2 in chunks of 8; anime64 32: 120.1 against 126.8 in
+# chunks of 4; RESULTS, "The heap"), so a plan that keeps the heap takes the whole batch. A kind not
+# measured, and a GPU, evaluate the whole batch at once.
 EVAL_ELEMENTS = {"cpu-amd-avx2": 1 << 20}
 
 
-def eval_elements_of(device: torch.device) -> int | None:
-    """EVAL_ELEMENTS of this device's kind of CPU; None (the whole batch) elsewhere."""
-    return EVAL_ELEMENTS.get(device_class(device)) if device.type == "cpu" else None
+def eval_elements_of(device: torch.device, heap_kept: bool = False) -> int | None:
+    """EVAL_ELEMENTS of this device's kind of CPU where the heap is not kept; None (the whole batch)
+    elsewhere."""
+    return None if heap_kept or device.type != "cpu" else EVAL_ELEMENTS.get(device_class(device))
 
 
 # The kinds of CPU where a training step measured faster with glibc's malloc keeping freed memory in
@@ -97,8 +102,8 @@ def eval_elements_of(device: torch.device) -> int | None:
 # faults its pages in again every step. On the 2-core AVX2 EPYC (benchmarks.heap, paired runs):
 # tiny at 64 px, batch 32, 0.76x the step's time (0.70-0.93), its page faults 56x fewer; the first
 # command's tiny at 32 px, batch 16, 0.91x (0.81-1.02); anime64 at batch 16 0.96x (0.91-1.04);
-# cifar32 at batch 32 1.00x (0.95-1.09): no shape slower, the peak RSS at most 10% higher; the
-# default sampler on 128 tiny images 1.15x and 1.18x the img/s (benchmarks/RESULTS.md, "The heap"). A kind not measured keeps malloc's default, and so does a
+# cifar32 at batch 32 1.00x (0.95-1.09): no shape slower, the peak RSS at most 10% higher
+# (benchmarks/RESULTS.md, "The heap"). A kind not measured keeps malloc's default, and so does a
 # user who configures malloc themselves.
 KEEP_HEAP = {"cpu-amd-avx2"}
 
@@ -145,11 +150,13 @@ class ExecutionPlan:
 
     @classmethod
     def resolve(cls, device: str | torch.device = "auto", *, fast: bool | None = False, kernels: str = "auto",
-                compile: str | None = "auto", cuda_graphs: bool | None = None) -> "ExecutionPlan":
+                compile: str | None = "auto", cuda_graphs: bool | None = None,
+                keep_heap: bool | None = None) -> "ExecutionPlan":
         """The plan of a run from its flags. `fast=None` is fast_by_default(device); `compile`
         counts only on the fast path ("none" or None: eager; "auto": compile_by_default(device));
-        `cuda_graphs` defaults to fast-on-a-GPU."""
+        `cuda_graphs` defaults to fast-on-a-GPU; `keep_heap=None` is keep_heap_of(device)."""
         dev = resolve_device(device)
+        keep_heap = keep_heap_of(dev) if keep_heap is None else keep_heap
         fast = fast_by_default(dev) if fast is None else fast
         compile = compile_by_default(dev) if compile == "auto" else compile
         dtype = torch.bfloat16 if fast else None
@@ -160,8 +167,8 @@ class ExecutionPlan:
         backends = op_backends(kernels, dev, dtype)
         return cls(device=dev, autocast_dtype=dtype,
                    channels_last=fast and channels_last_pays(dev, backends["group_norm_act"]),
-                   backends=backends, compile=mode, cuda_graphs=graphs, eval_elements=eval_elements_of(dev),
-                   keep_heap=keep_heap_of(dev))
+                   backends=backends, compile=mode, cuda_graphs=graphs,
+                   eval_elements=eval_elements_of(dev, keep_heap), keep_heap=keep_heap)
 
     @classmethod
     def from_options(cls, device: torch.device, *, dtype: torch.dtype | None = None, compile: bool = False,

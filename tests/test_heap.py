@@ -86,6 +86,7 @@ def test_the_plan_keeps_the_heap_where_measured(monkeypatch, kind):
     for p in (ExecutionPlan.resolve("cpu"), ExecutionPlan.resolve("cpu", fast=True)):
         assert p.keep_heap is measured
         assert ("freed memory kept in the heap" in p.describe()) is measured
+        assert p.eval_elements is None or not measured  # the heap kept, the whole batch a call
     assert ExecutionPlan.from_options(cpu).keep_heap is False  # the Python API leaves the process alone
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
     assert ExecutionPlan.resolve("cpu").keep_heap is False
