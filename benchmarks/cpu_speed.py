@@ -28,7 +28,8 @@ Karras sigmas, 20 evaluations) on the same random weights: ddpm-fast's reference
 fast_eager (`--fast`, the default on a CPU with bf16 instructions: bf16, auto's kernels) and fast
 (+ torch.compile), and diffusers' DDPMPipeline with DPMSolverMultistepScheduler(sde-dpmsolver++,
 Karras), the same solver. ddpm-fast's rows sample on their plans as resolved, so in chunks where
-this kind of CPU caps a model call (plan.EVAL_ELEMENTS). One more on request, library:
+this kind of CPU caps a model call on malloc's default heap (plan.EVAL_ELEMENTS: system_heap, the
+library row). One more on request, library:
 `FastSampler(model, diffusion)` as the Python API is called, no plan and the model as given (no
 channels_last conversion, no set_backend). A first call of each is its warm-up (compile included);
 then --rounds timed calls.

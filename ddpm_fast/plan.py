@@ -84,10 +84,10 @@ def fast_by_default(device: torch.device) -> bool:
 # of 2-16, with the same outputs (fp32). 1 Mi elements (4 MiB in fp32) gives tiny 32, cifar32 8,
 # anime64 4, each at or within the rounds' spread of its best measured size (benchmarks.eval_chunk;
 # benchmarks/RESULTS.md, "Inference in chunks"). The cause was malloc's, not the cache's: with the heap
-# kept (KEEP_HEAP) the whole batch ran faster than any chunk (tiny 256: 4.19 ms an image against 4.49
-# in chunks of 32; cifar32 64: 78.0 against 85.2 in chunks of 8; anime64 32: 120.1 against 126.8 in
-# chunks of 4; RESULTS, "The heap"), so a plan that keeps the heap takes the whole batch. A kind not
-# measured, and a GPU, evaluate the whole batch at once.
+# kept (KEEP_HEAP) the whole batch ran as fast as any chunk and faster than the rule's (tiny 256: 4.19
+# ms an image against 4.49 in chunks of 32; cifar32 64: 78.0 against 85.2 in chunks of 8; anime64 32:
+# 120.1 against 126.8 in chunks of 4; RESULTS, "The heap"), so a plan that keeps the heap takes the
+# whole batch. A kind not measured, and a GPU, evaluate the whole batch at once.
 EVAL_ELEMENTS = {"cpu-amd-avx2": 1 << 20}
 
 
