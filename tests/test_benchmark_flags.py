@@ -166,6 +166,9 @@ DOCUMENTED = [  # as README.md, benchmarks/RESULTS.md, gpu_suite.sh and .ci/run 
                   "--steps 4 --rounds 3 --warmup 2"),
     ("cpu_speed", "--presets tiny --train-rows '' --sample-presets tiny "
                   "--sample-rows reference,fast_eager,library,diffusers --rounds 5 --warmup 3 --sample-n 64"),
+    ("cpu_speed", "--presets tiny --train-rows '' --sample-presets tiny "
+                  "--sample-rows reference,system_heap,diffusers,reference,system_heap --sample-n 256 --rounds 3"),
+    ("cpu_speed", "--presets cifar32 --train-rows reference,system_heap --sample-rows '' --steps 4 --rounds 3"),
     ("epoch", "--quick --paths reference,fast_eager,fast"),
     ("eval_chunk", ""),
     ("heap", "--preset tiny --image-size 64 --batch-size 32 --steps 6 --pairs 5"),
