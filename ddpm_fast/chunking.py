@@ -1,7 +1,8 @@
-"""A model's inference calls in chunks. On a kind of CPU where a large batch measured slower an
-image than chunks of it on malloc's default heap, a plan that does not keep the heap caps how many
-images one call takes (plan.EVAL_ELEMENTS, ExecutionPlan.images_per_call); `in_chunks` applies that cap to the sampler's model calls. A
-model's output for one image does not depend on the others in its batch in eval mode, so the
+"""A model's inference calls in chunks. On a CPU a plan caps how many images one call takes
+(ExecutionPlan.images_per_call): for memory on every CPU (plan.MEMORY_ELEMENTS), and tighter on a
+kind where a large batch measured slower an image than chunks of it on malloc's default heap, when
+the heap is not kept (plan.EVAL_ELEMENTS); `in_chunks` applies that cap to the sampler's model
+calls. A model's output for one image does not depend on the others in its batch in eval mode, so the
 chunks' outputs joined are the batch's: bit for bit in the measurement's chunks of 4 images or
 more, to fp32 rounding in smaller ones, where oneDNN picks other algorithms (docs/DESIGN.md,
 "Inference in chunks")."""

@@ -7,9 +7,9 @@ to the model, the train step, the sampler and evaluation, none of which decides 
 `fast` is the fast path: bf16 autocast (fp32 master weights), channels_last, torch.compile and,
 on a GPU, CUDA graphs. On the CPU channels_last goes with the extension's GroupNorm only
 (channels_last_pays). On a kind of CPU where it measured faster, the commands keep the memory a
-step frees in the process's heap for the next (keep_heap); where the heap is not kept (the Python
-API, a user's own malloc setting), an inference call of the model takes a large batch in chunks
-instead (eval_elements), on either path.
+step frees in the process's heap for the next (keep_heap). On every CPU an inference call of the
+model takes a large batch in chunks (eval_elements): for memory, and in smaller ones on such a kind
+where the heap is not kept (the Python API, a user's own malloc setting), on either path.
 `kernels` is the backend of the fused ops; a backend that lacks an op for this plan falls back to
 the reference for that op here, in one place (the extension has no attention; Triton's attention is
 fp16/bf16-only on a GPU)."""
@@ -87,14 +87,26 @@ def fast_by_default(device: torch.device) -> bool:
 # kept (KEEP_HEAP) the whole batch ran as fast as any chunk and faster than the rule's (tiny 256: 4.19
 # ms an image against 4.49 in chunks of 32; cifar32 64: 78.0 against 85.2 in chunks of 8; anime64 32:
 # 120.1 against 126.8 in chunks of 4; RESULTS, "The heap"), so a plan that keeps the heap takes the
-# whole batch. A kind not measured, and a GPU, evaluate the whole batch at once.
+# whole batch up to memory's cap below. A kind not measured takes memory's cap alone.
 EVAL_ELEMENTS = {"cpu-amd-avx2": 1 << 20}
+
+# On every CPU, the same measure capped for memory's sake. An image's share of an inference call's
+# peak measured 14-26 times its widest activation in fp32 (benchmarks.eval_memory), so the sample
+# command's whole batch of 256 would peak at about 4.9 GiB on anime64, 9 on dogs64 and 59 on
+# butterflies256, past many machines' memory. 8 Mi elements (32 MiB in fp32) held every preset's
+# peak to 0.5-1.1 GiB: tiny takes 256 images a call, cifar32 64, anime64 32, dogs64 16,
+# butterflies128 8, butterflies256 2 (benchmarks/RESULTS.md, "A cap for memory"). A GPU evaluates
+# the whole batch (its memory not measured by this project).
+MEMORY_ELEMENTS = 1 << 23
 
 
 def eval_elements_of(device: torch.device, heap_kept: bool = False) -> int | None:
-    """EVAL_ELEMENTS of this device's kind of CPU where the heap is not kept; None (the whole batch)
-    elsewhere."""
-    return None if heap_kept or device.type != "cpu" else EVAL_ELEMENTS.get(device_class(device))
+    """On a CPU, MEMORY_ELEMENTS, or EVAL_ELEMENTS of its kind where that is smaller and the heap is
+    not kept; None (the whole batch) on a GPU."""
+    if device.type != "cpu":
+        return None
+    speed = None if heap_kept else EVAL_ELEMENTS.get(device_class(device))
+    return min(speed or MEMORY_ELEMENTS, MEMORY_ELEMENTS)
 
 
 # The kinds of CPU where a training step measured faster with glibc's malloc keeping freed memory in

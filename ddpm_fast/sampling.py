@@ -59,9 +59,9 @@ class FastSampler:
     the null class's u, both from one batch of 2n (w = 1: the conditional output alone).
 
     `plan` (an ExecutionPlan) gives the device, autocast dtype, memory format, compile mode, CUDA
-    graphs, the update's backend and the cap on one model call (on a kind of CPU where it measured
-    faster and the heap is not kept, a batch larger than images_per_call is evaluated in chunks of
-    that size); without one
+    graphs, the update's backend and the cap on one model call (on a CPU a batch larger than
+    images_per_call is evaluated in chunks of that size: for memory, and smaller chunks where they
+    measured faster and the heap is not kept); without one
     they come from dtype/compile/cuda_graph/backend and the model's device. `dtype` None is the
     library's default there (ExecutionPlan.from_options): bf16 autocast on a CPU with bf16
     instructions, where the fast path is the default, fp32 on one without them (where bf16 is

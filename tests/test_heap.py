@@ -74,7 +74,7 @@ def test_the_plan_keeps_the_heap_where_measured(monkeypatch, kind):
     """resolve() keeps the heap on a kind of CPU in KEEP_HEAP (glibc, unset by the user), says so in
     its line; a kind not measured, a GPU, a user's malloc setting, and FastSampler's plan do not."""
     from ddpm_fast import plan
-    from ddpm_fast.plan import KEEP_HEAP, keep_heap_of
+    from ddpm_fast.plan import KEEP_HEAP, MEMORY_ELEMENTS, keep_heap_of
 
     for var in heap.USER_SETTINGS + ("GLIBC_TUNABLES", "LD_PRELOAD"):
         monkeypatch.delenv(var, raising=False)
@@ -86,7 +86,7 @@ def test_the_plan_keeps_the_heap_where_measured(monkeypatch, kind):
     for p in (ExecutionPlan.resolve("cpu"), ExecutionPlan.resolve("cpu", fast=True)):
         assert p.keep_heap is measured
         assert ("freed memory kept in the heap" in p.describe()) is measured
-        assert p.eval_elements is None or not measured  # the heap kept, the whole batch a call
+        assert not measured or p.eval_elements == MEMORY_ELEMENTS  # the heap kept: memory's cap alone
     assert ExecutionPlan.from_options(cpu).keep_heap is False  # the Python API leaves the process alone
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
     assert ExecutionPlan.resolve("cpu").keep_heap is False

@@ -179,27 +179,33 @@ def test_a_sampler_given_options_not_a_plan_gets_the_plans_decisions():
 
 @pytest.mark.parametrize("kind", ["cpu-amd-avx2", "cpu-intel-avx2"])
 def test_inference_chunks_where_measured_and_their_size(monkeypatch, kind):
-    """A plan that does not keep the heap caps an inference call's top-level activation at
-    EVAL_ELEMENTS of its kind of CPU, on either path and whichever way it is built; one that keeps
-    the heap (where the whole batch measured faster), a kind not measured, and a GPU, take any batch
-    at once. images_per_call divides that cap by an image's top-level elements, and is never below 1."""
+    """On a CPU a plan caps an inference call's top-level activation: at EVAL_ELEMENTS of its kind
+    where that was measured faster and the heap is not kept, else at MEMORY_ELEMENTS (memory's cap),
+    on either path and whichever way it is built; a GPU takes any batch at once. images_per_call
+    divides the cap by an image's top-level elements, and is never below 1."""
     from ddpm_fast import plan
-    from ddpm_fast.plan import EVAL_ELEMENTS, eval_elements_of
+    from ddpm_fast.plan import EVAL_ELEMENTS, MEMORY_ELEMENTS, eval_elements_of
 
     monkeypatch.setattr(plan, "device_class", lambda device: kind)
-    cap = EVAL_ELEMENTS.get(kind)
+    unkept = EVAL_ELEMENTS.get(kind, MEMORY_ELEMENTS)
     cpu = torch.device("cpu")
-    assert kind != "cpu-amd-avx2" or cap == 1 << 20  # the measured kind (benchmarks.eval_chunk)
-    assert eval_elements_of(cpu) == cap and eval_elements_of(torch.device("cuda", 0)) is None
-    assert eval_elements_of(cpu, heap_kept=True) is None
+    assert kind != "cpu-amd-avx2" or unkept == 1 << 20  # the measured kind (benchmarks.eval_chunk)
+    assert MEMORY_ELEMENTS == 1 << 23  # benchmarks.eval_memory
+    assert eval_elements_of(cpu) == unkept and eval_elements_of(torch.device("cuda", 0)) is None
+    assert eval_elements_of(cpu, heap_kept=True) == MEMORY_ELEMENTS
     for p in (ExecutionPlan.resolve("cpu", keep_heap=False), ExecutionPlan.resolve("cpu", fast=True, keep_heap=False),
               ExecutionPlan.from_options(cpu), ExecutionPlan.from_options(cpu, dtype=torch.bfloat16)):
-        assert p.eval_elements == cap and not p.keep_heap
-        assert ("inference in chunks of 1 Mi activations" in p.describe()) == (cap is not None)
+        assert p.eval_elements == unkept and not p.keep_heap
+        assert f"inference in chunks of {unkept // 2 ** 20} Mi activations" in p.describe()
     for p in (ExecutionPlan.resolve("cpu", keep_heap=True), ExecutionPlan.resolve("cpu", fast=True, keep_heap=True)):
-        assert p.eval_elements is None and p.keep_heap and "chunks" not in p.describe()
+        assert p.eval_elements == MEMORY_ELEMENTS and p.keep_heap
+        assert "inference in chunks of 8 Mi activations" in p.describe()
     capped = ExecutionPlan(eval_elements=1 << 20)
-    # the presets' top levels: tiny 32 wide at 32 px, cifar32 128 at 32, anime64 64 at 64, butterflies256 64 at 256
-    assert [capped.images_per_call(w, s) for w, s in ((32, 32), (128, 32), (64, 64), (64, 256))] == [32, 8, 4, 1]
+    # the presets' top levels: tiny 32 wide at 32 px, cifar32 128 at 32, anime64 64 at 64, dogs64 128 at 64,
+    # butterflies128 64 at 128, butterflies256 64 at 256
+    tops = ((32, 32), (128, 32), (64, 64), (128, 64), (64, 128), (64, 256))
+    assert [capped.images_per_call(w, s) for w, s in tops] == [32, 8, 4, 2, 1, 1]
+    memory = ExecutionPlan(eval_elements=MEMORY_ELEMENTS)
+    assert [memory.images_per_call(w, s) for w, s in tops] == [256, 64, 32, 16, 8, 2]
     assert ExecutionPlan(eval_elements=1000).images_per_call(3, 7) == 1000 // 147
     assert capped.images_per_call(None, 32) is None and ExecutionPlan().images_per_call(32, 32) is None
