@@ -48,7 +48,6 @@ from pathlib import Path
 import torch
 
 from ddpm_fast.argtypes import non_negative_int, positive_int
-from ddpm_fast.heap import keep_freed_memory
 from ddpm_fast.plan import KERNELS, OPS, ExecutionPlan
 from ddpm_fast.presets import PRESETS
 
@@ -77,12 +76,6 @@ def plan_of(row: str, kernels: str = "auto"):
             HEAP_ROW: ExecutionPlan.resolve("cpu", fast=False, keep_heap=False)}[row]
 
 
-def set_heap(plan) -> None:
-    """This row's process heap as a command on `plan` would have it (training/loop.fit)."""
-    if plan.keep_heap:
-        keep_freed_memory()
-
-
 def train_row(row: str, args) -> dict:
     """One training row, in this process."""
     from ddpm_fast.training.config import TrainConfig
@@ -105,7 +98,7 @@ def train_row(row: str, args) -> dict:
             cfg = TrainConfig(preset=args.preset, batch_size=args.batch_size, lr=2e-4, warmup=0, steps=total,
                               workers=0, out=out, **size)
             run = build_run(cfg, plan=plan_of(row, args.kernels))
-        set_heap(run.plan)
+        run.plan.apply_to_process()  # as the commands do
         loader, step = run.loader, run.step_fn
     batches = forever(loader)
     t0 = time.perf_counter()
@@ -141,7 +134,7 @@ def sample_row(row: str, args) -> dict:
         go = lambda: sampler.sample(args.sample_n, s, generator=torch.Generator().manual_seed(0))  # noqa: E731
     else:
         plan = plan_of(row, args.kernels)
-        set_heap(plan)
+        plan.apply_to_process()  # as the commands do
         sampler = FastSampler(plan.prepare(model), diffusion, plan=plan)
         go = lambda: sampler.sample(args.sample_n, s, generator=torch.Generator().manual_seed(0))  # noqa: E731
     with torch.inference_mode():

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .heap import can_keep_freed_memory
+from .heap import can_keep_freed_memory, keep_freed_memory
 from .ops.auto import device_class, extension_built, implementing, measured, picked_anywhere
 from .ops.cpu_class import native_bf16
 
@@ -197,6 +197,12 @@ class ExecutionPlan:
                    channels_last=dtype is not None and channels_last_pays(device, backend),
                    backends=dict.fromkeys(OPS, backend), compile="default" if compile else None,
                    cuda_graphs=cuda_graphs, eval_elements=eval_elements_of(device))
+
+    def apply_to_process(self) -> None:
+        """What this plan asks of the process that runs it, done by the command that owns the process
+        (train, sample, evaluate; not the Python API): freed memory kept in the heap where keep_heap."""
+        if self.keep_heap:
+            keep_freed_memory()
 
     def with_graphs(self, on: bool) -> "ExecutionPlan":
         """This plan with CUDA graphs on or off (the training grids draw from a seeded generator)."""

@@ -10,7 +10,6 @@ import warnings
 from typing import Callable
 
 from ..argtypes import finite_float, non_negative_float, positive_float, positive_int
-from ..heap import keep_freed_memory
 from ..plan import COMPILE_HELP, FAST_HELP, KERNELS, ExecutionPlan
 
 
@@ -62,8 +61,7 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
 def plan_from_args(args: argparse.Namespace) -> ExecutionPlan:
     """The command's plan, this process's heap kept for its model calls where the plan says so."""
     plan = ExecutionPlan.resolve(args.device, fast=args.fast, kernels=args.kernels, compile=args.compile)
-    if plan.keep_heap:
-        keep_freed_memory()
+    plan.apply_to_process()
     return plan
 
 

@@ -18,7 +18,6 @@ import torch
 
 from ..checkpoint import CHECKPOINT_NAME
 from ..files import atomic_write
-from ..heap import keep_freed_memory
 from ..images import save_image_grid
 from ..plan import resolve_device
 from ..sampling import FastSampler
@@ -52,8 +51,7 @@ class Interrupted(KeyboardInterrupt):
 def fit(run: Run) -> Path:
     """Train `run` to its end, its folder locked meanwhile (by rank 0, which alone writes it); the
     process's heap kept for the steps where the plan says so (plan.KEEP_HEAP)."""
-    if run.plan.keep_heap:
-        keep_freed_memory()
+    run.plan.apply_to_process()
     with claim(run.out, run.cfg.checkpoint) if run.ctx.is_main else contextlib.nullcontext():
         with stop_at_step_boundary(run.ctx) as stop:
             return train_steps(run, stop)
