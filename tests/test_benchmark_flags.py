@@ -175,6 +175,7 @@ DOCUMENTED = [  # as README.md, benchmarks/RESULTS.md, gpu_suite.sh and .ci/run 
     ("epoch", "--quick --paths reference,fast_eager,fast"),
     ("eval_chunk", ""),
     ("eval_memory", ""),
+    ("eval_chunk", "--presets cifar32=256 --chunks 256,64 --elements 8388608 --rounds 3 --sampler-rows ''"),
     ("heap", "--preset tiny --image-size 64 --batch-size 32 --steps 6 --pairs 5"),
     ("heap", "--preset tiny --batch-size 16 --steps 20 --pairs 4"),
     ("heap", "--preset anime64 --batch-size 16 --steps 3 --pairs 4"),
