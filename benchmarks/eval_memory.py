@@ -4,13 +4,13 @@ preset: what the plan's cap on a call (plan.MEMORY_ELEMENTS) bounds.
 Each run is a fresh process, for a clean peak RSS: the preset's model with random weights, freed
 memory kept in the heap as the commands keep it, one eval-mode forward of N images in fp32 (the
 widest dtype a CPU path computes in) under inference_mode, in chunks of at most C; its peak RSS less
-the RSS before the forward (Linux: /proc/self/status after a malloc_trim and a reset of the peak). Per preset, with P the images a call at --elements
-(ExecutionPlan.images_per_call):
+the RSS before the forward (Linux: /proc/self/status after a malloc_trim and a reset of the peak).
+Per preset, with P the images a call at --elements (ExecutionPlan.images_per_call):
   whole P/2 and whole P  the cost of an image (the slope between them), and its ratio to an image's
                          widest activation in fp32 (the top level, width x size^2 x 4 bytes: what
                          the cap counts);
   2P in chunks of P      the peak under the cap, for any batch: a chunk's peak, not the batch's.
-The whole default batch of the sample command (--batch) is extrapolated from the slope, not run.
+A whole batch of --batch images (the sample command's --batch-size) is extrapolated, not run.
 
     python -m benchmarks.eval_memory                         # every preset at the plan's cap
     python -m benchmarks.eval_memory --presets tiny,anime64 --elements 4194304

@@ -39,8 +39,8 @@ def test_a_preset_part_from_its_runs(monkeypatch):
     assert part["widest_mib_per_image"] == 1.0  # 64 channels x 64 x 64 x 4 bytes
     assert part["mib_per_image"] == 20.0 and part["x_widest"] == 20.0  # (620 - 300) / 16
     assert part["capped_peak_mib"] == 650.0 and part["whole_256_estimate_mib"] == 620 + 20 * 224
-    table = eval_memory.report({"env": {"device": "cpu", "cpu": "a CPU", "torch": "2", "elements": MEMORY_ELEMENTS, "batch": 256},
-                                "presets": [part]})
+    env = {"device": "cpu", "cpu": "a CPU", "torch": "2", "elements": MEMORY_ELEMENTS, "batch": 256}
+    table = eval_memory.report({"env": env, "presets": [part]})
     assert "| anime64 | 1 | 20 | 20 | 32 | 650 | 5.0 |" in table
 
 
