@@ -74,23 +74,25 @@ def preset_part(preset: str, elements: int, batch: int) -> dict:
     model = UNet.from_preset(preset)
     width, s = model_width(model), model.config["image_size"]
     per_call = ExecutionPlan(eval_elements=elements).images_per_call(width, s)
-    half = max(1, per_call // 2)
+    # The slope takes two batch sizes: half the cap and the cap, or at a cap of one image 1 and 2.
+    sizes = (per_call // 2, per_call) if per_call > 1 else (1, 2)
 
     def run(n: int, chunk: int) -> float:
         argv = ["--one", preset, str(n), str(chunk)]
         return child_json("benchmarks.eval_memory", argv, f"{preset}, {n} images in chunks of {chunk}")[
             "peak_over_start_mib"]
 
-    small, whole = run(half, half), run(per_call, per_call)
+    whole = {n: run(n, n) for n in sizes}
     capped = run(2 * per_call, per_call)
-    slope = (whole - small) / (per_call - half) if per_call > half else whole
+    slope = (whole[sizes[1]] - whole[sizes[0]]) / (sizes[1] - sizes[0])
     widest_mib = width * s * s * 4 / 2 ** 20
     return {"preset": preset, "image_size": s, "width": width, "per_call": per_call,
             "widest_mib_per_image": round(widest_mib, 3),
-            "peak_mib": {f"whole_{half}": small, f"whole_{per_call}": whole,
+            "peak_mib": {**{f"whole_{n}": peak for n, peak in whole.items()},
                          f"{2 * per_call}_in_chunks_of_{per_call}": capped},
             "mib_per_image": round(slope, 2), "x_widest": round(slope / widest_mib, 1),
-            "capped_peak_mib": capped, f"whole_{batch}_estimate_mib": round(whole + slope * (batch - per_call))}
+            "capped_peak_mib": capped,
+            f"whole_{batch}_estimate_mib": round(whole[per_call] + slope * (batch - per_call))}
 
 
 def report(result: dict) -> str:

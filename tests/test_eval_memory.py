@@ -44,6 +44,21 @@ def test_a_preset_part_from_its_runs(monkeypatch):
     assert "| anime64 | 1 | 20 | 20 | 32 | 650 | 5.0 |" in table
 
 
+def test_a_cap_of_one_image_takes_its_slope_from_one_and_two(monkeypatch):
+    calls = []
+    peaks = {(1, 1): 100.0, (2, 2): 130.0, (2, 1): 110.0}
+
+    def fake(module, argv, what):
+        calls.append((int(argv[2]), int(argv[3])))
+        return {"peak_over_start_mib": peaks[calls[-1]]}
+
+    monkeypatch.setattr(eval_memory, "child_json", fake)
+    part = eval_memory.preset_part("anime64", 64 * 64 * 64, 8)  # the widest activation of one image
+    assert part["per_call"] == 1 and calls == [(1, 1), (2, 2), (2, 1)]  # no run twice
+    assert part["mib_per_image"] == 30.0 and part["whole_8_estimate_mib"] == 100 + 30 * 7
+    assert set(part["peak_mib"]) == {"whole_1", "whole_2", "2_in_chunks_of_1"}
+
+
 def test_main_writes_each_preset(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("OUT", str(tmp_path))
     monkeypatch.setattr(eval_memory, "preset_part", lambda p, e, b: {
