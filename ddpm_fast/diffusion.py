@@ -253,12 +253,23 @@ class GaussianDiffusion:
         the model predicts and however its run weighted the loss (`loss` is on the run's own target,
         weighted by its --loss-weight, so it compares only runs that share both). reduction "none":
         one figure per image (its mean over pixels), as F.mse_loss's "none" keeps every element."""
+        return self.eps_mse_on(model, self.training_inputs(x0, generator), y, reduction)
+
+    def eps_mse_on(self, model, inputs: tuple, y: torch.Tensor | None = None,
+                   reduction: str = "mean") -> torch.Tensor:
+        """`eps_mse` at given `training_inputs` (x_t, t, noise, alpha-bar), as `loss_on` is `loss`'s."""
         if reduction not in ("mean", "none"):
             raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-        x_t, t, noise, abar = self.training_inputs(x0, generator)
+        x_t, t, noise, abar = inputs
         out = model(x_t, t) if y is None else model(x_t, t, y)
         err = F.mse_loss(self.predict_eps(x_t, abar, out.float()), noise.float(), reduction="none")
         return err.flatten(1).mean(1) if reduction == "none" else err.mean()
+
+    def quartile(self, t_model: torch.Tensor) -> torch.Tensor:
+        """Which quarter of the noise levels each model time lies in, 0 (the least noise) to 3, as
+        improved-diffusion buckets its losses: the discrete t's quarter of 0..T-1, or the continuous
+        schedule's T * (1 - alpha-bar)'s of [0, T)."""
+        return (4 * t_model.double() / self.timesteps).floor().long().clamp(0, 3)
 
     def x0_mse(self, model, x0: torch.Tensor, generator: torch.Generator | None = None,
                y: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,34 +1,50 @@
-"""Held-out evaluation of a trained model: eps-MSE averaged over t, and the variational bound in
-bits/dim (Ho et al.'s L_0 discretised decoder + KL terms + prior). FID/KID are in metrics.py."""
+"""Held-out evaluation of a trained model: eps-MSE averaged over t and per quarter of t, and the
+variational bound in bits/dim (Ho et al.'s L_0 discretised decoder + KL terms + prior). FID/KID are
+in metrics.py."""
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
 from .diffusion import GaussianDiffusion
 
 
+class HeldOutMSE(NamedTuple):
+    mean: float
+    std_err: float | None  # over the images; None for one image
+    by_quartile: tuple[float | None, ...]  # q0 (the least noise) to q3; None for a quarter no draw fell in
+
+
 @torch.no_grad()
 def heldout_mse(model, diffusion: GaussianDiffusion, images: torch.Tensor, batch_size: int = 64,
-                draws: int = 4, seed: int = 0) -> tuple[float, float | None]:
-    """Mean eps-MSE over `draws` (t, noise) pairs per image, with a fixed generator, and its standard
-    error over the images (each image's mean over its draws; None for one image): unweighted and
-    in eps whatever the model predicts (GaussianDiffusion.eps_mse), so runs of any --loss-weight
-    and --prediction compare."""
+                draws: int = 4, seed: int = 0) -> HeldOutMSE:
+    """Mean eps-MSE over `draws` (t, noise) pairs per image, with a fixed generator; its standard
+    error over the images (each image's mean over its draws); and the mean of the draws in each
+    quarter of the noise levels (GaussianDiffusion.quartile), which says where in t a model errs.
+    Unweighted and in eps whatever the model predicts (GaussianDiffusion.eps_mse), so runs of any
+    --loss-weight and --prediction compare."""
     model.eval()
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
     per_image = torch.zeros(len(images), dtype=torch.float64)
+    q_sum, q_count = torch.zeros(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)
     for _ in range(draws):
         start = 0
         for x0 in images.split(batch_size):
-            err = diffusion.eps_mse(model, x0.to(device), gen, reduction="none")
-            per_image[start:start + len(x0)] += err.double().cpu()
+            inputs = diffusion.training_inputs(x0.to(device), gen)
+            err = diffusion.eps_mse_on(model, inputs, reduction="none").double().cpu()
+            per_image[start:start + len(x0)] += err
+            q = diffusion.quartile(inputs[1]).cpu()
+            q_sum.index_add_(0, q, err)
+            q_count.index_add_(0, q, torch.ones_like(err))
             start += len(x0)
     per_image /= draws
+    by_quartile = tuple((s / c).item() if c else None for s, c in zip(q_sum, q_count))
     if len(per_image) == 0:
-        return 0.0, None
+        return HeldOutMSE(0.0, None, by_quartile)
     std_err = (per_image.std() / len(per_image) ** 0.5).item() if len(per_image) > 1 else None
-    return per_image.mean().item(), std_err
+    return HeldOutMSE(per_image.mean().item(), std_err, by_quartile)
 
 
 def t_strata(t_samples: int, timesteps: int) -> list[tuple[int, int]]:

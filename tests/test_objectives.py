@@ -165,27 +165,46 @@ def test_heldout_eps_mse_is_one_unit_for_every_target_and_weight(loss_weight):
     assert figures == pytest.approx([figures[0]] * 3, rel=1e-4)
 
 
-def test_heldout_eps_mse_std_err_is_over_the_images():
-    """Its standard error is that of each image's mean over its draws, computed here by hand; one
-    image has none."""
+def test_heldout_eps_mse_std_err_is_over_the_images_and_quartiles_over_the_draws():
+    """Its standard error is that of each image's mean over its draws, and each quarter of t's
+    figure the mean of the draws whose t fell in it, computed here by hand; one image has no
+    standard error, and a quarter no draw fell in no figure."""
     from ddpm_fast.evaluation import heldout_mse
 
     d = GaussianDiffusion("linear", 40)
     model = WrongEps(d)
     x0 = torch.rand(7, 3, 5, 4) * 2 - 1
     per_image = torch.zeros(7, dtype=torch.float64)
+    by_quarter = [[] for _ in range(4)]
     gen = torch.Generator().manual_seed(0)
     for _ in range(3):
         for i, batch in zip(range(0, 7, 3), x0.split(3)):
             x_t, t, noise, _ = d.training_inputs(batch, gen)
             err = (torch.sin(3 * x_t) + 0.1 * t.view(-1, 1, 1, 1) - noise).square().flatten(1).mean(1)
             per_image[i:i + len(batch)] += err.double() / 3
-    mean, std_err = heldout_mse(model, d, x0, batch_size=3, draws=3, seed=0)
+            for ti, e in zip(t.tolist(), err.tolist()):
+                by_quarter[ti // 10].append(e)  # T = 40: a quarter is 10 steps
+    mean, std_err, by_quartile = heldout_mse(model, d, x0, batch_size=3, draws=3, seed=0)
     assert mean == pytest.approx(per_image.mean().item(), rel=1e-5)
     assert std_err == pytest.approx((per_image.std() / 7 ** 0.5).item(), rel=1e-4)
-    assert heldout_mse(model, d, x0[:1], draws=2)[1] is None
+    assert all(by_quarter), "a quarter without a draw: the seed no longer covers the four"
+    assert by_quartile == pytest.approx([sum(q) / len(q) for q in by_quarter], rel=1e-5)
+    one = heldout_mse(model, d, x0[:1], draws=2)
+    assert one.std_err is None and sum(q is None for q in one.by_quartile) >= 2  # two draws, four quarters
     with pytest.raises(ValueError, match="reduction"):
         d.eps_mse(model, x0, reduction="sum")
+
+
+@pytest.mark.parametrize("schedule", ("linear", "continuous"))
+def test_quartile_splits_the_model_times_into_four_quarters(schedule):
+    d = GaussianDiffusion(schedule, 40)
+    t = torch.tensor([0, 9, 10, 19.5, 20, 29, 30, 39, 39.9])
+    t = t if schedule == "continuous" else t.long()
+    want = [0, 0, 1, 1, 2, 2, 3, 3, 3]
+    assert d.quartile(t).tolist() == want
+    _, t_model, _, _ = d.training_inputs(torch.zeros(4000, 1, 1, 1), torch.Generator().manual_seed(0))
+    counts = torch.bincount(d.quartile(t_model), minlength=4)
+    assert len(counts) == 4 and counts.min() > 850  # uniform t (or alpha-bar): about 1,000 a quarter
 
 
 def test_offset_noise_adds_a_per_channel_constant():

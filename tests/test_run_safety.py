@@ -19,6 +19,7 @@ from conftest import requires_cuda
 from ddpm_fast import GaussianDiffusion, UNet
 from ddpm_fast.data import build_loader, validate_images
 from ddpm_fast.data import listing as listing_mod
+from ddpm_fast.evaluation import HeldOutMSE
 from ddpm_fast.plan import ExecutionPlan
 from ddpm_fast import checkpoint as ckpt_mod
 from ddpm_fast.training.config import TrainConfig
@@ -252,7 +253,8 @@ def test_sample_refuses_non_finite_weights_and_evaluate_writes_valid_json(tiny_r
     assert str(run / "checkpoint.pt") in err and "non-finite ema weights" in err
     assert not (tmp_path / "s.png").exists()
     # A non-finite figure is null in evaluate's JSON, and so is one not computed.
-    monkeypatch.setattr("ddpm_fast.evaluation.heldout_mse", lambda *a, **k: (float("nan"), float("nan")))
+    nan = float("nan")
+    monkeypatch.setattr("ddpm_fast.evaluation.heldout_mse", lambda *a, **k: HeldOutMSE(nan, nan, (nan, 1.0, None, nan)))
     out = tmp_path / "e.json"
     assert evaluate_cli.main(["--ckpt", str(tiny_run), "--images", "4", "--bpd-images", "0", "--json", str(out)]) == 0
 
@@ -261,6 +263,7 @@ def test_sample_refuses_non_finite_weights_and_evaluate_writes_valid_json(tiny_r
     for text in (out.read_text(), capsys.readouterr().out):
         r = json.loads(text, parse_constant=strict)
         assert r["eps_mse"] is None and r["eps_mse_std_err"] is None and r["bits_per_dim"] is None
+        assert [r[f"eps_mse_q{q}"] for q in range(4)] == [None, 1.0, None, None]
         assert r["images"] == 4
 
 

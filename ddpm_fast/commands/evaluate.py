@@ -1,5 +1,5 @@
-"""python -m ddpm_fast.evaluate: held-out eps-MSE and bits/dim of a trained run (and FID/KID
-with the [eval] extra).
+"""python -m ddpm_fast.evaluate: held-out eps-MSE (over t, and per quarter of t: eps_mse_q0, the
+least noise, to eps_mse_q3) and bits/dim of a trained run (and FID/KID with the [eval] extra).
 
     python -m ddpm_fast.evaluate --ckpt runs/default
     python -m ddpm_fast.evaluate --ckpt runs/default --kid 256 --method ddim --steps 50 --json eval.json
@@ -76,8 +76,9 @@ def _evaluate(args) -> dict:
     # The held-out figures run on the plan, as the samples do: on three models bf16 moved bits/dim
     # by at most a fifteenth of its standard error (docs/bpd_estimate.json); --no-fast for fp32.
     with plan.autocast():
-        result["eps_mse"], result["eps_mse_std_err"] = heldout_mse(model, diffusion, images, args.batch_size,
-                                                                   args.mse_draws, args.seed)
+        mse = heldout_mse(model, diffusion, images, args.batch_size, args.mse_draws, args.seed)
+        result["eps_mse"], result["eps_mse_std_err"] = mse.mean, mse.std_err
+        result |= {f"eps_mse_q{q}": value for q, value in enumerate(mse.by_quartile)}
         result["bits_per_dim"] = None  # null in the JSON when not computed
         if args.bpd_images > 0 and diffusion.schedule != "continuous":
             result["bits_per_dim"] = bits_per_dim(model, diffusion, images[: args.bpd_images], args.batch_size,
