@@ -143,7 +143,8 @@ def sample_quality(sampler, data, image_size: int, device: torch.device, fid_n: 
     cached reference statistics (at most ref_limit images of a split). Needs the [eval] extra."""
     samples = generate(sampler, max(fid_n, kid_n), image_size, device, seed, classes=classes)
     out: dict = {"samples": len(samples), "method": sampler.method, "evaluations": sampler.num_evaluations,
-                 "sigma_min": sampler.scheduler.sigma_min}  # None: the schedule's smallest
+                 "sigma_min": sampler.scheduler.sigma_min,  # None: the schedule's smallest
+                 "sigma_max": sampler.scheduler.sigma_max}  # None: the schedule's largest
     return out | score_samples(samples, data, image_size, device, fid_n, kid_n, seed, splits, ref_limit)
 
 

@@ -20,8 +20,8 @@ import torch
 from .diffusion import PREDICTIONS, GaussianDiffusion
 from .files import atomic_dir, atomic_write
 from .model import AttnBlock, ResBlock, UNet
-from .schedulers import (DEFAULT_CLIP_X0, SDE_METHODS, clipped_model_output, multistep_order, sigma_min_of,
-                         spacing_of)
+from .schedulers import (DEFAULT_CLIP_X0, SDE_METHODS, clipped_model_output, multistep_order, sigma_max_of,
+                         sigma_min_of, spacing_of)
 
 VARIANCE_TYPES = {"beta": "fixed_large", "posterior": "fixed_small"}
 # Our sampler names -> diffusers' classes. No Euler or Heun: their inputs need scaling
@@ -193,10 +193,10 @@ def make_scheduler(diffusion: GaussianDiffusion, name: str = "ddpm", variance: s
                    spacing: str | None = None, sigma_min: float | None = None):
     """The diffusers scheduler `name` (SCHEDULERS) on our betas, set up to sample in a DDPMPipeline as
     our sampler of that name does: on its spacing (None: our default for `name`, Karras sigmas for
-    dpmpp_2m_sde) and, on Karras sigmas, from `sigma_min` (None: our sampler's default), and the
-    reading under a clip included: x0 clamped to [-1, 1], and beside it the
-    eps re-derived from it or the network's (`use_clipped_model_output`, None: our default for
-    `name`). A reading the scheduler cannot carry is a ValueError naming the flag."""
+    dpmpp_2m_sde) and, on Karras sigmas, from `sigma_min` (None: our sampler's default) and from our
+    sampler's highest (schedulers.sigma_max_of), and the reading under a clip included: x0 clamped
+    to [-1, 1], and beside it the eps re-derived from it or the network's
+    (`use_clipped_model_output`, None: our default for `name`). A reading the scheduler cannot carry is a ValueError naming the flag."""
     import diffusers
 
     if name not in SCHEDULERS:
@@ -241,10 +241,11 @@ def make_scheduler(diffusion: GaussianDiffusion, name: str = "ddpm", variance: s
                     "unipc": clip}[name]
     sched = getattr(diffusers, SCHEDULERS[name])(num_train_timesteps=diffusion.timesteps,
                                                  prediction_type=diffusion.prediction, **betas, **spaced, **settings)
-    if sigma_min is not None:
-        # not an argument of DPMSolverMultistep or UniPC, but their Karras sigmas read it from the config,
-        # which the folder keeps (diffusers' "hack" in _convert_to_karras)
-        sched.register_to_config(sigma_min=sigma_min)
+    # not arguments of DPMSolverMultistep or UniPC, but their Karras sigmas read them from the config,
+    # which the folder keeps (diffusers' "hack" in _convert_to_karras)
+    for key, value in (("sigma_min", sigma_min), ("sigma_max", sigma_max_of(diffusion, spacing))):
+        if value is not None:
+            sched.register_to_config(**{key: value})
     return sched
 
 

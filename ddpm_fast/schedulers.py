@@ -70,6 +70,13 @@ DEFAULT_METHOD, DEFAULT_STEPS = "dpmpp_2m_sde", 20
 DEFAULT_CLIP_X0 = True
 DEFAULT_SPACING = {"dpmpp_2m_sde": "karras"}
 MIN_SNR_WEIGHT = 0.1  # a min-SNR model's Karras chains stop where its eps weight is this (min_snr_sigma_min)
+# Where a Karras chain starts at most (sigma_max_of): Karras et al.'s sigma_max, as diffusers' EDM
+# schedulers take it. Above it x_t is noise to within 1e-4 of its variance, and a ramp from a larger
+# schedule maximum spends its steps there: from the cosine schedule's 20,291 (rho 7) 13 of 20 steps
+# lie above 80, and capping the ramp there took the default sampler's KID on cosine-schedule models
+# from 0.062 and 0.054 to 0.037 and 0.034; on linear-schedule models (157) it left it level
+# (benchmarks/RESULTS.md, "The cosine schedule's Karras ramp").
+SIGMA_MAX = 80.0
 _INTERPOLATING = ("euler", "heun")  # model time interpolated between training steps, as diffusers' do
 _ON_TRAINING_STEPS = ("ddpm", "ddim")  # defined on the training steps' alpha-bar: no Karras sigmas
 _TO_SIGMA_ZERO = ("dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "dpmpp_3m_sde", "unipc")  # spacing_timesteps' drop_zero
@@ -141,17 +148,24 @@ def _sigma_range(diffusion: GaussianDiffusion) -> tuple[float, float]:
 def sigma_min_of(diffusion: GaussianDiffusion, spacing: str, sigma_min: float | None) -> float | None:
     """The lowest sigma of a chain on `spacing`, or None for the schedule's smallest: `sigma_min`
     checked (Karras sigmas only, and within the training schedule's sigmas: below its smallest the
-    model would be asked about a noise level it never saw), else on Karras sigmas the default,
-    min_snr_sigma_min."""
+    model would be asked about a noise level it never saw; below the chain's highest,
+    sigma_max_of), else on Karras sigmas the default, min_snr_sigma_min."""
     if sigma_min is None:
         return min_snr_sigma_min(diffusion) if spacing == "karras" else None
     if spacing != "karras":
         raise ValueError(f"--sigma-min is the karras spacing's lowest sigma, not --spacing {spacing}'s")
     lo, hi = _sigma_range(diffusion)
+    hi = sigma_max_of(diffusion, spacing) or hi
     if not lo * (1 - 1e-3) <= sigma_min < hi:  # the tolerance admits lo as printed
         raise ValueError(f"--sigma-min must be in [{lo:.4g}, {hi:.4g}), the training schedule's sigmas, "
                          f"got {sigma_min}")
     return float(sigma_min)
+
+
+def sigma_max_of(diffusion: GaussianDiffusion, spacing: str) -> float | None:
+    """The highest sigma of a chain on `spacing`, or None for the schedule's largest: on Karras sigmas
+    the schedule's largest capped at SIGMA_MAX."""
+    return SIGMA_MAX if spacing == "karras" and _sigma_range(diffusion)[1] > SIGMA_MAX else None
 
 
 def clipped_model_output(method: str, use_clipped_model_output: bool | None = None) -> bool:
@@ -232,7 +246,8 @@ class Scheduler:
     `sigma_min` (Karras sigmas only; diffusers' config name): the lowest noise level the chain
     evaluates the model at before its last step to sigma 0, in sigma space (sigma_t / alpha_t).
     None: for a model trained under min-SNR, where that weight reaches a tenth of full
-    (min_snr_sigma_min), else the training schedule's smallest.
+    (min_snr_sigma_min), else the training schedule's smallest. A Karras chain starts at the
+    schedule's largest sigma or SIGMA_MAX, the smaller (`sigma_max`; diffusers' config name).
     """
 
     def __init__(self, diffusion: GaussianDiffusion, method: str = DEFAULT_METHOD, *, spacing: str | None = None,
@@ -264,6 +279,7 @@ class Scheduler:
         self._abar = diffusion.alphas_cumprod.double().numpy()
         self._sigmas = np.sqrt((1 - self._abar) / self._abar)  # sigma-space sigma of each training step
         self.sigma_min = sigma_min_of(diffusion, spacing, sigma_min)
+        self.sigma_max = sigma_max_of(diffusion, spacing)
         self._states: dict = {}
         self._state: _State | None = None
         self.num_evaluations = 0
@@ -332,8 +348,9 @@ class Scheduler:
         """(timesteps, their sigma-space sigmas) of the steps, descending; the final sigma 0 is implicit."""
         T, sig = self.diffusion.timesteps, self._sigmas
         rounded = self.method not in _INTERPOLATING  # diffusers rounds all but Euler's and Heun's
-        if self.spacing == "karras":  # sigmas from sigma_min to sigma_max of training, t by log-sigma interpolation
-            s = karras_sigmas(steps, sig[0] if self.sigma_min is None else self.sigma_min, sig[-1])
+        if self.spacing == "karras":  # sigmas from sigma_min to sigma_max, t by log-sigma interpolation
+            s = karras_sigmas(steps, sig[0] if self.sigma_min is None else self.sigma_min,
+                              sig[-1] if self.sigma_max is None else self.sigma_max)
             t = np.interp(np.log(s), np.log(sig), np.arange(T))
             return (t.round() if rounded else t), s
         t = spacing_timesteps(self.spacing, steps, T, drop_zero=self.method in _TO_SIGMA_ZERO)

@@ -17,7 +17,7 @@ import ddpm_fast  # noqa: E402
 from ddpm_fast import PRESETS, GaussianDiffusion, UNet, interop  # noqa: E402
 from ddpm_fast.presets import preset_config  # noqa: E402
 from ddpm_fast.checkpoint import load_model, load_weights_for_init  # noqa: E402
-from ddpm_fast.schedulers import CAN_KEEP_NOISE, clipped_model_output  # noqa: E402
+from ddpm_fast.schedulers import CAN_KEEP_NOISE, SIGMA_MAX, clipped_model_output  # noqa: E402
 
 export_cli = importlib.import_module("ddpm_fast.commands.export")
 sample_cli = importlib.import_module("ddpm_fast.commands.sample")
@@ -376,7 +376,7 @@ def test_exported_scheduler_samples_like_ddpm_fast_clip_reading_included(tmp_pat
 
 
 def test_a_min_snr_runs_karras_folder_stops_where_ddpm_fast_does(tmp_path):
-    """The default lowest sigma of a min-SNR run's chain (schedulers.min_snr_sigma_min) travels with
+    """The default highest and lowest sigma of a min-SNR run's chain (schedulers.min_snr_sigma_min) travels with
     the folder as diffusers' sigma_min, and the pipeline samples as ddpm-fast's default does; without
     it the chain differs measurably."""
     _, ema, _ = make_run(tmp_path / "run", timesteps=100, loss_weight="min_snr")
@@ -385,6 +385,7 @@ def test_a_min_snr_runs_karras_folder_stops_where_ddpm_fast_does(tmp_path):
     pipe = DDPMPipeline.from_pretrained(tmp_path / "pipe")
     pipe.set_progress_bar_config(disable=True)
     assert pipe.scheduler.config["sigma_min"] == pytest.approx(0.02 ** 0.5)
+    assert pipe.scheduler.config["sigma_max"] == SIGMA_MAX  # ours starts there too (schedulers.sigma_max_of)
     images = pipe(batch_size=2, generator=torch.Generator().manual_seed(5), num_inference_steps=10,
                   output_type="pt").images
     model = ema.set_backend("torch")

@@ -21,7 +21,7 @@ from conftest import NoHostSync
 from ddpm_fast import FastSampler, GaussianDiffusion, UNet
 from ddpm_fast.ops import COEF_NAMES
 from ddpm_fast.schedulers import (CAN_KEEP_NOISE, CHROMA_ODE, DEFAULT_STEPS, KEEP_NOISE_BY_DEFAULT, METHODS,
-                                  MIN_SNR_WEIGHT, Scheduler, min_snr_sigma_min, spacing_timesteps)
+                                  MIN_SNR_WEIGHT, SIGMA_MAX, Scheduler, min_snr_sigma_min, spacing_timesteps)
 
 # diffusers is the oracle of every test here: without it (the GPU machine's image) the module skips
 # rather than stopping collection. The graphed sampler's GPU test lives in test_gpu_paths.py.
@@ -66,12 +66,22 @@ def x_T(seed=1, n=4, size=8):
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
+def capped(registered: dict, config: dict, betas: torch.Tensor) -> dict:
+    """`registered` with, on Karras sigmas, our ramp's start where the schedule's largest sigma exceeds
+    SIGMA_MAX (schedulers.sigma_max_of), computed here from the betas: diffusers' classes read
+    sigma_max from the config and otherwise start at the schedule's largest."""
+    abar = torch.cumprod(1 - betas.double(), 0)[-1].item()
+    if config.get("use_karras_sigmas") and ((1 - abar) / abar) ** 0.5 > SIGMA_MAX:
+        return {"sigma_max": SIGMA_MAX, **registered}
+    return registered
+
+
 def theirs(cls, steps, x, model, generator=None, model_time=None, step_kw=None, **config):
     """diffusers' plain loop: set_timesteps; for t: out = model(scaled input, t); x = step(...).
     `registered`: config entries that are no argument of `cls` but that it reads (sigma_min)."""
-    registered = config.pop("registered", {})
-    sched = cls(num_train_timesteps=T, trained_betas=config.pop("betas", LINEAR.betas).numpy(), **config)
-    sched.register_to_config(**registered)
+    registered, betas = config.pop("registered", {}), config.pop("betas", LINEAR.betas)
+    sched = cls(num_train_timesteps=T, trained_betas=betas.numpy(), **config)
+    sched.register_to_config(**capped(registered, config, betas))
     sched.set_timesteps(steps)
     if cls in (D.EulerDiscreteScheduler, D.HeunDiscreteScheduler):
         x = x * (sched.sigmas[0] ** 2 + 1) ** 0.5
@@ -177,6 +187,7 @@ def theirs_keeping_eps(cls, steps, x, model, generator=None, **config):
     sigma are the scheduler's at t (DPM-Solver's from its sigmas: Karras spacing moves them off the
     training steps)."""
     sched = cls(num_train_timesteps=T, trained_betas=LINEAR.betas.numpy(), **config)
+    sched.register_to_config(**capped({}, config, LINEAR.betas))
     sched.set_timesteps(steps)
     for t in sched.timesteps:
         eps = model(x, torch.as_tensor(t).expand(len(x)))
@@ -241,6 +252,8 @@ def theirs_chroma_ode(steps, x, model, generator, **config):
     taken from the ODE's step: chroma_ode built from diffusers' two plain updates."""
     sde, ode = (D.DPMSolverMultistepScheduler(num_train_timesteps=T, trained_betas=LINEAR.betas.numpy(), **kind,
                                               **config) for kind in ({"algorithm_type": "sde-dpmsolver++"}, {}))
+    for sched in (sde, ode):
+        sched.register_to_config(**capped({}, config, LINEAR.betas))
     sde.set_timesteps(steps), ode.set_timesteps(steps)
     assert torch.equal(sde.timesteps, ode.timesteps)
     for t in sde.timesteps:
@@ -451,10 +464,34 @@ def test_evaluation_counts_and_validation():
             Scheduler(LINEAR, "dpmpp_2m_sde", sigma_min=bad)
     Scheduler(LINEAR, "dpmpp_2m_sde", sigma_min=0.01)  # as printed: within the tolerance of sigmas[0]
     s = Scheduler(LINEAR, "dpmpp_2m_sde", sigma_min=0.3)
-    s.set_timesteps(6)  # the last evaluation is at the noise level asked for, the first at the largest
-    assert s.grid_t[0] == T - 1 and abs(sigmas[s.grid_t[-1]].item() / 0.3 - 1) < 0.1
+    s.set_timesteps(6)  # the last evaluation is at the noise level asked for, the first at SIGMA_MAX
+    assert abs(sigmas[s.grid_t[0]].item() / SIGMA_MAX - 1) < 0.02 and abs(sigmas[s.grid_t[-1]].item() / 0.3 - 1) < 0.1
+    with pytest.raises(ValueError, match=r"--sigma-min must be in \[0.01, 80\)"):
+        Scheduler(LINEAR, "dpmpp_2m_sde", sigma_min=100.0)  # below the schedule's largest, above the chain's start
     with pytest.raises(ValueError, match="--prediction-type"):
         Scheduler(LINEAR, "euler", prediction_type="flow")
+
+
+def test_karras_chains_start_at_sigma_max_or_the_schedules_largest(monkeypatch):
+    """A Karras ramp starts at SIGMA_MAX where the schedule's largest sigma is above it (the linear
+    schedule's 157, the cosine one's 20,291), at the schedule's largest otherwise; other spacings
+    start at the last training step."""
+    from ddpm_fast import schedulers
+
+    for d in (LINEAR, GaussianDiffusion("cosine", T)):
+        sigmas = ((1 - d.alphas_cumprod) / d.alphas_cumprod).sqrt()
+        for method in ("dpmpp_2m_sde", "euler"):  # t rounded to a training step, and interpolated
+            s = Scheduler(d, method, spacing="karras")
+            s.set_timesteps(10)
+            assert s.sigma_max == SIGMA_MAX and sigmas[-1] > SIGMA_MAX
+            t0 = s.grid_t[0]  # its sigma, interpolated in log sigma as the chain's model time is
+            sigma0 = np.exp(np.interp(t0, np.arange(T), np.log(sigmas.double().numpy())))
+            assert abs(sigma0 / SIGMA_MAX - 1) < (0.03 if method == "dpmpp_2m_sde" else 1e-6)
+        assert Scheduler(d, "dpmpp_2m").sigma_max is None  # linspace
+    monkeypatch.setattr(schedulers, "SIGMA_MAX", 1000.0)
+    s = Scheduler(LINEAR, "dpmpp_2m_sde")
+    s.set_timesteps(10)
+    assert s.sigma_max is None and s.grid_t[0] == T - 1
 
 
 @pytest.mark.parametrize("method, kw", [(m, {}) for m in METHODS] + [
