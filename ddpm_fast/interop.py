@@ -143,7 +143,7 @@ def _key_map(model: UNet) -> dict[str, tuple[str, ...]]:
 
 def to_diffusers(model: UNet, diffusion: GaussianDiffusion, scheduler: str = "ddpm", variance: str = "beta",
                  clip_x0: bool = DEFAULT_CLIP_X0, use_clipped_model_output: bool | None = None,
-                 spacing: str | None = None, sigma_min: float | None = None):
+                 spacing: str | None = None, sigma_min: float | None = None, sigma_max: float | None = None):
     """(UNet2DModel with our weights, the scheduler `scheduler` of our schedule: make_scheduler)."""
     from diffusers import UNet2DModel
 
@@ -155,7 +155,7 @@ def to_diffusers(model: UNet, diffusion: GaussianDiffusion, scheduler: str = "dd
             theirs[name] = piece.reshape(shapes[name])  # our 1x1 attention convs are diffusers' linears
     unet.load_state_dict(theirs)
     return unet.eval(), make_scheduler(diffusion, scheduler, variance, clip_x0, use_clipped_model_output, spacing,
-                                       sigma_min)
+                                       sigma_min, sigma_max)
 
 
 def from_diffusers(path_or_unet, scheduler=None) -> tuple[UNet, GaussianDiffusion]:
@@ -190,13 +190,13 @@ def _import(unet, scheduler) -> tuple[UNet, GaussianDiffusion, dict]:
 # -- schedules -------------------------------------------------------------------------------------
 def make_scheduler(diffusion: GaussianDiffusion, name: str = "ddpm", variance: str = "beta",
                    clip_x0: bool = DEFAULT_CLIP_X0, use_clipped_model_output: bool | None = None,
-                   spacing: str | None = None, sigma_min: float | None = None):
+                   spacing: str | None = None, sigma_min: float | None = None, sigma_max: float | None = None):
     """The diffusers scheduler `name` (SCHEDULERS) on our betas, set up to sample in a DDPMPipeline as
     our sampler of that name does: on its spacing (None: our default for `name`, Karras sigmas for
-    dpmpp_2m_sde) and, on Karras sigmas, from `sigma_min` (None: our sampler's default) and from our
-    sampler's highest (schedulers.sigma_max_of), and the reading under a clip included: x0 clamped
-    to [-1, 1], and beside it the eps re-derived from it or the network's
-    (`use_clipped_model_output`, None: our default for `name`). A reading the scheduler cannot carry is a ValueError naming the flag."""
+    dpmpp_2m_sde) and, on Karras sigmas, from `sigma_max` to `sigma_min` (None: our sampler's
+    defaults), and the reading under a clip included: x0 clamped to [-1, 1], and beside it the eps
+    re-derived from it or the network's (`use_clipped_model_output`, None: our default for `name`).
+    A reading the scheduler cannot carry is a ValueError naming the flag."""
     import diffusers
 
     if name not in SCHEDULERS:
@@ -213,7 +213,8 @@ def make_scheduler(diffusion: GaussianDiffusion, name: str = "ddpm", variance: s
              dict(beta_schedule="linear", beta_start=diffusion.betas[0].item(), beta_end=diffusion.betas[-1].item(),
                   trained_betas=diffusion.betas.tolist()))
     spacing = spacing_of(name, spacing)  # refuses Karras sigmas for ddpm and ddim, as our sampler does
-    sigma_min = sigma_min_of(diffusion, spacing, sigma_min)
+    sigma_max = sigma_max_of(diffusion, spacing, sigma_max)
+    sigma_min = sigma_min_of(diffusion, spacing, sigma_min, sigma_max)
     rederive = clipped_model_output(name, use_clipped_model_output)  # refuses a reading ours has not
     if clip_x0 and name == "ddim" and rederive:
         # DDPMPipeline calls step() without it, and DDIMScheduler.step's default keeps the network's eps
@@ -243,7 +244,7 @@ def make_scheduler(diffusion: GaussianDiffusion, name: str = "ddpm", variance: s
                                                  prediction_type=diffusion.prediction, **betas, **spaced, **settings)
     # not arguments of DPMSolverMultistep or UniPC, but their Karras sigmas read them from the config,
     # which the folder keeps (diffusers' "hack" in _convert_to_karras)
-    for key, value in (("sigma_min", sigma_min), ("sigma_max", sigma_max_of(diffusion, spacing))):
+    for key, value in (("sigma_min", sigma_min), ("sigma_max", sigma_max)):
         if value is not None:
             sched.register_to_config(**{key: value})
     return sched
@@ -282,7 +283,8 @@ def schedule_of(scheduler) -> dict:
 def export_pipeline(model: UNet, diffusion: GaussianDiffusion, out: str | Path, scheduler: str = "ddpm",
                     variance: str = "beta", clip_x0: bool = DEFAULT_CLIP_X0,
                     use_clipped_model_output: bool | None = None, overwrite: bool = False,
-                    spacing: str | None = None, sigma_min: float | None = None) -> None:
+                    spacing: str | None = None, sigma_min: float | None = None,
+                    sigma_max: float | None = None) -> None:
     """A folder DDPMPipeline.from_pretrained loads: model_index.json, unet/ (safetensors), scheduler/.
     Written beside `out` and swapped in whole; a non-empty `out` is refused unless `overwrite`."""
     from diffusers import DDPMPipeline
@@ -295,7 +297,7 @@ def export_pipeline(model: UNet, diffusion: GaussianDiffusion, out: str | Path, 
         raise FileExistsError(f"--out {out} is not empty (it holds {held}): pass --overwrite to replace it, "
                               "or give another --out")
     unet, sched = to_diffusers(model, diffusion, scheduler, variance, clip_x0, use_clipped_model_output, spacing,
-                               sigma_min)
+                               sigma_min, sigma_max)
     with atomic_dir(out, _weight_bytes(model)) as tmp:
         DDPMPipeline(unet=unet, scheduler=sched).save_pretrained(tmp, safe_serialization=True)
 

@@ -76,7 +76,8 @@ class FastSampler:
                  clip_x0: bool = DEFAULT_CLIP_X0, thresholding: bool = False,
                  use_clipped_model_output: bool | None = None, order: int | None = None,
                  prediction_type: str | None = None, chroma_ode: bool | None = None,
-                 mean_prior: bool | None = None, sigma_min: float | None = None, cfg_scale: float = 1.0,
+                 mean_prior: bool | None = None, sigma_min: float | None = None, sigma_max: float | None = None,
+                 cfg_scale: float = 1.0,
                  dtype: torch.dtype | None = None,
                  compile: bool = False, cuda_graph: str | bool = "auto", backend: str = "auto",
                  plan: ExecutionPlan | None = None, channels: int | None = None):
@@ -98,6 +99,7 @@ class FastSampler:
                                    use_clipped_model_output=use_clipped_model_output,
                                    prediction_type=prediction_type or diffusion.prediction, chroma_ode=chroma_ode,
                                    mean_prior=prior_for(model, diffusion, mean_prior), sigma_min=sigma_min,
+                                   sigma_max=sigma_max,
                                    backend=plan.backends["sampling_update"])
         self.scheduler.set_timesteps(steps, plan.device)
         self._graphs: dict = {}  # batch shape -> (static sample, replay)

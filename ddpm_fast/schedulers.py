@@ -145,27 +145,37 @@ def _sigma_range(diffusion: GaussianDiffusion) -> tuple[float, float]:
     return tuple(((1 - abar[i]) / abar[i]).sqrt().item() for i in (0, -1))
 
 
-def sigma_min_of(diffusion: GaussianDiffusion, spacing: str, sigma_min: float | None) -> float | None:
+def sigma_min_of(diffusion: GaussianDiffusion, spacing: str, sigma_min: float | None,
+                 sigma_max: float | None = None) -> float | None:
     """The lowest sigma of a chain on `spacing`, or None for the schedule's smallest: `sigma_min`
     checked (Karras sigmas only, and within the training schedule's sigmas: below its smallest the
-    model would be asked about a noise level it never saw; below the chain's highest,
-    sigma_max_of), else on Karras sigmas the default, min_snr_sigma_min."""
+    model would be asked about a noise level it never saw; below the chain's highest, `sigma_max`
+    as sigma_max_of resolved it), else on Karras sigmas the default, min_snr_sigma_min."""
     if sigma_min is None:
         return min_snr_sigma_min(diffusion) if spacing == "karras" else None
     if spacing != "karras":
         raise ValueError(f"--sigma-min is the karras spacing's lowest sigma, not --spacing {spacing}'s")
     lo, hi = _sigma_range(diffusion)
-    hi = sigma_max_of(diffusion, spacing) or hi
+    hi = hi if sigma_max is None else sigma_max
     if not lo * (1 - 1e-3) <= sigma_min < hi:  # the tolerance admits lo as printed
         raise ValueError(f"--sigma-min must be in [{lo:.4g}, {hi:.4g}), the training schedule's sigmas, "
                          f"got {sigma_min}")
     return float(sigma_min)
 
 
-def sigma_max_of(diffusion: GaussianDiffusion, spacing: str) -> float | None:
-    """The highest sigma of a chain on `spacing`, or None for the schedule's largest: on Karras sigmas
+def sigma_max_of(diffusion: GaussianDiffusion, spacing: str, sigma_max: float | None = None) -> float | None:
+    """The highest sigma of a chain on `spacing`, or None for the schedule's largest: `sigma_max`
+    checked (Karras sigmas only, and within the training schedule's sigmas), else on Karras sigmas
     the schedule's largest capped at SIGMA_MAX."""
-    return SIGMA_MAX if spacing == "karras" and _sigma_range(diffusion)[1] > SIGMA_MAX else None
+    lo, hi = _sigma_range(diffusion)
+    if sigma_max is None:
+        return SIGMA_MAX if spacing == "karras" and hi > SIGMA_MAX else None
+    if spacing != "karras":
+        raise ValueError(f"--sigma-max is the karras spacing's highest sigma, not --spacing {spacing}'s")
+    if not lo < sigma_max <= hi * (1 + 1e-3):  # the tolerance admits hi as printed
+        raise ValueError(f"--sigma-max must be in ({lo:.4g}, {hi:.4g}], the training schedule's sigmas, "
+                         f"got {sigma_max}")
+    return min(float(sigma_max), hi)
 
 
 def clipped_model_output(method: str, use_clipped_model_output: bool | None = None) -> bool:
@@ -246,8 +256,9 @@ class Scheduler:
     `sigma_min` (Karras sigmas only; diffusers' config name): the lowest noise level the chain
     evaluates the model at before its last step to sigma 0, in sigma space (sigma_t / alpha_t).
     None: for a model trained under min-SNR, where that weight reaches a tenth of full
-    (min_snr_sigma_min), else the training schedule's smallest. A Karras chain starts at the
-    schedule's largest sigma or SIGMA_MAX, the smaller (`sigma_max`; diffusers' config name).
+    (min_snr_sigma_min), else the training schedule's smallest. `sigma_max` (Karras sigmas only;
+    diffusers' config name): the highest, where the chain starts; None: the schedule's largest sigma
+    or SIGMA_MAX, the smaller.
     """
 
     def __init__(self, diffusion: GaussianDiffusion, method: str = DEFAULT_METHOD, *, spacing: str | None = None,
@@ -255,7 +266,8 @@ class Scheduler:
                  thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
                  sample_max_value: float = 1.0, use_clipped_model_output: bool | None = None,
                  prediction_type: str = "epsilon", chroma_ode: bool | None = None,
-                 mean_prior: ChannelMeans | None = None, sigma_min: float | None = None, backend: str = "auto"):
+                 mean_prior: ChannelMeans | None = None, sigma_min: float | None = None,
+                 sigma_max: float | None = None, backend: str = "auto"):
         for name, value, choices in (("method", method, METHODS), ("variance", variance, VARIANCES),
                                      ("prediction-type", prediction_type, PREDICTION_TYPES)):
             if value not in choices:
@@ -278,8 +290,8 @@ class Scheduler:
         self.prediction_type, self.backend = prediction_type, backend
         self._abar = diffusion.alphas_cumprod.double().numpy()
         self._sigmas = np.sqrt((1 - self._abar) / self._abar)  # sigma-space sigma of each training step
-        self.sigma_min = sigma_min_of(diffusion, spacing, sigma_min)
-        self.sigma_max = sigma_max_of(diffusion, spacing)
+        self.sigma_max = sigma_max_of(diffusion, spacing, sigma_max)
+        self.sigma_min = sigma_min_of(diffusion, spacing, sigma_min, self.sigma_max)
         self._states: dict = {}
         self._state: _State | None = None
         self.num_evaluations = 0

@@ -75,6 +75,23 @@ def test_process_gif_recover(run, tmp_path):
     assert Image.open(tmp_path / "r.png").size == (4 * 18 + 2, 3 * 18 + 2)
 
 
+def test_sample_sigma_max_flag_reaches_the_chain(run, tmp_path, capsys):
+    """--sigma-max moves where a Karras chain starts (the run's T = 50 schedule: the default start is
+    80), so the same seed draws other images; on another spacing it is refused, named."""
+    import numpy as np
+
+    base = ["--ckpt", str(run), "--n", "2", "--method", "dpmpp_2m", "--spacing", "karras", "--steps", "5"]
+    grids = []
+    for name, extra in (("a.png", []), ("b.png", ["--sigma-max", "5"])):
+        assert sample_cli.main([*base, *extra, "--out", str(tmp_path / name)]) == 0
+        grids.append(np.asarray(Image.open(tmp_path / name)).astype(int))
+    assert np.abs(grids[0] - grids[1]).max() > 10
+    assert sample_cli.main(["--ckpt", str(run), "--method", "dpmpp_2m", "--sigma-max", "5",
+                            "--out", str(tmp_path / "c.png")]) == 2
+    assert "--sigma-max is the karras spacing's highest sigma" in capsys.readouterr().err
+    assert not (tmp_path / "c.png").exists()
+
+
 def test_sample_errors(tmp_path, capsys):
     assert sample_cli.main(["--ckpt", str(tmp_path / "none")]) == 2
     assert "none" in capsys.readouterr().err
@@ -95,6 +112,8 @@ def test_evaluate_json(run, tmp_path):
                               "--json", str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["images"] == 16 and 0 < r["eps_mse"] < 5 and 0 < r["eps_mse_std_err"] < r["eps_mse"]
+    quarters = [r[f"eps_mse_q{q}"] for q in range(4)]  # 64 draws: each quarter of t has some
+    assert all(q > 0 for q in quarters) and min(quarters) < r["eps_mse"] < max(quarters)
     assert r["bits_per_dim"]["total"] > 0 and r["bits_per_dim"]["std_err"] > 0 and r["bits_per_dim"]["t_samples"] == 5
 
 
@@ -127,7 +146,7 @@ def test_evaluate_kid(run, tmp_path):
                               "--json", str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["samples"] == 12 and "kid_test" in r and r["fid_test"] > 0
-    assert (r["method"], r["evaluations"], r["sigma_min"]) == ("ddim", 3, None)  # what sampled them
+    assert (r["method"], r["evaluations"], r["sigma_min"], r["sigma_max"]) == ("ddim", 3, None, None)  # what sampled
 
 
 def test_package_sample_still_callable_after_cli_import():

@@ -334,7 +334,10 @@ def test_train_init_from_a_diffusers_folder_fine_tunes_its_weights(tmp_path, cap
                                                                 "use_karras_sigmas": True, "solver_order": 2}),
     # Karras sigmas from a higher noise level: a config entry diffusers reads but takes no argument for
     ("dpmpp_2m_sde", ["--use-clipped-model-output", "--sigma-min", "0.2"], 10, 100,
-     {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True, "sigma_min": 0.2}),
+     {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True, "sigma_min": 0.2, "sigma_max": SIGMA_MAX}),
+    # and from a given highest (the T = 100 schedule's largest is 221, above the default start)
+    ("dpmpp_2m_sde", ["--use-clipped-model-output", "--sigma-max", "200"], 10, 100,
+     {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True, "sigma_max": 200.0}),
     ("dpmpp_3m_sde", ["--use-clipped-model-output", "--spacing", "trailing"], 9, 100,
      {"algorithm_type": "sde-dpmsolver++", "solver_order": 3, "timestep_spacing": "trailing"}),
     ("dpmpp_3m", ["--spacing", "karras"], 7, 100, {"algorithm_type": "dpmsolver++", "solver_order": 3,
@@ -361,10 +364,12 @@ def test_exported_scheduler_samples_like_ddpm_fast_clip_reading_included(tmp_pat
     reading = next((keep[f] for f in flags if f in keep), None)
     spacing = flags[flags.index("--spacing") + 1] if "--spacing" in flags else None
     sigma_min = float(flags[flags.index("--sigma-min") + 1]) if "--sigma-min" in flags else None
+    sigma_max = float(flags[flags.index("--sigma-max") + 1]) if "--sigma-max" in flags else None
 
     def ours(use_clipped_model_output):
         sampler = ddpm_fast.FastSampler(model, diffusion, method=name, steps=steps, spacing=spacing,
-                                        sigma_min=sigma_min, use_clipped_model_output=use_clipped_model_output,
+                                        sigma_min=sigma_min, sigma_max=sigma_max,
+                                        use_clipped_model_output=use_clipped_model_output,
                                         backend="torch", dtype=torch.float32)
         return (sampler.sample(2, 16, generator=torch.Generator().manual_seed(5)) + 1) / 2
 
@@ -415,5 +420,7 @@ def test_export_refuses_a_reading_the_folder_cannot_carry(tmp_path, capsys):
     assert "--spacing karras is for the sigma-space solvers, not ddpm" in capsys.readouterr().err
     assert export_cli.main([*base, "dpmpp_2m", "--sigma-min", "0.2"]) == 2  # linspace
     assert "--sigma-min is the karras spacing's lowest sigma" in capsys.readouterr().err
+    assert export_cli.main([*base, "dpmpp_2m_sde", "--use-clipped-model-output", "--sigma-max", "1e6"]) == 2
+    assert "--sigma-max must be in (" in capsys.readouterr().err
     assert not (tmp_path / "pipe").exists()
     assert export_cli.main([*base, "ddim", "--no-clip-x0"]) == 0  # no clip: nothing to read

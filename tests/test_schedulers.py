@@ -71,7 +71,7 @@ def capped(registered: dict, config: dict, betas: torch.Tensor) -> dict:
     SIGMA_MAX (schedulers.sigma_max_of), computed here from the betas: diffusers' classes read
     sigma_max from the config and otherwise start at the schedule's largest."""
     abar = torch.cumprod(1 - betas.double(), 0)[-1].item()
-    if config.get("use_karras_sigmas") and ((1 - abar) / abar) ** 0.5 > SIGMA_MAX:
+    if config.get("use_karras_sigmas") and "sigma_max" not in config and ((1 - abar) / abar) ** 0.5 > SIGMA_MAX:
         return {"sigma_max": SIGMA_MAX, **registered}
     return registered
 
@@ -148,6 +148,11 @@ CASES = [
      {"use_karras_sigmas": True, "registered": {"sigma_min": 0.3}}, {}, False),
     ("euler-karras-sigma-min", "euler", {"spacing": "karras", "sigma_min": 0.05}, D.EulerDiscreteScheduler,
      {"use_karras_sigmas": True, "sigma_min": 0.05}, {}, False),
+    # ... and from a given highest sigma (default: SIGMA_MAX, which `theirs` registers)
+    ("euler-karras-sigma-max", "euler", {"spacing": "karras", "sigma_max": 20.0}, D.EulerDiscreteScheduler,
+     {"use_karras_sigmas": True, "sigma_max": 20.0}, {}, False),
+    ("dpmpp_2m_sde-karras-sigma-max", "dpmpp_2m_sde", {"sigma_max": 150.0}, D.DPMSolverMultistepScheduler,
+     {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True, "registered": {"sigma_max": 150.0}}, {}, True),
     ("dpmpp_3m_sde", "dpmpp_3m_sde", {}, D.DPMSolverMultistepScheduler,
      {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}, {}, True),
     ("dpmpp_3m_sde-karras", "dpmpp_3m_sde", {"spacing": "karras"}, D.DPMSolverMultistepScheduler,
@@ -488,6 +493,17 @@ def test_karras_chains_start_at_sigma_max_or_the_schedules_largest(monkeypatch):
             sigma0 = np.exp(np.interp(t0, np.arange(T), np.log(sigmas.double().numpy())))
             assert abs(sigma0 / SIGMA_MAX - 1) < (0.03 if method == "dpmpp_2m_sde" else 1e-6)
         assert Scheduler(d, "dpmpp_2m").sigma_max is None  # linspace
+    largest = ((1 - LINEAR.alphas_cumprod[-1]) / LINEAR.alphas_cumprod[-1]).sqrt().item()
+    s = Scheduler(LINEAR, "dpmpp_2m_sde", sigma_max=round(largest, 2))  # the chain before the cap, as printed
+    s.set_timesteps(10)
+    assert s.sigma_max == pytest.approx(largest) and s.grid_t[0] == T - 1
+    with pytest.raises(ValueError, match="--sigma-max is the karras spacing's highest sigma"):
+        Scheduler(LINEAR, "dpmpp_2m", sigma_max=20.0)  # linspace
+    for bad in (0.01, 1.01 * largest):
+        with pytest.raises(ValueError, match=r"--sigma-max must be in \(0.01, 157.4\]"):
+            Scheduler(LINEAR, "dpmpp_2m_sde", sigma_max=bad)
+    with pytest.raises(ValueError, match=r"--sigma-min must be in \[0.01, 2\)"):
+        Scheduler(LINEAR, "dpmpp_2m_sde", sigma_max=2.0, sigma_min=3.0)  # the lowest above the highest
     monkeypatch.setattr(schedulers, "SIGMA_MAX", 1000.0)
     s = Scheduler(LINEAR, "dpmpp_2m_sde")
     s.set_timesteps(10)

@@ -80,6 +80,9 @@ def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
                         "space, diffusers' sigma_min (default: for a min-SNR model sqrt(0.1 / gamma), 0.14 at "
                         "gamma 5, where its loss weight is a tenth of full; else the schedule's smallest, 0.01 for "
                         "the linear one)")
+    p.add_argument("--sigma-max", type=positive_float,
+                   help="karras spacing: the highest noise level, where the chain starts, in sigma space, "
+                        "diffusers' sigma_max (default: the schedule's largest or 80, the smaller)")
     p.add_argument("--order", type=positive_int, help="solver order (dpmpp: 2 or 3; unipc: 2 or 3)")
     p.add_argument("--eta", type=non_negative_float, default=0.0, help="DDIM eta")
     p.add_argument("--variance", default="beta", choices=("beta", "posterior"),
@@ -109,8 +112,8 @@ def sampler_from_args(model, diffusion, args: argparse.Namespace, plan, **overri
     """The FastSampler the sampler flags describe, on `plan`."""
     from ..sampling import FastSampler
 
-    kw = dict(method=args.method, steps=args.steps, spacing=args.spacing, sigma_min=args.sigma_min, order=args.order,
-              eta=args.eta,
+    kw = dict(method=args.method, steps=args.steps, spacing=args.spacing, sigma_min=args.sigma_min,
+              sigma_max=args.sigma_max, order=args.order, eta=args.eta,
               variance=args.variance, clip_x0=args.clip_x0, thresholding=args.thresholding,
               use_clipped_model_output=args.use_clipped_model_output, chroma_ode=args.chroma_ode,
               mean_prior=args.mean_prior, cfg_scale=args.cfg_scale)

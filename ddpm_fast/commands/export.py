@@ -33,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with Karras sigmas, the lowest evaluated (diffusers' sigma_min, kept in the folder's "
                         "scheduler config; default: ddpm-fast's sampler's, sqrt(0.1 / gamma) for a min-SNR run, "
                         "else the schedule's smallest)")
+    p.add_argument("--sigma-max", type=positive_float,
+                   help="with Karras sigmas, the highest, where the chain starts (diffusers' sigma_max, kept in the "
+                        "folder's scheduler config; default: ddpm-fast's sampler's, the schedule's largest or 80, "
+                        "the smaller)")
     p.add_argument("--variance", choices=tuple(VARIANCE_TYPES),
                    help="DDPM variance: beta (fixed_large) or posterior (fixed_small); default: the run's, else beta")
     p.add_argument("--overwrite", action="store_true",
@@ -62,7 +66,7 @@ def _export(args) -> None:
         clip = cfg.get("sample_clip_x0", DEFAULT_CLIP_X0) if args.clip_x0 is None else args.clip_x0
         export_pipeline(model, diffusion, args.out, args.scheduler, args.variance or cfg.get("variance", "beta"), clip,
                         args.use_clipped_model_output, overwrite=args.overwrite, spacing=args.spacing,
-                        sigma_min=args.sigma_min)
+                        sigma_min=args.sigma_min, sigma_max=args.sigma_max)
     print(f"wrote {args.safetensors or args.out}")
 
 

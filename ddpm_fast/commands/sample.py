@@ -85,7 +85,8 @@ def _sample(args) -> None:
         noisy = diffusion.q_sample(x0, t, torch.randn(x0.shape, generator=gen, device=plan.device))
         rows = [x0, noisy]
         for variance in ("beta", "posterior"):
-            ddpm = make(method="ddpm", steps=None, spacing=None, sigma_min=None, order=None, variance=variance)
+            ddpm = make(method="ddpm", steps=None, spacing=None, sigma_min=None, sigma_max=None, order=None,
+                        variance=variance)
             rows.append(ddpm.sample(x0.shape[0], size, generator=gen, x_start=noisy, start_t=args.recover))
         # Columns: original | noisy | variance beta | variance beta-tilde, one row per image.
         save_image(image_grid(torch.stack(rows, 1).flatten(0, 1), nrow=4), out)
