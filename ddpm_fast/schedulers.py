@@ -71,11 +71,10 @@ DEFAULT_CLIP_X0 = True
 DEFAULT_SPACING = {"dpmpp_2m_sde": "karras"}
 MIN_SNR_WEIGHT = 0.1  # a min-SNR model's Karras chains stop where its eps weight is this (min_snr_sigma_min)
 # Where a Karras chain starts at most (sigma_max_of): Karras et al.'s sigma_max, as diffusers' EDM
-# schedulers take it. Above it x_t is noise to within 1e-4 of its variance, and a ramp from a larger
+# schedulers take it. Above it the signal is under 2e-4 of x_t's variance, and a ramp from a larger
 # schedule maximum spends its steps there: from the cosine schedule's 20,291 (rho 7) 13 of 20 steps
-# lie above 80, and capping the ramp there took the default sampler's KID on cosine-schedule models
-# from 0.062 and 0.054 to 0.037 and 0.034; on linear-schedule models (157) it left it level
-# (benchmarks/RESULTS.md, "The cosine schedule's Karras ramp").
+# lie above 80. Capped there, cosine-schedule models sampled far better and linear-schedule ones
+# (157) the same (benchmarks/RESULTS.md, "The cosine schedule's Karras ramp").
 SIGMA_MAX = 80.0
 _INTERPOLATING = ("euler", "heun")  # model time interpolated between training steps, as diffusers' do
 _ON_TRAINING_STEPS = ("ddpm", "ddim")  # defined on the training steps' alpha-bar: no Karras sigmas
