@@ -151,7 +151,11 @@ def sigma_min_of(diffusion: GaussianDiffusion, spacing: str, sigma_min: float | 
     model would be asked about a noise level it never saw; below the chain's highest, `sigma_max`
     as sigma_max_of resolved it), else on Karras sigmas the default, min_snr_sigma_min."""
     if sigma_min is None:
-        return min_snr_sigma_min(diffusion) if spacing == "karras" else None
+        stop = min_snr_sigma_min(diffusion) if spacing == "karras" else None
+        if stop is not None and sigma_max is not None and stop >= sigma_max:
+            raise ValueError(f"--sigma-max {sigma_max:.4g} is not above the min-SNR model's default --sigma-min "
+                             f"{stop:.4g}: give a lower --sigma-min as well")
+        return stop
     if spacing != "karras":
         raise ValueError(f"--sigma-min is the karras spacing's lowest sigma, not --spacing {spacing}'s")
     lo, hi = _sigma_range(diffusion)
