@@ -13,12 +13,13 @@ Writes nfe.json (after every run: a timeout keeps what finished, and --resume ta
 instead of sampling them again, the DDPM yardstick included), nfe.md (KID x 1e3, and FID, a row per
 solver, a column per NFE) and nfe.png (KID against NFE) to $OUT when set, else benchmarks/results/, and
 prints the first NFE at which each solver, and which solver first, reaches DDPM. A solver is
-METHOD[:SPACING[:ORDER[:SIGMA_MIN]]] (unipc's order; the Karras spacing's lowest sigma). Inception
-costs ~0.3 s an image on a CPU core: cut the grid with --images, --solvers and --nfe.
+METHOD[:SPACING[:ORDER[:SIGMA_MIN[:SIGMA_MAX]]]] (unipc's order; the Karras spacing's lowest and
+highest sigma). Inception costs ~0.3 s an image on a CPU core: cut the grid with --images, --solvers
+and --nfe.
 
     python -m benchmarks.nfe --ckpt runs/anime64 --images 2048
     python -m benchmarks.nfe --ckpt runs/anime64 --solvers dpmpp_2m:karras,unipc:trailing:3 --nfe 5,10,20
-    python -m benchmarks.nfe --ckpt runs/anime64 --solvers dpmpp_2m_sde:karras,dpmpp_2m_sde:karras::0.1 --nfe 20
+    python -m benchmarks.nfe --ckpt runs/anime64 --solvers dpmpp_2m_sde:karras,dpmpp_2m_sde:karras::0.1:157.4 --nfe 20
 """
 from __future__ import annotations
 
@@ -45,9 +46,9 @@ YARDSTICK_SEEDS = (0, 1)
 
 
 def parse_solver(spec: str) -> dict:
-    method, spacing, order, sigma_min = (spec.split(":") + [None] * 3)[:4]
+    method, spacing, order, sigma_min, sigma_max = (spec.split(":") + [None] * 4)[:5]
     return {"solver": spec, "method": method, "spacing": spacing or None, "order": int(order) if order else None,
-            "sigma_min": float(sigma_min) if sigma_min else None}
+            "sigma_min": float(sigma_min) if sigma_min else None, "sigma_max": float(sigma_max) if sigma_max else None}
 
 
 def steps_for(method: str, nfe: int) -> int | None:
@@ -157,7 +158,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--images", type=number(int, 2), default=1000, help="samples per (solver, NFE, seed)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds of each solver cell's x_T and chain noise "
                                                 "(the cell: their mean KID)")
-    p.add_argument("--solvers", default=",".join(METHODS), help="comma-separated METHOD[:SPACING[:ORDER[:SIGMA_MIN]]]")
+    p.add_argument("--solvers", default=",".join(METHODS),
+                   help="comma-separated METHOD[:SPACING[:ORDER[:SIGMA_MIN[:SIGMA_MAX]]]]")
     p.add_argument("--nfe", type=int_tuple, default=",".join(map(str, NFE_GRID)), help="comma-separated NFEs")
     p.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--use-clipped-model-output", action=argparse.BooleanOptionalAction,
@@ -188,8 +190,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         for spec in args.solvers.split(","):
             parse_solver(spec)
     except ValueError:
-        p.error(f"--solvers: {spec!r} is not METHOD[:SPACING[:ORDER[:SIGMA_MIN]]] (ORDER an integer, "
-                "SIGMA_MIN a number)")
+        p.error(f"--solvers: {spec!r} is not METHOD[:SPACING[:ORDER[:SIGMA_MIN[:SIGMA_MAX]]]] (ORDER an "
+                "integer, SIGMA_MIN and SIGMA_MAX numbers)")
     return args
 
 
@@ -207,8 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     channels = cfg["model"].get("in_ch", 3)
     x_T = {s: torch.randn(args.images, channels, size, size, generator=torch.Generator().manual_seed(s))
            for s in sorted(set(YARDSTICK_SEEDS) | set(seeds))}
-    runs = [{"solver": "ddpm", "method": "ddpm", "spacing": None, "order": None, "sigma_min": None, "nfe": T,
-             "seed": s, "yardstick": True} for s in YARDSTICK_SEEDS if args.yardstick]
+    runs = [{"solver": "ddpm", "method": "ddpm", "spacing": None, "order": None, "sigma_min": None, "sigma_max": None,
+             "nfe": T, "seed": s, "yardstick": True} for s in YARDSTICK_SEEDS if args.yardstick]
     for spec in args.solvers.split(","):
         for nfe in args.nfe:
             for seed in seeds:
@@ -228,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
             if steps is None:
                 raise ValueError(f"no step count gives {run['nfe']} evaluations")
             sampler = FastSampler(model, diffusion, method=run["method"], steps=steps, spacing=run["spacing"],
-                                  order=run["order"], sigma_min=run["sigma_min"], clip_x0=args.clip_x0,
+                                  order=run["order"], sigma_min=run["sigma_min"], sigma_max=run["sigma_max"],
+                                  clip_x0=args.clip_x0,
                                   use_clipped_model_output=args.use_clipped_model_output, mean_prior=args.mean_prior,
                                   plan=plan)
         except ValueError as e:

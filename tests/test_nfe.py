@@ -98,6 +98,27 @@ def test_reaches_picks_the_first_nfe_within_the_seed_spread():
     assert [nfe.steps_for("heun", n) for n in (4, 5, 1)] == [None, 3, 1] and nfe.steps_for("unipc", 7) == 7
 
 
+def test_a_solvers_sigma_min_and_sigma_max_reach_its_chain(run):
+    """METHOD:SPACING:ORDER:SIGMA_MIN:SIGMA_MAX: the row's KID is that of FastSampler's samples told
+    the same Karras sigmas; a malformed spec is refused before anything loads."""
+    tmp_path, model = run
+    assert nfe.main(["--ckpt", str(tmp_path), "--images", "6", "--nfe", "4",
+                     "--solvers", "dpmpp_2m:karras::0.5:8,dpmpp_2m:karras::0.5", "--ref-images", "20",
+                     "--device", "cpu", "--no-yardstick"]) == 0
+    rows = json.loads((tmp_path / "out" / "nfe.json").read_text())["rows"]
+    assert [(r["sigma_min"], r["sigma_max"]) for r in rows] == [(0.5, 8.0), (0.5, None)]
+    x_T = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    ref = fake_features(load_images(None, 8, split="test", limit=20)).numpy()
+    for row, sigma_max in zip(rows, (8.0, None)):
+        sampler = FastSampler(model, GaussianDiffusion("linear", 10), method="dpmpp_2m", steps=4, spacing="karras",
+                              sigma_min=0.5, sigma_max=sigma_max, clip_x0=True, plan=ExecutionPlan.resolve("cpu"))
+        kid, _ = metrics.kid(ref, fake_features(sampler.sample(6, 8, x_T=x_T)), subsets=100, subset_size=6)
+        assert row["kid"] == pytest.approx(kid, rel=1e-6)
+    assert rows[0]["kid"] != rows[1]["kid"]  # the chain from 8 is not the one from SIGMA_MAX
+    with pytest.raises(SystemExit):
+        nfe.main(["--ckpt", str(tmp_path), "--solvers", "dpmpp_2m:karras::0.5:high"])
+
+
 def test_seeds_sample_each_cell_from_each_seed_and_report_the_mean(run):
     tmp_path, _ = run
     assert nfe.main(["--ckpt", str(tmp_path), "--images", "4", "--solvers", "ddim", "--nfe", "4", "--seeds", "0,2",

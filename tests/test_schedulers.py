@@ -505,7 +505,7 @@ def test_karras_chains_start_at_sigma_max_or_the_schedules_largest(monkeypatch):
     with pytest.raises(ValueError, match=r"--sigma-min must be in \[0.01, 2\)"):
         Scheduler(LINEAR, "dpmpp_2m_sde", sigma_max=2.0, sigma_min=3.0)  # the lowest above the highest
     msnr = GaussianDiffusion("linear", T, loss_weight="min_snr")  # its default stop, 0.14, above the start
-    with pytest.raises(ValueError, match=r"--sigma-max 0.1 is not above the min-SNR model's default --sigma-min 0.1414"):
+    with pytest.raises(ValueError, match=r"--sigma-max 0.1 is not above the min-SNR model's default --sigma-min 0.14"):
         Scheduler(msnr, "dpmpp_2m_sde", sigma_max=0.1)
     s = Scheduler(msnr, "dpmpp_2m_sde", sigma_max=0.1, sigma_min=0.05)
     s.set_timesteps(4)
