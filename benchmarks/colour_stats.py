@@ -7,8 +7,10 @@ samples. Each run's EMA model draws --samples with the default sampler from one 
 the run's --data split (val, the ablation's KID reference). Every figure in 0..255 of (N, 3, H, W)
 images: saturation = mean |channel - grey| over pixels (grey = the channel mean: grey_tint's cast),
 hue = the same of each image's per-channel means, colour spread = the standard deviation over
-images of those means (mean over the channels), contrast = the pixels' standard deviation, and the
-border's cast = the saturation of each image's two-pixel frame (the glyphs' background is grey).
+images of those means (mean over the channels), contrast = the pixels' standard deviation, the
+border's cast = the saturation of each image's two-pixel frame (the glyphs' background is grey),
+and grain = mean |pixel - the mean of its 3x3 neighbourhood| (edges replicated): the high
+frequencies, which leftover noise adds to a flat-coloured set's samples and KID barely sees.
 
 Writes colour_stats.json and .md to $OUT when set, else benchmarks/results/."""
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+import torch.nn.functional as F
 
 from ddpm_fast import FastSampler
 from ddpm_fast.argtypes import number, seed_int
@@ -34,11 +37,18 @@ def border(images: torch.Tensor, width: int = 2) -> torch.Tensor:
     return images[..., mask].unsqueeze(-1)
 
 
+def grain(images: torch.Tensor) -> float:
+    """Mean |pixel - its 3x3 neighbourhood's mean| in 0..255 of (N, C, H, W) images in [-1, 1]."""
+    x = (images.clamp(-1, 1) + 1) * 127.5
+    blurred = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    return float((x - blurred).abs().mean())
+
+
 def figures(images: torch.Tensor) -> dict:
     means = (images.clamp(-1, 1).mean((2, 3)) + 1) * 127.5
     return {"saturation": round(cast(images), 2), "hue": round(hue(images), 2),
             "colour_spread": round(float(means.std(0).mean()), 2), "contrast": round(contrast(images), 1),
-            "border_cast": round(cast(border(images)), 2)}
+            "border_cast": round(cast(border(images)), 2), "grain": round(grain(images), 2)}
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

@@ -34,6 +34,20 @@ def test_figures_of_images_built_to_have_them():
     assert grey["saturation"] == grey["hue"] == grey["border_cast"] == 0 and grey["contrast"] > 0
 
 
+def test_grain_of_a_spike_and_of_flat_and_edge_images():
+    """A spike of height h in a flat 8x8 image: |h - h/9| at it and h/9 at each of its 8 neighbours,
+    16h/9 over 64 pixels; a flat image has none, and a step edge 2/3 of its height on each side."""
+    h = 90.0
+    x = torch.full((1, 3, 8, 8), 100.0)
+    x[:, :, 3, 4] += h
+    assert colour_stats.grain(x / 127.5 - 1) == pytest.approx(16 * h / 9 / 64, rel=1e-5)
+    assert colour_stats.grain(torch.full((2, 3, 5, 7), 0.3)) == 0
+    step = torch.zeros(1, 1, 6, 6)
+    step[..., 3:] = 60.0  # columns 2 and 3 are 1/3 of the step off their neighbourhoods' means
+    assert colour_stats.grain(step / 127.5 - 1) == pytest.approx(2 * 20.0 / 6, rel=1e-5)
+    assert colour_stats.figures(x / 127.5 - 1)["grain"] == pytest.approx(16 * h / 9 / 64, abs=0.01)
+
+
 def test_the_command_writes_the_data_and_each_run(tmp_path, monkeypatch):
     torch.manual_seed(0)
     cfg = preset_config("tiny", image_size=8, ch_mult=(1, 2), attn_res=())
@@ -46,5 +60,5 @@ def test_the_command_writes_the_data_and_each_run(tmp_path, monkeypatch):
     assert list(result["data"]) == ["the embedded set"] and list(result["runs"]) == [str(tmp_path)]
     data, run = result["data"]["the embedded set"], result["runs"][str(tmp_path)]
     assert data["saturation"] > 0 and data["contrast"] > 0  # the embedded set is in colour
-    assert 0 <= run["hue"] <= run["saturation"] + 1e-9 and run["contrast"] > 0
+    assert 0 <= run["hue"] <= run["saturation"] + 1e-9 and run["contrast"] > 0 and run["grain"] > 0
     assert "| the data (the embedded set, val) |" in (tmp_path / "out" / "colour_stats.md").read_text()
