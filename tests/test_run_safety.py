@@ -101,7 +101,7 @@ def test_plain_resume_keeps_a_presets_training_settings(tmp_path, monkeypatch, c
     ("--dropout", "0.2", "0.0"),
     ("--act", "hardswish", "silu"),
     ("--image-size", "16", "8"),
-    ("--schedule", "cosine", "linear"),
+    ("--schedule", "linear", "cosine"),  # the tiny preset's default: cosine
     ("--timesteps", "50", "20"),
     ("--seed", "3", "0"),
 ])
@@ -142,6 +142,20 @@ def test_resumed_config_unit():
     assert same.resumed(saved, ckpt).changes == []
     with pytest.raises(ValueError, match="--preset tiny with --resume: .* trained with --preset anime64"):
         TrainConfig.from_args(parser.parse_args(["--resume", "runs/a", "--preset", "tiny"])).resumed(saved, ckpt)
+
+
+def test_the_noise_schedule_is_the_presets_unless_given_and_a_resumed_runs_own():
+    """--schedule's default comes from TRAIN_DEFAULTS: cosine for tiny (measured there), linear for
+    the other presets and any preset without defaults; a resumed run keeps its saved schedule."""
+    assert TrainConfig().schedule == "cosine"
+    assert [TrainConfig(preset=p).schedule for p in ("anime64", "cifar32", "dogs64")] == ["linear"] * 3
+    assert TrainConfig(schedule="linear").schedule == "linear"
+    assert TrainConfig(preset="anime64", schedule="cosine").schedule == "cosine"
+    parser = train_cli.build_parser()
+    assert "cosine for tiny, else linear" in " ".join(parser.format_help().split())  # unwrapped
+    saved = TrainConfig(schedule="linear").to_dict()  # a tiny run from before the default changed
+    r = TrainConfig.from_args(parser.parse_args(["--resume", "runs/a"])).resumed(saved, Path("runs/a/checkpoint.pt"))
+    assert r.schedule == "linear" and r.changes == []
 
 
 def test_resume_into_a_folder_of_another_run_is_refused(tiny_run, tmp_path, capsys):
