@@ -231,9 +231,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"no step count gives {run['nfe']} evaluations")
             sampler = FastSampler(model, diffusion, method=run["method"], steps=steps, spacing=run["spacing"],
                                   order=run["order"], sigma_min=run["sigma_min"], sigma_max=run["sigma_max"],
-                                  clip_x0=args.clip_x0,
-                                  use_clipped_model_output=args.use_clipped_model_output, mean_prior=args.mean_prior,
-                                  plan=plan)
+                                  clip_x0=args.clip_x0, use_clipped_model_output=args.use_clipped_model_output,
+                                  mean_prior=args.mean_prior, plan=plan)
         except ValueError as e:
             print(f"skip {run['solver']} at NFE {run['nfe']}: {e}")
             continue
