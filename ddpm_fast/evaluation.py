@@ -3,7 +3,8 @@ variational bound in bits/dim (Ho et al.'s L_0 discretised decoder + KL terms + 
 in metrics.py."""
 from __future__ import annotations
 
-from typing import NamedTuple
+import hashlib
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -16,35 +17,53 @@ class HeldOutMSE(NamedTuple):
     by_quartile: tuple[float | None, ...]  # q0 (the least noise) to q3; None for a quarter no draw fell in
 
 
+def image_generator(seed: int, key: str, index: int, device: torch.device) -> torch.Generator:
+    """The generator of image `index`'s draws under `key` (a pass of the figure) and `seed`: each
+    image draws its own (t, noise), so a figure is the same whatever --batch-size splits the images
+    into and an image's draws the same whatever --images keeps after it. Its seed is a hash of the
+    three, not an offset, so no two (seed, key, index) share a stream."""
+    digest = hashlib.blake2b(f"{seed}/{key}/{index}".encode(), digest_size=8).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little"))
+
+
+def per_image(generators: list[torch.Generator], draw: Callable[[torch.Generator], torch.Tensor]) -> torch.Tensor:
+    """draw(g) for each image's generator, stacked along the batch: a batch's draw image by image."""
+    return torch.cat([draw(g) for g in generators])
+
+
 @torch.no_grad()
 def heldout_mse(model, diffusion: GaussianDiffusion, images: torch.Tensor, batch_size: int = 64,
                 draws: int = 4, seed: int = 0) -> HeldOutMSE:
-    """Mean eps-MSE over `draws` (t, noise) pairs per image, with a fixed generator; its standard
-    error over the images (each image's mean over its draws); and the mean of the draws in each
-    quarter of the noise levels (GaussianDiffusion.quartile), which says where in t a model errs.
-    Unweighted and in eps whatever the model predicts (GaussianDiffusion.eps_mse), so runs of any
-    --loss-weight and --prediction compare."""
+    """Mean eps-MSE over `draws` (t, noise) pairs per image, each image's from its own generator
+    (image_generator: key "mse" and the draw's number); its standard error over the images (each
+    image's mean over its draws); and the mean of the draws in each quarter of the noise levels
+    (GaussianDiffusion.quartile), which says where in t a model errs. Unweighted and in eps whatever
+    the model predicts (GaussianDiffusion.eps_mse), so runs of any --loss-weight and --prediction
+    compare."""
     model.eval()
     device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed)
-    per_image = torch.zeros(len(images), dtype=torch.float64)
+    image_mse = torch.zeros(len(images), dtype=torch.float64)
     q_sum, q_count = torch.zeros(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)
-    for _ in range(draws):
+    for d in range(draws):
         start = 0
         for x0 in images.split(batch_size):
-            inputs = diffusion.training_inputs(x0.to(device), gen)
+            x0 = x0.to(device)
+            gens = [image_generator(seed, f"mse{d}", start + i, device) for i in range(len(x0))]
+            # (x_t, t, noise, alpha-bar), each the images' own draws stacked
+            inputs = [torch.cat(part) for part in zip(*(diffusion.training_inputs(x0[i:i + 1], g)
+                                                        for i, g in enumerate(gens)))]
             err = diffusion.eps_mse_on(model, inputs, reduction="none").double().cpu()
-            per_image[start:start + len(x0)] += err
+            image_mse[start:start + len(x0)] += err
             q = diffusion.quartile(inputs[1]).cpu()
             q_sum.index_add_(0, q, err)
             q_count.index_add_(0, q, torch.ones_like(err))
             start += len(x0)
-    per_image /= draws
+    image_mse /= draws
     by_quartile = tuple((s / c).item() if c else None for s, c in zip(q_sum, q_count))
-    if len(per_image) == 0:
+    if len(image_mse) == 0:
         return HeldOutMSE(0.0, None, by_quartile)
-    std_err = (per_image.std() / len(per_image) ** 0.5).item() if len(per_image) > 1 else None
-    return HeldOutMSE(per_image.mean().item(), std_err, by_quartile)
+    std_err = (image_mse.std() / len(image_mse) ** 0.5).item() if len(image_mse) > 1 else None
+    return HeldOutMSE(image_mse.mean().item(), std_err, by_quartile)
 
 
 def t_strata(t_samples: int, timesteps: int) -> list[tuple[int, int]]:
@@ -82,24 +101,30 @@ def bits_per_dim(model, diffusion: GaussianDiffusion, images: torch.Tensor, batc
     With t_samples < T-1 the sum over t >= 1 is a stratified estimate (t_strata): each image draws
     one t in each stratum, its term weighted by the stratum's width, so the estimate is unbiased
     and costs t_samples model calls per image instead of T-1 (docs/bpd_estimate.json measures its
-    spread against the exact sum's)."""
+    spread against the exact sum's). Each image draws its t and noise from its own generator
+    (image_generator, key "bpd"), in the order decoder noise, then each stratum's t and noise."""
     if diffusion.schedule == "continuous":
         raise ValueError("bits/dim needs a discrete schedule (linear or cosine)")
     model.eval()
     device = next(model.parameters()).device
     T = diffusion.timesteps
     strata = t_strata(T - 1 if t_samples is None else t_samples, T)
-    gen = torch.Generator(device=device).manual_seed(seed)
     totals, sums = [], {"decoder": 0.0, "kl": 0.0, "prior": 0.0}
+    start = 0
     for x0 in images.split(batch_size):
         x0 = x0.to(device)
         B = x0.shape[0]
-        noise = lambda: torch.randn(x0.shape, generator=gen, device=device)  # noqa: E731
+        gens = [image_generator(seed, "bpd", start + i, device) for i in range(B)]
+        start += B
+
+        def noise() -> torch.Tensor:
+            return per_image(gens, lambda g: torch.randn((1, *x0.shape[1:]), generator=g, device=device))
+
         decoder = diffusion.vb_terms_bpd(model, x0, torch.zeros(B, dtype=torch.long, device=device), variance,
                                          noise())
         kl = torch.zeros(B, dtype=torch.float64, device=device)
         for lo, hi in strata:
-            tb = draw_in_stratum(lo, hi, B, gen)
+            tb = per_image(gens, lambda g: draw_in_stratum(lo, hi, 1, g))  # noqa: B023 - called at once
             kl += (hi - lo) * diffusion.vb_terms_bpd(model, x0, tb, variance, noise()).double()
         prior = diffusion.prior_bpd(x0)
         totals.append(decoder.double() + kl + prior.double())

@@ -111,6 +111,20 @@ def test_bits_per_dim_of_a_model_is_finite_and_the_terms_add_up():
     assert r["t_samples"] == 5
 
 
+def test_bits_per_dim_is_the_same_whatever_the_batch_size():
+    """Each image draws its own t in each stratum and its own noise (evaluation.image_generator), so
+    --batch-size only splits the work: every figure is the same at any batch size, and another seed
+    draws another estimate."""
+    d = GaussianDiffusion("linear", 30)
+    model = UNet.from_preset("tiny", image_size=8, ch_mult=(1, 2), attn_res=(4,))
+    x0 = torch.rand(7, 3, 8, 8) * 2 - 1
+    whole = bits_per_dim(model, d, x0, batch_size=64, t_samples=6, seed=2)
+    for batch_size in (1, 3):
+        split = bits_per_dim(model, d, x0, batch_size=batch_size, t_samples=6, seed=2)
+        assert split == pytest.approx(whole, rel=1e-5)
+    assert bits_per_dim(model, d, x0, batch_size=64, t_samples=6, seed=3)["kl"] != pytest.approx(whole["kl"], rel=1e-4)
+
+
 def test_the_benchmark_measures_the_same_estimate():
     """benchmarks.bpd_estimate re-draws t over a fixed table of terms: its stratified estimate lands on
     the exact sum (row 0, the decoder, left out) and the evenly spaced grid does not."""

@@ -144,7 +144,7 @@ def test_heldout_eps_mse_is_one_unit_for_every_target_and_weight(loss_weight):
     """evaluate's eps-MSE is the unweighted eps error whatever the run predicts and however it
     weighted its loss: the same wrong eps guess, expressed as each target, gives one number, the
     one computed here from the draws by hand (the weighted training loss does not)."""
-    from ddpm_fast.evaluation import heldout_mse
+    from ddpm_fast.evaluation import heldout_mse, image_generator
 
     x0 = torch.rand(10, 3, 5, 4) * 2 - 1
     figures = []
@@ -152,12 +152,11 @@ def test_heldout_eps_mse_is_one_unit_for_every_target_and_weight(loss_weight):
         d = GaussianDiffusion("linear", 40, prediction=prediction, loss_weight=loss_weight)
         model = WrongEps(d)
         want, n = 0.0, 0
-        gen = torch.Generator().manual_seed(0)
-        for _ in range(2):
-            for batch in x0.split(4):
-                x_t, t, noise, _ = d.training_inputs(batch, gen)
-                want += float((torch.sin(3 * x_t) + 0.1 * t.view(-1, 1, 1, 1) - noise).square().mean()) * len(batch)
-                n += len(batch)
+        for draw in range(2):
+            for i in range(len(x0)):  # each image's own draw (evaluation.image_generator)
+                x_t, t, noise, _ = d.training_inputs(x0[i:i + 1], image_generator(0, f"mse{draw}", i, x0.device))
+                want += float((torch.sin(3 * x_t) + 0.1 * t.view(-1, 1, 1, 1) - noise).square().mean())
+                n += 1
         figures.append(heldout_mse(model, d, x0, batch_size=4, draws=2, seed=0)[0])
         assert figures[-1] == pytest.approx(want / n, rel=1e-4), prediction
         if (prediction, loss_weight) != ("epsilon", "uniform"):
@@ -169,21 +168,19 @@ def test_heldout_eps_mse_std_err_is_over_the_images_and_quartiles_over_the_draws
     """Its standard error is that of each image's mean over its draws, and each quarter of t's
     figure the mean of the draws whose t fell in it, computed here by hand; one image has no
     standard error, and a quarter no draw fell in no figure."""
-    from ddpm_fast.evaluation import heldout_mse
+    from ddpm_fast.evaluation import heldout_mse, image_generator
 
     d = GaussianDiffusion("linear", 40)
     model = WrongEps(d)
     x0 = torch.rand(7, 3, 5, 4) * 2 - 1
     per_image = torch.zeros(7, dtype=torch.float64)
     by_quarter = [[] for _ in range(4)]
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(3):
-        for i, batch in zip(range(0, 7, 3), x0.split(3)):
-            x_t, t, noise, _ = d.training_inputs(batch, gen)
-            err = (torch.sin(3 * x_t) + 0.1 * t.view(-1, 1, 1, 1) - noise).square().flatten(1).mean(1)
-            per_image[i:i + len(batch)] += err.double() / 3
-            for ti, e in zip(t.tolist(), err.tolist()):
-                by_quarter[ti // 10].append(e)  # T = 40: a quarter is 10 steps
+    for draw in range(3):
+        for i in range(7):
+            x_t, t, noise, _ = d.training_inputs(x0[i:i + 1], image_generator(0, f"mse{draw}", i, x0.device))
+            err = (torch.sin(3 * x_t) + 0.1 * t.view(-1, 1, 1, 1) - noise).square().mean()
+            per_image[i] += err.double() / 3
+            by_quarter[int(t) // 10].append(err.item())  # T = 40: a quarter is 10 steps
     mean, std_err, by_quartile = heldout_mse(model, d, x0, batch_size=3, draws=3, seed=0)
     assert mean == pytest.approx(per_image.mean().item(), rel=1e-5)
     assert std_err == pytest.approx((per_image.std() / 7 ** 0.5).item(), rel=1e-4)
@@ -193,6 +190,23 @@ def test_heldout_eps_mse_std_err_is_over_the_images_and_quartiles_over_the_draws
     assert one.std_err is None and sum(q is None for q in one.by_quartile) >= 2  # two draws, four quarters
     with pytest.raises(ValueError, match="reduction"):
         d.eps_mse(model, x0, reduction="sum")
+
+
+def test_heldout_eps_mse_is_the_same_whatever_the_batch_size():
+    """--batch-size only splits the work: each image draws its own (t, noise), so every figure is the
+    same at any batch size (it was not while one generator ran through the batches in turn), and
+    another seed draws other figures."""
+    from ddpm_fast.evaluation import heldout_mse
+
+    d = GaussianDiffusion("linear", 40, offset_noise=0.1)
+    model = WrongEps(d)
+    x0 = torch.rand(11, 3, 5, 4) * 2 - 1
+    whole = heldout_mse(model, d, x0, batch_size=64, draws=3, seed=5)
+    for batch_size in (1, 4, 10):
+        split = heldout_mse(model, d, x0, batch_size=batch_size, draws=3, seed=5)
+        assert split.mean == pytest.approx(whole.mean, rel=1e-6) and split.std_err == pytest.approx(whole.std_err)
+        assert split.by_quartile == pytest.approx(whole.by_quartile, rel=1e-6)
+    assert heldout_mse(model, d, x0, batch_size=64, draws=3, seed=6).mean != pytest.approx(whole.mean, rel=1e-3)
 
 
 @pytest.mark.parametrize("schedule", ("linear", "continuous"))
