@@ -29,9 +29,9 @@ from .kept import run_folder
 # on every seed, at 4e-3 as at the square-root rule's 2.8e-3, and stayed ahead of batch 32 given the
 # 1.15x time it takes on a CPU; batch 64 fell far behind ("The batch size at the first command's budget").
 # Its noise schedule: cosine reached a lower KID than linear at 8 and 16 epochs of the embedded set
-# and at 1,000 steps of emoji glyphs, on every seed, its samples' colours and grain nearer the data's
-# (benchmarks/RESULTS.md, "The cosine schedule as the tiny preset's default"). The other presets keep
-# Ho et al.'s linear schedule, their reference models': no measurement of them says otherwise.
+# and at 1,000 and 2,000 steps of emoji glyphs, on every seed, its samples' colours and grain nearer
+# the data's (benchmarks/RESULTS.md, "The cosine schedule as the tiny preset's default"). The other
+# presets keep Ho et al.'s linear schedule, their reference models': no measurement of them says otherwise.
 TRAIN_DEFAULTS: dict[str, dict] = {
     "tiny": dict(batch_size=16, epochs=8, lr=4e-3, warmup=200, schedule="cosine"),
     "cifar32": dict(batch_size=128, epochs=100, lr=2e-4, warmup=5000, schedule="linear"),
