@@ -112,6 +112,36 @@ def test_report_pairs_each_config_with_the_base_seed_by_seed(tmp_path):
     assert "| shuffled | lr=0.002 |" in report and "| 2/3 |" in report and "| base | (base) |" in report
 
 
+def test_x0_mse_is_compared_only_at_the_bases_noise_levels(tmp_path):
+    """A config on another schedule or T draws other noise levels, where x0's error differs whatever
+    the model learnt: its x0-MSE gets no gain, no star and no seed count; a config whose changes
+    resolve to the base's levels (tiny's default schedule named outright, or another lr) is compared
+    as before."""
+    from ddpm_fast.commands.ablate import Plan, summarise, write_report
+
+    names = ("base", "cosine", "linear", "short", "lr")
+    for name, mse in zip(names, (2.0, 0.2, 2.1, 1.0, 1.5)):
+        for seed, wobble in enumerate((0.0, 0.01)):
+            folder = tmp_path / name / f"seed{seed}"
+            folder.mkdir(parents=True)
+            (folder / "metrics.csv").write_text(f"step,loss,kid,x0_mse\n2,0.4,0.05,{mse + wobble}\n")
+    plan = Plan(out=tmp_path, steps=2, eval_every=2, eval_samples=8, seeds=[0, 1], sampler={}, base={"preset": "tiny"},
+                configs={"base": {}, "cosine": {"schedule": "cosine"}, "linear": {"schedule": "linear"},
+                         "short": {"timesteps": 500}, "lr": {"lr": 1e-3}})
+    summary = summarise(plan)
+    assert summary["cosine"]["x0_mse_comparable"] and summary["cosine"]["x0_mse_gain"] == pytest.approx(1.8)
+    for name in ("linear", "short"):
+        row = summary[name]
+        assert not row["x0_mse_comparable"] and "x0_mse_gain" not in row and "x0_mse_seeds_below_base" not in row
+        assert row["x0_mse"][0] == pytest.approx({"linear": 2.105, "short": 1.005}[name])
+        assert "kid_gain" in row
+    assert summary["lr"]["x0_mse_gain"] == pytest.approx(0.5)
+    report = write_report(plan, summary).read_text()
+    assert "| linear | schedule=linear | 0.0500 ± 0.0000 | +0.0000 | 0/2 | 2.1050 ± 0.0071 | other noise levels |" \
+        in report
+    assert "| cosine | schedule=cosine |" in report and "| +1.8000 * |" in report
+
+
 IMAGES_SPEC = """
 out = "{out}"
 images = 192
