@@ -30,9 +30,10 @@ Each config trains through build_run (the trainer itself) into its own folder an
 (the sampler's x_T fixed per seed) and the held-out x0-MSE at intervals. A killed harness, run
 again, continues with the runs and steps not done. It writes `ablation.md` (mean and spread over
 the seeds of each config's final KID and x0-MSE, its gain against the base and whether that
-exceeds the seed spread (the x0-MSE's only where the config draws the base's noise levels), on how many seeds its KID is below the base's of that seed, and how many
-steps the best config needs to reach the base's final KID), `ablation.json` and `ablation_kid.png`
-(KID against step). `--dry-run` prints the plan and its estimated time."""
+exceeds the seed spread (the x0-MSE's only where the config draws the base's noise levels,
+NOISE_LEVELS), on how many seeds its KID is below the base's of that seed, and how many steps the
+best config needs to reach the base's final KID), `ablation.json` and `ablation_kid.png` (KID
+against step). `--dry-run` prints the plan and its estimated time."""
 from __future__ import annotations
 
 import argparse
@@ -182,7 +183,8 @@ def training_speeds(folder: Path) -> list[float]:
 # What sets the noise levels the held-out x0-MSE averages over (t drawn uniformly from the run's own
 # schedule): a config that changes one from the base's averages its error over other levels, where the
 # error is larger or smaller whatever the model learnt (at 8 epochs the cosine schedule's models scored
-# 0.25 against the linear one's 2.29, at a KID no better), so its x0-MSE gain is not reported.
+# 0.25 against the linear one's 2.29, at a KID no better: docs/ablation_b16_objective.md), so its
+# x0-MSE gain is not reported.
 NOISE_LEVELS = ("schedule", "timesteps", "zero_terminal_snr")
 
 
