@@ -3,12 +3,12 @@ default, in turn, each run a fresh process.
 
 glibc's malloc maps each large block afresh and unmaps it on free, so every step faults the pages
 of its activations in again (ddpm_fast/heap.py). Each run builds the run as `python -m
-ddpm_fast.train` does (fp32 or the device's default path, --no-fast here: the reference), takes
---warmup steps, then times --steps steps, and reports the median ms of a step and the minor page
-faults per step (getrusage) besides its peak RSS. `kept` calls heap.keep_freed_memory() after
-building the run, as the training loop does; `system` leaves malloc as it is. The two alternate
-(kept, system, kept, ...) for --pairs pairs, so the machine's drift falls on both; the ratio is taken
-pair by pair. Use it on a kind of CPU before adding it to plan.KEEP_HEAP.
+ddpm_fast.train` does, on the CPU's default path (--no-fast: the reference, fp32; --fast: bf16 and
+the rest of the fast path), takes --warmup steps, then times --steps steps, and reports the median
+ms of a step and the minor page faults per step (getrusage) besides its peak RSS. `kept` calls
+heap.keep_freed_memory() after building the run, as the training loop does; `system` leaves malloc
+as it is. The two alternate (kept, system, kept, ...) for --pairs pairs, so the machine's drift
+falls on both; the ratio is taken pair by pair. Use it on a kind of CPU before adding it to plan.KEEP_HEAP.
 
 JSON to $OUT/heap.json when OUT is set, else benchmarks/results/; a table on stdout."""
 from __future__ import annotations
@@ -42,7 +42,8 @@ def one_run(mode: str, args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as out:
         cfg = TrainConfig(preset=args.preset, batch_size=args.batch_size, warmup=0, workers=0, out=out,
                           steps=args.warmup + args.steps, **size)
-        run = build_run(cfg, plan=ExecutionPlan.resolve("cpu", fast=False))
+        plan = ExecutionPlan.resolve("cpu", fast=args.fast)
+        run = build_run(cfg, plan=plan)
     kept = keep_freed_memory() if mode == "kept" else False
     batches = iter(run.loader)
     for s in range(args.warmup):
@@ -54,15 +55,16 @@ def one_run(mode: str, args: argparse.Namespace) -> dict:
         run.step_fn(s, batch)
         times.append(time.perf_counter() - t0)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
-    return {"mode": mode, "kept": kept, "step_ms": round(1000 * statistics.median(times), 1),
-            "minor_faults_per_step": round(faults / args.steps), "threads": torch.get_num_threads(),
-            "peak_rss_mib": round(peak_rss_mib(), 1)}
+    return {"mode": mode, "kept": kept, "bf16": plan.autocast_dtype == torch.bfloat16,
+            "step_ms": round(1000 * statistics.median(times), 1), "minor_faults_per_step": round(faults / args.steps),
+            "threads": torch.get_num_threads(), "peak_rss_mib": round(peak_rss_mib(), 1)}
 
 
 def child(mode: str, args: argparse.Namespace) -> dict:
     argv = ["--one", mode, "--preset", args.preset, "--batch-size", str(args.batch_size), "--steps", str(args.steps),
             "--warmup", str(args.warmup)]
     argv += ["--image-size", str(args.image_size)] if args.image_size else []
+    argv += [] if args.fast is None else ["--fast" if args.fast else "--no-fast"]
     return child_json("benchmarks.heap", argv, f"the {mode} run")
 
 
@@ -84,6 +86,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=positive_int, default=5, help="timed steps a run")
     p.add_argument("--warmup", type=non_negative_int, default=1, help="steps before timing (oneDNN's plans)")
     p.add_argument("--pairs", type=positive_int, default=4, help="runs of each mode, in turn")
+    p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
+                   help="the fast path or (--no-fast) the reference; default: the CPU's default, as train's")
     p.add_argument("--one", choices=MODES, help=argparse.SUPPRESS)  # a child: one run in this process
     return p.parse_args(argv)
 
@@ -93,11 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.one:
         print(json.dumps(one_run(args.one, args)))
         return 0
-    from ddpm_fast.plan import KEEP_HEAP
+    from ddpm_fast.plan import KEEP_HEAP, ExecutionPlan
 
+    plan = ExecutionPlan.resolve("cpu", fast=args.fast)
     result = {"env": bench_env(preset=args.preset, image_size=args.image_size, batch_size=args.batch_size,
-                               steps=args.steps, warmup=args.warmup, pairs=args.pairs,
-                               keep_heap_kinds=sorted(KEEP_HEAP)), "runs": []}
+                               steps=args.steps, warmup=args.warmup, pairs=args.pairs, fast=args.fast,
+                               plan=plan.describe(), keep_heap_kinds=sorted(KEEP_HEAP)), "runs": []}
     for _ in range(args.pairs):
         for mode in MODES:
             result["runs"].append(child(mode, args))

@@ -158,6 +158,7 @@ def test_parsed_defaults_are_the_ones_used():
     assert parse("profile_step", "").workloads == ("train", "sample")
     assert parse("epoch", "--epoch-images 1000 --batch-size 128").steps == 7  # one epoch of whole batches
     assert parse("cpu_speed", "").image_size is None and parse("mean_prior", "").seed is None  # the preset's, the run's
+    assert parse("heap", "").fast is None and parse("heap", "--no-fast").fast is False  # the CPU's default, as train's
 
 
 DOCUMENTED = [  # as README.md, benchmarks/RESULTS.md, gpu_suite.sh and .ci/run call them

@@ -138,3 +138,17 @@ def test_the_heap_benchmark_alternates_the_modes_and_pairs_them(tmp_path, monkey
     steps = sorted(r["step_ms"] for r in runs if r["mode"] == "system")
     assert (summary["system"]["step_ms"]["min"], summary["system"]["step_ms"]["max"]) == tuple(steps)
     assert all(r["step_ms"] > 0 and r["minor_faults_per_step"] >= 0 and r["peak_rss_mib"] > 100 for r in runs)
+
+
+@pytest.mark.parametrize("flag, bf16", [("--fast", True), ("--no-fast", False)])
+def test_the_heap_benchmark_runs_the_path_it_is_given(tmp_path, monkeypatch, flag, bf16):
+    """--fast and --no-fast reach each fresh process: bf16 autocast on the fast path, fp32 on the reference."""
+    import json
+
+    from benchmarks import heap as bench
+
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert bench.main(["--image-size", "8", "--batch-size", "2", "--steps", "1", "--warmup", "0", "--pairs", "1",
+                       flag]) == 0
+    result = json.loads((tmp_path / "heap.json").read_text())
+    assert [r["bf16"] for r in result["runs"]] == [bf16, bf16] and result["env"]["fast"] is bf16
