@@ -8,8 +8,8 @@ thread pool shared between rows), on the built-in data at the preset's size and 
   bf16           bf16 autocast alone (fp32 master weights), the reference GroupNorm
   channels_last  channels_last alone
   compile        torch.compile alone (fp32)
-  fast_eager     `python -m ddpm_fast.train --fast`, the default on a CPU with bf16 instructions (AMX
-                 or AVX-512 BF16; on one without them the default is the reference): bf16 and auto's
+  fast_eager     `python -m ddpm_fast.train --fast`, the default on the kinds of CPU where it measured
+                 faster (plan.FAST_KINDS; on the others the default is the reference): bf16 and auto's
                  kernels (on the CPU the extension's GroupNorm where measured faster, and per pass:
                  tiny's attention trains on SDPA's math path), channels_last with the extension built
                  (plan.channels_last_pays), no compile
@@ -25,7 +25,7 @@ preset's timed steps; img/s is the median over rounds with its min and max.
 
 Sampling rows (SAMPLE_ROWS), --sample-n images with the default sampler (DPM-Solver++(2M) SDE on
 Karras sigmas, 20 evaluations) on the same random weights: ddpm-fast's reference (fp32 eager),
-fast_eager (`--fast`, the default on a CPU with bf16 instructions: bf16, auto's kernels) and fast
+fast_eager (`--fast`, the default where it measured faster: bf16, auto's kernels) and fast
 (+ torch.compile), and diffusers' DDPMPipeline with DPMSolverMultistepScheduler(sde-dpmsolver++,
 Karras), the same solver. ddpm-fast's rows sample on their plans as resolved, so in chunks where
 this kind of CPU caps a model call on malloc's default heap (plan.EVAL_ELEMENTS: system_heap, the

@@ -31,9 +31,9 @@ COMPILE_HELP = ("torch.compile mode of the fast path (default, max-autotune-no-c
                 "(default on a GPU; none on the CPU, where a first compile outlasts what a short run saves)")
 FAST_HELP = ("the fast path: bf16 autocast (fp32 master weights), channels_last (on the CPU with the C++ "
              "extension's GroupNorm), on a GPU also CUDA graphs "
-             "(default: on on a CPU with bf16 instructions, AMX or AVX-512 BF16, where it is measured to learn the "
-             "same, faster; off on a CPU without them, which emulates bf16 far more slowly, and on a GPU until "
-             "measured)")
+             "(default: on on the kinds of CPU where it measured faster and learned the same, an Intel with AMX "
+             "and an AMD with AVX-512 BF16; off on the others (an Intel with AVX-512 BF16 and no AMX, where "
+             "bf16 measured slower; a CPU that emulates bf16; a kind not measured) and on a GPU until measured)")
 
 
 def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
@@ -66,14 +66,22 @@ def op_backends(kernels: str, device: torch.device, autocast_dtype: torch.dtype 
     return backends
 
 
+# The kinds of CPU (cpu_class) where the fast path measured faster than the reference and learned the
+# same (held-out loss and KID within the seed-to-seed spread): the Intel Xeon with AMX, 2.4x the
+# reference's img/s training tiny and 3.2x cifar32; the AMD EPYC with AVX-512 BF16, 2.1x and 1.9x.
+# Not the Intel Xeon with AVX-512 BF16 and no AMX, where oneDNN's bf16 convolutions ran slower than
+# its fp32 ones (bf16 autocast alone 0.68-0.78x the reference's img/s) and the whole fast path, with
+# its kernel table, trained tiny at 0.78x the reference's img/s, cifar32 at 0.67x, and sampled at
+# 0.85x, the heap kept on both; nor a CPU that emulates bf16 (AVX2 alone), where a step took 14x
+# the reference's; nor a kind not measured, whose bf16 instructions alone do not say (all:
+# benchmarks/RESULTS.md, "A CPU whose bf16 loses").
+FAST_KINDS = {"cpu-intel-amx_bf16", "cpu-amd-avx512_bf16"}
+
+
 def fast_by_default(device: torch.device) -> bool:
-    """Whether a run that says neither --fast nor --no-fast takes the fast path: on a CPU that
-    computes bf16 natively (cpu_class.native_bf16), where it measured 1.5-3.2x the reference's img/s
-    (tiny and cifar32, two machines) and learns the same (held-out loss and KID within the
-    seed-to-seed spread); not on a CPU that emulates bf16, where a training step measured 14x
-    slower than the reference's; not yet on a GPU, where its learning has not been measured (all:
-    benchmarks/RESULTS.md)."""
-    return device.type == "cpu" and native_bf16()
+    """Whether a run that says neither --fast nor --no-fast takes the fast path: on a kind of CPU in
+    FAST_KINDS; not yet on a GPU, where its learning has not been measured."""
+    return device.type == "cpu" and device_class(device) in FAST_KINDS
 
 
 # On each kind of CPU where it was measured (cpu_class), the most elements the model's widest activation
@@ -114,10 +122,13 @@ def eval_elements_of(device: torch.device, heap_kept: bool = False) -> int | Non
 # faults its pages in again every step. On the 2-core AVX2 EPYC (benchmarks.heap, paired runs):
 # tiny at 64 px, batch 32, 0.76x the step's time (0.70-0.93), its page faults 56x fewer; the first
 # command's tiny at 32 px, batch 16, 0.91x (0.81-1.02); anime64 at batch 16 0.96x (0.91-1.04);
-# cifar32 at batch 32 1.00x (0.95-1.09): no shape slower, the peak RSS at most 10% higher
-# (benchmarks/RESULTS.md, "The heap"). A kind not measured keeps malloc's default, and so does a
-# user who configures malloc themselves.
-KEEP_HEAP = {"cpu-amd-avx2"}
+# cifar32 at batch 32 1.00x (0.95-1.09): no shape slower, the peak RSS at most 10% higher. On the
+# 2-core Intel Xeon with AVX-512 BF16 and no AMX, the reference (its default path): tiny at 64 px
+# 0.80x (0.79-0.85), cifar32 0.82x (0.62-0.90), anime64 0.74x (0.70-0.77), the first command's step
+# 0.99x (0.70-1.23); the fast path 0.98x on cifar32 and 1.01x (0.99-1.04) on the first command's
+# step, within the pairs' spread (benchmarks/RESULTS.md, "The heap", and "A CPU whose bf16 loses").
+# A kind not measured keeps malloc's default, and so does a user who configures malloc themselves.
+KEEP_HEAP = {"cpu-amd-avx2", "cpu-intel-avx512_bf16"}
 
 
 def keep_heap_of(device: torch.device) -> bool:
@@ -187,7 +198,7 @@ class ExecutionPlan:
                      cuda_graphs: bool = False, backend: str = "auto") -> "ExecutionPlan":
         """The plan of a caller that gives its options one by one (FastSampler without a plan). dtype
         None is the library's default on the device, the fast path's bf16 autocast where that is the
-        default (fast_by_default: a CPU with bf16 instructions), else fp32; torch.float32 is fp32, no
+        default (fast_by_default: the kinds of CPU where it measured faster), else fp32; torch.float32 is fp32, no
         autocast. channels_last goes with a reduced-precision autocast, as on the fast path (the model
         need not be converted: its convolutions follow the input's layout)."""
         if dtype is None:

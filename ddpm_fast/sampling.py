@@ -63,9 +63,9 @@ class FastSampler:
     images_per_call is evaluated in chunks of that size: for memory, and smaller chunks where they
     measured faster and the heap is not kept); without one
     they come from dtype/compile/cuda_graph/backend and the model's device. `dtype` None is the
-    library's default there (ExecutionPlan.from_options): bf16 autocast on a CPU with bf16
-    instructions, where the fast path is the default, fp32 on one without them (where bf16 is
-    emulated and slower) and on a GPU until measured; torch.float32 samples in fp32, as the
+    library's default there (ExecutionPlan.from_options): bf16 autocast on a kind of CPU where the
+    fast path is the default (plan.FAST_KINDS, where it measured faster), fp32 on the others and on
+    a GPU until measured; torch.float32 samples in fp32, as the
     references the tests compare with. cuda_graph: "auto" (graphs on CUDA when no generator is given
     and no trajectory asked for), True (graphs whenever a trajectory is not asked for; a generator
     is refused) or False. A plan's cuda_graphs acts as "auto". `channels`: of the images (default: the model's,

@@ -157,7 +157,7 @@ def test_package_sample_still_callable_after_cli_import():
 
 
 def test_fast_flag_on_cpu_samples_the_same_images_in_bf16(run, tmp_path):
-    """The fast path (--fast; the default on a CPU with bf16 instructions) changes how the samples
+    """The fast path (--fast; the default on the kinds of CPU where it measured faster) changes how the samples
     are computed (bf16 autocast), not what: from the same seed the images agree up to bf16 rounding."""
     import numpy as np
 

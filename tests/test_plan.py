@@ -134,26 +134,34 @@ def test_compile_is_one_flag_in_every_command():
         assert plan_from_args(parse("--no-fast", "--compile")).compile is None  # compile belongs to the fast path
 
 
-@pytest.mark.parametrize("native", [True, False], ids=["bf16_cpu", "avx2_cpu"])
-def test_the_fast_path_is_the_default_of_a_bf16_cpu_and_compile_the_gpus(monkeypatch, native):
+FAST_DEFAULT = [("cpu-intel-amx_bf16", True), ("cpu-amd-avx512_bf16", True), ("cpu-intel-avx512_bf16", False),
+                ("cpu-amd-avx2", False), ("cpu-intel-avx512f", False)]
+
+
+@pytest.mark.parametrize("kind, fast", FAST_DEFAULT, ids=[k for k, _ in FAST_DEFAULT])
+def test_the_fast_path_is_the_default_where_it_measured_faster_and_compile_the_gpus(monkeypatch, kind, fast):
     """Neither --fast nor --no-fast: the plan decides from the device, once (plan.fast_by_default,
-    compile_by_default), for train, sample and evaluate alike: the fast path on a CPU with bf16
-    instructions, fp32 on one that emulates bf16 (cpu_class.native_bf16)."""
+    compile_by_default), for train, sample and evaluate alike: the fast path on the kinds of CPU
+    where it measured faster (an Intel with AMX, an AMD with AVX-512 BF16), fp32 on the others: an
+    Intel with AVX-512 BF16 and no AMX, where bf16 measured slower, one that emulates bf16
+    (cpu_class.native_bf16), and a kind never measured."""
     from ddpm_fast import plan
     from ddpm_fast.commands.cli import plan_from_args
     from ddpm_fast.plan import channels_last_pays, compile_by_default, fast_by_default
     from ddpm_fast.training.config import TrainConfig
 
+    native = kind.endswith(("amx_bf16", "avx512_bf16"))
+    monkeypatch.setattr(plan, "device_class", lambda device: kind)
     monkeypatch.setattr(plan, "native_bf16", lambda: native)
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
-    assert (fast_by_default(cpu), fast_by_default(gpu)) == (native, False)
+    assert (fast_by_default(cpu), fast_by_default(gpu)) == (fast, False)
     assert (compile_by_default(cpu), compile_by_default(gpu)) == (None, "default")
     train = lambda *a: TrainConfig.from_args(train_cli.build_parser().parse_args(list(a)))  # noqa: E731
     assert (train().fast, train("--fast").fast, train("--no-fast").fast) == (None, True, False)
     default = ExecutionPlan.resolve("cpu", fast=train().fast, compile=train().compile)
     # channels_last where this kind of CPU's table picks the extension's GroupNorm (test above)
     assert (default.autocast_dtype, default.compile, default.channels_last) == (
-        (torch.bfloat16, None, channels_last_pays(cpu)) if native else (None, None, False))
+        (torch.bfloat16, None, channels_last_pays(cpu)) if fast else (None, None, False))
     assert not ExecutionPlan.resolve("cpu", fast=train("--no-fast").fast).fast
     # --fast is still obeyed where bf16 is emulated; the plan's line says what it costs
     forced = ExecutionPlan.resolve("cpu", fast=train("--fast").fast)
@@ -162,7 +170,7 @@ def test_the_fast_path_is_the_default_of_a_bf16_cpu_and_compile_the_gpus(monkeyp
     assert "emulated" not in default.describe()
     for cli in (sample_cli, evaluate_cli):
         parse = lambda *a: cli.build_parser().parse_args(["--ckpt", "run", "--device", "cpu", *a])  # noqa: E731
-        assert (plan_from_args(parse()).fast, plan_from_args(parse("--no-fast")).fast) == (native, False)
+        assert (plan_from_args(parse()).fast, plan_from_args(parse("--no-fast")).fast) == (fast, False)
 
 
 def test_a_sampler_given_options_not_a_plan_gets_the_plans_decisions():
