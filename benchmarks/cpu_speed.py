@@ -16,7 +16,9 @@ thread pool shared between rows), on the built-in data at the preset's size and 
   fast           fast_eager + torch.compile: `--compile`
   diffusers      benchmarks/diffusers_loop.py: UNet2DModel of the same parameters, AdamW, EMA, fp32
 and rows only on request (training and sampling): LAYOUT_ROWS, fast_eager in one layout whatever
-the plan would pick: fast_nchw and fast_cl, how plan.channels_last_pays is decided; and
+the plan would pick: fast_nchw and fast_cl, how plan.channels_last_pays is decided; fp32_cl, the
+reference (fp32) in channels_last with the extension's GroupNorm, the fast path's layout without
+its bf16 (for a kind of CPU whose bf16 loses: benchmarks/RESULTS.md, "A CPU whose bf16 loses"); and
 system_heap, the reference on malloc's default heap where the plan keeps freed memory in it
 (plan.KEEP_HEAP, heap.py), so with the chunks that go with that heap: the ddpm-fast rows keep it as
 the commands do, the diffusers row and the library row (the Python API) never.
@@ -56,7 +58,7 @@ from .common import bench_env, child_json, forever, peak_rss_mib, spread, write_
 
 TRAIN_ROWS = ("reference", "bf16", "channels_last", "compile", "fast_eager", "fast", "diffusers")
 SAMPLE_ROWS = ("reference", "fast_eager", "fast", "diffusers")
-LAYOUT_ROWS = ("fast_nchw", "fast_cl")
+LAYOUT_ROWS = ("fast_nchw", "fast_cl", "fp32_cl")
 HEAP_ROW = "system_heap"
 LIBRARY_ROW = "library"
 STEPS = {"tiny": 60, "cifar32": 8}  # timed steps per round: ~10 s of the reference on 2 cores
@@ -73,6 +75,7 @@ def plan_of(row: str, kernels: str = "auto"):
             "fast_eager": fast_eager, "fast": replace(fast_eager, compile="default"),
             "fast_nchw": replace(fast_eager, channels_last=False),
             "fast_cl": replace(fast_eager, channels_last=True),
+            "fp32_cl": replace(ref, channels_last=True, backends={**ref.backends, "group_norm_act": "cpp"}),
             HEAP_ROW: ExecutionPlan.resolve("cpu", fast=False, keep_heap=False)}[row]
 
 

@@ -173,6 +173,8 @@ DOCUMENTED = [  # as README.md, benchmarks/RESULTS.md, gpu_suite.sh and .ci/run 
     ("cpu_speed", "--presets tiny --train-rows '' --sample-presets tiny "
                   "--sample-rows reference,system_heap,diffusers,reference,system_heap --sample-n 256 --rounds 3"),
     ("cpu_speed", "--presets cifar32 --train-rows reference,system_heap --sample-rows '' --steps 4 --rounds 3"),
+    ("cpu_speed", "--presets tiny --image-size 32 --batch-size 16 --train-rows reference,fp32_cl,reference,fp32_cl "
+                  "--sample-presets tiny --sample-rows reference,fp32_cl --steps 60 --rounds 5 --warmup 3"),
     ("epoch", "--quick --paths reference,fast_eager,fast"),
     ("eval_chunk", ""),
     ("eval_memory", ""),

@@ -57,3 +57,12 @@ def test_layout_rows_force_one_layout_whatever_the_plan_picks():
     assert not set(cpu_speed.LAYOUT_ROWS) & set(cpu_speed.TRAIN_ROWS + cpu_speed.SAMPLE_ROWS)
     with pytest.raises(SystemExit):
         cpu_speed.main(["--train-rows", "fast_nhwc"])
+
+
+def test_the_fp32_layout_row_is_the_reference_in_channels_last_with_the_extensions_group_norm():
+    """fp32_cl: the fast path's layout and GroupNorm without its bf16; every other part is the
+    reference's (fp32, the other ops' backends, no compile)."""
+    ref, row = cpu_speed.plan_of("reference"), cpu_speed.plan_of("fp32_cl")
+    assert (row.autocast_dtype, row.channels_last, row.compile) == (None, True, None)
+    assert row.backends == {**ref.backends, "group_norm_act": "cpp"} and ref.backends["group_norm_act"] == "auto"
+    assert (row.keep_heap, row.eval_elements) == (ref.keep_heap, ref.eval_elements)
